@@ -1,0 +1,66 @@
+"""Pictures of a global model's predictions on one site's own validation images.
+
+This runs where the images are (a hospital, or a researcher's simulation):
+the coordinator never sees images, so it cannot draw these itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from medfed.client.loader import make_loader
+from medfed.client.site import site_folders
+from medfed.client.site_data import load_site
+from medfed.server.report import PREDICTIONS_PNG
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.tasks import TASKS
+
+
+def load_global_model(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
+    """Rebuild the network described by model.json and load global_model.pt."""
+    meta = json.loads((run_dir / "model.json").read_text())
+    cfg = RunConfig.from_mapping(meta["config"])
+    net = TASKS[cfg.task].build_network(cfg)
+    net.load_state_dict(torch.load(run_dir / "global_model.pt", weights_only=True))
+    return cfg, net.eval()
+
+
+def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
+    """Overlay predictions on `count` validation images of the first site."""
+    cfg, net = load_global_model(run_dir)
+    site = load_site(site_folders(data_root)[0], cfg)
+    batch = next(iter(make_loader(site.val[:count], cfg, train=False, device=torch.device("cpu"))))
+    with torch.no_grad():
+        logits = net(batch["image"])
+    images = batch["image"][:, 0]
+    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.6), squeeze=False)
+    for i, axis in enumerate(axes[0]):
+        axis.imshow(images[i].T, cmap="gray")
+        axis.axis("off")
+        if cfg.task == "segmentation":
+            truth, predicted = batch["label"][i, 0], logits[i].argmax(0)
+            levels = [k + 0.5 for k in range(len(cfg.classes) - 1)]
+            axis.contour(truth.T, levels=levels, colors="yellow", linewidths=0.8)
+            axis.contour(predicted.T, levels=levels, colors="red", linewidths=0.8)
+        else:
+            truth, predicted = int(batch["label"][i]), int(logits[i].argmax())
+            colour = "green" if truth == predicted else "red"
+            axis.set_title(
+                f"{cfg.classes[truth]} → {cfg.classes[predicted]}", fontsize=8, color=colour
+            )
+    if cfg.task == "segmentation":
+        fig.suptitle(f"{site.name}: ground truth (yellow) vs global model (red)", fontsize=9)
+    else:
+        fig.suptitle(f"{site.name}: true → predicted class", fontsize=9)
+    fig.tight_layout()
+    path = run_dir / "plots" / PREDICTIONS_PNG
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

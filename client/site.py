@@ -1,0 +1,60 @@
+"""Which site folder this node trains on.
+
+Deployment: the SuperNode's `--node-config "data-path=..."`. Simulation:
+Flower's partition id, mapped onto the site folders under `data-root`
+(or onto a cached synthetic federation when no data root is given, so that a
+plain `flwr run .` works out of the box).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medfed.client.site_data import MANIFEST_CSV, MANIFEST_JSON, SiteDataError
+from medfed.client.synthetic import generate_site
+from medfed.shared_models.config import RunConfig
+
+SYNTHETIC_CACHE = Path.home() / ".cache" / "medfed" / "synthetic"
+
+
+def site_folders(root: Path) -> list[Path]:
+    """Sub-folders of `root` holding a site manifest, in natural order (site-2 < site-10)."""
+    if not root.is_dir():
+        raise SiteDataError(f"data root {root} does not exist or is not a folder")
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and ((p / MANIFEST_JSON).exists() or (p / MANIFEST_CSV).exists())
+    ]
+    return sorted(
+        found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    )
+
+
+def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"])).expanduser()
+    if "partition-id" not in node_config:
+        raise SiteDataError(
+            "node config has no 'data-path': start the node with "
+            "--node-config \"data-path='/path/to/site'\""
+        )
+    partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if cfg.data_root:
+        sites = site_folders(Path(cfg.data_root).expanduser())
+        if len(sites) < partitions:
+            raise SiteDataError(
+                f"data root {cfg.data_root} has {len(sites)} site folders "
+                f"but the simulation has {partitions} nodes"
+            )
+        return sites[partition]
+    cache = SYNTHETIC_CACHE / f"{cfg.task}-seed{cfg.seed}"
+    return generate_site(cfg.task, partition, cache / f"site-{partition}", seed=cfg.seed)
+
+
+def site_name(node_config: Mapping[str, Any], path: Path) -> str:
+    """A low-cardinality label for reports and metrics: never a patient or file name."""
+    return str(node_config.get("site-name", path.name))

@@ -1,0 +1,55 @@
+"""Synthetic hospitals in the on-disk site format, for demos, tests and research.
+
+They go through exactly the loading code that real site folders go through.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medfed.client.synthetic.brain_mri import LABELS as BRAIN_LABELS
+from medfed.client.synthetic.brain_mri import write_brain_site
+from medfed.client.synthetic.chest_xray import LABELS as XRAY_LABELS
+from medfed.client.synthetic.chest_xray import write_xray_site
+from medfed.client.synthetic.sites import provenance, site_profile, write_site_atomically
+
+GENERATORS = {
+    "segmentation": (write_brain_site, len(BRAIN_LABELS)),
+    "classification": (write_xray_site, len(XRAY_LABELS)),
+}
+
+
+def generate_site(
+    task: str, index: int, out: Path, seed: int = 0, images_per_site: int = 60, image_size: int = 64
+) -> Path:
+    """Write synthetic hospital `index` to `out`; reuse it if already written identically."""
+    if task not in GENERATORS:
+        raise ValueError(f"no synthetic generator for task '{task}' (have {', '.join(GENERATORS)})")
+    write, num_classes = GENERATORS[task]
+    profile = site_profile(index, seed, images_per_site, num_classes)
+    wanted = provenance(task, index, seed, images_per_site, image_size, profile)
+    manifest = out / "dataset.json"
+    if manifest.exists():
+        existing = json.loads(manifest.read_text()).get("synthetic")
+        if existing != json.loads(json.dumps(wanted)):
+            raise FileExistsError(
+                f"{out} already holds a different site; choose another --out or remove it"
+            )
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a synthetic site; refusing to overwrite")
+    if out.exists():
+        out.rmdir()
+    write_site_atomically(out, lambda tmp: write(tmp, profile, seed, image_size), wanted)
+    return out
+
+
+def generate_federation(
+    task: str, sites: int, out: Path, seed: int = 0, images_per_site: int = 60, image_size: int = 64
+) -> list[Path]:
+    """One folder per hospital: out/site-0, out/site-1, ..."""
+    return [
+        generate_site(task, i, out / f"site-{i}", seed, images_per_site, image_size)
+        for i in range(sites)
+    ]

@@ -1,0 +1,62 @@
+"""The coordinator side: a Flower ServerApp running medfed's round loop."""
+
+from __future__ import annotations
+
+import random
+from logging import ERROR, INFO
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from medfed.server.federation import FederatedRun
+from medfed.server.report import write_report
+from medfed.server.run_record import RunRecord
+from medfed.server.strategies import build_strategy
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.tasks import TASKS
+from medfed.shared_models.weights import load_record, to_record
+
+app = ServerApp()
+
+PROGRESS_LOG = "progress.log"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_mapping(context.run_config)
+    out = cfg.out_path.resolve()
+    record = RunRecord(cfg, out)
+    progress = (out / PROGRESS_LOG).open("a", buffering=1)
+
+    def say(line: str) -> None:
+        log(INFO, "[medfed] %s", line)
+        progress.write(line + "\n")
+
+    task = TASKS[cfg.task]
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = task.build_network(cfg)
+    say(
+        f"run {context.run_id}: {cfg.task}/{cfg.model}, {cfg.strategy}, "
+        f"{cfg.num_server_rounds} rounds, quorum {cfg.min_nodes}; writing to {out}"
+    )
+    try:
+        runner = FederatedRun(
+            grid, build_strategy(cfg), cfg, net, record, task.headline_metric, say
+        )
+        arrays = runner.run(to_record(net))
+        load_record(net, arrays)
+        digest = record.save_model(net, cfg, cfg.num_server_rounds)
+        record.finish("completed")
+        say(f"global model sha256 {digest[:16]}… saved to {out / 'global_model.pt'}")
+    except Exception as err:
+        record.finish("failed", error=str(err))
+        say(f"run failed: {err}")
+        log(ERROR, "[medfed] run failed: %s", err)
+        raise
+    finally:
+        say(f"wrote {write_report(out).name} and plots/ in {out}")
+        progress.close()

@@ -1,0 +1,198 @@
+"""The round loop: quorum, bounded waits, reply checks, aggregation, records.
+
+Flower's `Strategy.start` waits forever for nodes and silently drops failed
+replies; a consortium needs the opposite. This loop drives the same Flower
+strategy (configure/aggregate) but bounds every wait, checks every update
+before it is averaged, and fails the run with the names of the missing
+hospitals when the quorum is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from medfed.server.run_record import RunRecord
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.weights import incompatibilities
+from torch import nn
+
+
+class QuorumError(RuntimeError):
+    """Too few hospitals connected or replied; the message says how many and who."""
+
+
+@dataclass
+class RoundReplies:
+    """One round's replies sorted into usable ones and failures (by site name)."""
+
+    ok: list[Message] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # site -> reason
+
+
+def wait_for_nodes(
+    grid: Grid, minimum: int, wait_seconds: float, say: Callable[[str], None]
+) -> list[int]:
+    """Node ids once `minimum` are connected; QuorumError after `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    announced = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise QuorumError(
+                f"only {len(nodes)} of the required {minimum} hospitals connected "
+                f"after waiting {wait_seconds:.0f}s (config key 'node-wait-seconds')"
+            )
+        if len(nodes) != announced:
+            say(f"waiting for hospitals: {len(nodes)} of {minimum} connected")
+            announced = len(nodes)
+        time.sleep(0.5)
+
+
+class FederatedRun:
+    """Runs round 0 (initial evaluation) and rounds 1..R, recording everything."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        cfg: RunConfig,
+        net: nn.Module,
+        record: RunRecord,
+        headline: str,
+        say: Callable[[str], None],
+    ) -> None:
+        self.grid, self.strategy, self.cfg, self.net = grid, strategy, cfg, net
+        self.record, self.headline, self.say = record, headline, say
+        self.site_of: dict[int, str] = {}
+
+    def run(self, arrays: ArrayRecord) -> ArrayRecord:
+        cfg = self.cfg
+        wait_for_nodes(self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.say)
+        start = time.monotonic()
+        evaluation = self._evaluate(0, arrays)
+        self._finish_round(0, start, evaluation, None, RoundReplies(), arrays)
+        for server_round in range(1, cfg.num_server_rounds + 1):
+            start = time.monotonic()
+            wait_for_nodes(self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.say)
+            messages = self.strategy.configure_train(
+                server_round, arrays, ConfigRecord(), self.grid
+            )
+            trained = self._collect(messages, is_train=True)
+            self._require_quorum(trained, "training", server_round)
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, trained.ok)
+            if new_arrays is None:
+                raise QuorumError(f"round {server_round}: aggregation produced no model")
+            arrays = new_arrays
+            evaluation = self._evaluate(server_round, arrays)
+            self._finish_round(server_round, start, evaluation, train_metrics, trained, arrays)
+        return arrays
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> RoundReplies:
+        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
+        evaluated = self._collect(messages, is_train=False)
+        self._require_quorum(evaluated, "evaluation", server_round)
+        return evaluated
+
+    def _collect(self, messages: Iterable[Message], is_train: bool) -> RoundReplies:
+        messages = list(messages)
+        sampled = {m.metadata.dst_node_id for m in messages}
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_seconds)
+        result = RoundReplies()
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                result.failed[self._name(node)] = f"error: {reply.error.reason}"
+                continue
+            if "site" in reply.content.config_records:
+                self.site_of[node] = str(reply.content.config_records["site"]["name"])
+            if is_train:
+                problems = (
+                    incompatibilities(reply.content.array_records["arrays"], self.net)
+                    if "arrays" in reply.content.array_records
+                    else ["no 'arrays' record"]
+                )
+                if problems:
+                    result.failed[self._name(node)] = "rejected update: " + "; ".join(problems[:3])
+                    continue
+            result.ok.append(reply)
+        for node in sampled - answered:
+            result.failed[self._name(node)] = (
+                f"no reply within {self.cfg.round_timeout_seconds:.0f}s"
+                " (config key 'round-timeout-seconds')"
+            )
+        for site, reason in sorted(result.failed.items()):
+            self.say(f"  {site}: {reason}")
+        return result
+
+    def _require_quorum(self, replies: RoundReplies, phase: str, server_round: int) -> None:
+        if len(replies.ok) < self.cfg.min_nodes:
+            missing = ", ".join(sorted(replies.failed)) or "none sampled"
+            raise QuorumError(
+                f"round {server_round} {phase}: {len(replies.ok)} hospitals replied, "
+                f"quorum is {self.cfg.min_nodes} (config key 'min-nodes'); missing: {missing}"
+            )
+
+    def _name(self, node: int) -> str:
+        return self.site_of.get(node, f"node-{node}")
+
+    def _finish_round(
+        self,
+        server_round: int,
+        start: float,
+        evaluation: RoundReplies,
+        train_metrics: MetricRecord | None,
+        trained: RoundReplies,
+        arrays: ArrayRecord,
+    ) -> None:
+        sites: dict[str, dict[str, Any]] = {}
+        for reply in evaluation.ok:
+            sites[self._name(reply.metadata.src_node_id)] = dict(
+                reply.content.metric_records["metrics"]
+            )
+        for reply in trained.ok:
+            train = reply.content.metric_records["metrics"]
+            entry = sites.setdefault(self._name(reply.metadata.src_node_id), {})
+            entry["train-loss"] = train["train-loss"]
+            entry["train-examples"] = train["num-examples"]
+        aggregated = self.strategy.aggregate_evaluate(server_round, evaluation.ok)
+        global_metrics = dict(aggregated) if aggregated is not None else {}
+        if train_metrics is not None:
+            global_metrics["train-loss"] = train_metrics["train-loss"]
+        self.record.checkpoint(server_round, arrays)
+        seconds = time.monotonic() - start
+        replied = sorted(
+            {
+                self._name(m.metadata.src_node_id)
+                for m in (trained.ok if server_round else evaluation.ok)
+            }
+        )
+        failed = {**evaluation.failed, **trained.failed}
+        self.record.add_round(
+            {
+                "round": server_round,
+                "seconds": round(seconds, 3),
+                "global": global_metrics,
+                "sites": dict(sorted(sites.items())),
+                "replied": replied,
+                "failed": sorted(failed),
+                "failures": failed,
+            }
+        )
+        loss = global_metrics.get("train-loss")
+        self.say(
+            f"round {server_round}/{self.cfg.num_server_rounds} | sites {len(replied)}"
+            f"/{len(replied) + len(failed)} | train-loss "
+            + (f"{loss:.4f}" if loss is not None else "   -  ")
+            + f" | val {self.headline} {global_metrics.get(self.headline, float('nan')):.4f}"
+            + f" | val loss {global_metrics.get('loss', float('nan')):.4f} | {seconds:.1f}s"
+        )

@@ -1,0 +1,123 @@
+"""report.md and its plots, rebuilt from metrics.json alone (so it can be re-run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from medfed.shared_models.tasks import TASKS
+
+PREDICTIONS_PNG = "predictions.png"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Plot every round globally and per site, and summarise the run in markdown."""
+    data = json.loads((run_dir / "metrics.json").read_text())
+    config, rounds = data["config"], data["rounds"]
+    headline = TASKS[config["task"]].headline_metric
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    _plot_global(rounds, headline, plots / "global.png")
+    _plot_sites(rounds, headline, plots / "sites.png")
+
+    lines = [
+        f"# medfed run: {config['task']} / {config['model']} / {config['strategy']}",
+        "",
+        f"Status: **{data['status']}**" + (f" — {data['error']}" if data.get("error") else ""),
+        "",
+    ]
+    if rounds:
+        first, last = rounds[0]["global"], rounds[-1]["global"]
+        lines += [
+            f"Global validation {headline}: {_fmt(first.get(headline))} at round 0 → "
+            f"{_fmt(last.get(headline))} after round {rounds[-1]['round']} "
+            f"({sum(r['seconds'] for r in rounds):.0f}s of rounds).",
+            "",
+            "## Rounds",
+            "",
+            "| round | sites replied | failed | train loss | val loss "
+            f"| val {headline} | seconds |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in rounds:
+            g = r["global"]
+            lines.append(
+                f"| {r['round']} | {len(r['replied'])} | {', '.join(r['failed']) or '-'} | "
+                f"{_fmt(g.get('train-loss'))} | {_fmt(g.get('loss'))} | {_fmt(g.get(headline))} "
+                f"| {r['seconds']:.1f} |"
+            )
+        keys = sorted({k for s in rounds[-1]["sites"].values() for k in s})
+        lines += [
+            "",
+            f"## Sites after round {rounds[-1]['round']}",
+            "",
+            "| site | " + " | ".join(keys) + " |",
+            "|---|" + "---:|" * len(keys),
+        ]
+        for site, metrics in rounds[-1]["sites"].items():
+            lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+    lines += ["", "![global](plots/global.png)", "", "![sites](plots/sites.png)", ""]
+    if (plots / PREDICTIONS_PNG).exists():
+        lines += [
+            "## Predictions of the global model",
+            "",
+            f"![predictions](plots/{PREDICTIONS_PNG})",
+            "",
+        ]
+    lines += ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _plot_global(rounds: list[dict[str, Any]], headline: str, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = [r["round"] for r in rounds]
+    left.plot(xs, [r["global"].get(headline, math.nan) for r in rounds], "o-")
+    left.set(title=f"global validation {headline}", xlabel="round", ylabel=headline)
+    right.plot(xs, [r["global"].get("loss", math.nan) for r in rounds], "o-", label="val loss")
+    right.plot(
+        xs, [r["global"].get("train-loss", math.nan) for r in rounds], "s--", label="train loss"
+    )
+    right.set(title="loss", xlabel="round")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_sites(rounds: list[dict[str, Any]], headline: str, path: Path) -> None:
+    sites = sorted({s for r in rounds for s in r["sites"]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for site in sites:
+        xs = [r["round"] for r in rounds if site in r["sites"]]
+        left.plot(
+            xs,
+            [r["sites"][site].get(headline, math.nan) for r in rounds if site in r["sites"]],
+            "o-",
+            label=site,
+        )
+        right.plot(
+            xs,
+            [r["sites"][site].get("loss", math.nan) for r in rounds if site in r["sites"]],
+            "o-",
+            label=site,
+        )
+    left.set(title=f"validation {headline} per site", xlabel="round")
+    right.set(title="validation loss per site", xlabel="round")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

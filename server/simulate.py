@@ -1,0 +1,213 @@
+"""`medfed simulate`: a whole federation on this machine with Flower's simulation engine.
+
+It runs the real thing, not a shortcut: a SuperLink in simulation mode on a
+free 127.0.0.1 port and `flwr run` of this app, so the ServerApp and
+ClientApp are exactly those that run in deployment. The SuperLink and its
+Ray workers are stopped by pid when the run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import medfed.server
+import tomli_w
+from medfed.server import processes
+from medfed.server.report import write_report
+from medfed.shared_models.config import ConfigError, RunConfig
+
+CONNECTION = "medfed-simulation"
+_PROGRESS = re.compile(r"\[medfed\] (.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """What one `medfed simulate` call runs."""
+
+    overrides: dict[str, Any]
+    sites: int
+    out: Path
+    data: Path | None
+    images_per_site: int = 60
+    cpus_per_site: int = 1
+    verbose: bool = False
+
+
+def app_dir() -> Path:
+    """The Flower app (the repository holding pyproject.toml with [tool.flwr.app])."""
+    root = Path(medfed.server.__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.exists() or "[tool.flwr.app" not in pyproject.read_text():
+        raise ConfigError(
+            f"cannot find the medfed Flower app next to {root}; "
+            "run medfed from a source checkout (pip install -e .)"
+        )
+    return root
+
+
+def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
+    """Validate everything and lay out data before any process starts."""
+    if (sim.out / "metrics.json").exists():
+        raise ConfigError(f"output folder {sim.out} already holds a run; choose another --out")
+    if sim.sites < 1:
+        raise ConfigError(f"--sites {sim.sites}: expected a positive number of hospitals")
+    from medfed.client.site import site_folders
+    from medfed.client.synthetic import generate_federation
+
+    overrides = dict(sim.overrides)
+    overrides.setdefault("min-nodes", min(2, sim.sites))
+    if sim.data is not None:
+        data = sim.data.expanduser().resolve()
+        found = site_folders(data)
+        if len(found) < sim.sites:
+            raise ConfigError(
+                f"--data {data}: {len(found)} site folders with a dataset.json "
+                f"or manifest.csv, but --sites is {sim.sites}"
+            )
+        cfg = RunConfig.from_mapping(
+            {**overrides, "data-root": str(data), "out-dir": str(sim.out.resolve())}
+        )
+    else:
+        cfg = RunConfig.from_mapping({**overrides, "out-dir": str(sim.out.resolve())})
+        data = sim.out.resolve() / "data"
+        print(f"generating {sim.sites} synthetic hospitals ({cfg.task}) in {data}")
+        generate_federation(
+            cfg.task, sim.sites, data, seed=cfg.seed, images_per_site=sim.images_per_site
+        )
+        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "data-root": str(data)})
+    if cfg.min_nodes > sim.sites:
+        raise ConfigError(
+            f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
+            f"{sim.sites} simulated hospitals"
+        )
+    return cfg, data
+
+
+def run(sim: Simulation) -> int:
+    """Run the simulation; 0 when the run completed, 1 otherwise."""
+    cfg, data = prepare(sim)
+    out = cfg.out_path
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    run_config = out / "run-config.toml"
+    run_config.write_text(tomli_w.dumps(cfg.to_mapping()))
+
+    home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
+    port = processes.free_port()
+    (home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": CONNECTION,
+                    CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True},
+                }
+            }
+        )
+    )
+    env = processes.flower_env(home)
+    started = time.monotonic()
+    superlink = processes.start(
+        [
+            processes.executable("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(home / "state.db"),
+        ],
+        logs / "superlink.log",
+        env,
+    )
+    try:
+        processes.wait_until(
+            processes.http_healthy(port), superlink, 60, "flower-superlink", logs / "superlink.log"
+        )
+        print(
+            f"federation: {sim.sites} hospitals, {cfg.task}/{cfg.model}, {cfg.strategy}, "
+            f"{cfg.num_server_rounds} rounds (SuperLink 127.0.0.1:{port}, pid {superlink.pid})"
+        )
+        _flwr_run(sim, run_config, env, logs / "flower-run.log")
+    finally:
+        processes.stop(superlink)
+        shutil.rmtree(home, ignore_errors=True)
+    return _conclude(cfg, data, time.monotonic() - started)
+
+
+def _flwr_run(sim: Simulation, run_config: Path, env: dict[str, str], log_file: Path) -> None:
+    federation = (
+        f"num-supernodes={sim.sites} "
+        f"client-resources-num-cpus={sim.cpus_per_site} client-resources-num-gpus=0.0"
+    )
+    command = [
+        processes.executable("flwr"),
+        "run",
+        str(app_dir()),
+        CONNECTION,
+        "--run-config",
+        str(run_config),
+        "--federation-config",
+        federation,
+        "--stream",
+    ]
+    with (
+        log_file.open("a") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        ) as flwr,
+    ):
+        assert flwr.stdout is not None
+        for raw in flwr.stdout:
+            line = _ANSI.sub("", raw)
+            log.write(line)
+            match = _PROGRESS.search(line.rstrip())
+            if sim.verbose:
+                print(line, end="")
+            elif match:
+                print(match.group(1), flush=True)
+        if flwr.wait() != 0:
+            raise RuntimeError(f"`flwr run` exited with code {flwr.returncode}; see {log_file}")
+
+
+def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:
+    out = cfg.out_path
+    metrics_path = out / "metrics.json"
+    if not metrics_path.exists():
+        print(f"the run did not start; see {out / 'logs'}", file=sys.stderr)
+        return 1
+    result = json.loads(metrics_path.read_text())
+    if result["status"] != "completed":
+        reason = result.get("error", "the ServerApp stopped early; see logs/flower-run.log")
+        print(f"run {result['status']}: {reason}", file=sys.stderr)
+        return 1
+    from medfed.client.preview import save_predictions
+
+    save_predictions(out, data)
+    report = write_report(out)
+    last = result["rounds"][-1]["global"]
+    headline = _headline(cfg)
+    print(
+        f"done in {seconds:.0f}s: final global validation {headline} "
+        f"{last.get(headline, float('nan')):.4f}"
+    )
+    print(f"report: {report}")
+    return 0
+
+
+def _headline(cfg: RunConfig) -> str:
+    from medfed.shared_models.tasks import TASKS
+
+    return TASKS[cfg.task].headline_metric

@@ -1,0 +1,155 @@
+"""The one run-config schema shared by the ServerApp, the ClientApp and the CLI.
+
+Flower hands both apps the same flat `run_config` (pyproject defaults merged
+with `flwr run --run-config` overrides). Validating it in one place means a
+bad value fails the same way in simulation and deployment, with an error
+naming the key, instead of deep inside a training step on one hospital.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedprox")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: the message names the key and value."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Resolved, validated run settings (keys mirror `[tool.flwr.app.config]`)."""
+
+    task: str = "segmentation"
+    model: str = ""  # empty: the task's default network
+    num_server_rounds: int = 6
+    local_epochs: int = 1
+    lr: float = 0.003
+    batch_size: int = 8
+    image_size: int = 64
+    in_channels: int = 1
+    class_names: str = ""  # comma-separated; empty: the task's default classes
+    model_width: int = 8
+    model_depth: int = 3
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    node_wait_seconds: float = 120.0
+    round_timeout_seconds: float = 600.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    data_root: str = ""
+    out_dir: str = "runs/latest"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower-style kebab-case keys; unknown keys are errors."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown config key '{key}' (known keys: {', '.join(sorted(known))})"
+                )
+            field = known[key]
+            kwargs[field.name] = _coerce(key, value, _field_type(field.type))
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case keys, as Flower's run config and metrics.json carry them."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        """Check ranges and names; raise ConfigError naming the first bad key."""
+        from medfed.shared_models.tasks import TASKS  # late: tasks import torch
+
+        if self.task not in TASKS:
+            _bad("task", self.task, f"one of {', '.join(sorted(TASKS))}")
+        models = TASKS[self.task].models
+        if self.model == "":
+            object.__setattr__(self, "model", models[0])
+        if self.class_names == "":
+            object.__setattr__(self, "class_names", ",".join(TASKS[self.task].default_classes))
+        if self.model not in models:
+            _bad("model", self.model, f"for task '{self.task}' one of {', '.join(models)}")
+        if self.strategy not in STRATEGIES:
+            _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            _bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            _bad("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            _bad("class_names", self.class_names, "at least two distinct comma-separated names")
+        for key in ("num_server_rounds", "local_epochs", "batch_size", "min_nodes", "in_channels"):
+            if getattr(self, key) < 1:
+                _bad(key, getattr(self, key), "a positive integer")
+        if self.image_size < 16 or self.image_size % 2**self.model_depth:
+            _bad(
+                "image_size",
+                self.image_size,
+                f">= 16 and divisible by 2**model-depth ({2**self.model_depth})",
+            )
+        if not 1 <= self.model_depth <= 6:
+            _bad("model_depth", self.model_depth, "between 1 and 6")
+        if self.model_width < 1:
+            _bad("model_width", self.model_width, "a positive integer")
+        if not self.lr > 0:
+            _bad("lr", self.lr, "a positive number")
+        if self.proximal_mu < 0:
+            _bad("proximal_mu", self.proximal_mu, "zero or positive")
+        if not 0 < self.fraction_train <= 1:
+            _bad("fraction_train", self.fraction_train, "in (0, 1]")
+        if not 0 < self.val_fraction < 1:
+            _bad("val_fraction", self.val_fraction, "in (0, 1)")
+        for key in ("node_wait_seconds", "round_timeout_seconds"):
+            if not getattr(self, key) > 0:
+                _bad(key, getattr(self, key), "a positive number of seconds")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in label order; for segmentation index 0 is background."""
+        return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir).expanduser()
+
+
+def _field_type(annotation: Any) -> type:
+    # `from __future__ import annotations` leaves the annotations as strings.
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
+
+
+def _coerce(key: str, value: Any, target: type) -> Any:
+    if target is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is str and isinstance(value, str):
+        return value
+    if target is bool and isinstance(value, bool):
+        return value
+    if target is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, str) and target in (int, float):
+        try:
+            return target(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"config key '{key}' = {value!r}: expected {target.__name__}")
+
+
+def _bad(attr: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"config key '{attr.replace('_', '-')}' = {value!r}: expected {expected}")

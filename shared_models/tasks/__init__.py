@@ -1,0 +1,9 @@
+"""Registry of the imaging tasks medfed federates, by run-config name."""
+
+from medfed.shared_models.tasks.base import Task
+from medfed.shared_models.tasks.classification import ClassificationTask
+from medfed.shared_models.tasks.segmentation import SegmentationTask
+
+TASKS: dict[str, Task] = {task.name: task for task in (SegmentationTask(), ClassificationTask())}
+
+__all__ = ["TASKS", "Task"]

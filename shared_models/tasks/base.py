@@ -1,0 +1,102 @@
+"""What every imaging task provides, and the local training pass they share.
+
+Server and hospitals must agree on the network, the loss and the metric keys;
+keeping them in one task object per imaging problem (FLamby's per-task split)
+is what makes the same ServerApp and ClientApp work for every task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from medfed.shared_models.config import RunConfig
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+class Task(ABC):
+    """One imaging problem: its networks, loss, metrics and batch layout."""
+
+    name: ClassVar[str]
+    models: ClassVar[tuple[str, ...]]  # the first is the default
+    default_classes: ClassVar[tuple[str, ...]]
+    headline_metric: ClassVar[str]  # higher is better; shown in progress lines
+    label_kind: ClassVar[str]  # "mask" (a file) or "class" (an int in the manifest)
+
+    @abstractmethod
+    def build_network(self, cfg: RunConfig) -> nn.Module:
+        """The network named by `cfg.model`, sized by the config."""
+
+    @abstractmethod
+    def build_loss(self, cfg: RunConfig) -> nn.Module:
+        """The training loss (also reported as `loss` at evaluation)."""
+
+    @abstractmethod
+    def evaluate(
+        self, net: nn.Module, batches: Iterable[Batch], cfg: RunConfig, device: torch.device
+    ) -> dict[str, float]:
+        """Metrics on a validation split; keys are identical at every site."""
+
+    def targets(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        """The label tensor in the form the loss expects."""
+        return batch["label"].to(device, non_blocking=True)
+
+    def train(
+        self,
+        net: nn.Module,
+        batches: Iterable[Batch],
+        cfg: RunConfig,
+        device: torch.device,
+        proximal_mu: float = 0.0,
+        on_batch: Callable[[], None] | None = None,
+    ) -> float:
+        """Local epochs of optimisation; returns the mean training loss.
+
+        With `proximal_mu > 0` the FedProx term mu/2 * ||w - w_global||^2 is
+        added, anchored at the weights the server just sent.
+        """
+        net.to(device).train()
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            net.to(memory_format=memory_format)
+        loss_fn = self.build_loss(cfg)
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
+        total = torch.zeros((), device=device)
+        seen = 0
+        for _ in range(cfg.local_epochs):
+            for batch in batches:
+                images = batch["image"].to(device, non_blocking=True)
+                if cfg.channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=memory_format)
+                targets = self.targets(batch, device)
+                with autocast(cfg, device):
+                    loss = loss_fn(net(images), targets)
+                if anchor:
+                    drift = sum(
+                        (p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor, strict=True)
+                    )
+                    loss = loss + proximal_mu / 2 * drift
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                # Accumulate on the device: a .item() per step would sync the GPU.
+                total += loss.detach() * images.shape[0]
+                seen += images.shape[0]
+                if on_batch is not None:
+                    on_batch()
+        if seen == 0:
+            raise RuntimeError("no training images: the site's training split is empty")
+        return float(total.item()) / seen
+
+
+def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when the run asks for it; a no-op otherwise."""
+    if cfg.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
