@@ -10,6 +10,7 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
 from medfed.client.loader import make_loader
 from medfed.client.site import resolve_site_path, site_name
 from medfed.client.site_data import SiteData, load_site

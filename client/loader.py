@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from monai.data import CacheDataset, DataLoader
+
 from medfed.client.transforms import site_transforms
 from medfed.shared_models.config import RunConfig
-from monai.data import CacheDataset, DataLoader
 
 
 def make_loader(

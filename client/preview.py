@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+
 from medfed.client.loader import make_loader
 from medfed.client.site import site_folders
 from medfed.client.site_data import load_site

@@ -8,6 +8,7 @@ plain `flwr run .` works out of the box).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,10 @@ from medfed.client.site_data import MANIFEST_CSV, MANIFEST_JSON, SiteDataError
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
 
-SYNTHETIC_CACHE = Path.home() / ".cache" / "medfed" / "synthetic"
+
+def synthetic_cache() -> Path:
+    """Where simulated nodes without a data root keep their synthetic site (MEDFED_CACHE)."""
+    return Path(os.environ.get("MEDFED_CACHE", Path.home() / ".cache" / "medfed")) / "synthetic"
 
 
 def site_folders(root: Path) -> list[Path]:
@@ -51,7 +55,7 @@ def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
                 f"but the simulation has {partitions} nodes"
             )
         return sites[partition]
-    cache = SYNTHETIC_CACHE / f"{cfg.task}-seed{cfg.seed}"
+    cache = synthetic_cache() / f"{cfg.task}-seed{cfg.seed}"
     return generate_site(cfg.task, partition, cache / f"site-{partition}", seed=cfg.seed)
 
 

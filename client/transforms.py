@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-from medfed.shared_models.config import RunConfig
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -17,6 +16,8 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRangePercentilesd,
 )
+
+from medfed.shared_models.config import RunConfig
 
 # ITK-free readers, tried in this order by file suffix.
 READERS = ["NibabelReader", "PydicomReader", "PILReader", "NumpyReader"]

@@ -10,6 +10,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+
 from medfed.server.federation import FederatedRun
 from medfed.server.report import write_report
 from medfed.server.run_record import RunRecord

@@ -17,10 +17,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import nn
+
 from medfed.server.run_record import RunRecord
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.weights import incompatibilities
-from torch import nn
 
 
 class QuorumError(RuntimeError):

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
 from medfed.shared_models.tasks import TASKS
 
 PREDICTIONS_PNG = "predictions.png"

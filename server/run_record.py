@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
+
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.weights import state_dict_from_record
 

@@ -15,12 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import medfed.server
 import tomli_w
+
+import medfed.server
 from medfed.server import processes
 from medfed.server.report import write_report
 from medfed.shared_models.config import ConfigError, RunConfig
@@ -85,6 +88,10 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
             cfg.task, sim.sites, data, seed=cfg.seed, images_per_site=sim.images_per_site
         )
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "data-root": str(data)})
+    from medfed.client.site_data import load_site
+
+    for folder in site_folders(data)[: sim.sites]:
+        load_site(folder, cfg)  # every hospital's data is checked before anything starts
     if cfg.min_nodes > sim.sites:
         raise ConfigError(
             f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
@@ -98,71 +105,80 @@ def run(sim: Simulation) -> int:
     cfg, data = prepare(sim)
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
     run_config = out / "run-config.toml"
     run_config.write_text(tomli_w.dumps(cfg.to_mapping()))
-
-    home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
-    port = processes.free_port()
-    (home / "config.toml").write_text(
-        tomli_w.dumps(
-            {
-                "superlink": {
-                    "default": CONNECTION,
-                    CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True},
-                }
-            }
-        )
-    )
-    env = processes.flower_env(home)
     started = time.monotonic()
-    superlink = processes.start(
-        [
-            processes.executable("flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-            "--database",
-            str(home / "state.db"),
-        ],
-        logs / "superlink.log",
-        env,
-    )
-    try:
-        processes.wait_until(
-            processes.http_healthy(port), superlink, 60, "flower-superlink", logs / "superlink.log"
-        )
+    with simulation_superlink(out / "logs") as (env, port):
         print(
             f"federation: {sim.sites} hospitals, {cfg.task}/{cfg.model}, {cfg.strategy}, "
-            f"{cfg.num_server_rounds} rounds (SuperLink 127.0.0.1:{port}, pid {superlink.pid})"
+            f"{cfg.num_server_rounds} rounds (simulation SuperLink on 127.0.0.1:{port})"
         )
-        _flwr_run(sim, run_config, env, logs / "flower-run.log")
-    finally:
-        processes.stop(superlink)
-        shutil.rmtree(home, ignore_errors=True)
+
+        def show(line: str) -> None:
+            match = _PROGRESS.search(line.rstrip())
+            if sim.verbose:
+                print(line, end="")
+            elif match:
+                print(match.group(1), flush=True)
+
+        flwr_run(
+            run_config, sim.sites, sim.cpus_per_site, env, out / "logs" / "flower-run.log", show
+        )
     return _conclude(cfg, data, time.monotonic() - started)
 
 
-def _flwr_run(sim: Simulation, run_config: Path, env: dict[str, str], log_file: Path) -> None:
+@contextmanager
+def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], int]]:
+    """A SuperLink in simulation mode on a free port, with a private FLWR_HOME.
+
+    Yields the environment for `flwr` commands (its connection is the default)
+    and the port; the SuperLink and its workers are stopped by pid on exit.
+    """
+    home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
+    port = processes.free_port()
+    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+    )
+    env = processes.flower_env(home)
+    log_file = logs / "superlink.log"
+    command = [
+        processes.executable("flower-superlink"), "--insecure", "--simulation",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation", "--database", str(home / "state.db"),
+    ]  # fmt: skip
+    superlink = processes.start(command, log_file, env)
+    try:
+        processes.wait_until(
+            processes.http_healthy(port), superlink, 60, "flower-superlink", log_file
+        )
+        yield env, port
+    finally:
+        processes.stop(superlink)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def flwr_run(
+    run_config: Path | str,
+    sites: int,
+    cpus_per_site: int,
+    env: dict[str, str],
+    log_file: Path,
+    on_line: Callable[[str], None] = lambda line: None,
+) -> None:
+    """`flwr run` this app and stream its log until the run ends.
+
+    `run_config` is a TOML file or a Flower `key=value ...` override string.
+    """
     federation = (
-        f"num-supernodes={sim.sites} "
-        f"client-resources-num-cpus={sim.cpus_per_site} client-resources-num-gpus=0.0"
+        f"num-supernodes={sites} "
+        f"client-resources-num-cpus={cpus_per_site} client-resources-num-gpus=0.0"
     )
     command = [
-        processes.executable("flwr"),
-        "run",
-        str(app_dir()),
-        CONNECTION,
-        "--run-config",
-        str(run_config),
-        "--federation-config",
-        federation,
-        "--stream",
-    ]
+        processes.executable("flwr"), "run", str(app_dir()), CONNECTION,
+        "--run-config", str(run_config), "--federation-config", federation, "--stream",
+    ]  # fmt: skip
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     with (
         log_file.open("a") as log,
         subprocess.Popen(
@@ -173,11 +189,7 @@ def _flwr_run(sim: Simulation, run_config: Path, env: dict[str, str], log_file: 
         for raw in flwr.stdout:
             line = _ANSI.sub("", raw)
             log.write(line)
-            match = _PROGRESS.search(line.rstrip())
-            if sim.verbose:
-                print(line, end="")
-            elif match:
-                print(match.group(1), flush=True)
+            on_line(line)
         if flwr.wait() != 0:
             raise RuntimeError(f"`flwr run` exited with code {flwr.returncode}; see {log_file}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
 from medfed.shared_models.config import RunConfig
 
 

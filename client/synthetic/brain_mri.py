@@ -10,6 +10,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
 from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
 
 LABELS = {"0": "background", "1": "edema", "2": "tumour"}

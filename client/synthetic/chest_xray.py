@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
 from PIL import Image
+
+from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
 
 LABELS = {"0": "normal", "1": "pneumonia", "2": "covid"}
 

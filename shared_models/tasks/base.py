@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
-from medfed.shared_models.config import RunConfig
 from torch import nn
+
+from medfed.shared_models.config import RunConfig
 
 Batch = dict[str, Any]
 

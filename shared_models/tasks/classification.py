@@ -6,12 +6,13 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from medfed.shared_models.config import RunConfig
-from medfed.shared_models.tasks.base import Batch, Task, autocast
 from monai.metrics import ConfusionMatrixMetric, ROCAUCMetric
 from monai.networks.nets import Classifier, DenseNet121
 from monai.networks.utils import one_hot
 from torch import nn
+
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
 class ClassificationTask(Task):

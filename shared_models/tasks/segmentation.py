@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from medfed.shared_models.config import RunConfig
-from medfed.shared_models.tasks.base import Batch, Task, autocast
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from torch import nn
+
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
 class SegmentationTask(Task):

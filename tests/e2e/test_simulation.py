@@ -1,0 +1,106 @@
+"""Real federations: a SuperLink in simulation mode, `flwr run`, Ray workers.
+
+Every process is started on 127.0.0.1 and stopped by pid by the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from medfed.client.preview import load_global_model
+from medfed.server.simulate import flwr_run, simulation_superlink
+
+pytestmark = pytest.mark.e2e
+
+TINY_RUN = ["-c", "image-size=32", "-c", "model-width=4", "-c", "model-depth=2",
+            "-c", "lr=0.01", "-c", "batch-size=4"]  # fmt: skip
+
+
+def _no_stray_processes(marker: str) -> bool:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return found.strip() == ""
+
+
+def test_simulated_federation_learns_and_leaves_a_complete_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "medfed.server.cli", "simulate", "--sites", "3", "--rounds", "2",
+         "--images-per-site", "24", "--out", str(out), *TINY_RUN],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 2/2 | sites 3/3" in result.stdout
+    assert f"report: {out / 'report.md'}" in result.stdout
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    for entry in metrics["rounds"]:
+        assert entry["replied"] == ["site-0", "site-1", "site-2"]
+        assert entry["failed"] == []
+        assert set(entry["sites"]) == {"site-0", "site-1", "site-2"}
+        assert {"dice", "dice-edema", "dice-tumour", "loss"} <= set(entry["global"])
+    assert metrics["rounds"][-1]["global"]["dice"] > metrics["rounds"][0]["global"]["dice"]
+    assert metrics["config"]["num-server-rounds"] == 2
+
+    for name in (
+        "report.md",
+        "plots/global.png",
+        "plots/sites.png",
+        "plots/predictions.png",
+        "checkpoints/round-000.pt",
+        "checkpoints/round-002.pt",
+        "progress.log",
+    ):
+        assert (out / name).is_file(), name
+    cfg, net = load_global_model(out)
+    assert cfg.image_size == 32
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    checkpoint = torch.load(out / "checkpoints" / "round-002.pt", weights_only=True)
+    for key, value in checkpoint["arrays"].items():
+        assert torch.equal(value, net.state_dict()[key])
+    assert _no_stray_processes(str(out / "run-config.toml"))
+
+
+def test_too_few_hospitals_fail_within_the_wait_and_name_the_count(tmp_path, seg_sites):
+    out = tmp_path / "run"
+    overrides = (
+        f"min-nodes=3 node-wait-seconds=3.0 data-root='{seg_sites}' "
+        f"out-dir='{out}' image-size=32 model-width=4 model-depth=2"
+    )
+    with simulation_superlink(tmp_path / "logs") as (env, _port):
+        start = time.monotonic()
+        flwr_run(overrides, sites=2, cpus_per_site=1, env=env, log_file=tmp_path / "run.log")
+        waited = time.monotonic() - start
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert "only 2 of the required 3 hospitals connected" in metrics["error"]
+    assert metrics["rounds"] == []
+    assert waited < 90
+
+
+def test_plain_flwr_run_with_embedded_defaults_and_fedprox(tmp_path, monkeypatch):
+    """`flwr run .` needs no data root: simulated nodes synthesise their own site."""
+    monkeypatch.setenv("MEDFED_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    overrides = (
+        f"task='classification' strategy='fedprox' num-server-rounds=1 "
+        f"out-dir='{out}' image-size=32 model-width=4 model-depth=2"
+    )
+    with simulation_superlink(tmp_path / "logs") as (env, _port):
+        flwr_run(overrides, sites=2, cpus_per_site=1, env=env, log_file=tmp_path / "run.log")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed", metrics.get("error")
+    assert metrics["config"]["strategy"] == "fedprox"
+    last = metrics["rounds"][-1]
+    assert last["replied"] == ["site-0", "site-1"]
+    assert {"auc", "accuracy", "recall-covid", "precision-normal"} <= set(last["global"])
+    assert sorted(p.name for p in (tmp_path / "cache" / "synthetic").iterdir()) == [
+        "classification-seed0"
+    ]

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from medfed.server.cli import main
+
+
+def _medfed(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "medfed.server.cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--task", "detection"], "'task' = 'detection'"),
+        (["--strategy", "fedsgd"], "'strategy' = 'fedsgd'"),
+        (["--rounds", "0"], "'num-server-rounds' = 0"),
+        (["-c", "lr=-1"], "'lr' = -1"),
+    ],
+)
+def test_bad_simulate_arguments_fail_cleanly(tmp_path, args, named):
+    result = _medfed("simulate", "--out", str(tmp_path / "run"), *args)
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing is started or written on bad input"
+
+
+def test_bad_data_folder_names_the_file(tmp_path):
+    site = tmp_path / "data" / "site-0"
+    site.mkdir(parents=True)
+    (site / "dataset.json").write_text("[1, 2")
+    result = _medfed("simulate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "site-0/dataset.json" in result.stderr or "site folders" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_synth_writes_sites(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--task",
+                "classification",
+                "--sites",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--images-per-site",
+                "10",
+                "--image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "site-1" / "dataset.json").exists()
+    assert "site-1" in capsys.readouterr().out

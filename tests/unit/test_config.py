@@ -1,0 +1,47 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from medfed.shared_models.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_pyproject_defaults_are_the_schema_defaults():
+    flower_defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    schema = RunConfig().to_mapping()
+    assert flower_defaults == schema
+    resolved = RunConfig.from_mapping(flower_defaults)
+    assert (resolved.task, resolved.model) == ("segmentation", "unet")
+
+
+def test_task_defaults_fill_model_and_classes():
+    cfg = RunConfig.from_mapping({"task": "classification"})
+    assert cfg.model == "smallcnn"
+    assert cfg.classes == ("normal", "pneumonia", "covid")
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"num-server-rounds": 0}, "'num-server-rounds' = 0"),
+        ({"num-server-rounds": -3}, "'num-server-rounds' = -3"),
+        ({"task": "detection"}, "'task' = 'detection'"),
+        ({"strategy": "fedsgd"}, "'strategy' = 'fedsgd'"),
+        ({"model": "vgg"}, "'model' = 'vgg'"),
+        ({"lr": "fast"}, "'lr' = 'fast'"),
+        ({"image-size": 50}, "'image-size' = 50"),
+        ({"val-fraction": 1.0}, "'val-fraction' = 1.0"),
+        ({"class-names": "tumour"}, "'class-names' = 'tumour'"),
+        ({"rounds": 3}, "unknown config key 'rounds'"),
+    ],
+)
+def test_bad_values_name_key_and_value(values, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        RunConfig.from_mapping(values)
+
+
+def test_strings_from_the_command_line_are_coerced():
+    cfg = RunConfig.from_mapping({"num-server-rounds": "4", "lr": "0.01", "channels-last": "true"})
+    assert (cfg.num_server_rounds, cfg.lr, cfg.channels_last) == (4, 0.01, True)
