@@ -28,14 +28,14 @@ class RunConfig:
 
     task: str = "segmentation"
     model: str = ""  # empty: the task's default network
-    num_server_rounds: int = 6
-    local_epochs: int = 1
+    num_server_rounds: int = 20
+    local_epochs: int = 2
     lr: float = 0.003
     batch_size: int = 8
     image_size: int = 64
     in_channels: int = 1
     class_names: str = ""  # comma-separated; empty: the task's default classes
-    model_width: int = 8
+    model_width: int = 16
     model_depth: int = 3
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
