@@ -2,18 +2,24 @@
 
 Only model arrays and scalar metrics leave the site; the reply also names the
 site (a label, not data) so the coordinator can report per-hospital results.
+Names of skipped files stay in the node's own log; only their count is sent.
 """
 
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
+from torch import nn
 
-from medfed.client.loader import make_loader
-from medfed.client.site import resolve_site_path, site_name
-from medfed.client.site_data import SiteData, load_site
+from medfed.client.data.loader import make_loader
+from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
+from medfed.client.data.site import SiteData, load_site
+from medfed.client.data.stats import site_statistics
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.device import pick_device
 from medfed.shared_models.tasks import TASKS
@@ -22,20 +28,49 @@ from medfed.shared_models.weights import load_record, to_record
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, SiteData, object, object]:
-    cfg = RunConfig.from_mapping(context.run_config)
-    path = resolve_site_path(context.node_config, cfg)
-    site = load_site(path, cfg, name=site_name(context.node_config, path))
-    device = pick_device(str(context.node_config.get("device", cfg.device)))
-    task = TASKS[cfg.task]
-    net = task.build_network(cfg)
-    load_record(net, msg.content.array_records["arrays"])
-    return cfg, site, device, net
+class _Site:
+    """The node's site for this run: config, validated data, cache and device."""
+
+    def __init__(self, context: Context) -> None:
+        self.cfg = RunConfig.from_mapping(context.run_config)
+        node = context.node_config
+        path = resolve_site_path(node, self.cfg)
+        self.cache = site_cache_dir(node, path)
+        self.site: SiteData = load_site(
+            path, self.cfg, name=site_name(node, path), cache_dir=self.cache
+        )
+        for problem in self.site.problems[:10]:
+            log(WARNING, "[medfed] %s: skipped %s", self.site.name, problem)
+        if len(self.site.problems) > 10:
+            log(
+                WARNING,
+                "[medfed] %s: %d more files skipped (run `medfed data check`)",
+                self.site.name,
+                len(self.site.problems) - 10,
+            )
+        self.device: torch.device = pick_device(str(node.get("device", self.cfg.device)))
+        workers = node.get("loader-workers")
+        simulated = "partition-id" in node  # simulated nodes share this machine's cores
+        self.workers = int(workers) if workers is not None else (0 if simulated else None)
+        self.task = TASKS[self.cfg.task]
+
+    def loader(self, items: list, train: bool):
+        return make_loader(self.site, items, self.cfg, train, self.device, self.cache, self.workers)
+
+
+class _Setup(_Site):
+    """A train or evaluate call: the site plus the network with the received weights."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        super().__init__(context)
+        self.net: nn.Module = self.task.build_network(self.cfg)
+        load_record(self.net, msg.content.array_records["arrays"])
 
 
 def _reply(
     msg: Message, site: SiteData, metrics: dict[str, float], arrays: ArrayRecord | None
 ) -> Message:
+    metrics["skipped-files"] = len(site.problems)
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
     )
@@ -47,28 +82,38 @@ def _reply(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights (plus FedProx's proximal term when asked)."""
-    cfg, site, device, net = _setup(msg, context)
-    task = TASKS[cfg.task]
-    loader = make_loader(site.train, cfg, train=True, device=device)
+    s = _Setup(msg, context)
+    loader = s.loader(s.site.train, train=True)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     start = time.perf_counter()
-    loss = task.train(net, loader, cfg, device, proximal_mu=mu)
+    loss = s.task.train(s.net, loader, s.cfg, s.device, proximal_mu=mu)
     seconds = time.perf_counter() - start
-    images = len(site.train) * cfg.local_epochs
+    images = len(s.site.train) * s.cfg.local_epochs
     metrics = {
         "train-loss": loss,
         "train-seconds": seconds,
         "images-per-second": images / seconds if seconds > 0 else 0.0,
-        "num-examples": len(site.train),
+        "num-examples": len(s.site.train),
     }
-    return _reply(msg, site, metrics, to_record(net.cpu()))
+    return _reply(msg, s.site, metrics, to_record(s.net.cpu()))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received global model on this site's held-out split."""
-    cfg, site, device, net = _setup(msg, context)
-    loader = make_loader(site.val, cfg, train=False, device=device)
-    metrics = TASKS[cfg.task].evaluate(net, loader, cfg, device)
-    metrics["num-examples"] = len(site.val)
-    return _reply(msg, site, metrics, None)
+    s = _Setup(msg, context)
+    metrics = s.task.evaluate(s.net, s.loader(s.site.val, train=False), s.cfg, s.device)
+    metrics["num-examples"] = len(s.site.val)
+    return _reply(msg, s.site, metrics, None)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """This site's summary for the coordinator, with small counts suppressed here."""
+    s = _Site(context)
+    min_count = int(msg.content["config"]["stats-min-count"])
+    stats = site_statistics(s.site, s.cfg, min_count, cache_dir=s.cache)
+    content = RecordDict(
+        {"metrics": MetricRecord(stats), "site": ConfigRecord({"name": s.site.name})}
+    )
+    return Message(content=content, reply_to=msg)

@@ -27,6 +27,32 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--image-size", type=int, default=64)
     synth.set_defaults(handler=_synth)
 
+    check = data_commands.add_parser(
+        "check", help="validate a site folder without training (exit 0 when usable)"
+    )
+    check.add_argument(
+        "site", type=Path, help="the site folder (dataset.json, manifest.csv or a MedMNIST .npz)"
+    )
+    check.add_argument(
+        "--task",
+        choices=["segmentation", "classification"],
+        help="default: the 'task' in dataset.json",
+    )
+    check.add_argument(
+        "--out",
+        type=Path,
+        help="where to write data_report.json and "
+        "samples.png (default: ./data-check-<site folder name>)",
+    )
+    check.set_defaults(handler=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from medfed.client.data.check import run_check
+
+    out = args.out or Path(f"data-check-{args.site.expanduser().resolve().name}")
+    return run_check(args.site, args.task, out)
+
 
 def _synth(args: argparse.Namespace) -> int:
     if args.sites < 1 or args.images_per_site < 1 or args.image_size < 16:

@@ -15,9 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from medfed.client.loader import make_loader
-from medfed.client.site import site_folders
-from medfed.client.site_data import load_site
+from medfed.client.data.loader import make_loader
+from medfed.client.data.locate import site_folders
+from medfed.client.data.site import load_site
 from medfed.server.report import PREDICTIONS_PNG
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
@@ -36,7 +36,7 @@ def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
     """Overlay predictions on `count` validation images of the first site."""
     cfg, net = load_global_model(run_dir)
     site = load_site(site_folders(data_root)[0], cfg)
-    batch = next(iter(make_loader(site.val[:count], cfg, train=False, device=torch.device("cpu"))))
+    batch = next(iter(make_loader(site, site.val[:count], cfg, False, torch.device("cpu"))))
     with torch.no_grad():
         logits = net(batch["image"])
     images = batch["image"][:, 0]

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _simulate(args: argparse.Namespace) -> int:
     import time
 
-    from medfed.client.site import site_folders
+    from medfed.client.data.locate import site_folders
     from medfed.server.simulate import Simulation, run
     from medfed.shared_models.config import ConfigError
 
@@ -97,7 +97,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medfed.client.site_data import SiteDataError
+    from medfed.client.data.manifest import SiteDataError
     from medfed.shared_models.config import ConfigError
 
     args = build_parser().parse_args(argv)

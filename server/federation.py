@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from medfed.server.run_record import RunRecord
+from medfed.server.statistics import format_statistics, request_statistics
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.weights import incompatibilities
 
@@ -57,6 +58,12 @@ def wait_for_nodes(
         time.sleep(0.5)
 
 
+def short_reason(reason: str) -> str:
+    """The last line of a remote traceback: the exception a hospital's node raised."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
 class FederatedRun:
     """Runs round 0 (initial evaluation) and rounds 1..R, recording everything."""
 
@@ -76,7 +83,9 @@ class FederatedRun:
 
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
         cfg = self.cfg
-        wait_for_nodes(self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.say)
+        nodes = wait_for_nodes(self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.say)
+        if cfg.federated_stats:
+            self._statistics(nodes)
         start = time.monotonic()
         evaluation = self._evaluate(0, arrays)
         self._finish_round(0, start, evaluation, None, RoundReplies(), arrays)
@@ -96,6 +105,24 @@ class FederatedRun:
             self._finish_round(server_round, start, evaluation, train_metrics, trained, arrays)
         return arrays
 
+    def _statistics(self, nodes: list[int]) -> None:
+        replies = request_statistics(
+            self.grid, nodes, self.cfg.stats_min_count, self.cfg.round_timeout_seconds
+        )
+        stats: dict[str, dict] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.say(
+                    f"  {self._name(node)}: no statistics ({short_reason(reply.error.reason)})"
+                )
+                continue
+            self.site_of[node] = str(reply.content.config_records["site"]["name"])
+            stats[self.site_of[node]] = dict(reply.content.metric_records["metrics"])
+        self.record.set_statistics(stats)
+        for line in format_statistics(stats, list(self.cfg.classes), self.cfg.stats_min_count):
+            self.say(line)
+
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> RoundReplies:
         messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
         evaluated = self._collect(messages, is_train=False)
@@ -112,7 +139,7 @@ class FederatedRun:
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                result.failed[self._name(node)] = f"error: {reply.error.reason}"
+                result.failed[self._name(node)] = f"error: {short_reason(reply.error.reason)}"
                 continue
             if "site" in reply.content.config_records:
                 self.site_of[node] = str(reply.content.config_records["site"]["name"])

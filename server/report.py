@@ -63,6 +63,7 @@ def write_report(run_dir: Path) -> Path:
         ]
         for site, metrics in rounds[-1]["sites"].items():
             lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+    lines += _statistics_section(data, config)
     lines += ["", "![global](plots/global.png)", "", "![sites](plots/sites.png)", ""]
     if (plots / PREDICTIONS_PNG).exists():
         lines += [
@@ -75,6 +76,34 @@ def write_report(run_dir: Path) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    stats = data.get("site-statistics")
+    if not stats:
+        return []
+    classes = [c for c in str(config["class-names"]).split(",") if c]
+    low = f"<{config['stats-min-count']}"
+
+    def count(value: Any) -> str:
+        return low if value == -1 else str(value)
+
+    lines = [
+        "",
+        "## Sites before training",
+        "",
+        "Counts below the minimum are suppressed at each site and never sent.",
+        "",
+        "| site | train | val | " + " | ".join(classes) + " | intensity p1 | p99 |",
+        "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|",
+    ]
+    for site, s in sorted(stats.items()):
+        lines.append(
+            f"| {site} | {count(s['num-train'])} | {count(s['num-val'])} | "
+            + " | ".join(count(v) for v in s["label-histogram"])
+            + f" | {s['intensity-p1']:.4g} | {s['intensity-p99']:.4g} |"
+        )
+    return lines
 
 
 def _fmt(value: Any) -> str:

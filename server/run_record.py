@@ -41,6 +41,10 @@ class RunRecord:
         }
         self.flush()
 
+    def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
+        self.data["site-statistics"] = stats
+        self.flush()
+
     def add_round(self, entry: dict[str, Any]) -> None:
         self.data["rounds"].append(entry)
         self.flush()

@@ -64,7 +64,7 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
         raise ConfigError(f"output folder {sim.out} already holds a run; choose another --out")
     if sim.sites < 1:
         raise ConfigError(f"--sites {sim.sites}: expected a positive number of hospitals")
-    from medfed.client.site import site_folders
+    from medfed.client.data.locate import site_folders
     from medfed.client.synthetic import generate_federation
 
     overrides = dict(sim.overrides)
@@ -88,7 +88,7 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
             cfg.task, sim.sites, data, seed=cfg.seed, images_per_site=sim.images_per_site
         )
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "data-root": str(data)})
-    from medfed.client.site_data import load_site
+    from medfed.client.data.site import load_site
 
     for folder in site_folders(data)[: sim.sites]:
         load_site(folder, cfg)  # every hospital's data is checked before anything starts

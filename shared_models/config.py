@@ -16,6 +16,8 @@ from typing import Any
 STRATEGIES = ("fedavg", "fedprox")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+INTENSITIES = ("auto", "ct-window", "percentile", "scale", "zscore", "none")
+FITS = ("resize", "pad-crop")
 
 
 class ConfigError(ValueError):
@@ -44,7 +46,14 @@ class RunConfig:
     node_wait_seconds: float = 120.0
     round_timeout_seconds: float = 600.0
     val_fraction: float = 0.2
+    federated_stats: bool = True  # ask every site for its (suppressed) summary first
+    stats_min_count: int = 10
     seed: int = 0
+    modality: str = "auto"  # auto: from dataset.json, else the task's usual modality
+    intensity: str = "auto"  # auto: by modality (CT window, MR percentiles, else scaling)
+    ct_window: str = "-1000,1000"
+    spacing: str = ""  # e.g. "1.0,1.0": resample to this pixel spacing (mm)
+    fit: str = "resize"  # resize | pad-crop
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
@@ -88,11 +97,35 @@ class RunConfig:
             _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             _bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        if self.intensity not in INTENSITIES:
+            _bad("intensity", self.intensity, f"one of {', '.join(INTENSITIES)}")
+        if self.fit not in FITS:
+            _bad("fit", self.fit, f"one of {', '.join(FITS)}")
+        try:
+            low, high = self.ct_window_range
+        except ValueError:
+            low, high = 0.0, 0.0
+        if not low < high:
+            _bad("ct_window", self.ct_window, "two numbers 'low,high' with low < high")
+        if self.spacing:
+            try:
+                spacing = self.pixel_spacing
+            except ValueError:
+                spacing = ()
+            if len(spacing) != TASKS[self.task].spatial_dims or min(spacing) <= 0:
+                _bad("spacing", self.spacing, "positive spacings, one per spatial axis")
         if self.precision not in PRECISIONS:
             _bad("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             _bad("class_names", self.class_names, "at least two distinct comma-separated names")
-        for key in ("num_server_rounds", "local_epochs", "batch_size", "min_nodes", "in_channels"):
+        for key in (
+            "num_server_rounds",
+            "local_epochs",
+            "batch_size",
+            "min_nodes",
+            "in_channels",
+            "stats_min_count",
+        ):
             if getattr(self, key) < 1:
                 _bad(key, getattr(self, key), "a positive integer")
         if self.image_size < 16 or self.image_size % 2**self.model_depth:
@@ -121,6 +154,15 @@ class RunConfig:
     def classes(self) -> tuple[str, ...]:
         """Class names in label order; for segmentation index 0 is background."""
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
+
+    @property
+    def ct_window_range(self) -> tuple[float, float]:
+        low, high = (float(v) for v in self.ct_window.split(","))
+        return low, high
+
+    @property
+    def pixel_spacing(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.spacing.split(","))
 
     @property
     def out_path(self) -> Path:

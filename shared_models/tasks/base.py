@@ -28,6 +28,8 @@ class Task(ABC):
     default_classes: ClassVar[tuple[str, ...]]
     headline_metric: ClassVar[str]  # higher is better; shown in progress lines
     label_kind: ClassVar[str]  # "mask" (a file) or "class" (an int in the manifest)
+    spatial_dims: ClassVar[int]
+    default_modality: ClassVar[str]  # DICOM modality code assumed when a site declares none
 
     @abstractmethod
     def build_network(self, cfg: RunConfig) -> nn.Module:

@@ -21,6 +21,8 @@ class ClassificationTask(Task):
     default_classes = ("normal", "pneumonia", "covid")
     headline_metric = "auc"
     label_kind = "class"
+    spatial_dims = 2
+    default_modality = "CR"
 
     def build_network(self, cfg: RunConfig) -> nn.Module:
         num_classes = len(cfg.classes)

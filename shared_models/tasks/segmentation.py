@@ -21,6 +21,8 @@ class SegmentationTask(Task):
     default_classes = ("background", "edema", "tumour")
     headline_metric = "dice"
     label_kind = "mask"
+    spatial_dims = 2
+    default_modality = "MR"
 
     def build_network(self, cfg: RunConfig) -> nn.Module:
         channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth + 1))

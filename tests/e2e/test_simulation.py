@@ -68,6 +68,33 @@ def test_simulated_federation_learns_and_leaves_a_complete_run_folder(tmp_path):
     assert _no_stray_processes(str(out / "run-config.toml"))
 
 
+def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_sites):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(seg_sites, data)
+    (data / "site-1" / "imagesTr" / "case_0002.nii.gz").write_bytes(b"not a nifti")
+    out = tmp_path / "run"
+    overrides = (
+        f"num-server-rounds=1 data-root='{data}' out-dir='{out}' image-size=32 "
+        "model-width=4 model-depth=2 stats-min-count=5"
+    )
+    with simulation_superlink(tmp_path / "logs") as (env, _port):
+        flwr_run(overrides, sites=3, cpus_per_site=1, env=env, log_file=tmp_path / "run.log")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed", metrics.get("error")
+    last = metrics["rounds"][-1]
+    assert last["replied"] == ["site-0", "site-1", "site-2"]
+    assert [last["sites"][s]["skipped-files"] for s in ("site-0", "site-1", "site-2")] == [0, 1, 0]
+    stats = metrics["site-statistics"]
+    assert set(stats) == {"site-0", "site-1", "site-2"}
+    for site, summary in stats.items():
+        assert all(v == -1 or v >= 5 for v in summary["label-histogram"]), site
+        assert len(summary["intensity-histogram"]) == 16
+    assert "case_0002" not in (out / "metrics.json").read_text(), "file names stay at the site"
+    assert "## Sites before training" in (out / "report.md").read_text()
+
+
 def test_too_few_hospitals_fail_within_the_wait_and_name_the_count(tmp_path, seg_sites):
     out = tmp_path / "run"
     overrides = (

@@ -8,20 +8,32 @@ plain `flwr run .` works out of the box).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medfed.client.site_data import MANIFEST_CSV, MANIFEST_JSON, SiteDataError
+from medfed.client.data.manifest import MANIFEST_CSV, MANIFEST_JSON, SiteDataError
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
 
 
-def synthetic_cache() -> Path:
-    """Where simulated nodes without a data root keep their synthetic site (MEDFED_CACHE)."""
-    return Path(os.environ.get("MEDFED_CACHE", Path.home() / ".cache" / "medfed")) / "synthetic"
+def medfed_cache() -> Path:
+    """Root of medfed's caches on this machine (MEDFED_CACHE, default ~/.cache/medfed)."""
+    return Path(os.environ.get("MEDFED_CACHE", Path.home() / ".cache" / "medfed"))
+
+
+def site_cache_dir(node_config: Mapping[str, Any], site_path: Path) -> Path:
+    """Where this node caches scans and preprocessed images (node config `cache-dir`).
+
+    Outside the site folder by default: hospital data folders are often read-only.
+    """
+    if "cache-dir" in node_config:
+        return Path(str(node_config["cache-dir"])).expanduser()
+    key = hashlib.sha256(str(site_path.resolve()).encode()).hexdigest()[:16]
+    return medfed_cache() / "sites" / f"{site_path.name}-{key}"
 
 
 def site_folders(root: Path) -> list[Path]:
@@ -35,6 +47,14 @@ def site_folders(root: Path) -> list[Path]:
     ]
     return sorted(
         found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    )
+
+
+def _has_manifest(folder: Path) -> bool:
+    return (
+        (folder / MANIFEST_JSON).exists()
+        or (folder / MANIFEST_CSV).exists()
+        or any(folder.glob("*.npz"))
     )
 
 
@@ -55,7 +75,7 @@ def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
                 f"but the simulation has {partitions} nodes"
             )
         return sites[partition]
-    cache = synthetic_cache() / f"{cfg.task}-seed{cfg.seed}"
+    cache = medfed_cache() / "synthetic" / f"{cfg.task}-seed{cfg.seed}"
     return generate_site(cfg.task, partition, cache / f"site-{partition}", seed=cfg.seed)
 
 

@@ -1,0 +1,143 @@
+"""MONAI preprocessing: load, conform, orient, resample, normalise by modality, fit, augment.
+
+Everything up to the augmentation is deterministic and therefore cacheable
+(PersistentDataset); augmentation is applied to training batches only.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    RandGaussianNoised,
+    Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.tasks import TASKS
+
+# ITK-free readers, tried in this order by file suffix.
+READERS = ["NibabelReader", "PydicomReader", "PILReader", "NumpyReader"]
+
+# LoadImage always instantiates MONAI's optional GPU DICOM decoder too, which
+# logs and warns on every construction when nvImageCodec/CuPy are absent (the
+# normal case on a CPU node). pydicom's own decoders are used either way.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+# Per-modality intensity defaults: CT has absolute units (HU) worth keeping as
+# a window; MR has none, so percentiles; radiographs and photos are scaled.
+INTENSITY_BY_MODALITY = {"CT": "ct-window", "MR": "percentile"}
+
+
+def resolve_modality(cfg: RunConfig, declared: str | None) -> str:
+    if cfg.modality != "auto":
+        return cfg.modality
+    return (declared or TASKS[cfg.task].default_modality).upper()
+
+
+def intensity_mode(cfg: RunConfig, modality: str) -> str:
+    if cfg.intensity != "auto":
+        return cfg.intensity
+    return INTENSITY_BY_MODALITY.get(modality, "scale")
+
+
+class ConformSpatiald(MapTransform):
+    """Drop extra singleton axes (a 2D slice saved as HxWx1) and turn RGB into grey.
+
+    Hand-written: MONAI has no transform that reconciles a site's stored layout
+    with the network's spatial rank and channel count in one step.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, in_channels: int) -> None:
+        super().__init__(keys)
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            value = out[key]
+            while value.dim() - 1 > self.spatial_dims:
+                singles = [d for d in range(1, value.dim()) if value.shape[d] == 1]
+                if not singles:
+                    break
+                value = value.squeeze(singles[-1])
+            if key == "image" and self.in_channels == 1 and value.shape[0] in (3, 4):
+                value = value[:3].float().mean(dim=0, keepdim=True)
+            out[key] = value
+        return out
+
+
+def site_transforms(
+    cfg: RunConfig, modality: str, train: bool, array_channel_dim: str | int | None = None
+) -> Compose:
+    """The full pipeline; `array_channel_dim` is set for in-memory (.npz) images."""
+    task = TASKS[cfg.task]
+    masks = task.label_kind == "mask"
+    keys = ["image", "label"] if masks else ["image"]
+    modes = ("bilinear", "nearest") if masks else ("bilinear",)
+    size = (cfg.image_size,) * task.spatial_dims
+    if array_channel_dim is None:
+        steps: list[Any] = [
+            LoadImaged(keys=keys, reader=READERS, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+        ]
+    else:
+        steps = [
+            EnsureTyped(keys="image", data_type="tensor"),
+            EnsureChannelFirstd(keys="image", channel_dim=array_channel_dim),
+        ]
+    steps.append(ConformSpatiald(keys, task.spatial_dims, cfg.in_channels))
+    if task.spatial_dims == 3 and array_channel_dim is None:
+        steps.append(Orientationd(keys=keys, axcodes="RAS"))
+    if cfg.spacing:
+        steps.append(Spacingd(keys=keys, pixdim=cfg.pixel_spacing, mode=modes))
+    steps.append(_intensity(cfg, modality))
+    if cfg.fit == "pad-crop":
+        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
+    else:
+        steps.append(Resized(keys=keys, spatial_size=size, mode=modes))
+    if train:
+        steps += [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(task.spatial_dims)
+        ]
+        if not masks:
+            steps.append(RandGaussianNoised(keys="image", prob=0.3, std=0.02))
+    steps.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
+def _intensity(cfg: RunConfig, modality: str) -> MapTransform:
+    mode = intensity_mode(cfg, modality)
+    if mode == "ct-window":
+        low, high = cfg.ct_window_range
+        return ScaleIntensityRanged(
+            keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True
+        )
+    if mode == "percentile":
+        return ScaleIntensityRangePercentilesd(
+            keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+        )
+    if mode == "zscore":
+        return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+    if mode == "scale":
+        return ScaleIntensityd(keys="image", minv=0.0, maxv=1.0)
+    return EnsureTyped(keys="image")  # "none": the site's values as stored

@@ -1,0 +1,89 @@
+"""Writing DICOM files with pydicom: single images and slice series.
+
+Used by the synthetic X-ray generators and the reader tests, so that the
+DICOM path (modality tags, pixel spacing, rescale, slice positions) is
+exercised by default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+SOP_CLASS = {
+    "CT": CTImageStorage,
+    "MR": MRImageStorage,
+    "CR": ComputedRadiographyImageStorage,
+    "DX": ComputedRadiographyImageStorage,
+}
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    modality: str,
+    spacing: tuple[float, float],
+    position_z: float = 0.0,
+    series_uid: str | None = None,
+    instance: int = 1,
+    rescale: tuple[float, float] = (1.0, 0.0),
+) -> Path:
+    """One 2D slice; `pixels` are stored values (int16/uint16), rows x columns.
+
+    `rescale` is (slope, intercept): readers report stored * slope + intercept.
+    """
+    sop_class = SOP_CLASS.get(modality, SecondaryCaptureImageStorage)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID = "SYNTHETIC"
+    ds.InstanceNumber = instance
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
+    ds.ImagePositionPatient = [0.0, 0.0, float(position_z)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    signed = pixels.dtype.kind == "i"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_series(
+    folder: Path, volume: np.ndarray, modality: str, spacing: tuple[float, float, float]
+) -> Path:
+    """A (slices, rows, columns) volume as one file per slice, one series."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid()
+    for k, plane in enumerate(volume):
+        write_dicom(
+            folder / f"slice-{k:04d}.dcm",
+            plane,
+            modality,
+            spacing[:2],
+            position_z=k * spacing[2],
+            series_uid=uid,
+            instance=k + 1,
+        )
+    return folder
