@@ -54,8 +54,10 @@ class _Site:
         self.workers = int(workers) if workers is not None else (0 if simulated else None)
         self.task = TASKS[self.cfg.task]
 
-    def loader(self, items: list, train: bool):
-        return make_loader(self.site, items, self.cfg, train, self.device, self.cache, self.workers)
+    def loader(self, items: list, train: bool, server_round: int = 0):
+        return make_loader(
+            self.site, items, self.cfg, train, self.device, self.cache, self.workers, server_round
+        )
 
 
 class _Setup(_Site):
@@ -83,7 +85,8 @@ def _reply(
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights (plus FedProx's proximal term when asked)."""
     s = _Setup(msg, context)
-    loader = s.loader(s.site.train, train=True)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    loader = s.loader(s.site.train, train=True, server_round=server_round)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     start = time.perf_counter()
     loss = s.task.train(s.net, loader, s.cfg, s.device, proximal_mu=mu)

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from medfed.client.data.check import middle_slice
 from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import site_folders
 from medfed.client.data.site import load_site
@@ -39,26 +40,32 @@ def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
     batch = next(iter(make_loader(site, site.val[:count], cfg, False, torch.device("cpu"))))
     with torch.no_grad():
         logits = net(batch["image"])
-    images = batch["image"][:, 0]
-    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.6), squeeze=False)
+    kind = TASKS[cfg.task].label_kind
+    fig, axes = plt.subplots(1, len(logits), figsize=(2.2 * len(logits), 2.6), squeeze=False)
     for i, axis in enumerate(axes[0]):
-        axis.imshow(images[i].T, cmap="gray")
+        axis.imshow(middle_slice(batch["image"][i, 0]).T, cmap="gray")
         axis.axis("off")
-        if cfg.task == "segmentation":
-            truth, predicted = batch["label"][i, 0], logits[i].argmax(0)
+        if kind == "mask":
+            truth = middle_slice(batch["label"][i, 0])
+            predicted = middle_slice(logits[i].argmax(0))
             levels = [k + 0.5 for k in range(len(cfg.classes) - 1)]
             axis.contour(truth.T, levels=levels, colors="yellow", linewidths=0.8)
             axis.contour(predicted.T, levels=levels, colors="red", linewidths=0.8)
+        elif kind == "value":
+            truth, predicted = float(batch["label"][i]), float(logits[i].view(-1)[0])
+            axis.set_title(f"{truth:.0f} → {predicted:.0f}", fontsize=8)
         else:
             truth, predicted = int(batch["label"][i]), int(logits[i].argmax())
             colour = "green" if truth == predicted else "red"
             axis.set_title(
                 f"{cfg.classes[truth]} → {cfg.classes[predicted]}", fontsize=8, color=colour
             )
-    if cfg.task == "segmentation":
-        fig.suptitle(f"{site.name}: ground truth (yellow) vs global model (red)", fontsize=9)
-    else:
-        fig.suptitle(f"{site.name}: true → predicted class", fontsize=9)
+    titles = {
+        "mask": "ground truth (yellow) vs global model (red)",
+        "value": f"true → predicted {cfg.classes[0]}",
+        "class": "true → predicted class",
+    }
+    fig.suptitle(f"{site.name}: {titles[kind]}", fontsize=9)
     fig.tight_layout()
     path = run_dir / "plots" / PREDICTIONS_PNG
     path.parent.mkdir(exist_ok=True)

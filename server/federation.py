@@ -22,6 +22,7 @@ from torch import nn
 from medfed.server.run_record import RunRecord
 from medfed.server.statistics import format_statistics, request_statistics
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import incompatibilities
 
 
@@ -120,7 +121,8 @@ class FederatedRun:
             self.site_of[node] = str(reply.content.config_records["site"]["name"])
             stats[self.site_of[node]] = dict(reply.content.metric_records["metrics"])
         self.record.set_statistics(stats)
-        for line in format_statistics(stats, list(self.cfg.classes), self.cfg.stats_min_count):
+        columns = TASKS[self.cfg.task].label_bins(self.cfg)
+        for line in format_statistics(stats, columns, self.cfg.stats_min_count):
             self.say(line)
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> RoundReplies:

@@ -82,7 +82,9 @@ def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[st
     stats = data.get("site-statistics")
     if not stats:
         return []
-    classes = [c for c in str(config["class-names"]).split(",") if c]
+    from medfed.shared_models.config import RunConfig
+
+    classes = TASKS[config["task"]].label_bins(RunConfig.from_mapping(config))
     low = f"<{config['stats-min-count']}"
 
     def count(value: Any) -> str:

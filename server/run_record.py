@@ -41,6 +41,10 @@ class RunRecord:
         }
         self.flush()
 
+    def set_pretrained(self, transfer: dict[str, Any]) -> None:
+        self.data["pretrained"] = transfer
+        self.flush()
+
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
         self.data["site-statistics"] = stats
         self.flush()

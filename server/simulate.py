@@ -90,6 +90,13 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "data-root": str(data)})
     from medfed.client.data.site import load_site
 
+    if cfg.pretrained_weights:  # fail before anything starts, with the same report
+        from medfed.shared_models.pretrained import load_pretrained
+        from medfed.shared_models.tasks import TASKS
+
+        path = Path(cfg.pretrained_weights).expanduser().resolve()
+        load_pretrained(TASKS[cfg.task].build_network(cfg), path)
+        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "pretrained-weights": str(path)})
     for folder in site_folders(data)[: sim.sites]:
         load_site(folder, cfg)  # every hospital's data is checked before anything starts
     if cfg.min_nodes > sim.sites:

@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 INTENSITIES = ("auto", "ct-window", "percentile", "scale", "zscore", "none")
 FITS = ("resize", "pad-crop")
+FREEZES = ("none", "backbone")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,9 @@ class RunConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     fraction_train: float = 1.0
+    pretrained_weights: str = ""  # a local checkpoint that initialises the global model
+    freeze: str = "none"  # none | backbone (train the head only)
+    target_scale: float = 100.0  # regression: targets are divided by this inside the loss
     min_nodes: int = 2
     node_wait_seconds: float = 120.0
     round_timeout_seconds: float = 600.0
@@ -116,8 +120,19 @@ class RunConfig:
                 _bad("spacing", self.spacing, "positive spacings, one per spatial axis")
         if self.precision not in PRECISIONS:
             _bad("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            _bad("class_names", self.class_names, "at least two distinct comma-separated names")
+        wanted = 1 if TASKS[self.task].label_kind == "value" else 2
+        if len(self.classes) < wanted or len(set(self.classes)) != len(self.classes):
+            _bad(
+                "class_names",
+                self.class_names,
+                f"at least {wanted} distinct comma-separated name(s)",
+            )
+        if self.freeze not in FREEZES:
+            _bad("freeze", self.freeze, f"one of {', '.join(FREEZES)}")
+        if self.freeze == "backbone" and TASKS[self.task].label_kind == "mask":
+            _bad("freeze", self.freeze, "'none' for segmentation (no separable head)")
+        if not self.target_scale > 0:
+            _bad("target_scale", self.target_scale, "a positive number")
         for key in (
             "num_server_rounds",
             "local_epochs",

@@ -97,9 +97,14 @@ def _describe(site: SiteData, cfg: RunConfig) -> dict[str, Any]:
             "p99-median": statistics.median(f["intensity"][2] for f in facts),
             "max": max(f["intensity"][3] for f in facts),
         }
-    if task.label_kind == "class":
-        histogram = Counter(f["label"] for f in facts)
-        described["label-histogram"] = {n: histogram.get(i, 0) for i, n in enumerate(cfg.classes)}
+    if task.label_kind in ("class", "value"):
+        histogram = Counter(task.label_bin(f["label"], cfg) for f in facts)
+        described["label-histogram"] = {
+            n: histogram.get(i, 0) for i, n in enumerate(task.label_bins(cfg))
+        }
+        if task.label_kind == "value" and facts:
+            values = [f["label"] for f in facts]
+            described["label-range"] = [min(values), statistics.median(values), max(values)]
     else:
         present = Counter(v for f in facts for v in f["label-values"])
         described["label-coverage"] = {
@@ -159,19 +164,26 @@ def save_samples(root: Path, report: dict[str, Any], path: Path, count: int = 8)
     fig, axes = plt.subplots(1, len(entries), figsize=(2.1 * len(entries), 2.5), squeeze=False)
     for axis, entry in zip(axes[0], entries, strict=True):
         item = transform(dict(entry))
-        axis.imshow(item["image"][0].T, cmap="gray")
+        image = middle_slice(item["image"][0])
+        axis.imshow(image.T, cmap="gray")
         axis.axis("off")
         if TASKS[cfg.task].label_kind == "mask":
             levels = [k + 0.5 for k in range(len(cfg.classes) - 1)]
-            axis.contour(item["label"][0].T, levels=levels, colors="yellow", linewidths=0.8)
+            mask = middle_slice(item["label"][0])
+            axis.contour(mask.T, levels=levels, colors="yellow", linewidths=0.8)
             axis.set_title(Path(entry["where"]).name, fontsize=7)
         else:
-            axis.set_title(
-                f"{cfg.classes[entry['label']]}\n{Path(entry['where']).name}", fontsize=7
-            )
+            label = entry["label"]
+            shown = f"{label:g}" if isinstance(label, float) else cfg.classes[label]
+            axis.set_title(f"{shown}\n{Path(entry['where']).name}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def middle_slice(volume):
+    """A 2D image as is; the middle axial slice of a volume."""
+    return volume if volume.dim() == 2 else volume[..., volume.shape[-1] // 2]
 
 
 def run_check(root: Path, task: str | None, out: Path) -> int:

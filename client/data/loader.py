@@ -59,8 +59,17 @@ def make_loader(
     device: torch.device,
     cache_dir: Path | None = None,
     workers: int | None = None,
+    server_round: int = 0,
 ) -> DataLoader:
+    """A loader whose shuffling and augmentation are seeded by (seed, round).
+
+    Each round's ClientApp builds a new loader; seeding it with the run seed
+    alone would replay the same batches and the same augmentations every
+    round, which measurably lets local models memorise their site.
+    """
     transform = site_transforms(cfg, site.modality, train, site.array_channel_dim)
+    seed = cfg.seed * 1_000_003 + server_round
+    transform.set_random_state(seed=seed % 2**32)
     if cache_dir is not None and site.array_channel_dim is None:
         dataset = PersistentDataset(
             items,
@@ -74,7 +83,7 @@ def make_loader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=train,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator().manual_seed(seed),
         num_workers=loader_workers(device, workers),
         pin_memory=device.type == "cuda",
     )

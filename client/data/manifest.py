@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def find_manifest(root: Path) -> Path:
 
 
 def read_manifest(root: Path, label_kind: str, num_classes: int) -> Manifest:
-    """Read whichever manifest the site has; `label_kind` is "mask" or "class"."""
+    """Read whichever manifest the site has; `label_kind` is "mask", "class" or "value"."""
     source = find_manifest(root)
     if source.suffix == ".npz":
         return _read_npz(source, num_classes)
@@ -175,6 +176,16 @@ def _resolve(
         if label is None:
             return None
         entry["label"] = label
+        return entry
+    if label_kind == "value":
+        try:
+            number = float(row["label"])
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not math.isfinite(number):
+            problems.append(Problem(where, f"label {row['label']!r} is not a finite number"))
+            return None
+        entry["label"] = number
         return entry
     try:
         value = int(row["label"])

@@ -30,7 +30,7 @@ SCAN_VERSION = 1
 class ScanSpec:
     """What a usable entry must look like for this run."""
 
-    label_kind: str  # "mask" or "class"
+    label_kind: str  # "mask", "class" or "value"
     num_classes: int
     spatial_dims: int
     in_channels: int
@@ -140,6 +140,9 @@ class Scanner:
         }
         if spec.label_kind == "class":
             info["label"] = int(entry["label"])
+            return {"info": info}
+        if spec.label_kind == "value":
+            info["label"] = float(entry["label"])
             return {"info": info}
         try:
             label = self._load(entry["label"])

@@ -36,14 +36,15 @@ def site_statistics(
 
     entries = site.train + site.val
     facts = [site.facts[e["where"]] for e in entries]
-    if TASKS[cfg.task].label_kind == "class":
-        per_class = Counter(f["label"] for f in facts)
-    else:  # images in which each class appears
+    task = TASKS[cfg.task]
+    if task.label_kind == "mask":  # images in which each class appears
         per_class = Counter(v for f in facts for v in f["label-values"])
+    else:
+        per_class = Counter(task.label_bin(f["label"], cfg) for f in facts)
     stats: dict[str, int | float | list[int] | list[float]] = {
         "num-train": guard(len(site.train)),
         "num-val": guard(len(site.val)),
-        "label-histogram": [guard(per_class.get(i, 0)) for i in range(len(cfg.classes))],
+        "label-histogram": [guard(per_class.get(i, 0)) for i in range(len(task.label_bins(cfg)))],
         "intensity-p1": float(np.median([f["intensity"][1] for f in facts])) if facts else 0.0,
         "intensity-p99": float(np.median([f["intensity"][2] for f in facts])) if facts else 0.0,
     }

@@ -44,8 +44,10 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 # Per-modality intensity defaults: CT has absolute units (HU) worth keeping as
-# a window; MR has none, so percentiles; radiographs and photos are scaled.
-INTENSITY_BY_MODALITY = {"CT": "ct-window", "MR": "percentile"}
+# a window. MR and radiographs have arbitrary, scanner-dependent units, so they
+# are scaled by robust percentiles (min-max scaling, "scale", lets one hot
+# pixel set the range: measured worse on the synthetic X-rays).
+INTENSITY_BY_MODALITY = {"CT": "ct-window"}
 
 
 def resolve_modality(cfg: RunConfig, declared: str | None) -> str:
@@ -57,11 +59,11 @@ def resolve_modality(cfg: RunConfig, declared: str | None) -> str:
 def intensity_mode(cfg: RunConfig, modality: str) -> str:
     if cfg.intensity != "auto":
         return cfg.intensity
-    return INTENSITY_BY_MODALITY.get(modality, "scale")
+    return INTENSITY_BY_MODALITY.get(modality, "percentile")
 
 
 class ConformSpatiald(MapTransform):
-    """Drop extra singleton axes (a 2D slice saved as HxWx1) and turn RGB into grey.
+    """Drop extra singleton axes (a 2D slice saved as HxWx1), make images float, RGB grey.
 
     Hand-written: MONAI has no transform that reconciles a site's stored layout
     with the network's spatial rank and channel count in one step.
@@ -80,8 +82,10 @@ class ConformSpatiald(MapTransform):
                 if not singles:
                     break
                 value = value.squeeze(singles[-1])
-            if key == "image" and self.in_channels == 1 and value.shape[0] in (3, 4):
-                value = value[:3].float().mean(dim=0, keepdim=True)
+            if key == "image":  # stored as uint8/int16/...; normalisation needs floats
+                value = value.float()
+                if self.in_channels == 1 and value.shape[0] in (3, 4):
+                    value = value[:3].mean(dim=0, keepdim=True)
             out[key] = value
         return out
 

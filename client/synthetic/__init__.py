@@ -12,11 +12,13 @@ from medfed.client.synthetic.brain_mri import LABELS as BRAIN_LABELS
 from medfed.client.synthetic.brain_mri import write_brain_site
 from medfed.client.synthetic.chest_xray import LABELS as XRAY_LABELS
 from medfed.client.synthetic.chest_xray import write_xray_site
+from medfed.client.synthetic.hand_xray import write_hand_site
 from medfed.client.synthetic.sites import provenance, site_profile, write_site_atomically
 
 GENERATORS = {
     "segmentation": (write_brain_site, len(BRAIN_LABELS)),
     "classification": (write_xray_site, len(XRAY_LABELS)),
+    "regression": (write_hand_site, 2),  # the class prevalence draw is unused here
 }
 
 

@@ -2,7 +2,8 @@
 
 Pneumonia-like: one dense focal consolidation, usually in a lower zone.
 COVID-like: several faint bilateral, peripheral ground-glass patches.
-Written as 8-bit PNG files with a dataset.json carrying integer labels.
+Written as DICOM CR files (12-bit, pixel spacing set) with a dataset.json
+carrying integer labels, so the DICOM reading path is what the demo uses.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from medfed.client.synthetic.dicom import write_dicom
 from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
 
 LABELS = {"0": "normal", "1": "pneumonia", "2": "covid"}
@@ -55,14 +56,21 @@ def chest_xray(rng: np.random.Generator, size: int, label: int) -> np.ndarray:
 
 def write_xray_site(out: Path, profile: SiteProfile, seed: int, size: int) -> dict[str, Any]:
     (out / "imagesTr").mkdir()
+    spacing = 360.0 / size  # a 36 cm chest
     training = []
     for case in range(profile.num_images):
         rng = np.random.default_rng([seed, profile.index, 2, case])
         label = int(rng.choice(len(LABELS), p=np.asarray(profile.class_prevalence)))
         image = scanner_effects(chest_xray(rng, size, label), profile, rng)
-        pixels = (np.clip(image / 1.3, 0.0, 1.0) * 255).round().astype(np.uint8)
-        name = f"case_{case:04d}.png"
-        Image.fromarray(pixels).save(out / "imagesTr" / name)
+        stored = (np.clip(image / 1.3, 0.0, 1.0) * 4095).round().astype(np.uint16)
+        name = f"case_{case:04d}.dcm"
+        write_dicom(
+            out / "imagesTr" / name,
+            stored,
+            "CR",
+            (spacing, spacing),
+            uid_seed=f"{seed}-{profile.index}-2-{case}",
+        )
         training.append({"image": f"imagesTr/{name}", "label": label})
     return {
         "name": f"synthetic-chest-xray-site-{profile.index}",

@@ -37,21 +37,27 @@ def write_dicom(
     series_uid: str | None = None,
     instance: int = 1,
     rescale: tuple[float, float] = (1.0, 0.0),
+    uid_seed: str | None = None,
 ) -> Path:
     """One 2D slice; `pixels` are stored values (int16/uint16), rows x columns.
 
     `rescale` is (slope, intercept): readers report stored * slope + intercept.
+    With `uid_seed` the UIDs derive from it, so the same seed writes the same bytes.
     """
+
+    def uid(role: str) -> str:
+        return generate_uid(entropy_srcs=[uid_seed, role]) if uid_seed else generate_uid()
+
     sop_class = SOP_CLASS.get(modality, SecondaryCaptureImageStorage)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = uid("instance")
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = series_uid or uid("series")
     ds.PatientID = "SYNTHETIC"
     ds.InstanceNumber = instance
     ds.Rows, ds.Columns = pixels.shape

@@ -2,8 +2,11 @@
 
 from medfed.shared_models.tasks.base import Task
 from medfed.shared_models.tasks.classification import ClassificationTask
+from medfed.shared_models.tasks.regression import RegressionTask
 from medfed.shared_models.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, Task] = {task.name: task for task in (SegmentationTask(), ClassificationTask())}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (SegmentationTask(), ClassificationTask(), RegressionTask())
+}
 
 __all__ = ["TASKS", "Task"]

@@ -26,8 +26,9 @@ class Task(ABC):
     name: ClassVar[str]
     models: ClassVar[tuple[str, ...]]  # the first is the default
     default_classes: ClassVar[tuple[str, ...]]
-    headline_metric: ClassVar[str]  # higher is better; shown in progress lines
-    label_kind: ClassVar[str]  # "mask" (a file) or "class" (an int in the manifest)
+    headline_metric: ClassVar[str]  # shown in progress lines and reports
+    higher_is_better: ClassVar[bool] = True
+    label_kind: ClassVar[str]  # "mask" (a file), "class" (an int) or "value" (a float)
     spatial_dims: ClassVar[int]
     default_modality: ClassVar[str]  # DICOM modality code assumed when a site declares none
 
@@ -44,6 +45,30 @@ class Task(ABC):
         self, net: nn.Module, batches: Iterable[Batch], cfg: RunConfig, device: torch.device
     ) -> dict[str, float]:
         """Metrics on a validation split; keys are identical at every site."""
+
+    def label_bins(self, cfg: RunConfig) -> list[str]:
+        """Columns of a site's label histogram (the classes, unless a task bins values)."""
+        return list(cfg.classes)
+
+    def label_bin(self, label: float, cfg: RunConfig) -> int:
+        """The histogram column of one image-level label."""
+        return int(label)
+
+    def head(self, cfg: RunConfig) -> str:
+        """State-dict prefix of the output head (what `freeze = "backbone"` trains)."""
+        raise ValueError(f"task '{self.name}' has no separable head to train alone")
+
+    def trainable(self, net: nn.Module, cfg: RunConfig) -> list[nn.Parameter]:
+        """Parameters local training updates; with freeze = "backbone", the head only."""
+        if cfg.freeze == "none":
+            return list(net.parameters())
+        head = self.head(cfg)
+        params = []
+        for name, param in net.named_parameters():
+            param.requires_grad_(name.startswith(head))
+            if param.requires_grad:
+                params.append(param)
+        return params
 
     def targets(self, batch: Batch, device: torch.device) -> torch.Tensor:
         """The label tensor in the form the loss expects."""
@@ -68,7 +93,7 @@ class Task(ABC):
         if cfg.channels_last:
             net.to(memory_format=memory_format)
         loss_fn = self.build_loss(cfg)
-        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        optimizer = torch.optim.Adam(self.trainable(net, cfg), lr=cfg.lr)
         anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
         total = torch.zeros((), device=device)
         seen = 0

@@ -7,17 +7,17 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from monai.metrics import ConfusionMatrixMetric, ROCAUCMetric
-from monai.networks.nets import Classifier, DenseNet121
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.networks import BACKBONES, build_backbone, head_prefix
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
 class ClassificationTask(Task):
     name = "classification"
-    models = ("smallcnn", "densenet121")
+    models = BACKBONES
     default_classes = ("normal", "pneumonia", "covid")
     headline_metric = "auc"
     label_kind = "class"
@@ -25,20 +25,10 @@ class ClassificationTask(Task):
     default_modality = "CR"
 
     def build_network(self, cfg: RunConfig) -> nn.Module:
-        num_classes = len(cfg.classes)
-        if cfg.model == "densenet121":
-            return DenseNet121(
-                spatial_dims=2, in_channels=cfg.in_channels, out_channels=num_classes
-            )
-        # "smallcnn": MONAI's Classifier, a residual conv stack that trains on a CPU.
-        channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth))
-        return Classifier(
-            in_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-            classes=num_classes,
-            channels=channels,
-            strides=(2,) * cfg.model_depth,
-            num_res_units=1,
-        )
+        return build_backbone(cfg, outputs=len(cfg.classes))
+
+    def head(self, cfg: RunConfig) -> str:
+        return head_prefix(cfg.model)
 
     def build_loss(self, cfg: RunConfig) -> nn.Module:
         return nn.CrossEntropyLoss()

@@ -42,3 +42,16 @@ def test_persistent_cache_is_written_reused_and_invalidated(tmp_path, seg_sites)
     assert float(changed[0].abs().sum()) == 0.0, "an edited file is not served from the cache"
     bigger = tiny_config(image_size=64)
     assert transform_cache_dir(cache, bigger, site) != transform_cache_dir(cache, cfg, site)
+
+
+def test_each_round_draws_new_batches_reproducibly(seg_sites):
+    """Same round: same batches (reproducible); next round: a new order and new flips."""
+    cfg = tiny_config()
+    site = load_site(seg_sites / "site-0", cfg)
+
+    def first_batch(server_round):
+        loader = make_loader(site, site.train, cfg, True, CPU, server_round=server_round)
+        return next(iter(loader))["image"]
+
+    assert torch.equal(first_batch(3), first_batch(3))
+    assert not torch.equal(first_batch(3), first_batch(4))

@@ -133,6 +133,7 @@ def test_truncated_nifti_keeps_its_header_but_is_skipped(site):
 
 def test_corrupt_png_is_skipped(cls_site):
     (cls_site / "imagesTr" / "case_0004.png").write_bytes(b"\x89PNG\r\n\x1a\n-garbage-")
+    _edit(cls_site, lambda m: m["training"][4].update(image="imagesTr/case_0004.png"))
     reasons = _skipped(load_site(cls_site, tiny_config(task="classification")))
     assert reasons == {"imagesTr/case_0004.png": "unreadable image: corrupt or truncated PNG file"}
 
@@ -175,10 +176,10 @@ def test_class_label_out_of_range_is_skipped(cls_site):
 
 
 def test_duplicates_are_skipped(cls_site):
-    shutil.copy(cls_site / "imagesTr" / "case_0000.png", cls_site / "imagesTr" / "copy.png")
-    _edit(cls_site, lambda m: m["training"].append({"image": "imagesTr/copy.png", "label": 0}))
+    shutil.copy(cls_site / "imagesTr" / "case_0000.dcm", cls_site / "imagesTr" / "copy.dcm")
+    _edit(cls_site, lambda m: m["training"].append({"image": "imagesTr/copy.dcm", "label": 0}))
     reasons = _skipped(load_site(cls_site, tiny_config(task="classification")))
-    assert reasons == {"imagesTr/copy.png": "duplicate of imagesTr/case_0000.png"}
+    assert reasons == {"imagesTr/copy.dcm": "duplicate of imagesTr/case_0000.dcm"}
 
 
 def test_csv_manifest_with_declared_validation(cls_site):
