@@ -20,6 +20,7 @@ from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
 from medfed.client.data.site import SiteData, load_site
 from medfed.client.data.stats import site_statistics
+from medfed.client.gan import generated_items
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.device import pick_device
 from medfed.shared_models.tasks import TASKS
@@ -54,9 +55,17 @@ class _Site:
         self.workers = int(workers) if workers is not None else (0 if simulated else None)
         self.task = TASKS[self.cfg.task]
 
-    def loader(self, items: list, train: bool, server_round: int = 0):
+    def loader(self, items: list, train: bool, server_round: int = 0, extra=None):
         return make_loader(
-            self.site, items, self.cfg, train, self.device, self.cache, self.workers, server_round
+            self.site,
+            items,
+            self.cfg,
+            train,
+            self.device,
+            self.cache,
+            self.workers,
+            server_round,
+            extra,
         )
 
 
@@ -86,7 +95,8 @@ def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights (plus FedProx's proximal term when asked)."""
     s = _Setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    loader = s.loader(s.site.train, train=True, server_round=server_round)
+    extra = generated_items(s.site, s.cfg, server_round) if s.cfg.gan_augment_ratio else []
+    loader = s.loader(s.site.train, train=True, server_round=server_round, extra=extra)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     start = time.perf_counter()
     loss = s.task.train(s.net, loader, s.cfg, s.device, proximal_mu=mu)
@@ -97,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": seconds,
         "images-per-second": images / seconds if seconds > 0 else 0.0,
         "num-examples": len(s.site.train),
+        "generated-images": len(extra),
     }
     return _reply(msg, s.site, metrics, to_record(s.net.cpu()))
 

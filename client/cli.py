@@ -21,10 +21,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--images-per-site",
         type=int,
-        default=60,
-        help="mean images per site (each site draws 0.6x-1.4x of this)",
+        help="mean images per site (each site draws 0.6x-1.4x of this; default 60, "
+        "24 for segmentation3d)",
     )
-    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument(
+        "--image-size", type=int, help="pixels per side (default 64; 32 for segmentation3d)"
+    )
     synth.set_defaults(handler=_synth)
 
     check = data_commands.add_parser(
@@ -47,6 +49,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(handler=_check)
 
 
+def add_gan_commands(commands: argparse._SubParsersAction) -> None:
+    gan = commands.add_parser("gan", help="use a federated GAN")
+    gan_commands = gan.add_subparsers(dest="gan_command", required=True)
+    sample = gan_commands.add_parser("sample", help="write generated images of one class")
+    sample.add_argument("--model", type=Path, required=True, help="a gan run folder")
+    sample.add_argument("--n", type=int, default=16, help="how many images")
+    sample.add_argument("--class", dest="class_name", required=True, help="class name")
+    sample.add_argument("--out", type=Path, required=True)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from medfed.client.gan import sample_images
+
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: expected a positive number of images")
+    paths = sample_images(args.model, args.n, args.class_name, args.out, args.seed)
+    print(f"wrote {len(paths)} images and grid.png to {args.out}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from medfed.client.data.check import run_check
 
@@ -55,7 +79,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    if args.sites < 1 or args.images_per_site < 1 or args.image_size < 16:
+    if args.sites < 1 or (args.images_per_site or 1) < 1 or (args.image_size or 16) < 16:
         raise ValueError("--sites and --images-per-site must be positive, --image-size >= 16")
     sites = generate_federation(
         args.task,

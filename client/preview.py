@@ -38,6 +38,8 @@ def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
     cfg, net = load_global_model(run_dir)
     site = load_site(site_folders(data_root)[0], cfg)
     batch = next(iter(make_loader(site, site.val[:count], cfg, False, torch.device("cpu"))))
+    if cfg.task == "gan":
+        return _save_gan_grid(run_dir, cfg, net)
     with torch.no_grad():
         logits = net(batch["image"])
     kind = TASKS[cfg.task].label_kind
@@ -66,6 +68,30 @@ def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
         "class": "true → predicted class",
     }
     fig.suptitle(f"{site.name}: {titles[kind]}", fontsize=9)
+    fig.tight_layout()
+    path = run_dir / "plots" / PREDICTIONS_PNG
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _save_gan_grid(run_dir: Path, cfg: RunConfig, net: torch.nn.Module, per_class: int = 6) -> Path:
+    """Rows of generated images, one row per class (a GAN has no 'prediction')."""
+    labels = torch.arange(len(cfg.classes)).repeat_interleave(per_class)
+    with torch.no_grad():
+        images = net.generate(labels, torch.Generator().manual_seed(cfg.seed))[:, 0]
+    fig, axes = plt.subplots(
+        len(cfg.classes),
+        per_class,
+        figsize=(1.5 * per_class, 1.6 * len(cfg.classes)),
+        squeeze=False,
+    )
+    for axis, image, label in zip(axes.flat, images, labels, strict=True):
+        axis.imshow(image.T, cmap="gray", vmin=0, vmax=1)
+        axis.axis("off")
+        axis.set_title(cfg.classes[int(label)], fontsize=7)
+    fig.suptitle("global generator: one row per class", fontsize=9)
     fig.tight_layout()
     path = run_dir / "plots" / PREDICTIONS_PNG
     path.parent.mkdir(exist_ok=True)

@@ -13,13 +13,19 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     from medfed.client.cli import add_commands as add_site_commands
+    from medfed.client.cli import add_gan_commands
 
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_site_commands(commands)
+    add_gan_commands(commands)
 
     sim = commands.add_parser("simulate", help="run a whole federation on this machine")
-    sim.add_argument("--task", help="segmentation | classification (default: segmentation)")
+    sim.add_argument(
+        "--task",
+        help="segmentation | segmentation3d | classification | regression | gan "
+        "(default: segmentation)",
+    )
     sim.add_argument("--model", help="network, e.g. unet, smallcnn, densenet121")
     sim.add_argument(
         "--sites",
@@ -34,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--images-per-site",
         type=int,
-        default=60,
-        help="synthetic data only: mean images per hospital",
+        help="synthetic data only: mean images per hospital (default 60; 24 for 3D)",
     )
     sim.add_argument(
         "--cpus-per-site",

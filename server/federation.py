@@ -192,7 +192,7 @@ class FederatedRun:
         for reply in trained.ok:
             train = reply.content.metric_records["metrics"]
             entry = sites.setdefault(self._name(reply.metadata.src_node_id), {})
-            entry["train-loss"] = train["train-loss"]
+            entry.update({k: v for k, v in train.items() if k != "num-examples"})
             entry["train-examples"] = train["num-examples"]
         aggregated = self.strategy.aggregate_evaluate(server_round, evaluation.ok)
         global_metrics = dict(aggregated) if aggregated is not None else {}

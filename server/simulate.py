@@ -41,7 +41,7 @@ class Simulation:
     sites: int
     out: Path
     data: Path | None
-    images_per_site: int = 60
+    images_per_site: int | None = None
     cpus_per_site: int = 1
     verbose: bool = False
 

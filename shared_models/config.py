@@ -35,16 +35,21 @@ class RunConfig:
     local_epochs: int = 2
     lr: float = 0.003
     batch_size: int = 8
-    image_size: int = 64
-    in_channels: int = 1
+    image_size: int = 0  # 0: the task's default (64; 32 for volumes)
+    in_channels: int = 0  # 0: the task's default (1; 4 MRI channels for segmentation3d)
+    patch_size: int = 0  # segmentation: train on random patches, evaluate by sliding window
     class_names: str = ""  # comma-separated; empty: the task's default classes
-    model_width: int = 16
+    model_width: int = 0  # 0: the task's default (16; 8 for volumes)
     model_depth: int = 3
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     fraction_train: float = 1.0
     pretrained_weights: str = ""  # a local checkpoint that initialises the global model
     freeze: str = "none"  # none | backbone (train the head only)
+    latent_size: int = 64  # gan: length of the generator's latent code
+    gan_feature_model: str = ""  # gan: classification run whose features FID uses
+    gan_model: str = ""  # classification: a gan run folder that augments scarce classes
+    gan_augment_ratio: float = 0.0  # classification: generated images per real one
     target_scale: float = 100.0  # regression: targets are divided by this inside the loss
     min_nodes: int = 2
     node_wait_seconds: float = 120.0
@@ -93,6 +98,12 @@ class RunConfig:
         models = TASKS[self.task].models
         if self.model == "":
             object.__setattr__(self, "model", models[0])
+        if self.image_size == 0:
+            object.__setattr__(self, "image_size", TASKS[self.task].default_image_size)
+        if self.model_width == 0:
+            object.__setattr__(self, "model_width", TASKS[self.task].default_width)
+        if self.in_channels == 0:
+            object.__setattr__(self, "in_channels", TASKS[self.task].default_in_channels)
         if self.class_names == "":
             object.__setattr__(self, "class_names", ",".join(TASKS[self.task].default_classes))
         if self.model not in models:
@@ -131,6 +142,12 @@ class RunConfig:
             _bad("freeze", self.freeze, f"one of {', '.join(FREEZES)}")
         if self.freeze == "backbone" and TASKS[self.task].label_kind == "mask":
             _bad("freeze", self.freeze, "'none' for segmentation (no separable head)")
+        if self.gan_augment_ratio < 0:
+            _bad("gan_augment_ratio", self.gan_augment_ratio, "zero or positive")
+        if self.gan_augment_ratio > 0 and not self.gan_model:
+            _bad("gan_model", self.gan_model, "a gan run folder when gan-augment-ratio > 0")
+        if self.gan_augment_ratio > 0 and self.task != "classification":
+            _bad("gan_augment_ratio", self.gan_augment_ratio, "0 unless task is classification")
         if not self.target_scale > 0:
             _bad("target_scale", self.target_scale, "a positive number")
         for key in (
@@ -148,6 +165,14 @@ class RunConfig:
                 "image_size",
                 self.image_size,
                 f">= 16 and divisible by 2**model-depth ({2**self.model_depth})",
+            )
+        if self.patch_size and (
+            self.patch_size > self.image_size or self.patch_size % 2**self.model_depth
+        ):
+            _bad(
+                "patch_size",
+                self.patch_size,
+                f"0, or at most image-size and divisible by 2**model-depth ({2**self.model_depth})",
             )
         if not 1 <= self.model_depth <= 6:
             _bad("model_depth", self.model_depth, "between 1 and 6")

@@ -16,6 +16,7 @@ from typing import Any
 import monai
 import torch
 from monai.data import CacheDataset, DataLoader, PersistentDataset
+from torch.utils.data import ConcatDataset
 
 from medfed.client.data.scan import SCAN_VERSION
 from medfed.client.data.site import SiteData
@@ -60,12 +61,14 @@ def make_loader(
     cache_dir: Path | None = None,
     workers: int | None = None,
     server_round: int = 0,
+    extra: list[dict[str, Any]] | None = None,
 ) -> DataLoader:
     """A loader whose shuffling and augmentation are seeded by (seed, round).
 
     Each round's ClientApp builds a new loader; seeding it with the run seed
     alone would replay the same batches and the same augmentations every
     round, which measurably lets local models memorise their site.
+    `extra` holds ready tensors (generated images) mixed into the epoch.
     """
     transform = site_transforms(cfg, site.modality, train, site.array_channel_dim)
     seed = cfg.seed * 1_000_003 + server_round
@@ -79,6 +82,8 @@ def make_loader(
         )
     else:
         dataset = CacheDataset(items, transform, cache_rate=1.0, progress=False)
+    if extra:
+        dataset = ConcatDataset([dataset, extra])
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

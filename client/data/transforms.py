@@ -23,11 +23,13 @@ from monai.transforms import (
     Orientationd,
     RandFlipd,
     RandGaussianNoised,
+    RandSpatialCropd,
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
+    SelectItemsd,
     Spacingd,
 )
 
@@ -119,6 +121,12 @@ def site_transforms(
         steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
     else:
         steps.append(Resized(keys=keys, spatial_size=size, mode=modes))
+    if train and cfg.patch_size and cfg.patch_size < cfg.image_size:
+        steps.append(
+            RandSpatialCropd(
+                keys=keys, roi_size=(cfg.patch_size,) * task.spatial_dims, random_size=False
+            )
+        )
     if train:
         steps += [
             RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(task.spatial_dims)
@@ -126,6 +134,9 @@ def site_transforms(
         if not masks:
             steps.append(RandGaussianNoised(keys="image", prob=0.3, std=0.02))
     steps.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    # Batches carry tensors only: no file names travel further, and generated
+    # images (GAN augmentation) collate with real ones.
+    steps.append(SelectItemsd(keys=["image", "label"]))
     return Compose(steps)
 
 

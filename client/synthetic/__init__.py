@@ -10,6 +10,8 @@ from pathlib import Path
 
 from medfed.client.synthetic.brain_mri import LABELS as BRAIN_LABELS
 from medfed.client.synthetic.brain_mri import write_brain_site
+from medfed.client.synthetic.brain_mri3d import LABELS as BRATS_LABELS
+from medfed.client.synthetic.brain_mri3d import write_brain3d_site
 from medfed.client.synthetic.chest_xray import LABELS as XRAY_LABELS
 from medfed.client.synthetic.chest_xray import write_xray_site
 from medfed.client.synthetic.hand_xray import write_hand_site
@@ -17,17 +19,31 @@ from medfed.client.synthetic.sites import provenance, site_profile, write_site_a
 
 GENERATORS = {
     "segmentation": (write_brain_site, len(BRAIN_LABELS)),
+    "segmentation3d": (write_brain3d_site, len(BRATS_LABELS)),
     "classification": (write_xray_site, len(XRAY_LABELS)),
     "regression": (write_hand_site, 2),  # the class prevalence draw is unused here
+    "gan": (write_xray_site, len(XRAY_LABELS)),  # GANs learn the chest X-rays
 }
 
 
+# Volumes cost the cube of their size: 3D sites default to fewer, smaller images.
+DEFAULT_SIZE = {"segmentation3d": (24, 32)}  # task -> (images per site, image size)
+
+
 def generate_site(
-    task: str, index: int, out: Path, seed: int = 0, images_per_site: int = 60, image_size: int = 64
+    task: str,
+    index: int,
+    out: Path,
+    seed: int = 0,
+    images_per_site: int | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Write synthetic hospital `index` to `out`; reuse it if already written identically."""
     if task not in GENERATORS:
         raise ValueError(f"no synthetic generator for task '{task}' (have {', '.join(GENERATORS)})")
+    default_images, default_size = DEFAULT_SIZE.get(task, (60, 64))
+    images_per_site = images_per_site or default_images
+    image_size = image_size or default_size
     write, num_classes = GENERATORS[task]
     profile = site_profile(index, seed, images_per_site, num_classes)
     wanted = provenance(task, index, seed, images_per_site, image_size, profile)
@@ -48,7 +64,12 @@ def generate_site(
 
 
 def generate_federation(
-    task: str, sites: int, out: Path, seed: int = 0, images_per_site: int = 60, image_size: int = 64
+    task: str,
+    sites: int,
+    out: Path,
+    seed: int = 0,
+    images_per_site: int | None = None,
+    image_size: int | None = None,
 ) -> list[Path]:
     """One folder per hospital: out/site-0, out/site-1, ..."""
     return [

@@ -30,6 +30,9 @@ class Task(ABC):
     higher_is_better: ClassVar[bool] = True
     label_kind: ClassVar[str]  # "mask" (a file), "class" (an int) or "value" (a float)
     spatial_dims: ClassVar[int]
+    default_in_channels: ClassVar[int] = 1
+    default_width: ClassVar[int] = 16  # base channels of the CPU-sized networks
+    default_image_size: ClassVar[int] = 64  # pixels (voxels) per side fed to the network
     default_modality: ClassVar[str]  # DICOM modality code assumed when a site declares none
 
     @abstractmethod

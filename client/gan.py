@@ -1,0 +1,101 @@
+"""Using a federated GAN at a site: augmentation of scarce classes, and sampling.
+
+A hospital with few COVID-like images borrows the federation's knowledge of
+them through the federated GAN, without seeing any other site's images.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfed.client.data.site import SiteData
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.pretrained import load_pretrained
+from medfed.shared_models.tasks import TASKS
+
+
+def load_generator(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
+    """The global model of a finished `gan` run (model.json + global_model.pt)."""
+    import json
+
+    meta_path = run_dir / "model.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{run_dir}: not a medfed run folder (no model.json)")
+    gan_cfg = RunConfig.from_mapping(json.loads(meta_path.read_text())["config"])
+    if gan_cfg.task != "gan":
+        raise ValueError(f"{run_dir}: is a '{gan_cfg.task}' run, not a gan run")
+    net = TASKS["gan"].build_network(gan_cfg)
+    load_pretrained(net, run_dir)
+    return gan_cfg, net.eval()
+
+
+def generated_items(site: SiteData, cfg: RunConfig, server_round: int) -> list[dict[str, Any]]:
+    """round(ratio x train size) generated images, mostly of the site's scarce classes.
+
+    Each class gets images in proportion to how far it falls short of the
+    site's most frequent class, so classes the site lacks get the most.
+    """
+    gan_cfg, gan = load_generator(Path(cfg.gan_model).expanduser())
+    if gan_cfg.classes != cfg.classes or gan_cfg.image_size != cfg.image_size:
+        raise ValueError(
+            f"gan-model {cfg.gan_model}: classes {gan_cfg.classes} at "
+            f"{gan_cfg.image_size}px do not match this run's {cfg.classes} at "
+            f"{cfg.image_size}px"
+        )
+    counts = Counter(int(e["label"]) for e in site.train)
+    most = max(counts.values())
+    shortfall = {c: most - counts.get(c, 0) for c in range(len(cfg.classes))}
+    total = round(cfg.gan_augment_ratio * len(site.train))
+    if total == 0 or sum(shortfall.values()) == 0:
+        return []
+    labels = []
+    for c, gap in shortfall.items():
+        labels += [c] * round(total * gap / sum(shortfall.values()))
+    seed = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server_round)
+    with torch.no_grad():
+        images = gan.generate(torch.tensor(labels), seed)
+    return [{"image": image, "label": label} for image, label in zip(images, labels, strict=True)]
+
+
+def sample_images(
+    run_dir: Path, count: int, class_name: str, out: Path, seed: int = 0
+) -> list[Path]:
+    """`count` PNG images of `class_name` from a gan run, plus grid.png of them all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    gan_cfg, gan = load_generator(run_dir)
+    if class_name not in gan_cfg.classes:
+        raise ValueError(f"--class {class_name!r}: the gan knows {', '.join(gan_cfg.classes)}")
+    label = gan_cfg.classes.index(class_name)
+    with torch.no_grad():
+        images = gan.generate(torch.full((count,), label), torch.Generator().manual_seed(seed))[
+            :, 0
+        ].numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out / f"{class_name}-{i:04d}.png"
+        # medfed's images are stored width-first (MONAI's reader order); PNG wants rows.
+        Image.fromarray((np.clip(image.T, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    columns = min(8, count)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.4 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image in zip(axes.flat, images, strict=False):
+        axis.imshow(image.T, cmap="gray", vmin=0, vmax=1)
+    fig.suptitle(f"{count} generated '{class_name}' images", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "grid.png", dpi=90)
+    plt.close(fig)
+    return paths
