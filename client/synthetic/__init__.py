@@ -6,6 +6,7 @@ They go through exactly the loading code that real site folders go through.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from medfed.client.synthetic.brain_mri import LABELS as BRAIN_LABELS
@@ -37,8 +38,12 @@ def generate_site(
     seed: int = 0,
     images_per_site: int | None = None,
     image_size: int | None = None,
+    class_prevalence: tuple[float, ...] | None = None,
 ) -> Path:
-    """Write synthetic hospital `index` to `out`; reuse it if already written identically."""
+    """Write synthetic hospital `index` to `out`; reuse it if already written identically.
+
+    `class_prevalence` replaces the site's drawn label mix (e.g. to make a class rare).
+    """
     if task not in GENERATORS:
         raise ValueError(f"no synthetic generator for task '{task}' (have {', '.join(GENERATORS)})")
     default_images, default_size = DEFAULT_SIZE.get(task, (60, 64))
@@ -46,6 +51,12 @@ def generate_site(
     image_size = image_size or default_size
     write, num_classes = GENERATORS[task]
     profile = site_profile(index, seed, images_per_site, num_classes)
+    if class_prevalence is not None:
+        if len(class_prevalence) != num_classes or abs(sum(class_prevalence) - 1) > 1e-6:
+            raise ValueError(
+                f"class prevalence {class_prevalence}: needs {num_classes} values summing to 1"
+            )
+        profile = replace(profile, class_prevalence=tuple(class_prevalence))
     wanted = provenance(task, index, seed, images_per_site, image_size, profile)
     manifest = out / "dataset.json"
     if manifest.exists():

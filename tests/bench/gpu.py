@@ -46,18 +46,28 @@ CASES = [
     Case("densenet121-224-b64-bf16-cl", "classification", 64,
          {"model": "densenet121", "image-size": 224, "precision": "bf16",
           "channels-last": True}),
+    Case("unet3d-96-4ch-b2-fp32", "segmentation3d", 2,
+         {"image-size": 96, "model-width": 16, "model-depth": 4}),
+    Case("unet3d-96-4ch-b2-bf16", "segmentation3d", 2,
+         {"image-size": 96, "model-width": 16, "model-depth": 4, "precision": "bf16"}),
+    Case("dcgan-64-b128-fp32", "gan", 128, {"image-size": 64}),
+    Case("dcgan-64-b128-bf16", "gan", 128, {"image-size": 64, "precision": "bf16"}),
 ]  # fmt: skip
 
 
 def make_batches(cfg: RunConfig, batch: int, count: int) -> list[dict[str, torch.Tensor]]:
     """Distinct pinned CPU batches, as a DataLoader with pin_memory would hand them over."""
     g = torch.Generator().manual_seed(0)
-    size, classes = cfg.image_size, len(cfg.classes)
+    task = TASKS[cfg.task]
+    spatial = (cfg.image_size,) * task.spatial_dims
+    classes = len(cfg.classes)
     out = []
     for _ in range(count):
-        image = torch.randn(batch, cfg.in_channels, size, size, generator=g)
-        if cfg.task == "segmentation":
-            label = torch.randint(0, classes, (batch, 1, size, size), generator=g).float()
+        image = torch.randn(batch, cfg.in_channels, *spatial, generator=g)
+        if cfg.task == "gan":
+            image = image.sigmoid()  # real images arrive normalised to [0, 1]
+        if task.label_kind == "mask":
+            label = torch.randint(0, classes, (batch, 1, *spatial), generator=g).float()
         else:
             label = torch.randint(0, classes, (batch,), generator=g)
         out.append({"image": image.pin_memory(), "label": label.pin_memory()})
@@ -66,6 +76,8 @@ def make_batches(cfg: RunConfig, batch: int, count: int) -> list[dict[str, torch
 
 def plain_monai_loop(task, net, batches, cfg, device) -> None:
     """The loop a MONAI tutorial writes: no medfed code beyond building the network."""
+    if cfg.task == "gan":
+        return plain_gan_loop(net, batches, cfg, device)
     net.train()
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -76,12 +88,37 @@ def plain_monai_loop(task, net, batches, cfg, device) -> None:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, non_blocking=True)
-        y = y.long() if cfg.task == "segmentation" else y.long().view(-1)
+        y = y.long() if y.dim() > 1 else y.long().view(-1)
         optimizer.zero_grad(set_to_none=True)
         with autocast(cfg, device):
             loss = loss_fn(net(x), y)
         loss.backward()
         optimizer.step()
+
+
+def plain_gan_loop(net, batches, cfg, device) -> None:
+    """A textbook conditional DCGAN step: D on real and fake, then G (non-saturating)."""
+    net.train()
+    bce = torch.nn.BCEWithLogitsLoss()
+    d_opt = torch.optim.Adam(net.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    g_opt = torch.optim.Adam(net.generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    for batch in batches:
+        real = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True).long()
+        ones = torch.ones(real.shape[0], device=device)
+        with autocast(cfg, device):
+            fake = net.generate(labels)
+            d_loss = bce(net.discriminate(real, labels), ones) + bce(
+                net.discriminate(fake.detach(), labels), 1 - ones
+            )
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_opt.step()
+        with autocast(cfg, device):
+            g_loss = bce(net.discriminate(fake, labels), ones)
+        g_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_opt.step()
 
 
 def timed(fn) -> float:
@@ -97,6 +134,30 @@ def check_trains(task, cfg, device, batch) -> dict:
     torch.manual_seed(0)
     net = task.build_network(cfg).to(device)
     fixed = make_batches(cfg, min(batch, 8), 1)
+    if cfg.task == "gan":  # a GAN's losses need not fall; its discriminator must learn
+
+        def d_loss() -> float:
+            with torch.no_grad():
+                real = fixed[0]["image"].to(device)
+                labels = fixed[0]["label"].to(device).long()
+                fake = net.generate(labels)
+                ones = torch.ones(len(labels), device=device)
+                bce = torch.nn.BCEWithLogitsLoss()
+                return float(
+                    bce(net.discriminate(real, labels), ones)
+                    + bce(net.discriminate(fake, labels), 1 - ones)
+                )
+
+        before = d_loss()
+        task.train(net, fixed * 30, cfg, device)
+        after = d_loss()
+        return {
+            "loss-before": before,
+            "loss-after": after,
+            "loss-falls": after < before,
+            "metrics-finite": after == after,
+            "device": str(next(net.parameters()).device),
+        }
     before = task.evaluate(net, fixed, cfg, device)["loss"]
     task.train(net, fixed * 30, cfg, device)
     metrics = task.evaluate(net, fixed, cfg, device)
