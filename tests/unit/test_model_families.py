@@ -131,3 +131,53 @@ def test_freeze_backbone_trains_the_head_only():
             continue
         changed = not torch.equal(value, before[key])
         assert changed == key.startswith("final."), key
+
+
+def test_brats_like_volumes_have_four_channels_and_nested_regions(tmp_path):
+    site = generate_site(
+        "segmentation3d", 0, tmp_path / "s", seed=0, images_per_site=8, image_size=16
+    )
+    cfg = tiny_config(task="segmentation3d", image_size=16)
+    loaded = load_site(site, cfg)
+    assert cfg.in_channels == 4 and not loaded.problems
+    fact = next(f for f in loaded.facts.values() if len(f["label-values"]) == 4)
+    assert fact["shape"] == [16, 16, 16] and fact["channels"] == 4
+
+
+def test_class_prevalence_override_makes_a_class_rare(tmp_path):
+    site = generate_site(
+        "classification",
+        0,
+        tmp_path / "s",
+        seed=0,
+        images_per_site=120,
+        image_size=32,
+        class_prevalence=(0.6, 0.38, 0.02),
+    )
+    labels = [e["label"] for e in json.loads((site / "dataset.json").read_text())["training"]]
+    assert labels.count(2) <= 0.08 * len(labels) < labels.count(0)
+    with pytest.raises(ValueError, match="needs 3 values summing to 1"):
+        generate_site("classification", 1, tmp_path / "t", class_prevalence=(0.5, 0.5))
+
+
+def test_segmentation3d_metrics_match_hand_computation():
+    cfg = tiny_config(task="segmentation3d", image_size=16, model_depth=1)
+    label = torch.zeros(1, 1, 16, 16, 16)
+    label[0, 0, 2:4, 2:4, 2:4] = 2  # an edema cube
+    predicted = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    predicted[0, 2:4, 2:4, 2:4] = 2
+    predicted[0, 12, 12, 12] = 3  # one false-positive enhancing voxel; no ground truth for it
+    logits = torch.nn.functional.one_hot(predicted, 4).permute(0, 4, 1, 2, 3).float() * 10
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits
+
+    m = TASKS["segmentation3d"].evaluate(
+        Fixed(), [{"image": torch.zeros(1, 4, 16, 16, 16), "label": label}], cfg, CPU
+    )
+    assert m["dice-edema"] == pytest.approx(1.0) and m["hd95-edema"] == pytest.approx(0.0)
+    assert m["dice-necrotic-core"] == pytest.approx(1.0)  # empty and predicted empty
+    assert m["hd95-necrotic-core"] == 0.0
+    assert m["dice-enhancing"] == 0.0
+    assert m["hd95-enhancing"] == pytest.approx((3 * 16**2) ** 0.5)  # worst: the diagonal
