@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from logging import ERROR, INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from medfed.server.report import write_report
 from medfed.server.run_record import RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.pretrained import load_pretrained
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
@@ -45,6 +47,11 @@ def main(grid: Grid, context: Context) -> None:
         f"{cfg.num_server_rounds} rounds, quorum {cfg.min_nodes}; writing to {out}"
     )
     try:
+        if cfg.pretrained_weights:
+            transfer = load_pretrained(net, Path(cfg.pretrained_weights).expanduser())
+            record.set_pretrained(transfer.to_json())
+            for line in transfer.summary():
+                say(line)
         runner = FederatedRun(
             grid, build_strategy(cfg), cfg, net, record, task.headline_metric, say
         )

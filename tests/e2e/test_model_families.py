@@ -88,3 +88,27 @@ def test_classification_with_gan_augmentation(gan_run, tmp_path):
     generated = [sites[s]["generated-images"] for s in ("site-0", "site-1")]
     train_sizes = [sites[s]["train-examples"] for s in ("site-0", "site-1")]
     assert all(0 < g <= round(0.5 * n) + 2 for g, n in zip(generated, train_sizes, strict=True))
+
+
+def test_transfer_learning_reaches_the_global_model(tmp_path):
+    """A classifier's weights initialise a regression run; the head is skipped, reported."""
+    import torch
+
+    from medfed.shared_models.config import RunConfig
+    from medfed.shared_models.tasks import TASKS
+
+    shape = {"image-size": 32, "model-width": 8, "model-depth": 2}
+    source = TASKS["classification"].build_network(
+        RunConfig.from_mapping({"task": "classification", **shape})
+    )
+    torch.save(source.state_dict(), tmp_path / "classifier.pt")
+    extra = [arg for k, v in shape.items() for arg in ("-c", f"{k}={v}")]
+    extra += ["-c", f"pretrained-weights={tmp_path / 'classifier.pt'}", "-c", "freeze=backbone"]
+    result = _simulate(tmp_path / "run", "regression", extra, 16, rounds=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tensors loaded" in result.stdout
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["pretrained"]
+    assert record["loaded"] > 0 and set(record["skipped"]) == {"final.1.weight", "final.1.bias"}
+    final = torch.load(tmp_path / "run" / "global_model.pt", weights_only=True)
+    frozen = [k for k in final if not k.startswith("final.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(final[k], source.state_dict()[k]) for k in frozen)
