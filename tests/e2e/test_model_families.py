@@ -111,4 +111,7 @@ def test_transfer_learning_reaches_the_global_model(tmp_path):
     assert record["loaded"] > 0 and set(record["skipped"]) == {"final.1.weight", "final.1.bias"}
     final = torch.load(tmp_path / "run" / "global_model.pt", weights_only=True)
     frozen = [k for k in final if not k.startswith("final.") and k.endswith("weight")]
-    assert frozen and all(torch.equal(final[k], source.state_dict()[k]) for k in frozen)
+    # FedAvg of identical backbones equals them up to float32 rounding of the weights
+    assert frozen and all(
+        torch.allclose(final[k], source.state_dict()[k], rtol=1e-5, atol=1e-7) for k in frozen
+    )
