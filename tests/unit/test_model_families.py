@@ -181,3 +181,15 @@ def test_segmentation3d_metrics_match_hand_computation():
     assert m["hd95-necrotic-core"] == 0.0
     assert m["dice-enhancing"] == 0.0
     assert m["hd95-enhancing"] == pytest.approx((3 * 16**2) ** 0.5)  # worst: the diagonal
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_generated_dicom_reads_back_with_its_pixel_data(tmp_path, task):
+    from medfed.client.data.scan import Scanner, ScanSpec
+
+    site = generate_site(task, 0, tmp_path / "s", seed=3, images_per_site=8, image_size=32)
+    entry = json.loads((site / "dataset.json").read_text())["training"][0]
+    stored = pydicom.dcmread(site / entry["image"]).pixel_array
+    assert stored.dtype == np.uint16 and 0 < stored.max() <= 4095
+    read = Scanner(ScanSpec("class", 3, 2, 1), None)._load(str(site / entry["image"]))
+    np.testing.assert_array_equal(read[0].numpy(), stored.T.astype(np.float32))
