@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install tools demo test lint clean
 
 # Without an NVIDIA GPU, pin the CPU wheel of torch first: letting pip resolve
 # plain `torch` pulls a multi-GB CUDA build. With a GPU, take the CUDA build.
@@ -21,10 +21,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The observability tests start a real Prometheus server and run promtool:
+# both come from the Debian package `prometheus`.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq prometheus >/dev/null; \
+		else \
+			echo "make test needs promtool and prometheus: install the Debian package 'prometheus'" >&2; \
+			exit 1; \
+		fi; }
+
 demo: $(STAMP)
 	$(BIN)/medfed simulate --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

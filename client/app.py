@@ -7,7 +7,9 @@ Names of skipped files stay in the node's own log; only their count is sent.
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import contextmanager
 from logging import WARNING
 
 import torch
@@ -15,7 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 from torch import nn
+from tqdm import tqdm
 
+from medfed.client import telemetry
 from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
 from medfed.client.data.site import SiteData, load_site
@@ -27,6 +31,16 @@ from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
 app = ClientApp()
+
+
+@contextmanager
+def epoch_progress(site: str, server_round: int, batches: int):
+    """A progress bar over local batches on an interactive node; silent in logs."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with tqdm(total=batches, desc=f"{site} round {server_round}", unit="batch", leave=False) as bar:
+        yield bar.update
 
 
 class _Site:
@@ -98,8 +112,11 @@ def train(msg: Message, context: Context) -> Message:
     extra = generated_items(s.site, s.cfg, server_round) if s.cfg.gan_augment_ratio else []
     loader = s.loader(s.site.train, train=True, server_round=server_round, extra=extra)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
     start = time.perf_counter()
-    loss = s.task.train(s.net, loader, s.cfg, s.device, proximal_mu=mu)
+    with epoch_progress(s.site.name, server_round, len(loader) * s.cfg.local_epochs) as step:
+        loss = s.task.train(s.net, loader, s.cfg, s.device, proximal_mu=mu, on_batch=step)
     seconds = time.perf_counter() - start
     images = len(s.site.train) * s.cfg.local_epochs
     metrics = {
@@ -109,7 +126,21 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(s.site.train),
         "generated-images": len(extra),
     }
-    return _reply(msg, s.site, metrics, to_record(s.net.cpu()))
+    arrays = to_record(s.net.cpu())
+    telemetry.record_training(
+        s.site.name,
+        s.cfg.task,
+        seconds,
+        images,
+        loss,
+        len(s.site.train),
+        len(s.site.problems),
+        sum(len(a.data) for a in arrays.values()),
+        server_round,
+        str(s.device),
+        torch.cuda.max_memory_allocated(s.device) if s.device.type == "cuda" else 0,
+    )
+    return _reply(msg, s.site, metrics, arrays)
 
 
 @app.evaluate()
@@ -118,6 +149,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     metrics = s.task.evaluate(s.net, s.loader(s.site.val, train=False), s.cfg, s.device)
     metrics["num-examples"] = len(s.site.val)
+    telemetry.record_evaluation(s.site.name, s.cfg.task, metrics)
     return _reply(msg, s.site, metrics, None)
 
 

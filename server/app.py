@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from logging import ERROR, INFO
 from pathlib import Path
@@ -37,6 +38,10 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[medfed] %s", line)
         progress.write(line + "\n")
 
+    def event(row: dict) -> None:
+        """One machine-readable line per round (medfed simulate draws its table from it)."""
+        log(INFO, "[medfed-round] %s", json.dumps(row))
+
     task = TASKS[cfg.task]
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -53,7 +58,15 @@ def main(grid: Grid, context: Context) -> None:
             for line in transfer.summary():
                 say(line)
         runner = FederatedRun(
-            grid, build_strategy(cfg), cfg, net, record, task.headline_metric, say
+            grid,
+            build_strategy(cfg),
+            cfg,
+            net,
+            record,
+            task.headline_metric,
+            say,
+            context.run_id,
+            event,
         )
         arrays = runner.run(to_record(net))
         load_record(net, arrays)

@@ -57,6 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="any [tool.flwr.app.config] key, e.g. -c lr=0.001 (repeatable)",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's full log")
+    sim.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics of the whole "
+        "simulated federation on this port while it runs",
+    )
+    sim.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (0.0.0.0 to reach it from containers)",
+    )
+    sim.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep serving metrics this long after the run (a last scrape)",
+    )
     sim.set_defaults(handler=_simulate)
     return parser
 
@@ -97,6 +115,9 @@ def _simulate(args: argparse.Namespace) -> int:
             images_per_site=args.images_per_site,
             cpus_per_site=args.cpus_per_site,
             verbose=args.verbose,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_linger=args.metrics_linger,
         )
     )
 

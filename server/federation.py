@@ -21,6 +21,7 @@ from torch import nn
 
 from medfed.server.run_record import RunRecord
 from medfed.server.statistics import format_statistics, request_statistics
+from medfed.server.telemetry import RoundTelemetry, record_bytes
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import incompatibilities
@@ -77,10 +78,15 @@ class FederatedRun:
         record: RunRecord,
         headline: str,
         say: Callable[[str], None],
+        run_id: int = 0,
+        event: Callable[[dict[str, Any]], None] = lambda row: None,
     ) -> None:
         self.grid, self.strategy, self.cfg, self.net = grid, strategy, cfg, net
         self.record, self.headline, self.say = record, headline, say
         self.site_of: dict[int, str] = {}
+        self.telemetry = RoundTelemetry(run_id, cfg.task)
+        self.event = event
+        self.sampled = 0
 
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
         cfg = self.cfg
@@ -88,17 +94,21 @@ class FederatedRun:
         if cfg.federated_stats:
             self._statistics(nodes)
         start = time.monotonic()
+        self.telemetry.round_started(0)
         evaluation = self._evaluate(0, arrays)
         self._finish_round(0, start, evaluation, None, RoundReplies(), arrays)
         for server_round in range(1, cfg.num_server_rounds + 1):
             start = time.monotonic()
+            self.telemetry.round_started(server_round)
             wait_for_nodes(self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.say)
             messages = self.strategy.configure_train(
                 server_round, arrays, ConfigRecord(), self.grid
             )
             trained = self._collect(messages, is_train=True)
             self._require_quorum(trained, "training", server_round)
+            aggregation_start = time.monotonic()
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, trained.ok)
+            self.telemetry.aggregated(time.monotonic() - aggregation_start)
             if new_arrays is None:
                 raise QuorumError(f"round {server_round}: aggregation produced no model")
             arrays = new_arrays
@@ -134,7 +144,14 @@ class FederatedRun:
     def _collect(self, messages: Iterable[Message], is_train: bool) -> RoundReplies:
         messages = list(messages)
         sampled = {m.metadata.dst_node_id for m in messages}
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_seconds)
+        self.sampled = len(sampled)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_seconds))
+        self.telemetry.traffic(
+            sent=record_bytes(r for m in messages for r in m.content.array_records.values()),
+            received=record_bytes(
+                r for m in replies if not m.has_error() for r in m.content.array_records.values()
+            ),
+        )
         result = RoundReplies()
         answered = set()
         for reply in replies:
@@ -199,6 +216,7 @@ class FederatedRun:
         if train_metrics is not None:
             global_metrics["train-loss"] = train_metrics["train-loss"]
         self.record.checkpoint(server_round, arrays)
+        self.telemetry.checkpointed(server_round, time.time())
         seconds = time.monotonic() - start
         replied = sorted(
             {
@@ -216,6 +234,26 @@ class FederatedRun:
                 "replied": replied,
                 "failed": sorted(failed),
                 "failures": failed,
+            }
+        )
+        counts = {
+            "connected": len(list(self.grid.get_node_ids())),
+            "sampled": self.sampled,
+            "replied": len(replied),
+            "failed": len(failed),
+        }
+        self.telemetry.round_finished(server_round, seconds, counts, global_metrics, sites)
+        self.event(
+            {
+                "round": server_round,
+                "rounds": self.cfg.num_server_rounds,
+                "replied": len(replied),
+                "failed": len(failed),
+                "seconds": seconds,
+                "train-loss": global_metrics.get("train-loss"),
+                "metric": self.headline,
+                "value": global_metrics.get(self.headline),
+                "loss": global_metrics.get("loss"),
             }
         )
         loss = global_metrics.get("train-loss")

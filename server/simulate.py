@@ -24,12 +24,12 @@ from typing import Any
 import tomli_w
 
 import medfed.server
-from medfed.server import processes
+from medfed.server import processes, telemetry
+from medfed.server.progress import RoundView
 from medfed.server.report import write_report
 from medfed.shared_models.config import ConfigError, RunConfig
 
 CONNECTION = "medfed-simulation"
-_PROGRESS = re.compile(r"\[medfed\] (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -44,6 +44,9 @@ class Simulation:
     images_per_site: int | None = None
     cpus_per_site: int = 1
     verbose: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_linger: float = 0.0
 
 
 def app_dir() -> Path:
@@ -115,27 +118,37 @@ def run(sim: Simulation) -> int:
     run_config = out / "run-config.toml"
     run_config.write_text(tomli_w.dumps(cfg.to_mapping()))
     started = time.monotonic()
-    with simulation_superlink(out / "logs") as (env, port):
+    extra_env = {}
+    if sim.metrics_port is not None:
+        metrics_dir = telemetry.prepare_multiprocess_dir(out / "logs" / "prometheus")
+        telemetry.serve(sim.metrics_port, metrics_dir, sim.metrics_host)
+        extra_env[telemetry.MULTIPROC_ENV] = str(metrics_dir)
+        print(f"metrics: http://{sim.metrics_host}:{sim.metrics_port}/metrics")
+    with simulation_superlink(out / "logs", extra_env) as (env, port):
         print(
             f"federation: {sim.sites} hospitals, {cfg.task}/{cfg.model}, {cfg.strategy}, "
             f"{cfg.num_server_rounds} rounds (simulation SuperLink on 127.0.0.1:{port})"
         )
-
-        def show(line: str) -> None:
-            match = _PROGRESS.search(line.rstrip())
-            if sim.verbose:
-                print(line, end="")
-            elif match:
-                print(match.group(1), flush=True)
-
-        flwr_run(
-            run_config, sim.sites, sim.cpus_per_site, env, out / "logs" / "flower-run.log", show
-        )
-    return _conclude(cfg, data, time.monotonic() - started)
+        with RoundView(sim.verbose) as view:
+            flwr_run(
+                run_config,
+                sim.sites,
+                sim.cpus_per_site,
+                env,
+                out / "logs" / "flower-run.log",
+                view.line,
+            )
+    code = _conclude(cfg, data, time.monotonic() - started)
+    if sim.metrics_port is not None and sim.metrics_linger > 0:
+        print(f"serving final metrics for {sim.metrics_linger:.0f}s more")
+        time.sleep(sim.metrics_linger)
+    return code
 
 
 @contextmanager
-def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], int]]:
+def simulation_superlink(
+    logs: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[dict[str, str], int]]:
     """A SuperLink in simulation mode on a free port, with a private FLWR_HOME.
 
     Yields the environment for `flwr` commands (its connection is the default)
@@ -147,7 +160,7 @@ def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], int]]:
     (home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
     )
-    env = processes.flower_env(home)
+    env = {**processes.flower_env(home), **(extra_env or {})}
     log_file = logs / "superlink.log"
     command = [
         processes.executable("flower-superlink"), "--insecure", "--simulation",

@@ -1,0 +1,163 @@
+"""Coordinator metrics for Prometheus, and the exporter that serves them.
+
+Flower runs the ServerApp and ClientApp in short-lived processes, so a
+metric kept in one process's memory would vanish (or reset) every run or
+round. medfed uses prometheus_client's multiprocess mode instead of a
+Pushgateway: each app process writes its values to memory-mapped files in a
+shared folder (PROMETHEUS_MULTIPROC_DIR) and one long-lived exporter — the
+`medfed simulate` process, or the `medfed node` / `medfed coordinator`
+process in deployment — serves their merged view at one fixed port. Counters
+and histograms add up across processes, so they survive restarts; gauges
+report the most recently written value. No extra service to run, and no
+stale-push problem (a Pushgateway keeps a dead node's last values forever).
+
+Labels stay low-cardinality: run id, task, site, metric name, state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+ROUND_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+CURRENT_ROUND = Gauge(
+    "medfed_current_round",
+    "Round the coordinator is in (0: initial eval)",
+    ["run", "task"],
+    multiprocess_mode="mostrecent",
+)
+ROUNDS_COMPLETED = Counter("medfed_rounds_completed", "Federated rounds completed", ["run", "task"])
+ROUND_DURATION = Histogram(
+    "medfed_round_duration_seconds", "Wall time of one round", ["task"], buckets=ROUND_BUCKETS
+)
+HOSPITALS = Gauge(
+    "medfed_hospitals",
+    "Hospitals in the last round by state (connected, sampled, replied, failed)",
+    ["run", "state"],
+    multiprocess_mode="mostrecent",
+)
+GLOBAL_VALIDATION = Gauge(
+    "medfed_global_validation_metric",
+    "Aggregated validation metric of the global model",
+    ["run", "task", "metric"],
+    multiprocess_mode="mostrecent",
+)
+GLOBAL_TRAIN_LOSS = Gauge(
+    "medfed_global_train_loss",
+    "Aggregated local training loss",
+    ["run", "task"],
+    multiprocess_mode="mostrecent",
+)
+SITE_VALIDATION = Gauge(
+    "medfed_site_validation_metric",
+    "Each hospital's validation metric of the global model, as reported to the coordinator",
+    ["run", "task", "site", "metric"],
+    multiprocess_mode="mostrecent",
+)
+RECEIVED_BYTES = Counter("medfed_received_bytes", "Model bytes received from hospitals", ["run"])
+SENT_BYTES = Counter("medfed_sent_bytes", "Model bytes sent to hospitals", ["run"])
+AGGREGATION_DURATION = Histogram(
+    "medfed_aggregation_duration_seconds",
+    "Time to check and aggregate one round's updates",
+    ["task"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
+)
+CHECKPOINT_ROUND = Gauge(
+    "medfed_last_checkpoint_round",
+    "Round of the last checkpoint",
+    ["run"],
+    multiprocess_mode="mostrecent",
+)
+CHECKPOINT_TIME = Gauge(
+    "medfed_last_checkpoint_timestamp_seconds",
+    "Unix time of the last checkpoint",
+    ["run"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def prepare_multiprocess_dir(directory: Path) -> Path:
+    """An empty folder for a new exporter's lifetime (old files would be summed in)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
+class MedfedOnly:
+    """medfed's metric families from the multiprocess files, and nothing else.
+
+    Other libraries in the same processes use prometheus_client too (Ray writes
+    its own metrics into the same folder); they are not ours to export.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.merged = MultiProcessCollector(None, path=str(directory))
+
+    def collect(self):
+        return (family for family in self.merged.collect() if family.name.startswith("medfed_"))
+
+
+def serve(port: int, directory: Path, host: str = "127.0.0.1") -> None:
+    """Serve the merged metrics of every process writing to `directory` (a daemon thread)."""
+    registry = CollectorRegistry()
+    registry.register(MedfedOnly(directory))
+    start_http_server(port, addr=host, registry=registry)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def record_bytes(records) -> int:
+    """Bytes of model arrays in an iterable of ArrayRecords."""
+    return sum(len(array.data) for record in records for array in record.values())
+
+
+class RoundTelemetry:
+    """Updates the coordinator metrics as the round loop progresses."""
+
+    def __init__(self, run_id: int, task: str) -> None:
+        self.run, self.task = str(run_id), task
+
+    def round_started(self, server_round: int) -> None:
+        CURRENT_ROUND.labels(self.run, self.task).set(server_round)
+
+    def traffic(self, sent: int, received: int) -> None:
+        SENT_BYTES.labels(self.run).inc(sent)
+        RECEIVED_BYTES.labels(self.run).inc(received)
+
+    def aggregated(self, seconds: float) -> None:
+        AGGREGATION_DURATION.labels(self.task).observe(seconds)
+
+    def checkpointed(self, server_round: int, timestamp: float) -> None:
+        CHECKPOINT_ROUND.labels(self.run).set(server_round)
+        CHECKPOINT_TIME.labels(self.run).set(timestamp)
+
+    def round_finished(
+        self,
+        server_round: int,
+        seconds: float,
+        counts: dict[str, int],
+        global_metrics: dict[str, float],
+        sites: dict[str, dict],
+    ) -> None:
+        if server_round > 0:
+            ROUNDS_COMPLETED.labels(self.run, self.task).inc()
+        ROUND_DURATION.labels(self.task).observe(seconds)
+        for state, count in counts.items():
+            HOSPITALS.labels(self.run, state).set(count)
+        for name, value in global_metrics.items():
+            if name == "train-loss":
+                GLOBAL_TRAIN_LOSS.labels(self.run, self.task).set(value)
+            elif name != "skipped-files":
+                GLOBAL_VALIDATION.labels(self.run, self.task, name).set(value)
+        for site, metrics in sites.items():
+            for name, value in metrics.items():
+                if not name.startswith("train-") and name not in ("num-examples",):
+                    SITE_VALIDATION.labels(self.run, self.task, site, name).set(value)
