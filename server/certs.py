@@ -1,0 +1,121 @@
+"""Consortium credentials with `cryptography`: a CA, the coordinator's TLS
+certificate, and one ECDSA key pair per hospital for SuperNode authentication.
+
+Private keys are written 0600 and never overwritten: an existing file stops
+the command with its path. A hospital receives its own folder only — the CA
+certificate (to verify the coordinator) and its private key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT, CA_KEY = "ca.pem", "ca.key"
+SERVER_CERT, SERVER_KEY = "coordinator.pem", "coordinator.key"
+VALID_DAYS = 825  # the longest lifetime mainstream TLS clients still accept
+HOSPITAL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class CredentialsError(ValueError):
+    """A credentials command cannot proceed; the message names the file."""
+
+
+def _write_new(path: Path, data: bytes, private: bool) -> None:
+    if path.exists():
+        raise CredentialsError(f"{path} already exists; refusing to overwrite it "
+                               "(move it away first if you really mean to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fd = os.open(path, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed consortium"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
+    """CA + coordinator certificate valid for `hosts`, 127.0.0.1 and localhost."""
+    for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY):
+        if (out / name).exists():
+            raise CredentialsError(f"{out / name} already exists; refusing to overwrite it")
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = _name("medfed consortium CA")
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
+    alternatives: list[x509.GeneralName] = []
+    for host in names:
+        try:
+            alternatives.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alternatives.append(x509.DNSName(host))
+    server_cert = (
+        x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca_name)
+        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write_new(out / CA_KEY, _pem_key(ca_key), private=True)
+    _write_new(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write_new(out / SERVER_KEY, _pem_key(server_key), private=True)
+    _write_new(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM),
+               private=False)
+    return [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
+
+
+def add_hospital(out: Path, name: str) -> Path:
+    """hospitals/NAME/: the CA certificate and the hospital's ECDSA P-384 key pair.
+
+    Keys are in OpenSSH format, which Flower's SuperNode authentication reads;
+    NAME.pub is what the operator registers (`flwr supernode register`).
+    """
+    if not HOSPITAL_NAME.match(name):
+        raise CredentialsError(f"hospital name {name!r}: use lower-case letters, digits and "
+                               "dashes (it becomes a file and folder name)")
+    if not (out / CA_CERT).exists():
+        raise CredentialsError(f"{out / CA_CERT} not found: run `medfed certs init` first")
+    folder = out / "hospitals" / name
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    _write_new(folder / f"{name}.key", private, private=True)
+    _write_new(folder / f"{name}.pub", public + f" {name}\n".encode(), private=False)
+    if not (folder / CA_CERT).exists():
+        shutil.copyfile(out / CA_CERT, folder / CA_CERT)
+    return folder
