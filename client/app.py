@@ -25,6 +25,7 @@ from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_na
 from medfed.client.data.site import SiteData, load_site
 from medfed.client.data.stats import site_statistics
 from medfed.client.gan import generated_items
+from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.device import pick_device
 from medfed.shared_models.tasks import TASKS
@@ -127,6 +128,16 @@ def train(msg: Message, context: Context) -> Message:
         "generated-images": len(extra),
     }
     arrays = to_record(s.net.cpu())
+    audit(
+        "round-trained",
+        run=context.run_id,
+        round=server_round,
+        site=s.site.name,
+        examples=len(s.site.train),
+        skipped_files=len(s.site.problems),
+        sent_arrays={k: list(a.shape) for k, a in arrays.items()},
+        sent_metrics=sorted([*metrics, "skipped-files"]),
+    )
     telemetry.record_training(
         s.site.name,
         s.cfg.task,
@@ -150,6 +161,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = s.task.evaluate(s.net, s.loader(s.site.val, train=False), s.cfg, s.device)
     metrics["num-examples"] = len(s.site.val)
     telemetry.record_evaluation(s.site.name, s.cfg.task, metrics)
+    audit(
+        "round-evaluated",
+        run=context.run_id,
+        site=s.site.name,
+        round=int(msg.content["config"].get("server-round", 0)),
+        sent_metrics=sorted([*metrics, "skipped-files"]),
+    )
     return _reply(msg, s.site, metrics, None)
 
 
@@ -159,6 +177,14 @@ def query(msg: Message, context: Context) -> Message:
     s = _Site(context)
     min_count = int(msg.content["config"]["stats-min-count"])
     stats = site_statistics(s.site, s.cfg, min_count, cache_dir=s.cache)
+    audit(
+        "run-joined",
+        run=context.run_id,
+        site=s.site.name,
+        task=s.cfg.task,
+        sent_statistics=sorted(stats),
+        min_count=min_count,
+    )
     content = RecordDict(
         {"metrics": MetricRecord(stats), "site": ConfigRecord({"name": s.site.name})}
     )

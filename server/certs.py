@@ -32,8 +32,10 @@ class CredentialsError(ValueError):
 
 def _write_new(path: Path, data: bytes, private: bool) -> None:
     if path.exists():
-        raise CredentialsError(f"{path} already exists; refusing to overwrite it "
-                               "(move it away first if you really mean to replace it)")
+        raise CredentialsError(
+            f"{path} already exists; refusing to overwrite it "
+            "(move it away first if you really mean to replace it)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(path, flags, 0o600 if private else 0o644)
@@ -42,13 +44,18 @@ def _write_new(path: Path, data: bytes, private: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed consortium"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed consortium"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
@@ -60,15 +67,28 @@ def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("medfed consortium CA")
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -80,8 +100,11 @@ def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
         except ValueError:
             alternatives.append(x509.DNSName(host))
     server_cert = (
-        x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca_name)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
@@ -92,8 +115,9 @@ def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
     _write_new(out / CA_KEY, _pem_key(ca_key), private=True)
     _write_new(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write_new(out / SERVER_KEY, _pem_key(server_key), private=True)
-    _write_new(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM),
-               private=False)
+    _write_new(
+        out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False
+    )
     return [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
 
 
@@ -104,16 +128,22 @@ def add_hospital(out: Path, name: str) -> Path:
     NAME.pub is what the operator registers (`flwr supernode register`).
     """
     if not HOSPITAL_NAME.match(name):
-        raise CredentialsError(f"hospital name {name!r}: use lower-case letters, digits and "
-                               "dashes (it becomes a file and folder name)")
+        raise CredentialsError(
+            f"hospital name {name!r}: use lower-case letters, digits and "
+            "dashes (it becomes a file and folder name)"
+        )
     if not (out / CA_CERT).exists():
         raise CredentialsError(f"{out / CA_CERT} not found: run `medfed certs init` first")
     folder = out / "hospitals" / name
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     _write_new(folder / f"{name}.key", private, private=True)
     _write_new(folder / f"{name}.pub", public + f" {name}\n".encode(), private=False)
     if not (folder / CA_CERT).exists():

@@ -76,7 +76,119 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep serving metrics this long after the run (a last scrape)",
     )
     sim.set_defaults(handler=_simulate)
+    _add_deployment_commands(commands)
     return parser
+
+
+def _add_deployment_commands(commands: argparse._SubParsersAction) -> None:
+    certs = commands.add_parser("certs", help="consortium CA, TLS certificate, hospital keys")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_commands.add_parser("init", help="create the CA and coordinator certificate")
+    init.add_argument("--out", type=Path, default=Path("certs"))
+    init.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a name or address hospitals use to reach the coordinator "
+        "(repeatable; 127.0.0.1 and localhost are always added)",
+    )
+    init.set_defaults(handler=_certs_init)
+    hospital = certs_commands.add_parser("add-hospital", help="a hospital's key pair")
+    hospital.add_argument("name")
+    hospital.add_argument("--out", type=Path, default=Path("certs"))
+    hospital.set_defaults(handler=_certs_add_hospital)
+
+    coordinator = commands.add_parser("coordinator", help="run the consortium's coordinator")
+    coordinator_commands = coordinator.add_subparsers(dest="coordinator_command", required=True)
+    start = coordinator_commands.add_parser("start", help="SuperLink with TLS and node auth")
+    start.add_argument("--certs", type=Path, help="folder from `medfed certs init`")
+    start.add_argument("--host", default="0.0.0.0")
+    start.add_argument("--port", type=int, default=9092)
+    start.add_argument("--state", type=Path, default=Path("coordinator-state"))
+    start.add_argument("--metrics-port", type=int)
+    start.add_argument(
+        "--insecure", action="store_true", help="no TLS, no node authentication: local tests only"
+    )
+    start.set_defaults(handler=_coordinator_start)
+    pull = coordinator_commands.add_parser("pull", help="copy a finished run's folder out")
+    pull.add_argument("run_id")
+    pull.add_argument("--state", type=Path, default=Path("coordinator-state"))
+    pull.add_argument("--to", type=Path, required=True)
+    pull.set_defaults(handler=_coordinator_pull)
+
+    node = commands.add_parser("node", help="run a hospital's node")
+    node_commands = node.add_subparsers(dest="node_command", required=True)
+    node_start = node_commands.add_parser("start", help="check the data, then a SuperNode")
+    node_start.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    node_start.add_argument("--ca", type=Path, help="the consortium CA certificate")
+    node_start.add_argument("--key", type=Path, help="this hospital's private key")
+    node_start.add_argument("--data", type=Path, required=True, help="the site folder")
+    node_start.add_argument("--name", help="site name in reports (default: the key's name)")
+    node_start.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    node_start.add_argument("--task", help="task to check the data for (default: dataset.json)")
+    node_start.add_argument(
+        "--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API"
+    )
+    node_start.add_argument("--state", type=Path, default=Path("node-state"))
+    node_start.add_argument("--metrics-port", type=int)
+    node_start.add_argument(
+        "--insecure", action="store_true", help="no TLS, no authentication: local tests only"
+    )
+    node_start.set_defaults(handler=_node_start)
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from medfed.server.certs import init_consortium
+
+    for path in init_consortium(args.out, args.host):
+        print(f"wrote {path}")
+    print(f"next: medfed certs add-hospital NAME --out {args.out}")
+    return 0
+
+
+def _certs_add_hospital(args: argparse.Namespace) -> int:
+    from medfed.server.certs import add_hospital
+
+    folder = add_hospital(args.out, args.name)
+    print(
+        f"wrote {folder}: give the hospital this folder (ca.pem, {args.name}.key); "
+        f"admit it with: flwr supernode register {folder / (args.name + '.pub')} <superlink>"
+    )
+    return 0
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from medfed.server.coordinator import start_coordinator
+
+    return start_coordinator(
+        args.certs, args.host, args.port, args.state, args.metrics_port, args.insecure
+    )
+
+
+def _coordinator_pull(args: argparse.Namespace) -> int:
+    from medfed.server.coordinator import pull_run
+
+    print(f"copied run {args.run_id} to {pull_run(args.state, args.run_id, args.to)}")
+    return 0
+
+
+def _node_start(args: argparse.Namespace) -> int:
+    from medfed.client.node import start_node
+
+    name = args.name or (args.key.stem if args.key else args.data.resolve().name)
+    return start_node(
+        args.coordinator,
+        args.ca,
+        args.key,
+        args.data,
+        name,
+        args.device,
+        args.runtime_port,
+        args.state,
+        args.metrics_port,
+        args.task,
+        args.insecure,
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -129,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ConfigError, SiteDataError, FileExistsError, ValueError) as err:
+    except (ConfigError, SiteDataError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

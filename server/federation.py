@@ -9,6 +9,7 @@ hospitals when the quorum is lost.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from torch import nn
 from medfed.server.run_record import RunRecord
 from medfed.server.statistics import format_statistics, request_statistics
 from medfed.server.telemetry import RoundTelemetry, record_bytes
+from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import incompatibilities
@@ -60,6 +62,14 @@ def wait_for_nodes(
         time.sleep(0.5)
 
 
+def _arrays_sha256(arrays: ArrayRecord) -> str:
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        digest.update(name.encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
 def short_reason(reason: str) -> str:
     """The last line of a remote traceback: the exception a hospital's node raised."""
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
@@ -85,6 +95,7 @@ class FederatedRun:
         self.record, self.headline, self.say = record, headline, say
         self.site_of: dict[int, str] = {}
         self.telemetry = RoundTelemetry(run_id, cfg.task)
+        self.run_id = run_id
         self.event = event
         self.sampled = 0
 
@@ -243,6 +254,14 @@ class FederatedRun:
             "failed": len(failed),
         }
         self.telemetry.round_finished(server_round, seconds, counts, global_metrics, sites)
+        audit(
+            "round",
+            run=self.run_id,
+            round=server_round,
+            replied=replied,
+            failed=sorted(failed),
+            model_sha256=_arrays_sha256(arrays),
+        )
         self.event(
             {
                 "round": server_round,

@@ -1,0 +1,116 @@
+"""`medfed coordinator start|pull`: a Flower SuperLink as a consortium runs it.
+
+TLS and SuperNode authentication are on; without certificates it refuses to
+start unless --insecure is given (and then says so loudly). The state folder
+keeps the SuperLink database, the audit log, every run's output folder and
+the metrics files; a long-lived exporter serves the metrics of the
+short-lived ServerApp processes at one fixed port.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from medfed.server import processes, telemetry
+from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CredentialsError
+from medfed.shared_models.audit import AUDIT_ENV, audit
+
+RUNS_ENV = "MEDFED_RUNS_DIR"
+
+
+def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> list[str]:
+    command = [
+        processes.executable("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(state / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    if certs is None:
+        return [*command, "--insecure"]
+    return [
+        *command,
+        "--ssl-certfile",
+        str(certs / SERVER_CERT),
+        "--ssl-keyfile",
+        str(certs / SERVER_KEY),
+        "--ssl-ca-certfile",
+        str(certs / CA_CERT),
+        "--enable-supernode-auth",
+    ]
+
+
+def supervise(command: list[str], env: dict[str, str], log_file: Path | None = None) -> int:
+    """Run a Flower service in the foreground; SIGINT/SIGTERM stop it (and its children)."""
+    if log_file is None:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+    else:
+        process = processes.start(command, log_file, env)
+
+    def stop(signum: int, frame: object) -> None:
+        processes.stop(process)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = process.wait()
+    processes.stop(process)
+    return code
+
+
+def start_coordinator(
+    certs: Path | None, host: str, port: int, state: Path, metrics_port: int | None, insecure: bool
+) -> int:
+    if certs is None and not insecure:
+        raise CredentialsError(
+            "no --certs given: the coordinator only starts with TLS and "
+            "SuperNode authentication (or pass --insecure for a local test)"
+        )
+    if certs is not None:
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (certs / name).is_file():
+                raise CredentialsError(f"{certs / name} not found (run `medfed certs init`)")
+    if insecure:
+        certs = None
+        print(
+            "WARNING: --insecure: no TLS and no SuperNode authentication. Anyone who can "
+            "reach this port can read model updates and join as a hospital. Never use "
+            "this outside a local test.",
+            file=sys.stderr,
+        )
+    state.mkdir(parents=True, exist_ok=True)
+    env = processes.flower_env(state / "flwr-home")
+    env[AUDIT_ENV] = str(state / "audit.jsonl")
+    env[RUNS_ENV] = str(state / "runs")
+    if metrics_port is not None:
+        metrics_dir = telemetry.prepare_multiprocess_dir(state / "metrics")
+        telemetry.serve(metrics_port, metrics_dir, "0.0.0.0" if host != "127.0.0.1" else host)
+        env[telemetry.MULTIPROC_ENV] = str(metrics_dir)
+    log = state / "audit.jsonl"
+    audit(
+        "coordinator-started",
+        log=log,
+        address=f"{host}:{port}",
+        tls=certs is not None,
+        node_authentication=certs is not None,
+    )
+    code = supervise(superlink_command(certs, host, port, state), env)
+    audit("coordinator-stopped", log=log, exit_code=code)
+    return code
+
+
+def pull_run(state: Path, run_id: str, destination: Path) -> Path:
+    """Copy a finished run's folder (global model, metrics, report) out of the state."""
+    source = state / "runs" / run_id
+    if not (source / "model.json").is_file():
+        raise ValueError(f"{source}: no finished run with a global model here")
+    if destination.exists():
+        raise FileExistsError(f"{destination} exists; refusing to overwrite it")
+    shutil.copytree(source, destination)
+    return destination

@@ -1,0 +1,303 @@
+"""A real deployment on 127.0.0.1: CA and keys, a TLS coordinator with node
+authentication, authenticated hospital nodes, `flwr run`, audit logs.
+
+Every process is started here and stopped by pid; ports are chosen free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tomli_w
+
+from medfed.client.preview import load_global_model
+from medfed.server.processes import executable, flower_env, free_port
+from medfed.shared_models.audit import read_audit
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+SITES = ["site-0", "site-1", "site-2"]
+
+
+def _medfed(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medfed.server.cli", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _flwr(env: dict[str, str], *args: str) -> dict:
+    result = subprocess.run(
+        [executable("flwr"), *args, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def _wait(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def consortium(tmp_path, seg_sites):
+    certs = tmp_path / "certs"
+    assert _medfed("certs", "init", "--out", str(certs), "--host", "127.0.0.1").returncode == 0
+    for name in [*SITES, "rogue"]:
+        assert _medfed("certs", "add-hospital", name, "--out", str(certs)).returncode == 0
+    port = free_port()
+    env = flower_env(tmp_path / "operator")  # also puts Flower's own scripts on PATH
+    (tmp_path / "operator").mkdir()
+    (tmp_path / "operator" / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": "consortium",
+                    "consortium": {
+                        "address": f"127.0.0.1:{port}",
+                        "root-certificates": str(certs / "ca.pem"),
+                    },
+                }
+            }
+        )
+    )
+    processes = []
+    coordinator = _spawn(
+        [
+            sys.executable,
+            "-m",
+            "medfed.server.cli",
+            "coordinator",
+            "start",
+            "--certs",
+            str(certs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state",
+            str(tmp_path / "coordinator"),
+        ],
+        tmp_path / "coordinator.log",
+        env,
+    )
+    processes.append(coordinator)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(
+                f"https://127.0.0.1:{port}/health",
+                verify=ssl.create_default_context(cafile=str(certs / "ca.pem")),
+                timeout=1,
+            ).is_success
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait(healthy, 60, "the coordinator")
+        yield {
+            "certs": certs,
+            "port": port,
+            "env": env,
+            "tmp": tmp_path,
+            "sites": seg_sites,
+            "processes": processes,
+        }
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _start_node(c, name: str, data: Path) -> subprocess.Popen:
+    hospital = c["certs"] / "hospitals" / name
+    node = _spawn(
+        [
+            sys.executable,
+            "-m",
+            "medfed.server.cli",
+            "node",
+            "start",
+            "--coordinator",
+            f"127.0.0.1:{c['port']}",
+            "--ca",
+            str(hospital / "ca.pem"),
+            "--key",
+            str(hospital / f"{name}.key"),
+            "--data",
+            str(data),
+            "--runtime-port",
+            str(free_port()),
+            "--state",
+            str(c["tmp"] / name),
+        ],
+        c["tmp"] / f"{name}.log",
+        c["env"],
+    )
+    c["processes"].append(node)
+    return node
+
+
+def _online(c) -> list[str]:
+    nodes = _flwr(c["env"], "supernode", "ls", "consortium")["nodes"]
+    return [str(n["node-id"]) for n in nodes if n["status"] == "online"]
+
+
+def _run(c, config: str) -> str:
+    started = _flwr(c["env"], "run", str(REPO), "consortium", "--run-config", config)
+    run_id = started["run-id"]
+
+    def finished() -> bool:
+        run = _flwr(c["env"], "ls", "consortium", "--run-id", run_id)["runs"][0]
+        return run["status"].startswith("finished")
+
+    _wait(finished, 400, f"run {run_id}")
+    return run_id
+
+
+def test_authenticated_federation_end_to_end(consortium):
+    c = consortium
+    registered = {}
+    for name in SITES:  # the operator admits the three hospitals, not the rogue
+        result = _flwr(
+            c["env"],
+            "supernode",
+            "register",
+            str(c["certs"] / "hospitals" / name / f"{name}.pub"),
+            "consortium",
+        )
+        registered[name] = str(result["node-id"])
+    for name in SITES:
+        _start_node(c, name, c["sites"] / name)
+    rogue = _start_node(c, "rogue", c["sites"] / "site-0")
+    _wait(lambda: len(_online(c)) == 3, 120, "three hospitals online")
+
+    tiny = "image-size=32 model-width=4 model-depth=2 node-wait-seconds=30.0"
+    run_id = _run(c, f"num-server-rounds=2 min-nodes=3 {tiny}")
+    run = _flwr(c["env"], "ls", "consortium", "--run-id", run_id)["runs"][0]
+    assert run["status"] == "finished:completed"
+    assert set(_online(c)) == set(registered.values()), "the unregistered key stays out"
+    assert rogue.poll() is None or rogue.returncode != 0
+
+    pulled = c["tmp"] / "pulled"
+    assert (
+        _medfed(
+            "coordinator",
+            "pull",
+            run_id,
+            "--state",
+            str(c["tmp"] / "coordinator"),
+            "--to",
+            str(pulled),
+        ).returncode
+        == 0
+    )
+    cfg, net = load_global_model(pulled)
+    assert cfg.num_server_rounds == 2 and sum(p.numel() for p in net.parameters()) > 0
+    metrics = json.loads((pulled / "metrics.json").read_text())
+    assert all(r["replied"] == SITES for r in metrics["rounds"])
+
+    # quorum: four hospitals required, three connected -> a clean failure naming the count
+    failing = _run(c, f"num-server-rounds=1 min-nodes=4 {tiny.replace('30.0', '4.0')}")
+    failed = json.loads((c["tmp"] / "coordinator" / "runs" / failing / "metrics.json").read_text())
+    assert failed["status"] == "failed"
+    assert "only 3 of the required 4 hospitals connected" in failed["error"]
+
+    coordinator_log = read_audit(c["tmp"] / "coordinator" / "audit.jsonl")
+    events = [e["event"] for e in coordinator_log]
+    assert events[0] == "coordinator-started" and events.count("run-started") == 2
+    started = next(e for e in coordinator_log if e["event"] == "run-started")
+    assert started["app_hash"] == run["fab-hash"] and started["config"]["min-nodes"] == 3
+    rounds = [e for e in coordinator_log if e["event"] == "round" and e["run"] == int(run_id)]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["replied"] == SITES and len(r["model_sha256"]) == 64 for r in rounds)
+    finished = [e for e in coordinator_log if e["event"] == "run-finished"]
+    assert [f["status"] for f in finished] == ["completed", "failed"]
+
+    site_log = read_audit(c["tmp"] / "site-1" / "audit.jsonl")
+    trained = [e for e in site_log if e["event"] == "round-trained"]
+    assert [t["round"] for t in trained] == [1, 2]
+    assert "model.0.conv.unit0.conv.weight" in trained[0]["sent_arrays"]
+    assert "train-loss" in trained[0]["sent_metrics"]
+    for path in [
+        c["tmp"] / "coordinator" / "audit.jsonl",
+        *(c["tmp"] / s / "audit.jsonl" for s in SITES),
+    ]:
+        text = path.read_text()
+        assert "imagesTr" not in text and ".nii" not in text, f"{path} names image files"
+
+
+def test_connections_without_tls_or_with_another_ca_fail(consortium, tmp_path):
+    c = consortium
+    other = tmp_path / "other-ca"
+    assert _medfed("certs", "init", "--out", str(other), "--host", "127.0.0.1").returncode == 0
+    key = c["certs"] / "hospitals" / "site-0" / "site-0.key"
+    _flwr(c["env"], "supernode", "register", str(key.with_suffix(".pub")), "consortium")
+    base = [
+        executable("flower-supernode"),
+        "--superlink",
+        f"127.0.0.1:{c['port']}",
+        "--node-config",
+        f'data-path="{c["sites"] / "site-0"}"',
+        "--max-retries",
+        "2",
+        "--max-wait-time",
+        "15",
+    ]
+    attempts = {
+        "no TLS": [*base, "--insecure", "--port", str(free_port())],
+        "another CA": [
+            *base,
+            "--root-certificates",
+            str(other / "ca.pem"),
+            "--auth-supernode-private-key",
+            str(key),
+            "--port",
+            str(free_port()),
+        ],
+    }
+    tried = {
+        what: _spawn(command, tmp_path / f"{what}.log", c["env"])
+        for what, command in attempts.items()
+    }
+    try:
+        time.sleep(25)  # several connection attempts, each refused
+        assert _online(c) == [], "no node got in"
+        for what, process in tried.items():
+            assert process.poll() in (None, *range(1, 256)), what  # retrying, or gave up
+            log = (tmp_path / f"{what}.log").read_text()
+            assert "Connection attempt failed" in log or "Exit Code" in log, what
+    finally:
+        for process in tried.values():
+            _stop(process)
