@@ -110,6 +110,17 @@ def _add_deployment_commands(commands: argparse._SubParsersAction) -> None:
         "--insecure", action="store_true", help="no TLS, no node authentication: local tests only"
     )
     start.set_defaults(handler=_coordinator_start)
+    admit = coordinator_commands.add_parser(
+        "admit", help="register a hospital's key (flwr supernode register) and audit it"
+    )
+    admit.add_argument("name")
+    admit.add_argument("--certs", type=Path, default=Path("certs"))
+    admit.add_argument("--state", type=Path, default=Path("coordinator-state"))
+    admit.add_argument(
+        "--connection",
+        help="Flower SuperLink connection name (default: the default in your Flower config)",
+    )
+    admit.set_defaults(handler=_coordinator_admit)
     pull = coordinator_commands.add_parser("pull", help="copy a finished run's folder out")
     pull.add_argument("run_id")
     pull.add_argument("--state", type=Path, default=Path("coordinator-state"))
@@ -163,6 +174,14 @@ def _coordinator_start(args: argparse.Namespace) -> int:
     return start_coordinator(
         args.certs, args.host, args.port, args.state, args.metrics_port, args.insecure
     )
+
+
+def _coordinator_admit(args: argparse.Namespace) -> int:
+    from medfed.server.coordinator import admit_hospital
+
+    node_id = admit_hospital(args.certs, args.name, args.state, args.connection)
+    print(f"admitted {args.name} as node {node_id}")
+    return 0
 
 
 def _coordinator_pull(args: argparse.Namespace) -> int:

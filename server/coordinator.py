@@ -9,6 +9,8 @@ short-lived ServerApp processes at one fixed port.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -114,3 +116,31 @@ def pull_run(state: Path, run_id: str, destination: Path) -> Path:
         raise FileExistsError(f"{destination} exists; refusing to overwrite it")
     shutil.copytree(source, destination)
     return destination
+
+
+def admit_hospital(certs: Path, name: str, state: Path, connection: str | None) -> str:
+    """Register a hospital's public key with the SuperLink and audit the admission.
+
+    Wraps `flwr supernode register`; the audit entry names the hospital and the
+    node id Flower assigned, so later per-round participant lists can be traced
+    back to a hospital.
+    """
+    public_key = certs / "hospitals" / name / f"{name}.pub"
+    if not public_key.is_file():
+        raise CredentialsError(f"{public_key} not found (run `medfed certs add-hospital {name}`)")
+    command = [processes.executable("flwr"), "supernode", "register", str(public_key)]
+    command += [connection] if connection else []
+    command += ["--name", name, "--format", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, env=processes.flower_env(None))
+    output = result.stdout[result.stdout.find("{") :] if "{" in result.stdout else ""
+    if result.returncode != 0 or not output:
+        raise RuntimeError(f"registering {name} failed: {(result.stdout + result.stderr)[-400:]}")
+    node_id = str(json.loads(output)["node-id"])
+    audit(
+        "node-admitted",
+        log=state / "audit.jsonl",
+        hospital=name,
+        node_id=node_id,
+        public_key_sha256=hashlib.sha256(public_key.read_bytes()).hexdigest(),
+    )
+    return node_id

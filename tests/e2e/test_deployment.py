@@ -190,14 +190,14 @@ def test_authenticated_federation_end_to_end(consortium):
     c = consortium
     registered = {}
     for name in SITES:  # the operator admits the three hospitals, not the rogue
-        result = _flwr(
-            c["env"],
-            "supernode",
-            "register",
-            str(c["certs"] / "hospitals" / name / f"{name}.pub"),
-            "consortium",
-        )
-        registered[name] = str(result["node-id"])
+        admitted = subprocess.run(
+            [sys.executable, "-m", "medfed.server.cli", "coordinator", "admit", name,
+             "--certs", str(c["certs"]), "--state", str(c["tmp"] / "coordinator"),
+             "--connection", "consortium"],
+            capture_output=True, text=True, env=c["env"],
+        )  # fmt: skip
+        assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+        registered[name] = admitted.stdout.split()[-1]
     for name in SITES:
         _start_node(c, name, c["sites"] / name)
     rogue = _start_node(c, "rogue", c["sites"] / "site-0")
@@ -237,6 +237,10 @@ def test_authenticated_federation_end_to_end(consortium):
     coordinator_log = read_audit(c["tmp"] / "coordinator" / "audit.jsonl")
     events = [e["event"] for e in coordinator_log]
     assert events[0] == "coordinator-started" and events.count("run-started") == 2
+    admissions = {
+        e["hospital"]: e["node_id"] for e in coordinator_log if e["event"] == "node-admitted"
+    }
+    assert admissions == registered
     started = next(e for e in coordinator_log if e["event"] == "run-started")
     assert started["app_hash"] == run["fab-hash"] and started["config"]["min-nodes"] == 3
     rounds = [e for e in coordinator_log if e["event"] == "round" and e["run"] == int(run_id)]
@@ -292,7 +296,7 @@ def test_connections_without_tls_or_with_another_ca_fail(consortium, tmp_path):
         for what, command in attempts.items()
     }
     try:
-        time.sleep(25)  # several connection attempts, each refused
+        time.sleep(15)  # several connection attempts, each refused
         assert _online(c) == [], "no node got in"
         for what, process in tried.items():
             assert process.poll() in (None, *range(1, 256)), what  # retrying, or gave up
