@@ -9,12 +9,15 @@ short-lived ServerApp processes at one fixed port.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from medfed.server import processes, telemetry
@@ -49,21 +52,36 @@ def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> 
     ]
 
 
-def supervise(command: list[str], env: dict[str, str], log_file: Path | None = None) -> int:
-    """Run a Flower service in the foreground; SIGINT/SIGTERM stop it (and its children)."""
+def supervise(
+    command: list[str], env: dict[str, str], log_file: Path | None = None, grace: float = 15.0
+) -> int:
+    """Run a Flower service in the foreground; SIGINT/SIGTERM stop it (and its children).
+
+    The handler only forwards the signal: waiting on the child inside a signal
+    handler would deadlock with the main thread's own wait (subprocess's wait
+    lock is not re-entrant). The loop below escalates to SIGKILL after `grace`.
+    """
     if log_file is None:
         process = subprocess.Popen(command, env=env, start_new_session=True)
     else:
         process = processes.start(command, log_file, env)
+    stop_requested: list[float] = []
 
-    def stop(signum: int, frame: object) -> None:
-        processes.stop(process)
+    def forward(signum: int, frame: object) -> None:
+        stop_requested.append(time.monotonic())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = process.wait()
-    processes.stop(process)
-    return code
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            code = process.wait(timeout=1)
+            return 0 if stop_requested else code  # a requested stop is a clean exit
+        except subprocess.TimeoutExpired:
+            if stop_requested and time.monotonic() - stop_requested[0] > grace:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
 
 
 def start_coordinator(

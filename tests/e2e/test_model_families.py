@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +42,9 @@ def gan_run(tmp_path_factory):
 @pytest.mark.parametrize("task", ["segmentation3d", "regression"])
 def test_task_federates_and_improves(tmp_path, task):
     extra, images, metric, higher = CASES[task]
+    if task == "regression":  # also: a classifier's frozen backbone under a trained head
+        weights = _classifier_weights(tmp_path)
+        extra = [*extra, "-c", f"pretrained-weights={weights}", "-c", "freeze=backbone"]
     result = _simulate(tmp_path / "run", task, extra, images)
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -49,6 +53,31 @@ def test_task_federates_and_improves(tmp_path, task):
     assert all(r["replied"] == ["site-0", "site-1"] for r in metrics["rounds"])
     if task == "segmentation3d":
         assert {"hd95", "hd95-edema", "dice-enhancing"} <= set(metrics["rounds"][-1]["global"])
+    if task == "regression":
+        assert "tensors loaded" in result.stdout
+        transfer = metrics["pretrained"]
+        assert transfer["loaded"] > 0
+        assert set(transfer["skipped"]) == {"final.1.weight", "final.1.bias"}
+        source = torch.load(weights, weights_only=True)
+        final = torch.load(tmp_path / "run" / "global_model.pt", weights_only=True)
+        frozen = [k for k in final if not k.startswith("final.") and k.endswith("weight")]
+        # FedAvg of identical backbones equals them up to float32 rounding
+        assert frozen and all(
+            torch.allclose(final[k], source[k], rtol=1e-5, atol=1e-7) for k in frozen
+        )
+
+
+def _classifier_weights(tmp_path):
+    """A classifier with the regression run's backbone shape, saved as a state dict."""
+    from medfed.shared_models.config import RunConfig
+    from medfed.shared_models.tasks import TASKS
+
+    shape = {"image-size": 32, "model-width": 8, "model-depth": 2}
+    net = TASKS["classification"].build_network(
+        RunConfig.from_mapping({"task": "classification", **shape})
+    )
+    torch.save(net.state_dict(), tmp_path / "classifier.pt")
+    return tmp_path / "classifier.pt"
 
 
 def test_gan_federates_and_fid_improves(gan_run):
@@ -88,30 +117,3 @@ def test_classification_with_gan_augmentation(gan_run, tmp_path):
     generated = [sites[s]["generated-images"] for s in ("site-0", "site-1")]
     train_sizes = [sites[s]["train-examples"] for s in ("site-0", "site-1")]
     assert all(0 < g <= round(0.5 * n) + 2 for g, n in zip(generated, train_sizes, strict=True))
-
-
-def test_transfer_learning_reaches_the_global_model(tmp_path):
-    """A classifier's weights initialise a regression run; the head is skipped, reported."""
-    import torch
-
-    from medfed.shared_models.config import RunConfig
-    from medfed.shared_models.tasks import TASKS
-
-    shape = {"image-size": 32, "model-width": 8, "model-depth": 2}
-    source = TASKS["classification"].build_network(
-        RunConfig.from_mapping({"task": "classification", **shape})
-    )
-    torch.save(source.state_dict(), tmp_path / "classifier.pt")
-    extra = [arg for k, v in shape.items() for arg in ("-c", f"{k}={v}")]
-    extra += ["-c", f"pretrained-weights={tmp_path / 'classifier.pt'}", "-c", "freeze=backbone"]
-    result = _simulate(tmp_path / "run", "regression", extra, 16, rounds=1)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "tensors loaded" in result.stdout
-    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["pretrained"]
-    assert record["loaded"] > 0 and set(record["skipped"]) == {"final.1.weight", "final.1.bias"}
-    final = torch.load(tmp_path / "run" / "global_model.pt", weights_only=True)
-    frozen = [k for k in final if not k.startswith("final.") and k.endswith("weight")]
-    # FedAvg of identical backbones equals them up to float32 rounding of the weights
-    assert frozen and all(
-        torch.allclose(final[k], source.state_dict()[k], rtol=1e-5, atol=1e-7) for k in frozen
-    )
