@@ -13,13 +13,19 @@ from contextlib import contextmanager
 from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    KEY_NORM_BIT,
+    compute_adaptive_clip_model_update,
+    compute_clip_model_update,
+)
 from torch import nn
 from tqdm import tqdm
 
-from medfed.client import telemetry
+from medfed.client import secure_stage, telemetry
 from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
 from medfed.client.data.site import SiteData, load_site
@@ -128,6 +134,24 @@ def train(msg: Message, context: Context) -> Message:
         "generated-images": len(extra),
     }
     arrays = to_record(s.net.cpu())
+    metrics["aggregation-weight"] = aggregation_weight(s)
+    config = msg.content["config"]
+    if KEY_CLIPPING_NORM in config:
+        arrays, norm_bit = clip_update(
+            msg.content["arrays"], arrays, float(config[KEY_CLIPPING_NORM]), s.cfg.dp_adaptive
+        )
+        if s.cfg.dp_adaptive:
+            metrics[KEY_NORM_BIT] = int(norm_bit)
+    if s.cfg.secure_aggregation:
+        arrays, clipped = secure_stage.masked_update(msg, context, msg.content["arrays"], arrays)
+        metrics["secagg-clipped-values"] = clipped
+        if clipped:
+            log(
+                WARNING,
+                "[medfed] %s: %d update values exceeded secagg-clipping-range and were clipped",
+                s.site.name,
+                clipped,
+            )
     audit(
         "round-trained",
         run=context.run_id,
@@ -154,12 +178,60 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, s.site, metrics, arrays)
 
 
+def aggregation_weight(s: _Site) -> float:
+    """The example count; 1 under differential privacy, whose noise assumes equal weights."""
+    return 1.0 if s.cfg.dp_mode != "off" else float(len(s.site.train))
+
+
+def clip_update(
+    global_arrays: ArrayRecord, trained: ArrayRecord, clipping_norm: float, adaptive: bool
+) -> tuple[ArrayRecord, bool]:
+    """Flower's DP clipping of (trained - global) to `clipping_norm`, before any masking.
+
+    Flower's fixedclipping_mod/adaptiveclipping_mod do the same on the reply,
+    but a mod runs after this handler, i.e. after masking; clipping must come first.
+    """
+    keys = list(global_arrays.keys())
+    values = [trained[k].numpy() for k in keys]
+    start = [global_arrays[k].numpy() for k in keys]
+    if adaptive:
+        norm_bit = compute_adaptive_clip_model_update(values, start, clipping_norm)
+    else:
+        compute_clip_model_update(values, start, clipping_norm)
+        norm_bit = False
+    return ArrayRecord(
+        {
+            k: Array(v.astype(start[i].dtype))
+            for i, (k, v) in enumerate(zip(keys, values, strict=True))
+        }
+    ), norm_bit
+
+
+@app.train("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    """SecAgg+ step 1: this round's public keys and the site's aggregation weight."""
+    return secure_stage.advertise(msg, context, aggregation_weight(_Site(context)))
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """SecAgg+ step 2: encrypted Shamir shares for each neighbour."""
+    return secure_stage.share(msg, context)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """SecAgg+ step 4: the shares the coordinator needs to remove the masks."""
+    return secure_stage.unmask(msg, context)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received global model on this site's held-out split."""
     s = _Setup(msg, context)
     metrics = s.task.evaluate(s.net, s.loader(s.site.val, train=False), s.cfg, s.device)
     metrics["num-examples"] = len(s.site.val)
+    metrics["aggregation-weight"] = len(s.site.val)
     telemetry.record_evaluation(s.site.name, s.cfg.task, metrics)
     audit(
         "round-evaluated",

@@ -88,7 +88,7 @@ def main(grid: Grid, context: Context) -> None:
                 say(line)
         runner = FederatedRun(
             grid,
-            build_strategy(cfg),
+            lambda connected: build_strategy(cfg, connected),
             cfg,
             net,
             record,

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of hospitals (default 3, or all site folders under --data)",
     )
     sim.add_argument("--rounds", type=int, help="federated rounds (num-server-rounds)")
-    sim.add_argument("--strategy", help="fedavg | fedprox")
+    sim.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedmedian, krum, ... (README)")
     sim.add_argument("--data", type=Path, help="folder of site folders; default: synthetic")
     sim.add_argument("--out", type=Path, help="output folder (default runs/<time>-<task>)")
     sim.add_argument("--seed", type=int)

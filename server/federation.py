@@ -15,13 +15,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from medfed.server.run_record import RunRecord
+from medfed.server.secagg import SecAggAbort
+from medfed.server.secure_round import SecureAggregation
 from medfed.server.statistics import format_statistics, request_statistics
+from medfed.server.strategies import Federation
 from medfed.server.telemetry import RoundTelemetry, record_bytes
 from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
@@ -82,7 +85,7 @@ class FederatedRun:
     def __init__(
         self,
         grid: Grid,
-        strategy: Strategy,
+        federation_for: Callable[[int], Federation],
         cfg: RunConfig,
         net: nn.Module,
         record: RunRecord,
@@ -91,7 +94,8 @@ class FederatedRun:
         run_id: int = 0,
         event: Callable[[dict[str, Any]], None] = lambda row: None,
     ) -> None:
-        self.grid, self.strategy, self.cfg, self.net = grid, strategy, cfg, net
+        self.grid, self.cfg, self.net = grid, cfg, net
+        self.federation_for = federation_for
         self.record, self.headline, self.say = record, headline, say
         self.site_of: dict[int, str] = {}
         self.telemetry = RoundTelemetry(run_id, cfg.task)
@@ -102,6 +106,9 @@ class FederatedRun:
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.say)
+        self.federation = self.federation_for(len(nodes))
+        self.strategy = self.federation.strategy
+        self._announce_privacy()
         if cfg.federated_stats:
             self._statistics(nodes)
         start = time.monotonic()
@@ -115,17 +122,112 @@ class FederatedRun:
             messages = self.strategy.configure_train(
                 server_round, arrays, ConfigRecord(), self.grid
             )
-            trained = self._collect(messages, is_train=True)
+            if cfg.secure_aggregation:
+                trained = self._secure_collect(server_round, list(messages), arrays)
+            else:
+                trained = self._collect(messages, is_train=True)
             self._require_quorum(trained, "training", server_round)
             aggregation_start = time.monotonic()
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, trained.ok)
             self.telemetry.aggregated(time.monotonic() - aggregation_start)
             if new_arrays is None:
-                raise QuorumError(f"round {server_round}: aggregation produced no model")
+                raise QuorumError(
+                    f"round {server_round}: aggregation produced no model"
+                    + (
+                        f" (the privacy accountant needs all {self.sampled} sampled hospitals)"
+                        if self.federation.accounted
+                        else ""
+                    )
+                )
             arrays = new_arrays
             evaluation = self._evaluate(server_round, arrays)
             self._finish_round(server_round, start, evaluation, train_metrics, trained, arrays)
         return arrays
+
+    def _announce_privacy(self) -> None:
+        cfg = self.cfg
+        if cfg.secure_aggregation:
+            self.say(
+                "secure aggregation on (SecAgg+): neighbours "
+                f"{cfg.secagg_neighbours or 'all'}, threshold {cfg.secagg_threshold or 'majority'}"
+                f", values clipped to ±{cfg.secagg_clipping_range:g} at "
+                f"{cfg.secagg_quantization_bits} bits"
+            )
+        if cfg.dp_mode != "off":
+            self.say(
+                f"differential privacy: {cfg.dp_mode}-side "
+                f"{'adaptive' if cfg.dp_adaptive else 'fixed'} clipping, norm "
+                f"{cfg.dp_clipping_norm:g}, noise multiplier {cfg.dp_noise_multiplier:g}; "
+                + (
+                    f"epsilon reported at delta {cfg.dp_delta:g}"
+                    if self.federation.accounted
+                    else f"epsilon NOT reported: {self.federation.unaccounted_reason}"
+                )
+            )
+
+    def _secure_collect(
+        self, server_round: int, messages: list[Message], arrays: ArrayRecord
+    ) -> RoundReplies:
+        """A SecAgg+ round: each usable reply carries the unmasked weighted mean.
+
+        The weighted mean of identical arrays is those arrays, so any
+        weighted-mean strategy (and Flower's DP wrappers around it) turns the
+        replies into exactly the secure aggregate plus its own server step
+        (FedAdam's moments, DP noise), while still aggregating the clear
+        scalar metrics per hospital.
+        """
+        self.sampled = len(messages)
+
+        def traffic(sent: list[Message], got: list[Message]) -> None:
+            self.telemetry.traffic(
+                sent=record_bytes(r for m in sent for r in m.content.array_records.values()),
+                received=record_bytes(
+                    r for m in got if not m.has_error() for r in m.content.array_records.values()
+                ),
+            )
+
+        secure = SecureAggregation(self.grid, self.cfg, self.run_id, traffic)
+        template = {key: tuple(array.shape) for key, array in arrays.items()}
+        try:
+            outcome = secure.train_round(server_round, messages, template)
+        except SecAggAbort as err:
+            raise QuorumError(self._named(str(err))) from err
+        result = RoundReplies()
+        for node, reason in outcome.failed.items():
+            result.failed[self._name(node)] = reason
+        self.telemetry.secure_round(
+            outcome.stage_seconds, [why.split(":")[0] for why in outcome.failed.values()]
+        )
+        averaged = ArrayRecord(
+            {
+                key: Array((arrays[key].numpy() + outcome.mean_update[key]).astype(np.float32))
+                for key in arrays
+            }
+        )
+        problems = incompatibilities(averaged, self.net)
+        if problems:
+            raise QuorumError(f"round {server_round}: unmasked aggregate unusable: {problems[:3]}")
+        for reply in outcome.replies:
+            node = reply.metadata.src_node_id
+            if "site" in reply.content.config_records:
+                self.site_of[node] = str(reply.content.config_records["site"]["name"])
+            reply.content["arrays"] = averaged
+            result.ok.append(reply)
+        if outcome.clipped_values:
+            self.say(
+                f"  {outcome.clipped_values} update values exceeded ±"
+                f"{self.cfg.secagg_clipping_range:g} and were clipped "
+                "(raise 'secagg-clipping-range')"
+            )
+        for site, reason in sorted(result.failed.items()):
+            self.say(f"  {site}: {reason}")
+        return result
+
+    def _named(self, text: str) -> str:
+        """Replace 'node <id>' by the hospital's site name where it is known."""
+        for node, site in self.site_of.items():
+            text = text.replace(f"node {node}", site)
+        return text
 
     def _statistics(self, nodes: list[int]) -> None:
         replies = request_statistics(
@@ -226,6 +328,10 @@ class FederatedRun:
         global_metrics = dict(aggregated) if aggregated is not None else {}
         if train_metrics is not None:
             global_metrics["train-loss"] = train_metrics["train-loss"]
+        epsilon = self.federation.epsilon() if server_round else None
+        if epsilon is not None:
+            global_metrics["dp-epsilon"] = epsilon
+            self.telemetry.privacy_spent(epsilon)
         self.record.checkpoint(server_round, arrays)
         self.telemetry.checkpointed(server_round, time.time())
         seconds = time.monotonic() - start
@@ -282,4 +388,5 @@ class FederatedRun:
             + (f"{loss:.4f}" if loss is not None else "   -  ")
             + f" | val {self.headline} {global_metrics.get(self.headline, float('nan')):.4f}"
             + f" | val loss {global_metrics.get('loss', float('nan')):.4f} | {seconds:.1f}s"
+            + (f" | ε {epsilon:.2f}" if epsilon is not None else "")
         )

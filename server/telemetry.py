@@ -80,6 +80,25 @@ CHECKPOINT_TIME = Gauge(
     ["run"],
     multiprocess_mode="mostrecent",
 )
+SECAGG_STAGE_DURATION = Histogram(
+    "medfed_secagg_stage_duration_seconds",
+    "Wall time of one secure-aggregation stage (advertise, share, upload, unmask)",
+    ["task", "stage"],
+    buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+SECAGG_DROPOUTS = Counter(
+    "medfed_secagg_dropouts",
+    "Hospitals that dropped out of a secure-aggregation round, by stage",
+    ["run", "stage"],
+)
+DP_EPSILON = Gauge(
+    "medfed_dp_epsilon",
+    "Differential-privacy budget spent so far (epsilon at the configured delta)",
+    ["run", "task"],
+    multiprocess_mode="mostrecent",
+)
+# Reply fields that are bookkeeping, not validation metrics of the model.
+NOT_VALIDATION = {"num-examples", "aggregation-weight", "skipped-files", "dp-epsilon"}
 
 
 def prepare_multiprocess_dir(directory: Path) -> Path:
@@ -135,6 +154,15 @@ class RoundTelemetry:
     def aggregated(self, seconds: float) -> None:
         AGGREGATION_DURATION.labels(self.task).observe(seconds)
 
+    def secure_round(self, stage_seconds: dict[str, float], dropped_at: list[str]) -> None:
+        for stage, seconds in stage_seconds.items():
+            SECAGG_STAGE_DURATION.labels(self.task, stage).observe(seconds)
+        for stage in dropped_at:
+            SECAGG_DROPOUTS.labels(self.run, stage).inc()
+
+    def privacy_spent(self, epsilon: float) -> None:
+        DP_EPSILON.labels(self.run, self.task).set(epsilon)
+
     def checkpointed(self, server_round: int, timestamp: float) -> None:
         CHECKPOINT_ROUND.labels(self.run).set(server_round)
         CHECKPOINT_TIME.labels(self.run).set(timestamp)
@@ -155,9 +183,12 @@ class RoundTelemetry:
         for name, value in global_metrics.items():
             if name == "train-loss":
                 GLOBAL_TRAIN_LOSS.labels(self.run, self.task).set(value)
-            elif name != "skipped-files":
+            elif name not in NOT_VALIDATION:
                 GLOBAL_VALIDATION.labels(self.run, self.task, name).set(value)
         for site, metrics in sites.items():
             for name, value in metrics.items():
-                if not name.startswith("train-") and name not in ("num-examples",):
+                if (
+                    not name.startswith(("train-", "secagg-", "norm"))
+                    and name not in NOT_VALIDATION
+                ):
                     SITE_VALIDATION.labels(self.run, self.task, site, name).set(value)

@@ -8,12 +8,18 @@ naming the key, instead of deep inside a training step on one hospital.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox")
+# Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step).
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# Robust strategies look at every update one by one: no secure aggregation.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
+DP_MODES = ("off", "client", "server")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 INTENSITIES = ("auto", "ct-window", "percentile", "scale", "zscore", "none")
@@ -43,6 +49,16 @@ class RunConfig:
     model_depth: int = 3
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    secure_aggregation: bool = False  # SecAgg+ masks: the coordinator sees only the sum
+    secagg_neighbours: int = 0  # SecAgg+ neighbourhood size; 0: every other hospital
+    secagg_threshold: int = 0  # shares needed to unmask; 0: a strict majority of a group
+    secagg_clipping_range: float = 16.0  # update values are clipped to +-this before encoding
+    secagg_quantization_bits: int = 30  # fixed-point resolution of the encoded update
+    dp_mode: str = "off"  # off | client (clip at the site) | server (clip at the coordinator)
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0  # L2 norm bound of one hospital's update
+    dp_adaptive: bool = False  # adapt the clipping norm to the updates' median norm
+    dp_delta: float = 1e-5  # the delta at which epsilon is reported
     fraction_train: float = 1.0
     pretrained_weights: str = ""  # a local checkpoint that initialises the global model
     freeze: str = "none"  # none | backbone (train the head only)
@@ -72,7 +88,7 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from Flower-style kebab-case keys; unknown keys are errors."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        known = {config_key(f.name): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key not in known:
@@ -87,7 +103,7 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case keys, as Flower's run config and metrics.json carry them."""
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        return {config_key(k): v for k, v in asdict(self).items()}
 
     def validate(self) -> None:
         """Check ranges and names; raise ConfigError naming the first bad key."""
@@ -186,9 +202,51 @@ class RunConfig:
             _bad("fraction_train", self.fraction_train, "in (0, 1]")
         if not 0 < self.val_fraction < 1:
             _bad("val_fraction", self.val_fraction, "in (0, 1)")
+        self._validate_privacy()
         for key in ("node_wait_seconds", "round_timeout_seconds"):
             if not getattr(self, key) > 0:
                 _bad(key, getattr(self, key), "a positive number of seconds")
+
+    def _validate_privacy(self) -> None:
+        from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS
+
+        if self.secure_aggregation and self.strategy in ROBUST_STRATEGIES:
+            _bad(
+                "strategy",
+                self.strategy,
+                f"a weighted-mean strategy ({', '.join(MEAN_STRATEGIES)}) with "
+                "secure-aggregation = true: it needs each hospital's update, which "
+                "secure aggregation hides from the coordinator",
+            )
+        if self.secagg_neighbours < 0 or self.secagg_neighbours == 1:
+            _bad("secagg_neighbours", self.secagg_neighbours, "0 (everyone) or at least 2")
+        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+            _bad("secagg_threshold", self.secagg_threshold, "0 (strict majority) or at least 2")
+        if not (math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0):
+            _bad("secagg_clipping_range", self.secagg_clipping_range, "a positive number")
+        if not MIN_BITS <= self.secagg_quantization_bits <= MAX_BITS:
+            _bad(
+                "secagg_quantization_bits",
+                self.secagg_quantization_bits,
+                f"{MIN_BITS}..{MAX_BITS} (the sum must fit 32 bits)",
+            )
+        if self.dp_mode not in DP_MODES:
+            _bad("dp_mode", self.dp_mode, f"one of {', '.join(DP_MODES)}")
+        if self.dp_mode == "server" and self.secure_aggregation:
+            _bad(
+                "dp_mode",
+                self.dp_mode,
+                "'client' with secure-aggregation = true (server-side clipping needs "
+                "each hospital's update)",
+            )
+        if self.dp_mode != "off" and self.strategy in ROBUST_STRATEGIES:
+            _bad("dp_mode", self.dp_mode, f"'off' with strategy {self.strategy}")
+        if not self.dp_noise_multiplier >= 0:
+            _bad("dp_noise_multiplier", self.dp_noise_multiplier, "zero or positive")
+        if not self.dp_clipping_norm > 0:
+            _bad("dp_clipping_norm", self.dp_clipping_norm, "a positive number")
+        if not 0 < self.dp_delta < 1:
+            _bad("dp_delta", self.dp_delta, "in (0, 1)")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -207,6 +265,12 @@ class RunConfig:
     @property
     def out_path(self) -> Path:
         return Path(self.out_dir).expanduser()
+
+
+def config_key(name: str) -> str:
+    """The run-config key of a field: kebab case; `dp_*` fields live in the `dp` table."""
+    key = name.replace("_", "-")
+    return "dp." + key[3:] if key.startswith("dp-") else key
 
 
 def _field_type(annotation: Any) -> type:
@@ -234,4 +298,4 @@ def _coerce(key: str, value: Any, target: type) -> Any:
 
 
 def _bad(attr: str, value: Any, expected: str) -> None:
-    raise ConfigError(f"config key '{attr.replace('_', '-')}' = {value!r}: expected {expected}")
+    raise ConfigError(f"config key '{config_key(attr)}' = {value!r}: expected {expected}")

@@ -1,0 +1,227 @@
+"""The hospital's side of SecAgg+: keys, shares, the masked update, unmasking.
+
+Everything secret (both private keys, the self-mask seed, the shares other
+hospitals sent) lives in the node's own `context.state`; what leaves the site
+is public keys, ciphertexts only the addressed neighbour can open, the masked
+update and, at the end, exactly one kind of share per neighbour. The checks
+here are the hospital's own: a coordinator cannot talk it into a threshold
+too low to protect it or into revealing both secrets of one neighbour.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from medfed.shared_models.secagg import shamir
+from medfed.shared_models.secagg.primitives import (
+    MaskStream,
+    derive,
+    new_private_key,
+    open_sealed,
+    public_key,
+    seal,
+)
+from medfed.shared_models.secagg.quantize import check_fraction, check_ranges, encode
+
+
+class SecAggRefused(ValueError):
+    """The coordinator asked for something that would weaken this hospital's protection."""
+
+
+def share_context(run: int, server_round: int, sender: str, receiver: str) -> bytes:
+    """Authenticated data binding a ciphertext to its round, sender and receiver."""
+    return f"medfed-secagg|run={run}|round={server_round}|from={sender}|to={receiver}".encode()
+
+
+def mask_purpose(run: int, server_round: int) -> bytes:
+    return f"mask|run={run}|round={server_round}".encode()
+
+
+def minimum_threshold(group_size: int) -> int:
+    """A strict majority of the group: fewer could let a coordinator rebuild both secrets."""
+    return group_size // 2 + 1
+
+
+class SecAggClient:
+    """One hospital's protocol state for one round, kept in a ConfigRecord."""
+
+    def __init__(self, state: ConfigRecord) -> None:
+        self.state = state
+
+    @classmethod
+    def start(cls, run: int, server_round: int, node: str) -> tuple[SecAggClient, dict[str, bytes]]:
+        """Fresh key pairs for this round; returns the client and its public keys."""
+        state = ConfigRecord(
+            {
+                "run": run,
+                "round": server_round,
+                "node": node,
+                "c-sk": new_private_key(),
+                "s-sk": new_private_key(),
+            }
+        )
+        client = cls(state)
+        return client, {
+            "c-pk": public_key(state["c-sk"]),
+            "s-pk": public_key(state["s-sk"]),
+        }
+
+    def _check_round(self, server_round: int) -> None:
+        if int(self.state["round"]) != server_round:
+            raise SecAggRefused(
+                f"secure-aggregation state is for round {self.state['round']}, "
+                f"not round {server_round}"
+            )
+
+    def share_keys(
+        self,
+        server_round: int,
+        xs: Mapping[str, int],
+        neighbour_keys: Mapping[str, tuple[bytes, bytes]],
+        threshold: int,
+        fraction: float,
+        clipping_range: float,
+        bits: int,
+    ) -> dict[str, bytes]:
+        """Shamir-share the self-mask seed and mask key; one ciphertext per neighbour."""
+        self._check_round(server_round)
+        me = str(self.state["node"])
+        neighbours = sorted(neighbour_keys)
+        if me in neighbour_keys or not set(neighbours) <= set(xs) or me not in xs:
+            raise SecAggRefused("neighbour list does not match the round's participants")
+        group = len(neighbours) + 1
+        if not minimum_threshold(group) <= threshold <= group:
+            raise SecAggRefused(
+                f"threshold {threshold} for a group of {group} is unsafe "
+                f"(needs {minimum_threshold(group)}..{group})"
+            )
+        own = (public_key(self.state["c-sk"]), public_key(self.state["s-sk"]))
+        keys = [k for pair in neighbour_keys.values() for k in pair] + list(own)
+        if len(set(keys)) != len(keys):
+            raise SecAggRefused("public keys repeat across neighbours")
+        check_fraction(fraction)
+        check_ranges(clipping_range, bits, len(xs))
+        seed = os.urandom(shamir.SECRET_BYTES)
+        holders = [*neighbours, me]
+        coords = [int(xs[h]) for h in holders]
+        seed_shares = shamir.split(seed, coords, threshold)
+        key_shares = shamir.split(self.state["s-sk"], coords, threshold)
+        sealed = {}
+        for holder in neighbours:
+            x = int(xs[holder])
+            key = derive(self.state["c-sk"], neighbour_keys[holder][0], b"share")
+            context = share_context(int(self.state["run"]), server_round, me, holder)
+            sealed[holder] = seal(key, seed_shares[x] + key_shares[x], context)
+        x_me = int(xs[me])
+        self.state.update(
+            {
+                "seed": seed,
+                "threshold": threshold,
+                "fraction": fraction,
+                "clipping-range": clipping_range,
+                "bits": bits,
+                "neighbours": neighbours,
+                f"share-b.{me}": seed_shares[x_me],
+                f"share-sk.{me}": key_shares[x_me],
+            }
+        )
+        for holder in neighbours:
+            self.state[f"c-pk.{holder}"] = neighbour_keys[holder][0]
+            self.state[f"s-pk.{holder}"] = neighbour_keys[holder][1]
+        return sealed
+
+    def receive_shares(self, server_round: int, sealed: Mapping[str, bytes]) -> None:
+        """Open the neighbours' ciphertexts; a tampered or misrouted one names the sender."""
+        self._check_round(server_round)
+        me = str(self.state["node"])
+        neighbours = set(self.state["neighbours"])
+        unknown = sorted(set(sealed) - neighbours)
+        if unknown:
+            raise SecAggRefused(f"shares from non-neighbours {unknown}")
+        for sender, ciphertext in sealed.items():
+            key = derive(self.state["c-sk"], self.state[f"c-pk.{sender}"], b"share")
+            context = share_context(int(self.state["run"]), server_round, sender, me)
+            try:
+                plain = open_sealed(key, ciphertext, context)
+            except Exception as err:  # InvalidTag carries no message
+                raise SecAggRefused(
+                    f"the share ciphertext from node {sender} failed authentication"
+                ) from err
+            if len(plain) != 2 * shamir.SHARE_BYTES:
+                raise SecAggRefused(f"the share from node {sender} has the wrong length")
+            self.state[f"share-b.{sender}"] = plain[: shamir.SHARE_BYTES]
+            self.state[f"share-sk.{sender}"] = plain[shamir.SHARE_BYTES :]
+        self.state["senders"] = sorted(sealed)
+
+    def mask(
+        self, server_round: int, update: Iterable[tuple[str, np.ndarray]]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """The masked encoding of (key, update array) pairs, and how many values were clipped.
+
+        Pairwise masks are added for exactly the neighbours whose shares
+        arrived: those are the ones the coordinator can account for.
+        """
+        self._check_round(server_round)
+        me = str(self.state["node"])
+        run = int(self.state["run"])
+        streams = [(MaskStream(self.state["seed"]), True)]
+        for other in self.state.get("senders", []):
+            seed = derive(
+                self.state["s-sk"], self.state[f"s-pk.{other}"], mask_purpose(run, server_round)
+            )
+            streams.append((MaskStream(seed), pairwise_sign(me, other)))
+        masked, clipped = {}, 0
+        for name, values in update:
+            encoded, count = encode(
+                values,
+                float(self.state["fraction"]),
+                float(self.state["clipping-range"]),
+                int(self.state["bits"]),
+            )
+            clipped += count
+            for stream, add in streams:
+                if add:
+                    encoded += stream.next(encoded.size)
+                else:
+                    encoded -= stream.next(encoded.size)
+            masked[name] = encoded.reshape(np.shape(values))
+        self.state["masked"] = True
+        return masked, clipped
+
+    def unmask(
+        self, server_round: int, survivors: list[str], dropped: list[str]
+    ) -> dict[str, bytes]:
+        """Seed shares of surviving neighbours, key shares of dropped ones; never both."""
+        self._check_round(server_round)
+        me = str(self.state["node"])
+        if not self.state.get("masked"):
+            raise SecAggRefused("this hospital sent no masked update this round")
+        if set(survivors) & set(dropped):
+            raise SecAggRefused("a node is listed both as survivor and as dropped")
+        group = set(self.state["neighbours"]) | {me}
+        held = set(self.state.get("senders", [])) | {me}
+        if me not in survivors:
+            raise SecAggRefused("this hospital is not listed among the survivors")
+        alive = [n for n in survivors if n in group]
+        if len(alive) < int(self.state["threshold"]):
+            raise SecAggRefused(
+                f"only {len(alive)} of this hospital's group survived; "
+                f"threshold is {self.state['threshold']}"
+            )
+        shares = {}
+        for node in survivors:
+            if node in held:
+                shares[f"b.{node}"] = self.state[f"share-b.{node}"]
+        for node in dropped:
+            if node in held and node != me:
+                shares[f"sk.{node}"] = self.state[f"share-sk.{node}"]
+        return shares
+
+
+def pairwise_sign(me: str, other: str) -> bool:
+    """True where `me` adds the pair's mask (the other end subtracts it)."""
+    return int(me) < int(other)

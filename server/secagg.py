@@ -1,0 +1,163 @@
+"""The coordinator's side of SecAgg+: the neighbour graph and unmasking the sum.
+
+The coordinator only ever holds public keys, ciphertexts it cannot open, the
+masked updates (uniform noise one by one) and, after uploads close, seed shares
+of the hospitals that uploaded and key shares of those that dropped. From
+those it can compute the weighted sum and nothing finer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from medfed.client.secagg import mask_purpose, minimum_threshold, pairwise_sign
+from medfed.shared_models.secagg import shamir
+from medfed.shared_models.secagg.primitives import MaskStream, derive
+from medfed.shared_models.secagg.quantize import check_ranges, decode
+
+
+class SecAggAbort(RuntimeError):
+    """Too many hospitals dropped to finish the round securely; the message says which."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who takes part, each one's Shamir x-coordinate and neighbours, and the threshold."""
+
+    participants: tuple[str, ...]
+    xs: Mapping[str, int]
+    neighbours: Mapping[str, tuple[str, ...]]
+    threshold: int
+
+    def group(self, node: str) -> set[str]:
+        return {node, *self.neighbours[node]}
+
+
+def plan_round(nodes: list[str], neighbours: int, threshold: int) -> RoundPlan:
+    """A SecAgg+ ring graph of degree `neighbours` (0: everyone, i.e. SecAgg).
+
+    Neighbours sit within `ceil(neighbours / 2)` places on a randomly shuffled
+    ring, so no hospital can choose whose masks it shares.
+    """
+    participants = tuple(sorted(nodes, key=int))
+    n = len(participants)
+    if neighbours < 0:
+        raise ValueError(f"config key 'secagg-neighbours' = {neighbours}: expected 0 or more")
+    degree = n - 1 if neighbours == 0 else min(n - 1, 2 * ((neighbours + 1) // 2))
+    ring = list(participants)
+    random.SystemRandom().shuffle(ring)
+    half = (degree + 1) // 2
+    graph = {}
+    for position, node in enumerate(ring):
+        around = {ring[(position + step) % n] for step in range(-half, half + 1)} - {node}
+        graph[node] = tuple(sorted(around, key=int))
+    smallest = min(len(v) for v in graph.values()) + 1
+    chosen = threshold or minimum_threshold(smallest)
+    if not minimum_threshold(max(len(v) for v in graph.values()) + 1) <= chosen <= smallest:
+        raise ValueError(
+            f"config key 'secagg-threshold' = {threshold}: with {n} hospitals and "
+            f"groups of {smallest} it must be {minimum_threshold(smallest)}..{smallest}"
+        )
+    xs = {node: index + 1 for index, node in enumerate(participants)}
+    return RoundPlan(participants, xs, graph, chosen)
+
+
+def fractions(weights: Mapping[str, float]) -> dict[str, float]:
+    """Each hospital's share of the aggregation weight; weights must be positive and finite."""
+    for node, weight in weights.items():
+        if not (np.isfinite(weight) and weight > 0):
+            raise ValueError(f"node {node} advertised aggregation weight {weight!r}")
+    total = float(sum(weights.values()))
+    return {node: float(weight) / total for node, weight in weights.items()}
+
+
+class MaskedSum:
+    """Adds masked uploads as they arrive, then removes the masks."""
+
+    def __init__(
+        self,
+        template: Mapping[str, tuple[int, ...]],
+        clipping_range: float,
+        bits: int,
+        participants: int,
+    ) -> None:
+        check_ranges(clipping_range, bits, participants)
+        self.template = dict(template)
+        self.clipping_range, self.bits = clipping_range, bits
+        self.total = {k: np.zeros(shape, dtype=np.uint32) for k, shape in self.template.items()}
+        self.added: list[str] = []
+
+    def problems(self, masked: Mapping[str, np.ndarray]) -> list[str]:
+        """Why an upload cannot be added (wrong keys, shapes or types); empty if it can."""
+        if set(masked) != set(self.template):
+            return [f"arrays {sorted(set(masked) ^ set(self.template))[:3]} do not match the model"]
+        return [
+            f"'{k}' is {v.dtype}{tuple(v.shape)}, expected uint32{self.template[k]}"
+            for k, v in masked.items()
+            if v.dtype != np.uint32 or tuple(v.shape) != self.template[k]
+        ]
+
+    def add(self, node: str, masked: Mapping[str, np.ndarray]) -> None:
+        for key, values in masked.items():
+            self.total[key] += values
+        self.added.append(node)
+
+    def unmask(
+        self,
+        plan: RoundPlan,
+        public_mask_keys: Mapping[str, bytes],
+        dropped: list[str],
+        responses: Mapping[str, Mapping[str, bytes]],
+        fraction_sum: float,
+        run: int,
+        server_round: int,
+    ) -> dict[str, np.ndarray]:
+        """The weighted mean update of the hospitals in `self.added`.
+
+        `dropped` are hospitals that shared keys but sent no upload; their
+        pairwise masks stay in the survivors' uploads until removed here.
+        """
+        streams: list[tuple[MaskStream, bool]] = []
+        for node in self.added:
+            seed = self._rebuild(plan, node, "b", responses)
+            streams.append((MaskStream(seed), False))
+        for node in dropped:
+            secret = self._rebuild(plan, node, "sk", responses)
+            for other in plan.neighbours[node]:
+                if other in self.added:
+                    seed = derive(secret, public_mask_keys[other], mask_purpose(run, server_round))
+                    # `other` added the pair's mask when its sign is positive: undo that.
+                    streams.append((MaskStream(seed), not pairwise_sign(other, node)))
+        mean = {}
+        for key, total in self.total.items():
+            flat = total.ravel()
+            for stream, add in streams:
+                if add:
+                    flat += stream.next(flat.size)
+                else:
+                    flat -= stream.next(flat.size)
+            mean[key] = decode(flat, fraction_sum, self.clipping_range, self.bits).reshape(
+                self.template[key]
+            )
+        return mean
+
+    @staticmethod
+    def _rebuild(
+        plan: RoundPlan, node: str, kind: str, responses: Mapping[str, Mapping[str, bytes]]
+    ) -> bytes:
+        shares = {
+            plan.xs[holder]: reply[f"{kind}.{node}"]
+            for holder, reply in responses.items()
+            if holder in plan.group(node) and f"{kind}.{node}" in reply
+        }
+        if len(shares) < plan.threshold:
+            what = "self-mask seed" if kind == "b" else "mask key"
+            raise SecAggAbort(
+                f"only {len(shares)} shares of node {node}'s {what} came back; "
+                f"{plan.threshold} are needed (config key 'secagg-threshold')"
+            )
+        return shamir.combine(shares, plan.threshold)

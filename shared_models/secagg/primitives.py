@@ -1,0 +1,72 @@
+"""Key agreement, key derivation, share encryption and mask expansion.
+
+All primitives are `cryptography`'s: X25519 for agreement, HKDF-SHA256 for
+derivation, AES-256-GCM for share encryption and the ChaCha20 keystream as
+the pseudo-random generator that expands a 256-bit seed into a mask.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SEED_BYTES = 32
+_RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
+
+
+def new_private_key() -> bytes:
+    """A fresh X25519 private key, as its raw 32 bytes."""
+    return X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+
+
+def public_key(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(**_RAW)
+
+
+def derive(private: bytes, peer_public: bytes, purpose: bytes) -> bytes:
+    """A 256-bit key both ends of the pair derive alike, separated by `purpose`."""
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(peer_public)
+    )
+    return HKDF(hashes.SHA256(), SEED_BYTES, salt=None, info=b"medfed-secagg/" + purpose).derive(
+        shared
+    )
+
+
+def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
+    """AES-GCM with a random nonce; `context` (sender, receiver, round) is authenticated."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, context)
+
+
+def open_sealed(key: bytes, sealed: bytes, context: bytes) -> bytes:
+    """Decrypt `seal`'s output; raises InvalidTag when key, data or context differ."""
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], context)
+
+
+class MaskStream:
+    """Successive uint32 mask values from one seed (the ChaCha20 keystream).
+
+    Reading the stream array by array, in the model's key order, gives both
+    ends the same mask without ever holding the whole model-sized mask.
+    """
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"mask seeds are {SEED_BYTES} bytes")
+        # A fresh seed per round and pair, so a fixed nonce never repeats a keystream.
+        cipher = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None)
+        self._encryptor = cipher.encryptor()
+
+    def next(self, count: int) -> np.ndarray:
+        return np.frombuffer(self._encryptor.update(bytes(4 * count)), dtype="<u4")

@@ -1,0 +1,247 @@
+"""SecAgg+: correctness, dropouts, and what the coordinator can and cannot see."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidTag
+from scipy.stats import chisquare
+
+from medfed.client.secagg import SecAggClient, SecAggRefused, share_context
+from medfed.server.secagg import SecAggAbort, fractions, plan_round
+from medfed.server.secure_round import SecureAggregation
+from medfed.shared_models.secagg import shamir
+from medfed.shared_models.secagg.primitives import derive, open_sealed
+from medfed.shared_models.secagg.quantize import check_ranges, decode, encode, scale
+from tests.unit.secagg_grid import RUN_ID, SecAggGrid, secure_config, train_messages
+
+SHAPES = {"conv.weight": (4, 3, 3), "conv.bias": (4,), "fc.weight": (2, 8)}
+
+
+def random_updates(n: int, seed: int, spread: float = 0.5):
+    rng = np.random.default_rng(seed)
+    nodes = [int(x) for x in rng.choice(2**62, size=n, replace=False)]
+    updates = {
+        node: {k: rng.normal(0, spread, s).astype(np.float32) for k, s in SHAPES.items()}
+        for node in nodes
+    }
+    weights = {node: float(rng.integers(1, 5000)) for node in nodes}
+    start = {k: rng.normal(0, 1, s).astype(np.float32) for k, s in SHAPES.items()}
+    return updates, weights, start
+
+
+def run_round(grid: SecAggGrid, start, cfg):
+    secure = SecureAggregation(grid, cfg, RUN_ID)
+    template = {k: v.shape for k, v in start.items()}
+    return secure.train_round(1, train_messages(grid.get_node_ids(), start), template)
+
+
+def weighted_mean(updates, weights, nodes):
+    total = sum(weights[n] for n in nodes)
+    return {
+        k: sum(weights[n] * updates[n][k].astype(np.float64) for n in nodes) / total for k in SHAPES
+    }
+
+
+def tolerance(cfg, participants: int) -> float:
+    """Half a quantisation step per participant, relative to the surviving weight."""
+    return participants / scale(cfg.secagg_clipping_range, cfg.secagg_quantization_bits) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("n", "threshold", "neighbours"),
+    [(3, 0, 0), (3, 3, 0), (5, 0, 0), (5, 4, 0), (8, 0, 4), (8, 5, 0), (8, 3, 2)],
+)
+def test_unmasked_aggregate_is_the_weighted_mean(n, threshold, neighbours):
+    updates, weights, start = random_updates(n, seed=n * 10 + threshold)
+    cfg = secure_config(**{"secagg-threshold": threshold, "secagg-neighbours": neighbours})
+    outcome = run_round(SecAggGrid(updates, weights), start, cfg)
+    assert not outcome.failed
+    expected = weighted_mean(updates, weights, list(updates))
+    for key in SHAPES:
+        error = np.abs(outcome.mean_update[key] - expected[key]).max()
+        assert error < tolerance(cfg, n) * 10, (key, error)
+    assert set(outcome.stage_seconds) == {"advertise", "share", "upload", "unmask"}
+
+
+def test_any_allowed_dropout_set_still_yields_the_survivors_mean():
+    n, threshold = 5, 3
+    updates, weights, start = random_updates(n, seed=1)
+    cfg = secure_config(**{"secagg-threshold": threshold})
+    nodes = list(updates)
+    for size in range(1, n - threshold + 1):
+        for dropped in itertools.combinations(nodes, size):
+            grid = SecAggGrid(updates, weights)
+            grid.drop["upload"] = set(dropped)
+            outcome = run_round(grid, start, cfg)
+            survivors = [x for x in nodes if x not in dropped]
+            expected = weighted_mean(updates, weights, survivors)
+            for key in SHAPES:
+                assert np.abs(outcome.mean_update[key] - expected[key]).max() < 1e-5
+            assert set(outcome.failed) == set(dropped)
+
+
+def test_a_hospital_lost_after_uploading_is_still_unmasked():
+    updates, weights, start = random_updates(5, seed=2)
+    nodes = list(updates)
+    grid = SecAggGrid(updates, weights)
+    grid.drop["unmask"] = {nodes[0]}
+    outcome = run_round(grid, start, secure_config())
+    expected = weighted_mean(updates, weights, nodes)
+    assert np.abs(outcome.mean_update["fc.weight"] - expected["fc.weight"]).max() < 1e-5
+
+
+def test_too_many_dropouts_abort_the_round_naming_them():
+    updates, weights, start = random_updates(5, seed=3)
+    nodes = list(updates)
+    grid = SecAggGrid(updates, weights)
+    grid.drop["upload"] = set(nodes[:3])  # threshold 3 of 5: only 2 left
+    with pytest.raises(SecAggAbort, match="upload stage: 2 hospitals left, 3 needed") as err:
+        run_round(grid, start, secure_config())
+    for node in nodes[:3]:
+        assert f"node {node}" in str(err.value)
+
+
+def test_too_few_unmask_answers_abort_cleanly():
+    updates, weights, start = random_updates(5, seed=4)
+    nodes = list(updates)
+    grid = SecAggGrid(updates, weights)
+    grid.drop["unmask"] = set(nodes[:3])
+    with pytest.raises(SecAggAbort, match=r"shares of node .* came back; 3 are needed"):
+        run_round(grid, start, secure_config())
+
+
+def test_a_single_masked_upload_is_uniform_mod_2_32():
+    updates, weights, start = random_updates(3, seed=5)
+    node = next(iter(updates))
+    big = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    big["fc.weight"] = np.zeros((64, 1024), np.float32)  # all-zero update: maximally structured
+    start = {**start, "fc.weight": np.zeros((64, 1024), np.float32)}
+    for n in updates:
+        updates[n] = {**updates[n], "fc.weight": big["fc.weight"]}
+    grid = SecAggGrid(updates, weights)
+    run_round(grid, start, secure_config())
+    upload = next(m for m in grid.seen if m.metadata.src_node_id == node and "arrays" in m.content)
+    values = upload.content["arrays"]["fc.weight"].numpy().ravel()
+    for top_bits in (values >> 24, values & 0xFF):  # high and low bytes
+        counts = np.bincount(top_bits.astype(np.int64), minlength=256)
+        assert chisquare(counts).pvalue > 1e-4
+
+
+def test_the_coordinators_view_holds_no_secret_in_the_clear():
+    updates, weights, start = random_updates(4, seed=6)
+    grid = SecAggGrid(updates, weights)
+    grid.drop["upload"] = {next(iter(updates))}  # forces key shares to be revealed too
+    run_round(grid, start, secure_config(**{"secagg-threshold": 3}))
+    seen = bytearray()
+    for reply in grid.seen:
+        for record in reply.content.config_records.values():
+            for value in record.values():
+                seen += value if isinstance(value, bytes) else str(value).encode()
+        for record in reply.content.array_records.values():
+            for array in record.values():
+                seen += array.data
+    secrets = [s for node in grid.secrets.values() for s in node]
+    assert len(secrets) == 3 * 4
+    for secret in secrets:
+        assert secret not in seen
+
+
+def test_shares_open_only_for_their_neighbour_and_tampering_is_rejected():
+    clients = {}
+    publics = {}
+    for node in ("11", "22", "33"):
+        clients[node], publics[node] = SecAggClient.start(RUN_ID, 1, node)
+    xs = {"11": 1, "22": 2, "33": 3}
+    keys = {n: (publics[n]["c-pk"], publics[n]["s-pk"]) for n in xs}
+    sealed = {
+        node: client.share_keys(1, xs, {o: keys[o] for o in xs if o != node}, 2, 1 / 3, 16.0, 30)
+        for node, client in clients.items()
+    }
+    to_22 = sealed["11"]["22"]
+    context = share_context(RUN_ID, 1, "11", "22")
+    right = derive(clients["22"].state["c-sk"], publics["11"]["c-pk"], b"share")
+    assert len(open_sealed(right, to_22, context)) == 2 * shamir.SHARE_BYTES
+    wrong = derive(clients["33"].state["c-sk"], publics["11"]["c-pk"], b"share")
+    with pytest.raises(InvalidTag):
+        open_sealed(wrong, to_22, context)
+    with pytest.raises(InvalidTag):  # right key, but presented as sent to someone else
+        open_sealed(right, to_22, share_context(RUN_ID, 1, "11", "33"))
+    tampered = bytearray(to_22)
+    tampered[20] ^= 0x40
+    with pytest.raises(SecAggRefused, match="from node 11 failed authentication"):
+        clients["22"].receive_shares(1, {"11": bytes(tampered), "33": sealed["33"]["22"]})
+
+
+def test_a_tampered_share_drops_its_receiver_not_the_round():
+    updates, weights, start = random_updates(4, seed=8)
+    nodes = list(updates)
+    grid = SecAggGrid(updates, weights)
+    grid.tamper = {(nodes[0], nodes[1])}
+    outcome = run_round(grid, start, secure_config())
+    assert "failed authentication" in outcome.failed[nodes[0]]
+    expected = weighted_mean(updates, weights, nodes[1:])
+    assert np.abs(outcome.mean_update["conv.bias"] - expected["conv.bias"]).max() < 1e-5
+
+
+def test_hospitals_refuse_unsafe_thresholds_and_repeated_keys():
+    client, _ = SecAggClient.start(RUN_ID, 1, "1")
+    others = {str(i): SecAggClient.start(RUN_ID, 1, str(i))[1] for i in (2, 3, 4)}
+    xs = {"1": 1, "2": 2, "3": 3, "4": 4}
+    keys = {n: (p["c-pk"], p["s-pk"]) for n, p in others.items()}
+    with pytest.raises(SecAggRefused, match="threshold 2 for a group of 4 is unsafe"):
+        client.share_keys(1, xs, keys, 2, 0.25, 16.0, 30)
+    keys["3"] = keys["2"]
+    with pytest.raises(SecAggRefused, match="public keys repeat"):
+        client.share_keys(1, xs, keys, 3, 0.25, 16.0, 30)
+
+
+def test_the_plan_validates_threshold_and_neighbourhood():
+    nodes = [str(i) for i in range(1, 11)]
+    plan = plan_round(nodes, 4, 0)
+    assert all(len(v) == 4 for v in plan.neighbours.values())
+    assert all(a in plan.neighbours[b] for a in nodes for b in plan.neighbours[a])
+    assert plan.threshold == 3
+    assert plan_round(nodes, 0, 0).threshold == 6
+    with pytest.raises(ValueError, match="secagg-threshold"):
+        plan_round(nodes, 4, 2)
+    with pytest.raises(ValueError, match="secagg-threshold"):
+        plan_round(nodes, 4, 6)
+
+
+def test_shamir_rebuilds_from_any_threshold_subset_only():
+    secret = bytes(range(32))
+    shares = shamir.split(secret, [1, 2, 3, 4, 5], 3)
+    for subset in itertools.combinations(shares, 3):
+        assert shamir.combine({x: shares[x] for x in subset}, 3) == secret
+    with pytest.raises(ValueError, match="need 3 shares"):
+        shamir.combine({1: shares[1], 2: shares[2]}, 3)
+    two = {1: shares[1], 2: shares[2]}
+    with pytest.raises(ValueError, match="inconsistent"):  # below threshold: not the secret
+        shamir.combine(two, 2)
+
+
+@pytest.mark.parametrize(
+    ("clip", "bits"), [(0.0, 30), (-1.0, 30), (float("nan"), 30), (1.0, 32), (1.0, 4)]
+)
+def test_bad_quantisation_ranges_are_refused(clip, bits):
+    with pytest.raises(ValueError):
+        check_ranges(clip, bits, 5)
+
+
+def test_weighting_cannot_overflow_the_modulus():
+    # Extreme weights and values at the clipping bound: the sum still decodes.
+    weights = {"1": 1e12, "2": 1.0, "3": 3.0}
+    share = fractions(weights)
+    total = np.zeros(100, np.uint32)
+    for fraction in share.values():
+        encoded, clipped = encode(np.full(100, 1e9, np.float32), fraction, 16.0, 31)
+        assert clipped == 100
+        total += encoded
+    assert np.allclose(decode(total, 1.0, 16.0, 31), 16.0, atol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        fractions({"1": 0.0, "2": 1.0})
+    with pytest.raises(ValueError, match="fraction"):
+        encode(np.zeros(3), 1.5, 16.0, 30)
