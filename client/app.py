@@ -160,6 +160,8 @@ def train(msg: Message, context: Context) -> Message:
         examples=len(s.site.train),
         skipped_files=len(s.site.problems),
         sent_arrays={k: list(a.shape) for k, a in arrays.items()},
+        masked=s.cfg.secure_aggregation,
+        clipped_to_norm=float(config[KEY_CLIPPING_NORM]) if KEY_CLIPPING_NORM in config else None,
         sent_metrics=sorted([*metrics, "skipped-files"]),
     )
     telemetry.record_training(

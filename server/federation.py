@@ -102,6 +102,7 @@ class FederatedRun:
         self.run_id = run_id
         self.event = event
         self.sampled = 0
+        self.secure_summary: dict[str, Any] | None = None
 
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
         cfg = self.cfg
@@ -198,6 +199,11 @@ class FederatedRun:
         self.telemetry.secure_round(
             outcome.stage_seconds, [why.split(":")[0] for why in outcome.failed.values()]
         )
+        self.secure_summary = {
+            "stage-seconds": {k: round(v, 3) for k, v in outcome.stage_seconds.items()},
+            "survivors": len(outcome.replies),
+            "clipped-values": outcome.clipped_values,
+        }
         averaged = ArrayRecord(
             {
                 key: Array((arrays[key].numpy() + outcome.mean_update[key]).astype(np.float32))
@@ -351,6 +357,7 @@ class FederatedRun:
                 "replied": replied,
                 "failed": sorted(failed),
                 "failures": failed,
+                **({"secure-aggregation": self.secure_summary} if server_round else {}),
             }
         )
         counts = {

@@ -206,7 +206,8 @@ def test_authenticated_federation_end_to_end(consortium):
     _wait(lambda: len(_online(c)) == 3, 120, "three hospitals online")
 
     tiny = "image-size=32 model-width=4 model-depth=2 node-wait-seconds=30.0"
-    run_id = _run(c, f"num-server-rounds=2 min-nodes=3 {tiny}")
+    # secure aggregation through real SuperNodes: protocol state lives in each node's context
+    run_id = _run(c, f"num-server-rounds=2 min-nodes=3 secure-aggregation=true {tiny}")
     run = _flwr(c["env"], "ls", "consortium", "--run-id", run_id)["runs"][0]
     assert run["status"] == "finished:completed"
     assert set(_online(c)) == set(registered.values()), "the unregistered key stays out"
@@ -230,6 +231,7 @@ def test_authenticated_federation_end_to_end(consortium):
     assert cfg.num_server_rounds == 2 and sum(p.numel() for p in net.parameters()) > 0
     metrics = json.loads((pulled / "metrics.json").read_text())
     assert all(r["replied"] == SITES for r in metrics["rounds"])
+    assert all(r["secure-aggregation"]["survivors"] == 3 for r in metrics["rounds"][1:])
 
     # quorum: four hospitals required, three connected -> a clean failure naming the count
     failing = _run(c, f"num-server-rounds=1 min-nodes=4 {tiny.replace('30.0', '4.0')}")

@@ -49,7 +49,9 @@ def test_prometheus_scrapes_a_running_simulation(tmp_path):
     simulation = subprocess.Popen(
         [sys.executable, "-m", "medfed.server.cli", "simulate", "--rounds", "2", "--sites", "3",
          "--images-per-site", "20", "--out", str(tmp_path / "run"),
-         "--metrics-port", str(metrics_port), "--metrics-linger", "6", *TINY],
+         "--metrics-port", str(metrics_port), "--metrics-linger", "6", *TINY,
+         # with secure aggregation and DP on, their stage, dropout and budget metrics appear too
+         "-c", "secure-aggregation=true", "-c", "dp.mode=client", "-c", "dp.noise-multiplier=0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -81,6 +83,19 @@ def test_prometheus_scrapes_a_running_simulation(tmp_path):
             prom_port, 'last_over_time(medfed_site_validation_metric{metric="dice"}[10m])'
         )
         assert len(dice) == 3 and all("pid" not in r["metric"] for r in dice)
+
+        stages = _query(
+            prom_port,
+            "max_over_time(medfed_secagg_stage_duration_seconds_count[10m])",
+        )
+        assert {r["metric"]["stage"]: float(r["value"][1]) for r in stages} == {
+            "advertise": 2.0, "share": 2.0, "upload": 2.0, "unmask": 2.0,
+        }  # fmt: skip
+        epsilon = _query(prom_port, "last_over_time(medfed_dp_epsilon[10m])")
+        spent = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+        per_round = [r["global"]["dp-epsilon"] for r in spent[1:]]
+        assert 0 < per_round[0] < per_round[1]
+        assert [float(r["value"][1]) for r in epsilon] == [pytest.approx(per_round[1])]
     finally:
         for process in (simulation, prometheus):
             if process.poll() is None:

@@ -2,6 +2,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.config import flatten_dict
 
 from medfed.shared_models.config import ConfigError, RunConfig
 
@@ -9,7 +10,10 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_defaults_are_the_schema_defaults():
-    flower_defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    # Flower flattens nested tables ([...config.dp] mode -> "dp.mode") as medfed's keys are.
+    flower_defaults = flatten_dict(
+        tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    )
     schema = RunConfig().to_mapping()
     assert flower_defaults == schema
     resolved = RunConfig.from_mapping(flower_defaults)

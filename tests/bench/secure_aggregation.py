@@ -1,0 +1,293 @@
+"""Round time and peak memory: plain FedAvg vs medfed's SecAgg+ vs Flower's legacy SecAgg+.
+
+    python tests/bench/secure_aggregation.py [--models 7m,60m] [--clients 4,8] [--rounds 2]
+
+Every case is the same simulated federation (Flower's simulation engine, Ray,
+one CPU per hospital) in a fresh process: hospitals do no training (they
+return the received weights scaled by 1.0001), so the round time is the cost
+of the federation itself: messages, masking, aggregation. Memory is the
+machine's peak in use above the idle level while the case runs (Ray's
+workers and object store included). Writes a Markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = {"7m": "DenseNet121 (2D)", "60m": "ResNet-152 (2D)"}
+MODES = ("plain", "medfed", "flower")
+GIB = 2**30
+
+
+def model_arrays(name: str) -> dict[str, np.ndarray]:
+    from monai.networks.nets import DenseNet121, resnet152
+
+    if name == "7m":
+        net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)
+    else:
+        net = resnet152(spatial_dims=2, n_input_channels=1, num_classes=3)
+    return {
+        k: v.detach().numpy().copy() for k, v in net.state_dict().items() if v.is_floating_point()
+    }
+
+
+def run_case(mode: str, model: str, clients: int, rounds: int, result_path: Path) -> None:
+    """One federation in this process; per-round seconds go to `result_path`."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    start = model_arrays(model)
+    server, client = {"plain": _plain, "medfed": _medfed, "flower": _flower}[mode](
+        start, clients, rounds, result_path
+    )
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+
+
+def _scaled(arrays):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(a.numpy() * np.float32(1.0001)) for k, a in arrays.items()})
+
+
+def _wait(grid, clients: int) -> None:
+    while len(list(grid.get_node_ids())) < clients:
+        time.sleep(0.2)
+
+
+def _message_api_apps(start, clients, rounds, result_path, secure: bool):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    from medfed.client import secure_stage
+    from medfed.server.secure_round import SecureAggregation
+    from medfed.shared_models.config import RunConfig
+
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        cfg = RunConfig.from_mapping(
+            {"secure-aggregation": secure, "min-nodes": clients, "round-timeout-seconds": 3600.0}
+        )
+        strategy = FedAvg(
+            fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients
+        )
+        arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+        _wait(grid, clients)
+        seconds = []
+        for server_round in range(1, rounds + 1):
+            began = time.perf_counter()
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            if secure:
+                template = {k: tuple(a.shape) for k, a in arrays.items()}
+                outcome = SecureAggregation(grid, cfg, context.run_id).train_round(
+                    server_round, messages, template
+                )
+                averaged = ArrayRecord(
+                    {k: Array(arrays[k].numpy() + outcome.mean_update[k]) for k in arrays}
+                )
+                for reply in outcome.replies:
+                    reply.content["arrays"] = averaged
+                replies = outcome.replies
+            else:
+                replies = list(grid.send_and_receive(messages))
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            seconds.append(time.perf_counter() - began)
+        result_path.write_text(json.dumps(seconds))
+
+    @client.train()
+    def train(msg, context):
+        trained = _scaled(msg.content["arrays"])
+        metrics = {"num-examples": 10}
+        if "secagg" in msg.content:
+            trained, metrics["secagg-clipped-values"] = secure_stage.masked_update(
+                msg, context, msg.content["arrays"], trained
+            )
+        content = RecordDict({"arrays": trained, "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @client.train("secagg_advertise")
+    def advertise(msg, context):
+        return secure_stage.advertise(msg, context, 10.0)
+
+    @client.train("secagg_share")
+    def share(msg, context):
+        return secure_stage.share(msg, context)
+
+    @client.train("secagg_unmask")
+    def unmask(msg, context):
+        return secure_stage.unmask(msg, context)
+
+    return server, client
+
+
+def _plain(start, clients, rounds, result_path):
+    return _message_api_apps(start, clients, rounds, result_path, secure=False)
+
+
+def _medfed(start, clients, rounds, result_path):
+    return _message_api_apps(start, clients, rounds, result_path, secure=True)
+
+
+def _flower(start, clients, rounds, result_path):
+    """Flower's own SecAgg+ (legacy API), same threshold and neighbourhood as medfed's."""
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    class Returning(NumPyClient):
+        def fit(self, parameters, config):
+            return [p * np.float32(1.0001) for p in parameters], 10, {}
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        strategy = FedAvg(
+            fraction_evaluate=0.0,
+            min_fit_clients=clients,
+            min_available_clients=clients,
+            initial_parameters=ndarrays_to_parameters(list(start.values())),
+        )
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
+        workflow = DefaultWorkflow(
+            fit_workflow=SecAggPlusWorkflow(
+                num_shares=clients, reconstruction_threshold=clients // 2 + 1
+            )
+        )
+        _wait(grid, clients)
+        began = time.perf_counter()
+        workflow(grid, legacy)
+        total = time.perf_counter() - began
+        result_path.write_text(json.dumps([total / rounds] * rounds))
+
+    client = ClientApp(client_fn=lambda context: Returning().to_client(), mods=[secaggplus_mod])
+    return server, client
+
+
+def _memory_in_use() -> int:
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":")
+        values[key] = int(value.split()[0]) * 1024
+    return values["MemTotal"] - values["MemAvailable"]
+
+
+def measure(mode: str, model: str, clients: int, rounds: int) -> dict:
+    """Run one case in a child process; sample memory; stop it if the machine runs low."""
+    idle = _memory_in_use()
+    with tempfile.TemporaryDirectory() as folder:
+        result_path = Path(folder) / "seconds.json"
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--case", mode, model, str(clients), str(rounds),
+             str(result_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        peak, low_memory = 0, False
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak, low_memory
+            while not stop.is_set():
+                used = _memory_in_use()
+                peak = max(peak, used)
+                available = (
+                    int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0])
+                    * 1024
+                )
+                if available < 1.5 * GIB:
+                    low_memory = True
+                    os.killpg(child.pid, 9)
+                    return
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, stderr = child.communicate()
+        stop.set()
+        sampler.join()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        if low_memory:
+            return {
+                "error": f"stopped: over {(peak - idle) / GIB:.1f} GiB, machine memory exhausted"
+            }
+        if child.returncode != 0 or not result_path.exists():
+            return {"error": stderr.decode()[-400:]}
+        seconds = json.loads(result_path.read_text())
+    return {"seconds": float(np.mean(seconds)), "peak_gib": (peak - idle) / GIB}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="7m,60m")
+    parser.add_argument("--clients", default="4,8")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        mode, model, clients, rounds, path = args.case
+        run_case(mode, model, int(clients), int(rounds), Path(path))
+        return
+    results = []
+    for model in args.models.split(","):
+        params = sum(a.size for a in model_arrays(model).values())
+        for clients in (int(c) for c in args.clients.split(",")):
+            row = {"model": f"{MODELS[model]}, {params / 1e6:.1f}M", "clients": clients}
+            for mode in args.modes.split(","):
+                row[mode] = measure(mode, model, clients, args.rounds)
+                print(f"{row['model']} x{clients} {mode}: {row[mode]}", file=sys.stderr, flush=True)
+            results.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(
+        "| model | hospitals | plain FedAvg s/round | medfed SecAgg+ s/round (× plain) "
+        "| Flower SecAgg+ s/round (× plain) | peak GiB plain / medfed / Flower |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in results:
+
+        def cell(mode: str, row=row) -> str:
+            got = row.get(mode, {})
+            if "seconds" not in got:
+                return got.get("error", "-").splitlines()[-1][:60] if got else "-"
+            ratio = (
+                got["seconds"] / row["plain"]["seconds"]
+                if "seconds" in row.get("plain", {})
+                else float("nan")
+            )
+            return f"{got['seconds']:.2f} ({ratio:.2f}×)"
+
+        memory = " / ".join(
+            f"{row[m]['peak_gib']:.1f}" if "peak_gib" in row.get(m, {}) else "-" for m in MODES
+        )
+        plain = f"{row['plain']['seconds']:.2f}" if "seconds" in row.get("plain", {}) else "-"
+        cells = [row["model"], str(row["clients"]), plain, cell("medfed"), cell("flower"), memory]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
