@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from logging import WARNING
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,7 +36,7 @@ from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.device import pick_device
 from medfed.shared_models.tasks import TASKS
-from medfed.shared_models.weights import load_record, to_record
+from medfed.shared_models.weights import exchanged_arrays, load_record
 
 app = ClientApp()
 
@@ -133,17 +134,21 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(s.site.train),
         "generated-images": len(extra),
     }
-    arrays = to_record(s.net.cpu())
+    trained = exchanged_arrays(s.net.cpu())
     metrics["aggregation-weight"] = aggregation_weight(s)
     config = msg.content["config"]
+    start_arrays = {key: array.numpy() for key, array in msg.content["arrays"].items()}
     if KEY_CLIPPING_NORM in config:
-        arrays, norm_bit = clip_update(
-            msg.content["arrays"], arrays, float(config[KEY_CLIPPING_NORM]), s.cfg.dp_adaptive
+        norm_bit = clip_update(
+            start_arrays, trained, float(config[KEY_CLIPPING_NORM]), s.cfg.dp_adaptive
         )
         if s.cfg.dp_adaptive:
             metrics[KEY_NORM_BIT] = int(norm_bit)
+    arrays = ArrayRecord({key: Array(values) for key, values in trained.items()})
     if s.cfg.secure_aggregation:
-        arrays, clipped = secure_stage.masked_update(msg, context, msg.content["arrays"], arrays)
+        arrays, clipped = secure_stage.masked_update(
+            msg, context, start_arrays, trained, metrics["aggregation-weight"]
+        )
         metrics["secagg-clipped-values"] = clipped
         if clipped:
             log(
@@ -186,27 +191,28 @@ def aggregation_weight(s: _Site) -> float:
 
 
 def clip_update(
-    global_arrays: ArrayRecord, trained: ArrayRecord, clipping_norm: float, adaptive: bool
-) -> tuple[ArrayRecord, bool]:
+    start: dict[str, np.ndarray],
+    trained: dict[str, np.ndarray],
+    clipping_norm: float,
+    adaptive: bool,
+) -> bool:
     """Flower's DP clipping of (trained - global) to `clipping_norm`, before any masking.
 
     Flower's fixedclipping_mod/adaptiveclipping_mod do the same on the reply,
-    but a mod runs after this handler, i.e. after masking; clipping must come first.
+    but a mod runs after this handler, i.e. after masking; clipping must come
+    first. `trained` is clipped in place; returns Flower's norm bit (clipped or not).
     """
-    keys = list(global_arrays.keys())
-    values = [trained[k].numpy() for k in keys]
-    start = [global_arrays[k].numpy() for k in keys]
+    keys = list(start)
+    values = [trained[k] for k in keys]
+    origin = [start[k] for k in keys]
     if adaptive:
-        norm_bit = compute_adaptive_clip_model_update(values, start, clipping_norm)
+        norm_bit = compute_adaptive_clip_model_update(values, origin, clipping_norm)
     else:
-        compute_clip_model_update(values, start, clipping_norm)
+        compute_clip_model_update(values, origin, clipping_norm)
         norm_bit = False
-    return ArrayRecord(
-        {
-            k: Array(v.astype(start[i].dtype))
-            for i, (k, v) in enumerate(zip(keys, values, strict=True))
-        }
-    ), norm_bit
+    for key, clipped in zip(keys, values, strict=True):
+        trained[key] = clipped.astype(start[key].dtype, copy=False)
+    return norm_bit
 
 
 @app.train("secagg_advertise")

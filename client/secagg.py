@@ -11,7 +11,7 @@ too low to protect it or into revealing both secrets of one neighbour.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord
@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import (
     MaskStream,
+    Scratch,
     derive,
     new_private_key,
     open_sealed,
@@ -157,10 +158,8 @@ class SecAggClient:
             self.state[f"share-sk.{sender}"] = plain[shamir.SHARE_BYTES :]
         self.state["senders"] = sorted(sealed)
 
-    def mask(
-        self, server_round: int, update: Iterable[tuple[str, np.ndarray]]
-    ) -> tuple[dict[str, np.ndarray], int]:
-        """The masked encoding of (key, update array) pairs, and how many values were clipped.
+    def mask(self, server_round: int, update: np.ndarray) -> tuple[np.ndarray, int]:
+        """The masked encoding of the flat float update, and how many values were clipped.
 
         Pairwise masks are added for exactly the neighbours whose shares
         arrived: those are the ones the coordinator can account for.
@@ -168,34 +167,29 @@ class SecAggClient:
         self._check_round(server_round)
         me = str(self.state["node"])
         run = int(self.state["run"])
-        streams = [(MaskStream(self.state["seed"]), True)]
+        masked, clipped = encode(
+            update,
+            float(self.state["fraction"]),
+            float(self.state["clipping-range"]),
+            int(self.state["bits"]),
+        )
+        scratch = Scratch()
+        MaskStream(self.state["seed"]).apply(masked, True, scratch)
         for other in self.state.get("senders", []):
             seed = derive(
                 self.state["s-sk"], self.state[f"s-pk.{other}"], mask_purpose(run, server_round)
             )
-            streams.append((MaskStream(seed), pairwise_sign(me, other)))
-        masked, clipped = {}, 0
-        for name, values in update:
-            encoded, count = encode(
-                values,
-                float(self.state["fraction"]),
-                float(self.state["clipping-range"]),
-                int(self.state["bits"]),
-            )
-            clipped += count
-            for stream, add in streams:
-                if add:
-                    encoded += stream.next(encoded.size)
-                else:
-                    encoded -= stream.next(encoded.size)
-            masked[name] = encoded.reshape(np.shape(values))
+            MaskStream(seed).apply(masked, pairwise_sign(me, other), scratch)
         self.state["masked"] = True
         return masked, clipped
 
     def unmask(
         self, server_round: int, survivors: list[str], dropped: list[str]
     ) -> dict[str, bytes]:
-        """Seed shares of surviving neighbours, key shares of dropped ones; never both."""
+        """Seed shares of surviving neighbours, key shares of dropped ones; never both.
+
+        The state is deleted by the caller right after: asking again gets nothing.
+        """
         self._check_round(server_round)
         me = str(self.state["node"])
         if not self.state.get("masked"):

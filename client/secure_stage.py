@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from medfed.client.secagg import SecAggClient, SecAggRefused
+from medfed.shared_models.secagg.vector import flatten
 
 STATE_KEY = "medfed-secagg"
 
@@ -26,10 +28,15 @@ def _round(msg: Message) -> int:
     return int(msg.content["config"]["server-round"])
 
 
+def _start(context: Context, server_round: int) -> dict[str, bytes]:
+    client, public = SecAggClient.start(context.run_id, server_round, str(context.node_id))
+    context.state[STATE_KEY] = client.state
+    return public
+
+
 def advertise(msg: Message, context: Context, weight: float) -> Message:
     """Fresh key pairs for the round; the public halves and the aggregation weight go back."""
-    client, public = SecAggClient.start(context.run_id, _round(msg), str(context.node_id))
-    context.state[STATE_KEY] = client.state
+    public = _start(context, _round(msg))
     content = RecordDict(
         {
             "secagg": ConfigRecord(public),
@@ -49,7 +56,8 @@ def share(msg: Message, context: Context) -> Message:
         for key in secagg
         if key.startswith("c-pk.")
     }
-    sealed = _client(context).share_keys(
+    client = _client(context)
+    sealed = client.share_keys(
         _round(msg),
         xs,
         neighbours,
@@ -58,22 +66,42 @@ def share(msg: Message, context: Context) -> Message:
         float(config["clipping-range"]),
         int(config["quantization-bits"]),
     )
+    client.state["weight"] = float(config["weight"])  # what the coordinator weighs us by
     content = RecordDict({"secagg": ConfigRecord({f"to.{n}": c for n, c in sealed.items()})})
     return Message(content=content, reply_to=msg)
 
 
+MASKED_KEY = "masked"
+
+
 def masked_update(
-    msg: Message, context: Context, global_arrays: ArrayRecord, trained: ArrayRecord
+    msg: Message,
+    context: Context,
+    start: Mapping[str, np.ndarray],
+    trained: Mapping[str, np.ndarray],
+    weight: float,
 ) -> tuple[ArrayRecord, int]:
-    """The masked encoding of (trained - global), and the count of clipped values."""
+    """The masked encoding of (trained - start) as one flat uint32 array, and the
+    count of clipped values. `start` holds the received global arrays, in order;
+    `weight` is this hospital's aggregation weight now."""
     client = _client(context)
+    if float(client.state["weight"]) != weight:
+        raise SecAggRefused(
+            f"the coordinator weighs this hospital by {client.state['weight']:g}, but its "
+            f"aggregation weight is now {weight:g} (site data changed); it rejoins next round"
+        )
     inbox = msg.content["secagg"]
     client.receive_shares(
         _round(msg), {key[5:]: value for key, value in inbox.items() if key.startswith("from.")}
     )
-    update = ((key, trained[key].numpy() - global_arrays[key].numpy()) for key in global_arrays)
-    masked, clipped = client.mask(_round(msg), update)
-    return ArrayRecord({key: Array(values) for key, values in masked.items()}), clipped
+    keys = list(start)
+    update = flatten(trained, keys)
+    update -= flatten(start, keys)
+    try:
+        masked, clipped = client.mask(_round(msg), update)
+    except ValueError as err:
+        raise ValueError(f"this hospital's update cannot be sent: {err}") from err
+    return ArrayRecord({MASKED_KEY: Array(masked)}), clipped
 
 
 def unmask(msg: Message, context: Context) -> Message:
@@ -83,4 +111,7 @@ def unmask(msg: Message, context: Context) -> Message:
         _round(msg), list(config["survivors"]), list(config["dropped"])
     )
     del context.state[STATE_KEY]
+    if "next-round" in config:  # fresh keys for the next round ride along
+        public = _start(context, int(config["next-round"]))
+        shares.update({f"next.{name}": key for name, key in public.items()})
     return Message(content=RecordDict({"secagg": ConfigRecord(shares)}), reply_to=msg)

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
+from medfed.server.messaging import send_and_receive
 from medfed.server.run_record import RunRecord
 from medfed.server.secagg import SecAggAbort
 from medfed.server.secure_round import SecureAggregation
@@ -103,6 +104,7 @@ class FederatedRun:
         self.event = event
         self.sampled = 0
         self.secure_summary: dict[str, Any] | None = None
+        self.secure: SecureAggregation | None = None
 
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
         cfg = self.cfg
@@ -187,7 +189,9 @@ class FederatedRun:
                 ),
             )
 
-        secure = SecureAggregation(self.grid, self.cfg, self.run_id, traffic)
+        if self.secure is None:  # one per run: it carries next round's keys over
+            self.secure = SecureAggregation(self.grid, self.cfg, self.run_id, traffic)
+        secure = self.secure
         template = {key: tuple(array.shape) for key, array in arrays.items()}
         try:
             outcome = secure.train_round(server_round, messages, template)
@@ -264,7 +268,7 @@ class FederatedRun:
         messages = list(messages)
         sampled = {m.metadata.dst_node_id for m in messages}
         self.sampled = len(sampled)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_seconds))
+        replies = send_and_receive(self.grid, messages, self.cfg.round_timeout_seconds)
         self.telemetry.traffic(
             sent=record_bytes(r for m in messages for r in m.content.array_records.values()),
             received=record_bytes(

@@ -16,8 +16,9 @@ import numpy as np
 
 from medfed.client.secagg import mask_purpose, minimum_threshold, pairwise_sign
 from medfed.shared_models.secagg import shamir
-from medfed.shared_models.secagg.primitives import MaskStream, derive
+from medfed.shared_models.secagg.primitives import MaskStream, Scratch, derive
 from medfed.shared_models.secagg.quantize import check_ranges, decode
+from medfed.shared_models.secagg.vector import split
 
 
 class SecAggAbort(RuntimeError):
@@ -88,22 +89,18 @@ class MaskedSum:
         check_ranges(clipping_range, bits, participants)
         self.template = dict(template)
         self.clipping_range, self.bits = clipping_range, bits
-        self.total = {k: np.zeros(shape, dtype=np.uint32) for k, shape in self.template.items()}
+        self.size = sum(int(np.prod(shape)) for shape in self.template.values())
+        self.total = np.zeros(self.size, dtype=np.uint32)
         self.added: list[str] = []
 
-    def problems(self, masked: Mapping[str, np.ndarray]) -> list[str]:
-        """Why an upload cannot be added (wrong keys, shapes or types); empty if it can."""
-        if set(masked) != set(self.template):
-            return [f"arrays {sorted(set(masked) ^ set(self.template))[:3]} do not match the model"]
-        return [
-            f"'{k}' is {v.dtype}{tuple(v.shape)}, expected uint32{self.template[k]}"
-            for k, v in masked.items()
-            if v.dtype != np.uint32 or tuple(v.shape) != self.template[k]
-        ]
+    def problems(self, masked: np.ndarray) -> list[str]:
+        """Why an upload cannot be added (wrong type or length); empty if it can."""
+        if masked.dtype != np.uint32 or masked.shape != (self.size,):
+            return [f"masked update is {masked.dtype}{masked.shape}, expected uint32({self.size},)"]
+        return []
 
-    def add(self, node: str, masked: Mapping[str, np.ndarray]) -> None:
-        for key, values in masked.items():
-            self.total[key] += values
+    def add(self, node: str, masked: np.ndarray) -> None:
+        self.total += masked
         self.added.append(node)
 
     def unmask(
@@ -132,18 +129,11 @@ class MaskedSum:
                     seed = derive(secret, public_mask_keys[other], mask_purpose(run, server_round))
                     # `other` added the pair's mask when its sign is positive: undo that.
                     streams.append((MaskStream(seed), not pairwise_sign(other, node)))
-        mean = {}
-        for key, total in self.total.items():
-            flat = total.ravel()
-            for stream, add in streams:
-                if add:
-                    flat += stream.next(flat.size)
-                else:
-                    flat -= stream.next(flat.size)
-            mean[key] = decode(flat, fraction_sum, self.clipping_range, self.bits).reshape(
-                self.template[key]
-            )
-        return mean
+        scratch = Scratch()
+        for stream, add in streams:
+            stream.apply(self.total, add, scratch)
+        mean = decode(self.total, fraction_sum, self.clipping_range, self.bits)
+        return split(mean, self.template)
 
     @staticmethod
     def _rebuild(

@@ -18,6 +18,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from medfed.client.secure_stage import MASKED_KEY
+from medfed.server.messaging import send_and_receive
 from medfed.server.secagg import MaskedSum, RoundPlan, SecAggAbort, fractions, plan_round
 from medfed.shared_models.config import RunConfig
 
@@ -52,6 +54,11 @@ class SecureAggregation:
     ) -> None:
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
         self.on_traffic = on_traffic
+        # Keys for the next round arrive with this round's unmask replies, so a
+        # hospital that stays in the federation skips the advertise exchange.
+        self.next_round = 0
+        self.next_keys: dict[str, tuple[bytes, bytes]] = {}
+        self.weights: dict[str, float] = {}
 
     def train_round(
         self,
@@ -64,27 +71,33 @@ class SecureAggregation:
         by_node = {str(m.metadata.dst_node_id): m for m in train_messages}
 
         started = time.monotonic()
-        ads = self._exchange(
-            ADVERTISE,
-            {node: self._content(server_round) for node in by_node},
-            result,
-        )
-        keys = {n: (r["secagg"]["c-pk"], r["secagg"]["s-pk"]) for n, r in ads.items()}
-        weights = {n: float(r["metrics"]["aggregation-weight"]) for n, r in ads.items()}
-        self._require(ads, server_round, ADVERTISE, result)
+        keys = {
+            node: self.next_keys[node]
+            for node in by_node
+            if self.next_round == server_round and node in self.next_keys
+        }
+        unknown = [node for node in by_node if node not in keys]
+        if unknown:
+            ads = self._exchange(
+                ADVERTISE, {node: self._content(server_round) for node in unknown}, result
+            )
+            for node, reply in ads.items():
+                keys[node] = (reply["secagg"]["c-pk"], reply["secagg"]["s-pk"])
+                self.weights[node] = float(reply["metrics"]["aggregation-weight"])
+            result.stage_seconds[ADVERTISE] = time.monotonic() - started
+        self._require(keys, server_round, ADVERTISE, result)
         try:
-            plan = plan_round(list(ads), cfg.secagg_neighbours, cfg.secagg_threshold)
+            plan = plan_round(list(keys), cfg.secagg_neighbours, cfg.secagg_threshold)
         except ValueError as err:
             raise SecAggAbort(f"round {server_round}: {err}") from err
-        fraction = fractions(weights)
-        result.stage_seconds[ADVERTISE] = time.monotonic() - started
+        fraction = fractions({node: self.weights[node] for node in keys})
 
         started = time.monotonic()
         shared = self._exchange(
             SHARE,
             {
                 node: self._share_content(server_round, plan, node, keys, fraction[node])
-                for node in ads
+                for node in keys
             },
             result,
         )
@@ -112,7 +125,11 @@ class SecureAggregation:
         )
         uploaded = self._exchange(UPLOAD, uploads, result, keep_messages=True)
         for node, reply in uploaded.items():
-            masked = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+            arrays = reply.content["arrays"]
+            if list(arrays) != [MASKED_KEY]:
+                result.failed[int(node)] = f"{UPLOAD}: expected one '{MASKED_KEY}' array"
+                continue
+            masked = arrays[MASKED_KEY].numpy()
             problems = summed.problems(masked)
             if problems:
                 result.failed[int(node)] = f"{UPLOAD}: rejected masked update: " + "; ".join(
@@ -121,6 +138,7 @@ class SecureAggregation:
                 continue
             summed.add(node, masked)
             result.replies.append(reply)
+            self.weights[node] = float(reply.content["metrics"]["aggregation-weight"])
             result.clipped_values += int(reply.content["metrics"].get("secagg-clipped-values", 0))
         survivors = list(summed.added)
         dropped = sorted(set(shared) - set(survivors), key=int)
@@ -128,13 +146,23 @@ class SecureAggregation:
         result.stage_seconds[UPLOAD] = time.monotonic() - started
 
         started = time.monotonic()
-        unmask_config = {"survivors": survivors, "dropped": dropped}
+        unmask_config = {
+            "survivors": survivors,
+            "dropped": dropped,
+            "next-round": server_round + 1,
+        }
         answers = self._exchange(
             UNMASK,
             {node: self._content(server_round, unmask_config) for node in survivors},
             result,
         )
         responses = {node: dict(reply["secagg"]) for node, reply in answers.items()}
+        self.next_round = server_round + 1
+        self.next_keys = {
+            node: (reply["next.c-pk"], reply["next.s-pk"])
+            for node, reply in responses.items()
+            if "next.c-pk" in reply
+        }
         try:
             result.mean_update = summed.unmask(
                 plan,
@@ -172,6 +200,7 @@ class SecureAggregation:
             {
                 "threshold": plan.threshold,
                 "fraction": fraction,
+                "weight": self.weights[node],
                 "clipping-range": self.cfg.secagg_clipping_range,
                 "quantization-bits": self.cfg.secagg_quantization_bits,
             },
@@ -192,7 +221,7 @@ class SecureAggregation:
             Message(content=content, dst_node_id=int(node), message_type=message_type)
             for node, content in contents.items()
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_seconds))
+        replies = send_and_receive(self.grid, messages, self.cfg.round_timeout_seconds)
         self.on_traffic(messages, replies)
         good: dict = {}
         for reply in replies:

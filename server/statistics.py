@@ -12,6 +12,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from medfed.server.messaging import send_and_receive
+
 SPARK = " ▁▂▃▄▅▆▇█"
 
 
@@ -26,7 +28,7 @@ def request_statistics(
         )
         for node in node_ids
     ]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    return send_and_receive(grid, messages, timeout)
 
 
 def format_statistics(

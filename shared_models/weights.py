@@ -20,12 +20,15 @@ def exchanged_keys(net: nn.Module) -> list[str]:
     return [k for k, v in net.state_dict().items() if torch.is_floating_point(v)]
 
 
+def exchanged_arrays(net: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The exchanged part of the network's weights as NumPy arrays (copies), in order."""
+    state = net.state_dict()
+    return OrderedDict((k, state[k].detach().cpu().numpy().copy()) for k in exchanged_keys(net))
+
+
 def to_record(net: nn.Module) -> ArrayRecord:
     """The exchanged part of the network's weights, as float32-preserving arrays."""
-    state = net.state_dict()
-    return ArrayRecord(
-        OrderedDict((k, Array(state[k].detach().cpu().numpy())) for k in exchanged_keys(net))
-    )
+    return ArrayRecord(OrderedDict((k, Array(v)) for k, v in exchanged_arrays(net).items()))
 
 
 def load_record(net: nn.Module, record: ArrayRecord) -> None:

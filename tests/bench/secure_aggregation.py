@@ -58,12 +58,6 @@ def run_case(mode: str, model: str, clients: int, rounds: int, result_path: Path
     )
 
 
-def _scaled(arrays):
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array(a.numpy() * np.float32(1.0001)) for k, a in arrays.items()})
-
-
 def _wait(grid, clients: int) -> None:
     while len(list(grid.get_node_ids())) < clients:
         time.sleep(0.2)
@@ -91,36 +85,41 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool):
         )
         arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
         _wait(grid, clients)
-        seconds = []
+        seconds, stages = [], []
+        secagg = SecureAggregation(grid, cfg, context.run_id)
         for server_round in range(1, rounds + 1):
             began = time.perf_counter()
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             if secure:
                 template = {k: tuple(a.shape) for k, a in arrays.items()}
-                outcome = SecureAggregation(grid, cfg, context.run_id).train_round(
-                    server_round, messages, template
-                )
+                outcome = secagg.train_round(server_round, messages, template)
                 averaged = ArrayRecord(
                     {k: Array(arrays[k].numpy() + outcome.mean_update[k]) for k in arrays}
                 )
                 for reply in outcome.replies:
                     reply.content["arrays"] = averaged
                 replies = outcome.replies
+                stages.append(outcome.stage_seconds)
             else:
                 replies = list(grid.send_and_receive(messages))
             arrays, _ = strategy.aggregate_train(server_round, replies)
             seconds.append(time.perf_counter() - began)
         result_path.write_text(json.dumps(seconds))
+        if stages:
+            print("stage seconds per round:", json.dumps(stages), file=sys.stderr)
 
     @client.train()
     def train(msg, context):
-        trained = _scaled(msg.content["arrays"])
-        metrics = {"num-examples": 10}
+        start = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        trained = {k: v * np.float32(1.0001) for k, v in start.items()}
+        metrics = {"num-examples": 10, "aggregation-weight": 10.0}
         if "secagg" in msg.content:
-            trained, metrics["secagg-clipped-values"] = secure_stage.masked_update(
-                msg, context, msg.content["arrays"], trained
+            arrays, metrics["secagg-clipped-values"] = secure_stage.masked_update(
+                msg, context, start, trained, 10.0
             )
-        content = RecordDict({"arrays": trained, "metrics": MetricRecord(metrics)})
+        else:
+            arrays = ArrayRecord({k: Array(v) for k, v in trained.items()})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     @client.train("secagg_advertise")
@@ -228,7 +227,9 @@ def measure(mode: str, model: str, clients: int, rounds: int) -> dict:
         _, stderr = child.communicate()
         stop.set()
         sampler.join()
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True
+        )
         if low_memory:
             return {
                 "error": f"stopped: over {(peak - idle) / GIB:.1f} GiB, machine memory exhausted"

@@ -8,6 +8,7 @@ record of everything the coordinator receives.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from uuid import uuid4
 
 import numpy as np
 from flwr.app import (
@@ -23,7 +24,6 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.client import secure_stage
-from medfed.client.secagg import SecAggRefused
 from medfed.shared_models.config import RunConfig
 
 RUN_ID = 7
@@ -40,28 +40,38 @@ class SecAggGrid:
         self.contexts = {node: Context(RUN_ID, node, {}, RecordDict(), {}) for node in updates}
         self.drop: dict[str, set[int]] = {}
         self.seen: list[Message] = []  # every reply the coordinator received
+        self.outbox: list[Message] = []
         self.secrets: dict[int, list[bytes]] = {node: [] for node in updates}
         self.tamper: set[tuple[int, int]] = set()  # (receiver, sender) ciphertexts to corrupt
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.updates)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None):
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Handle each message at once; its reply waits to be pulled (ids as Flower sets them)."""
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            ids.append(message.metadata.message_id)
             node = message.metadata.dst_node_id
             stage = message.metadata.message_type.removeprefix("train.secagg_")
             if node in self.drop.get("upload" if stage == "train" else stage, set()):
                 continue
             try:
                 reply = self._handle(stage, message, node)
-            except SecAggRefused as err:
+            except Exception as err:  # Flower turns any ClientApp exception into an error reply
                 reply = Message(
-                    error=Error(code=1, reason=f"SecAggRefused: {err}"), reply_to=message
+                    error=Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message
                 )
-            self.seen.append(reply)
-            replies.append(reply)
-        return replies
+            self.outbox.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        ready = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
+        self.outbox = [m for m in self.outbox if m not in ready]
+        self.seen += ready
+        return ready
 
     def _handle(self, stage: str, message: Message, node: int) -> Message:
         context = self.contexts[node]
@@ -82,11 +92,11 @@ class SecAggGrid:
                     corrupted = bytearray(inbox[key])
                     corrupted[-1] ^= 1
                     inbox[key] = bytes(corrupted)
-            start = message.content["arrays"]
-            trained = ArrayRecord(
-                {k: Array(start[k].numpy() + self.updates[node][k]) for k in start}
+            start = {k: a.numpy() for k, a in message.content["arrays"].items()}
+            trained = {k: start[k] + self.updates[node][k] for k in start}
+            masked, clipped = secure_stage.masked_update(
+                message, context, start, trained, self.weights[node]
             )
-            masked, clipped = secure_stage.masked_update(message, context, start, trained)
             metrics = MetricRecord(
                 {
                     "train-loss": 1.0,
@@ -98,7 +108,10 @@ class SecAggGrid:
             return Message(
                 content=RecordDict({"arrays": masked, "metrics": metrics}), reply_to=message
             )
-        return secure_stage.unmask(message, context)
+        reply = secure_stage.unmask(message, context)
+        state = context.state.config_records[secure_stage.STATE_KEY]  # the next round's keys
+        self.secrets[node] += [state["c-sk"], state["s-sk"]]
+        return reply
 
 
 def train_messages(nodes: Iterable[int], start: dict[str, np.ndarray], server_round: int = 1):
@@ -116,6 +129,6 @@ def train_messages(nodes: Iterable[int], start: dict[str, np.ndarray], server_ro
 
 
 def secure_config(**overrides) -> RunConfig:
-    values = {"secure-aggregation": True, "min-nodes": 2, "round-timeout-seconds": 5.0}
+    values = {"secure-aggregation": True, "min-nodes": 2, "round-timeout-seconds": 0.2}
     values.update(overrides)
     return RunConfig.from_mapping(values)

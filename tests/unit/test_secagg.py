@@ -32,10 +32,11 @@ def random_updates(n: int, seed: int, spread: float = 0.5):
     return updates, weights, start
 
 
-def run_round(grid: SecAggGrid, start, cfg):
-    secure = SecureAggregation(grid, cfg, RUN_ID)
+def run_round(grid: SecAggGrid, start, cfg, secure=None, server_round=1):
+    secure = secure or SecureAggregation(grid, cfg, RUN_ID)
     template = {k: v.shape for k, v in start.items()}
-    return secure.train_round(1, train_messages(grid.get_node_ids(), start), template)
+    messages = train_messages(grid.get_node_ids(), start, server_round)
+    return secure.train_round(server_round, messages, template)
 
 
 def weighted_mean(updates, weights, nodes):
@@ -124,7 +125,8 @@ def test_a_single_masked_upload_is_uniform_mod_2_32():
     grid = SecAggGrid(updates, weights)
     run_round(grid, start, secure_config())
     upload = next(m for m in grid.seen if m.metadata.src_node_id == node and "arrays" in m.content)
-    values = upload.content["arrays"]["fc.weight"].numpy().ravel()
+    values = upload.content["arrays"]["masked"].numpy()
+    assert values.size == sum(int(np.prod(a.shape)) for a in big.values())
     for top_bits in (values >> 24, values & 0xFF):  # high and low bytes
         counts = np.bincount(top_bits.astype(np.int64), minlength=256)
         assert chisquare(counts).pvalue > 1e-4
@@ -144,7 +146,7 @@ def test_the_coordinators_view_holds_no_secret_in_the_clear():
             for array in record.values():
                 seen += array.data
     secrets = [s for node in grid.secrets.values() for s in node]
-    assert len(secrets) == 3 * 4
+    assert len(secrets) == 3 * 4 + 2 * 3  # keys and seeds, and next round's keys of 3 survivors
     for secret in secrets:
         assert secret not in seen
 
@@ -245,3 +247,52 @@ def test_weighting_cannot_overflow_the_modulus():
         fractions({"1": 0.0, "2": 1.0})
     with pytest.raises(ValueError, match="fraction"):
         encode(np.zeros(3), 1.5, 16.0, 30)
+
+
+def test_a_non_finite_update_is_refused_at_the_hospital():
+    updates, weights, start = random_updates(3, seed=9)
+    broken = next(iter(updates))
+    updates[broken]["conv.bias"][0] = np.nan
+    outcome = run_round(SecAggGrid(updates, weights), start, secure_config())
+    assert "NaN or infinite" in outcome.failed[broken]
+    assert len(outcome.replies) == 2
+
+
+def test_next_rounds_keys_ride_with_the_unmask_replies():
+    updates, weights, start = random_updates(4, seed=10)
+    nodes = list(updates)
+    grid = SecAggGrid(updates, weights)
+    cfg = secure_config()
+    secure = SecureAggregation(grid, cfg, RUN_ID)
+    grid.drop["upload"] = {nodes[0]}
+    first = run_round(grid, start, cfg, secure, server_round=1)
+    assert "advertise" in first.stage_seconds
+    grid.drop = {}
+    advertised = []
+    original = grid._handle
+
+    def spy(stage, message, node):
+        if stage == "advertise":
+            advertised.append(node)
+        return original(stage, message, node)
+
+    grid._handle = spy
+    second = run_round(grid, start, cfg, secure, server_round=2)
+    assert advertised == [nodes[0]]  # only the hospital that missed round 1's unmask
+    expected = weighted_mean(updates, weights, nodes)
+    assert np.abs(second.mean_update["fc.weight"] - expected["fc.weight"]).max() < 1e-5
+
+
+def test_a_hospital_whose_weight_changed_sits_the_round_out():
+    updates, weights, start = random_updates(4, seed=11)
+    nodes = list(updates)
+    grid = SecAggGrid(updates, weights)
+    cfg = secure_config()
+    secure = SecureAggregation(grid, cfg, RUN_ID)
+    run_round(grid, start, cfg, secure, server_round=1)
+    grid.weights = {**weights, nodes[1]: weights[nodes[1]] + 1}  # its site gained an image
+    outcome = run_round(grid, start, cfg, secure, server_round=2)
+    assert "site data changed" in outcome.failed[nodes[1]]
+    others = [n for n in nodes if n != nodes[1]]
+    expected = weighted_mean(updates, weights, others)
+    assert np.abs(outcome.mean_update["conv.bias"] - expected["conv.bias"]).max() < 1e-5
