@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from medfed.client.app import clip_update
+from medfed.client.training import clip_update
 from medfed.server.strategies import WEIGHT_KEY, build_strategy
 from medfed.shared_models.config import ConfigError, RunConfig
 
