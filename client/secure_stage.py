@@ -1,21 +1,28 @@
 """The ClientApp side of a secure round: messages in, SecAgg+ steps, messages out.
 
-The protocol state of the round sits in the node's `context.state`, which
-stays on the hospital's machine (Flower keeps it in the SuperNode), and is
-deleted after the unmask step so no secret outlives its round.
+The protocol state sits in the node's `context.state`, which stays on the
+hospital's machine (Flower keeps it in the SuperNode): the current round's
+under STATE_KEY, deleted after its unmask step so no secret outlives its
+round, and the next round's keys under NEXT_KEY from the masked upload on.
+In steady state the next round's keys travel with the masked upload and its
+shares with the unmask reply, so a round costs two exchanges, not four.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
 
 from medfed.client.secagg import SecAggClient, SecAggRefused
 from medfed.shared_models.secagg.vector import flatten
 
 STATE_KEY = "medfed-secagg"
+NEXT_KEY = "medfed-secagg-next"
+MASKED_KEY = "masked"
 
 
 def _client(context: Context) -> SecAggClient:
@@ -28,15 +35,21 @@ def _round(msg: Message) -> int:
     return int(msg.content["config"]["server-round"])
 
 
-def _start(context: Context, server_round: int) -> dict[str, bytes]:
+def _start(context: Context, server_round: int, slot: str) -> dict[str, bytes]:
     client, public = SecAggClient.start(context.run_id, server_round, str(context.node_id))
-    context.state[STATE_KEY] = client.state
+    context.state[slot] = client.state
     return public
+
+
+def _forget(context: Context, slot: str) -> None:
+    if slot in context.state.config_records:
+        del context.state[slot]
 
 
 def advertise(msg: Message, context: Context, weight: float) -> Message:
     """Fresh key pairs for the round; the public halves and the aggregation weight go back."""
-    public = _start(context, _round(msg))
+    _forget(context, NEXT_KEY)
+    public = _start(context, _round(msg), STATE_KEY)
     content = RecordDict(
         {
             "secagg": ConfigRecord(public),
@@ -46,10 +59,8 @@ def advertise(msg: Message, context: Context, weight: float) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def share(msg: Message, context: Context) -> Message:
-    """Encrypted shares of this hospital's secrets, one per neighbour."""
-    config = msg.content["config"]
-    secagg = msg.content["secagg"]
+def _share(context: Context, config: Mapping, secagg: Mapping) -> ConfigRecord:
+    """Encrypted shares of this hospital's secrets, one per neighbour ("to.<node>")."""
     xs = {key[2:]: int(value) for key, value in secagg.items() if key.startswith("x.")}
     neighbours = {
         key[5:]: (secagg[key], secagg[f"s-pk.{key[5:]}"])
@@ -58,7 +69,7 @@ def share(msg: Message, context: Context) -> Message:
     }
     client = _client(context)
     sealed = client.share_keys(
-        _round(msg),
+        int(config["server-round"]),
         xs,
         neighbours,
         int(config["threshold"]),
@@ -67,11 +78,13 @@ def share(msg: Message, context: Context) -> Message:
         int(config["quantization-bits"]),
     )
     client.state["weight"] = float(config["weight"])  # what the coordinator weighs us by
-    content = RecordDict({"secagg": ConfigRecord({f"to.{n}": c for n, c in sealed.items()})})
-    return Message(content=content, reply_to=msg)
+    return ConfigRecord({f"to.{node}": ciphertext for node, ciphertext in sealed.items()})
 
 
-MASKED_KEY = "masked"
+def share(msg: Message, context: Context) -> Message:
+    """The share exchange of a round that was not prepared during the previous one."""
+    sealed = _share(context, msg.content["config"], msg.content["secagg"])
+    return Message(content=RecordDict({"secagg": sealed}), reply_to=msg)
 
 
 def masked_update(
@@ -80,10 +93,13 @@ def masked_update(
     start: Mapping[str, np.ndarray],
     trained: Mapping[str, np.ndarray],
     weight: float,
-) -> tuple[ArrayRecord, int]:
-    """The masked encoding of (trained - start) as one flat uint32 array, and the
-    count of clipped values. `start` holds the received global arrays, in order;
-    `weight` is this hospital's aggregation weight now."""
+) -> tuple[ArrayRecord, int, ConfigRecord]:
+    """The masked encoding of (trained - start) as one flat uint32 array, the count
+    of clipped values, and this hospital's public keys for the next round.
+
+    `start` holds the received global arrays, in order; `weight` is this
+    hospital's aggregation weight now.
+    """
     client = _client(context)
     if float(client.state["weight"]) != weight:
         raise SecAggRefused(
@@ -101,17 +117,30 @@ def masked_update(
         masked, clipped = client.mask(_round(msg), update)
     except ValueError as err:
         raise ValueError(f"this hospital's update cannot be sent: {err}") from err
-    return ArrayRecord({MASKED_KEY: Array(masked)}), clipped
+    public = _start(context, _round(msg) + 1, NEXT_KEY)
+    ahead = ConfigRecord({f"next.{name}": key for name, key in public.items()})
+    return ArrayRecord({MASKED_KEY: Array(masked)}), clipped, ahead
 
 
 def unmask(msg: Message, context: Context) -> Message:
-    """One share per neighbour as the round's outcome requires, then forget the round."""
+    """One share per neighbour as the round's outcome requires, then forget the round;
+    with the next round's plan attached, also that round's encrypted shares."""
     config: Mapping = msg.content["config"]
     shares = _client(context).unmask(
         _round(msg), list(config["survivors"]), list(config["dropped"])
     )
-    del context.state[STATE_KEY]
-    if "next-round" in config:  # fresh keys for the next round ride along
-        public = _start(context, int(config["next-round"]))
-        shares.update({f"next.{name}": key for name, key in public.items()})
-    return Message(content=RecordDict({"secagg": ConfigRecord(shares)}), reply_to=msg)
+    _forget(context, STATE_KEY)
+    content = RecordDict({"secagg": ConfigRecord(shares)})
+    if "next-config" in msg.content.config_records and NEXT_KEY in context.state.config_records:
+        context.state[STATE_KEY] = context.state.config_records[NEXT_KEY]
+        _forget(context, NEXT_KEY)
+        try:
+            content["next-sealed"] = _share(
+                context, msg.content["next-config"], msg.content["next-secagg"]
+            )
+        except (SecAggRefused, ValueError) as err:  # this round's shares still go back
+            log(WARNING, "[medfed] not preparing the next secure round: %s", err)
+            _forget(context, STATE_KEY)
+    else:
+        _forget(context, NEXT_KEY)
+    return Message(content=content, reply_to=msg)

@@ -98,7 +98,11 @@ class _Setup(_Site):
 
 
 def _reply(
-    msg: Message, site: SiteData, metrics: dict[str, float], arrays: ArrayRecord | None
+    msg: Message,
+    site: SiteData,
+    metrics: dict[str, float],
+    arrays: ArrayRecord | None,
+    secagg: ConfigRecord | None = None,
 ) -> Message:
     metrics["skipped-files"] = len(site.problems)
     content = RecordDict(
@@ -106,6 +110,8 @@ def _reply(
     )
     if arrays is not None:
         content["arrays"] = arrays
+    if secagg is not None:
+        content["secagg"] = secagg
     return Message(content=content, reply_to=msg)
 
 
@@ -141,8 +147,9 @@ def train(msg: Message, context: Context) -> Message:
         if s.cfg.dp_adaptive:
             metrics[KEY_NORM_BIT] = int(norm_bit)
     arrays = ArrayRecord({key: Array(values) for key, values in trained.items()})
+    next_keys = None
     if s.cfg.secure_aggregation:
-        arrays, clipped = secure_stage.masked_update(
+        arrays, clipped, next_keys = secure_stage.masked_update(
             msg, context, start_arrays, trained, metrics["aggregation-weight"]
         )
         metrics["secagg-clipped-values"] = clipped
@@ -178,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
         str(s.device),
         torch.cuda.max_memory_allocated(s.device) if s.device.type == "cuda" else 0,
     )
-    return _reply(msg, s.site, metrics, arrays)
+    return _reply(msg, s.site, metrics, arrays, next_keys)
 
 
 def aggregation_weight(s: _Site) -> float:

@@ -42,8 +42,25 @@ def _reason(reply: Message) -> str:
     return (lines[-1] if lines else "unknown error")[:300]
 
 
+@dataclass
+class Prepared:
+    """A round whose keys and shares were already exchanged during the previous one."""
+
+    server_round: int
+    plan: RoundPlan
+    keys: dict[str, tuple[bytes, bytes]]
+    fraction: dict[str, float]
+    shared: dict[str, ConfigRecord]  # node -> its sealed shares ("to.<node>")
+
+
 class SecureAggregation:
-    """Drives the four SecAgg+ exchanges for the round loop."""
+    """Drives the SecAgg+ exchanges for the round loop.
+
+    In steady state a round is two exchanges, not four: each masked upload
+    carries the hospital's public keys for the next round, and each unmask
+    reply carries its encrypted shares for the next round. A round whose
+    sampled hospitals differ from the prepared ones runs all four.
+    """
 
     def __init__(
         self,
@@ -54,10 +71,7 @@ class SecureAggregation:
     ) -> None:
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
         self.on_traffic = on_traffic
-        # Keys for the next round arrive with this round's unmask replies, so a
-        # hospital that stays in the federation skips the advertise exchange.
-        self.next_round = 0
-        self.next_keys: dict[str, tuple[bytes, bytes]] = {}
+        self.prepared: Prepared | None = None
         self.weights: dict[str, float] = {}
 
     def train_round(
@@ -67,50 +81,29 @@ class SecureAggregation:
         template: Mapping[str, tuple[int, ...]],
     ) -> SecureRound:
         result = SecureRound()
-        cfg = self.cfg
         by_node = {str(m.metadata.dst_node_id): m for m in train_messages}
-
-        started = time.monotonic()
-        keys = {
-            node: self.next_keys[node]
-            for node in by_node
-            if self.next_round == server_round and node in self.next_keys
-        }
-        unknown = [node for node in by_node if node not in keys]
-        if unknown:
-            ads = self._exchange(
-                ADVERTISE, {node: self._content(server_round) for node in unknown}, result
-            )
-            for node, reply in ads.items():
-                keys[node] = (reply["secagg"]["c-pk"], reply["secagg"]["s-pk"])
-                self.weights[node] = float(reply["metrics"]["aggregation-weight"])
-            result.stage_seconds[ADVERTISE] = time.monotonic() - started
-        self._require(keys, server_round, ADVERTISE, result)
-        try:
-            plan = plan_round(list(keys), cfg.secagg_neighbours, cfg.secagg_threshold)
-        except ValueError as err:
-            raise SecAggAbort(f"round {server_round}: {err}") from err
-        fraction = fractions({node: self.weights[node] for node in keys})
-
-        started = time.monotonic()
-        shared = self._exchange(
-            SHARE,
-            {
-                node: self._share_content(server_round, plan, node, keys, fraction[node])
-                for node in keys
-            },
-            result,
+        prepared = self.prepared
+        self.prepared = None
+        if not (
+            prepared
+            and prepared.server_round == server_round
+            and set(prepared.shared) == set(by_node)
+        ):
+            prepared = self._set_up(server_round, list(by_node), result)
+        plan, keys, fraction, shared = (
+            prepared.plan,
+            prepared.keys,
+            prepared.fraction,
+            prepared.shared,
         )
-        self._require(shared, server_round, SHARE, result, plan.threshold)
-        result.stage_seconds[SHARE] = time.monotonic() - started
 
         started = time.monotonic()
         uploads = {}
         for node in shared:
             inbox = {
-                f"from.{sender}": reply["secagg"][f"to.{node}"]
-                for sender, reply in shared.items()
-                if f"to.{node}" in reply["secagg"]
+                f"from.{sender}": sealed[f"to.{node}"]
+                for sender, sealed in shared.items()
+                if f"to.{node}" in sealed
             }
             # Flower's strategies share one content object between all their
             # messages: each hospital's inbox needs its own.
@@ -119,11 +112,12 @@ class SecureAggregation:
             uploads[node] = content
         summed = MaskedSum(
             template,
-            cfg.secagg_clipping_range,
-            cfg.secagg_quantization_bits,
+            self.cfg.secagg_clipping_range,
+            self.cfg.secagg_quantization_bits,
             len(plan.participants),
         )
         uploaded = self._exchange(UPLOAD, uploads, result, keep_messages=True)
+        next_keys = {}
         for node, reply in uploaded.items():
             arrays = reply.content["arrays"]
             if list(arrays) != [MASKED_KEY]:
@@ -138,31 +132,38 @@ class SecureAggregation:
                 continue
             summed.add(node, masked)
             result.replies.append(reply)
-            self.weights[node] = float(reply.content["metrics"]["aggregation-weight"])
-            result.clipped_values += int(reply.content["metrics"].get("secagg-clipped-values", 0))
+            metrics = reply.content["metrics"]
+            self.weights[node] = float(metrics["aggregation-weight"])
+            result.clipped_values += int(metrics.get("secagg-clipped-values", 0))
+            if "secagg" in reply.content.config_records:
+                ahead = reply.content.config_records["secagg"]
+                next_keys[node] = (ahead["next.c-pk"], ahead["next.s-pk"])
         survivors = list(summed.added)
         dropped = sorted(set(shared) - set(survivors), key=int)
         self._require(dict.fromkeys(survivors), server_round, UPLOAD, result, plan.threshold)
         result.stage_seconds[UPLOAD] = time.monotonic() - started
 
         started = time.monotonic()
-        unmask_config = {
-            "survivors": survivors,
-            "dropped": dropped,
-            "next-round": server_round + 1,
-        }
-        answers = self._exchange(
-            UNMASK,
-            {node: self._content(server_round, unmask_config) for node in survivors},
-            result,
-        )
+        ahead = self._plan_ahead(server_round + 1, next_keys)
+        contents = {}
+        for node in survivors:
+            content = self._content(server_round, {"survivors": survivors, "dropped": dropped})
+            if ahead and node in ahead.plan.participants:
+                shares_ahead = self._share_content(
+                    ahead.server_round, ahead.plan, node, ahead.keys, ahead.fraction[node]
+                )
+                content["next-config"] = shares_ahead["config"]
+                content["next-secagg"] = shares_ahead["secagg"]
+            contents[node] = content
+        answers = self._exchange(UNMASK, contents, result)
         responses = {node: dict(reply["secagg"]) for node, reply in answers.items()}
-        self.next_round = server_round + 1
-        self.next_keys = {
-            node: (reply["next.c-pk"], reply["next.s-pk"])
-            for node, reply in responses.items()
-            if "next.c-pk" in reply
-        }
+        if ahead:
+            ahead.shared = {
+                node: reply.config_records["next-sealed"]
+                for node, reply in answers.items()
+                if "next-sealed" in reply.config_records
+            }
+            self.prepared = ahead
         try:
             result.mean_update = summed.unmask(
                 plan,
@@ -177,6 +178,53 @@ class SecureAggregation:
             raise SecAggAbort(f"round {server_round}: {err}; {self._missing(result)}") from err
         result.stage_seconds[UNMASK] = time.monotonic() - started
         return result
+
+    def _set_up(self, server_round: int, nodes: list[str], result: SecureRound) -> Prepared:
+        """The advertise and share exchanges, for a round nothing was prepared for."""
+        started = time.monotonic()
+        ads = self._exchange(
+            ADVERTISE, {node: self._content(server_round) for node in nodes}, result
+        )
+        keys = {}
+        for node, reply in ads.items():
+            keys[node] = (reply["secagg"]["c-pk"], reply["secagg"]["s-pk"])
+            self.weights[node] = float(reply["metrics"]["aggregation-weight"])
+        self._require(keys, server_round, ADVERTISE, result)
+        try:
+            plan = plan_round(list(keys), self.cfg.secagg_neighbours, self.cfg.secagg_threshold)
+        except ValueError as err:
+            raise SecAggAbort(f"round {server_round}: {err}") from err
+        fraction = fractions({node: self.weights[node] for node in keys})
+        result.stage_seconds[ADVERTISE] = time.monotonic() - started
+
+        started = time.monotonic()
+        shared = self._exchange(
+            SHARE,
+            {
+                node: self._share_content(server_round, plan, node, keys, fraction[node])
+                for node in keys
+            },
+            result,
+        )
+        self._require(shared, server_round, SHARE, result, plan.threshold)
+        result.stage_seconds[SHARE] = time.monotonic() - started
+        sealed = {node: reply.config_records["secagg"] for node, reply in shared.items()}
+        return Prepared(server_round, plan, keys, fraction, sealed)
+
+    def _plan_ahead(
+        self, server_round: int, next_keys: dict[str, tuple[bytes, bytes]]
+    ) -> Prepared | None:
+        """The next round's plan over the hospitals that sent keys for it, if one is possible."""
+        if len(next_keys) < max(self.cfg.min_nodes, 2):
+            return None
+        try:
+            plan = plan_round(
+                list(next_keys), self.cfg.secagg_neighbours, self.cfg.secagg_threshold
+            )
+        except ValueError:
+            return None  # the next round sets itself up and reports the problem
+        fraction = fractions({node: self.weights[node] for node in next_keys})
+        return Prepared(server_round, plan, dict(next_keys), fraction, {})
 
     @staticmethod
     def _content(server_round: int, extra: Mapping | None = None) -> RecordDict:

@@ -122,9 +122,13 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         trained = {k: v * np.float32(1.0001) for k, v in start.items()}
         metrics = {"num-examples": 10, "aggregation-weight": 10.0}
         if "secagg" in msg.content:
-            arrays, metrics["secagg-clipped-values"] = secure_stage.masked_update(
+            arrays, metrics["secagg-clipped-values"], ahead = secure_stage.masked_update(
                 msg, context, start, trained, 10.0
             )
+            content = RecordDict(
+                {"arrays": arrays, "metrics": MetricRecord(metrics), "secagg": ahead}
+            )
+            return Message(content=content, reply_to=msg)
         else:
             arrays = ArrayRecord({k: Array(v) for k, v in trained.items()})
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})

@@ -88,9 +88,9 @@ def test_prometheus_scrapes_a_running_simulation(tmp_path):
             prom_port,
             "max_over_time(medfed_secagg_stage_duration_seconds_count[10m])",
         )
-        # round 2's keys came with round 1's unmask replies: one advertise exchange
+        # round 2's keys and shares rode with round 1's upload and unmask
         assert {r["metric"]["stage"]: float(r["value"][1]) for r in stages} == {
-            "advertise": 1.0, "share": 2.0, "upload": 2.0, "unmask": 2.0,
+            "advertise": 1.0, "share": 1.0, "upload": 2.0, "unmask": 2.0,
         }  # fmt: skip
         epsilon = _query(prom_port, "last_over_time(medfed_dp_epsilon[10m])")
         spent = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]

@@ -94,9 +94,11 @@ class SecAggGrid:
                     inbox[key] = bytes(corrupted)
             start = {k: a.numpy() for k, a in message.content["arrays"].items()}
             trained = {k: start[k] + self.updates[node][k] for k in start}
-            masked, clipped = secure_stage.masked_update(
+            masked, clipped, ahead = secure_stage.masked_update(
                 message, context, start, trained, self.weights[node]
             )
+            upcoming = context.state.config_records[secure_stage.NEXT_KEY]
+            self.secrets[node] += [upcoming["c-sk"], upcoming["s-sk"]]
             metrics = MetricRecord(
                 {
                     "train-loss": 1.0,
@@ -105,12 +107,11 @@ class SecAggGrid:
                     "secagg-clipped-values": clipped,
                 }
             )
-            return Message(
-                content=RecordDict({"arrays": masked, "metrics": metrics}), reply_to=message
-            )
+            content = RecordDict({"arrays": masked, "metrics": metrics, "secagg": ahead})
+            return Message(content=content, reply_to=message)
         reply = secure_stage.unmask(message, context)
-        state = context.state.config_records[secure_stage.STATE_KEY]  # the next round's keys
-        self.secrets[node] += [state["c-sk"], state["s-sk"]]
+        if secure_stage.STATE_KEY in context.state.config_records:  # next round prepared
+            self.secrets[node].append(context.state.config_records[secure_stage.STATE_KEY]["seed"])
         return reply
 
 
