@@ -3,7 +3,8 @@
 Four exchanges with the sampled hospitals, each bounded by the round
 timeout: advertise keys, share keys (ciphertexts routed through here),
 upload the masked update (this is the training message the strategy
-built, plus the ciphertexts for that hospital), unmask. A hospital that
+built, plus the ciphertexts for that hospital), unmask. In steady state the
+first two ride along with the previous round's last two. A hospital that
 drops at any point is recorded with the stage; the round goes on while the
 threshold and the quorum hold, and aborts naming the missing ones when not.
 """
