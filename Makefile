@@ -1,14 +1,18 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DEPS    := $(VENV)/.dependencies
+STAMP   := $(VENV)/.installed
+# Every source file and folder: a folder's time changes when a module is added or removed.
+SOURCES := pyproject.toml README.md $(shell find server client shared_models -name __pycache__ \
+	-prune -o \( -type d -o -name '*.py' \) -print 2>/dev/null)
 
 .PHONY: install tools demo test lint clean
 
 # Without an NVIDIA GPU, pin the CPU wheel of torch first: letting pip resolve
 # plain `torch` pulls a multi-GB CUDA build. With a GPU, take the CUDA build.
-$(STAMP): pyproject.toml
+$(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if nvidia-smi -L >/dev/null 2>&1; then \
@@ -16,7 +20,14 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -m pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q 'hatchling>=1.26'
+	$(BIN)/python -m pip install -q --no-build-isolation '.[dev]'
+	touch $(DEPS)
+
+# medfed itself is installed from the wheel it ships as, not editable: the tests
+# run what a hospital installs. Any change to a source file reinstalls it.
+$(STAMP): $(DEPS) $(SOURCES)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation --force-reinstall .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,4 +54,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache dist build

@@ -19,6 +19,8 @@ MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fed
 # Robust strategies look at every update one by one: no secure aggregation.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
+# The imaging tasks (shared_models.tasks.TASKS, which imports torch, has one of each).
+TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan")
 DP_MODES = ("off", "client", "server")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -43,7 +45,7 @@ class RunConfig:
     batch_size: int = 8
     image_size: int = 0  # 0: the task's default (64; 32 for volumes)
     in_channels: int = 0  # 0: the task's default (1; 4 MRI channels for segmentation3d)
-    patch_size: int = 0  # segmentation: train on random patches, evaluate by sliding window
+    patch_size: int = 0  # segmentation: train on random patches (2D evaluates whole images)
     class_names: str = ""  # comma-separated; empty: the task's default classes
     model_width: int = 0  # 0: the task's default (16; 8 for volumes)
     model_depth: int = 3
@@ -107,31 +109,63 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges and names; raise ConfigError naming the first bad key."""
+        self._resolve_task_defaults()
+        self._validate_choices()
+        self._validate_preprocessing()
+        self._validate_sizes()
+        self._validate_training()
+        self._validate_privacy()
+
+    def _resolve_task_defaults(self) -> None:
+        """Fill the settings left at 0 or empty with the task's defaults."""
         from medfed.shared_models.tasks import TASKS  # late: tasks import torch
 
         if self.task not in TASKS:
-            _bad("task", self.task, f"one of {', '.join(sorted(TASKS))}")
-        models = TASKS[self.task].models
-        if self.model == "":
-            object.__setattr__(self, "model", models[0])
-        if self.image_size == 0:
-            object.__setattr__(self, "image_size", TASKS[self.task].default_image_size)
-        if self.model_width == 0:
-            object.__setattr__(self, "model_width", TASKS[self.task].default_width)
-        if self.in_channels == 0:
-            object.__setattr__(self, "in_channels", TASKS[self.task].default_in_channels)
-        if self.class_names == "":
-            object.__setattr__(self, "class_names", ",".join(TASKS[self.task].default_classes))
-        if self.model not in models:
-            _bad("model", self.model, f"for task '{self.task}' one of {', '.join(models)}")
-        if self.strategy not in STRATEGIES:
-            _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+            _bad("task", self.task, f"one of {', '.join(TASK_NAMES)}")
+        task = TASKS[self.task]
+        defaults = {
+            "model": task.models[0],
+            "image_size": task.default_image_size,
+            "model_width": task.default_width,
+            "in_channels": task.default_in_channels,
+            "class_names": ",".join(task.default_classes),
+        }
+        for name, default in defaults.items():
+            if getattr(self, name) in (0, ""):
+                object.__setattr__(self, name, default)
+
+    def _validate_choices(self) -> None:
+        """Names chosen from a fixed list: model, strategy, device, freeze, precision."""
+        from medfed.shared_models.tasks import TASKS
+
+        task = TASKS[self.task]
+        if self.model not in task.models:
+            _bad("model", self.model, f"for task '{self.task}' one of {', '.join(task.models)}")
+        for attr, allowed in (
+            ("strategy", STRATEGIES),
+            ("intensity", INTENSITIES),
+            ("fit", FITS),
+            ("precision", PRECISIONS),
+            ("freeze", FREEZES),
+        ):
+            if getattr(self, attr) not in allowed:
+                _bad(attr, getattr(self, attr), f"one of {', '.join(allowed)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             _bad("device", self.device, "auto, cpu, cuda or cuda:N")
-        if self.intensity not in INTENSITIES:
-            _bad("intensity", self.intensity, f"one of {', '.join(INTENSITIES)}")
-        if self.fit not in FITS:
-            _bad("fit", self.fit, f"one of {', '.join(FITS)}")
+        if self.freeze == "backbone" and task.label_kind == "mask":
+            _bad("freeze", self.freeze, "'none' for segmentation (no separable head)")
+        wanted = 1 if task.label_kind == "value" else 2
+        if len(self.classes) < wanted or len(set(self.classes)) != len(self.classes):
+            _bad(
+                "class_names",
+                self.class_names,
+                f"at least {wanted} distinct comma-separated name(s)",
+            )
+
+    def _validate_preprocessing(self) -> None:
+        """The CT window and the resampling spacing."""
+        from medfed.shared_models.tasks import TASKS
+
         try:
             low, high = self.ct_window_range
         except ValueError:
@@ -145,27 +179,9 @@ class RunConfig:
                 spacing = ()
             if len(spacing) != TASKS[self.task].spatial_dims or min(spacing) <= 0:
                 _bad("spacing", self.spacing, "positive spacings, one per spatial axis")
-        if self.precision not in PRECISIONS:
-            _bad("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        wanted = 1 if TASKS[self.task].label_kind == "value" else 2
-        if len(self.classes) < wanted or len(set(self.classes)) != len(self.classes):
-            _bad(
-                "class_names",
-                self.class_names,
-                f"at least {wanted} distinct comma-separated name(s)",
-            )
-        if self.freeze not in FREEZES:
-            _bad("freeze", self.freeze, f"one of {', '.join(FREEZES)}")
-        if self.freeze == "backbone" and TASKS[self.task].label_kind == "mask":
-            _bad("freeze", self.freeze, "'none' for segmentation (no separable head)")
-        if self.gan_augment_ratio < 0:
-            _bad("gan_augment_ratio", self.gan_augment_ratio, "zero or positive")
-        if self.gan_augment_ratio > 0 and not self.gan_model:
-            _bad("gan_model", self.gan_model, "a gan run folder when gan-augment-ratio > 0")
-        if self.gan_augment_ratio > 0 and self.task != "classification":
-            _bad("gan_augment_ratio", self.gan_augment_ratio, "0 unless task is classification")
-        if not self.target_scale > 0:
-            _bad("target_scale", self.target_scale, "a positive number")
+
+    def _validate_sizes(self) -> None:
+        """Counts, image and patch sizes, and the network's depth and width."""
         for key in (
             "num_server_rounds",
             "local_epochs",
@@ -176,24 +192,24 @@ class RunConfig:
         ):
             if getattr(self, key) < 1:
                 _bad(key, getattr(self, key), "a positive integer")
-        if self.image_size < 16 or self.image_size % 2**self.model_depth:
+        if not 1 <= self.model_depth <= 6:
+            _bad("model_depth", self.model_depth, "between 1 and 6")
+        divisor = 2**self.model_depth
+        if self.image_size < 16 or self.image_size % divisor:
             _bad(
-                "image_size",
-                self.image_size,
-                f">= 16 and divisible by 2**model-depth ({2**self.model_depth})",
+                "image_size", self.image_size, f">= 16 and divisible by 2**model-depth ({divisor})"
             )
-        if self.patch_size and (
-            self.patch_size > self.image_size or self.patch_size % 2**self.model_depth
-        ):
+        if self.patch_size and (self.patch_size > self.image_size or self.patch_size % divisor):
             _bad(
                 "patch_size",
                 self.patch_size,
-                f"0, or at most image-size and divisible by 2**model-depth ({2**self.model_depth})",
+                f"0, or at most image-size and divisible by 2**model-depth ({divisor})",
             )
-        if not 1 <= self.model_depth <= 6:
-            _bad("model_depth", self.model_depth, "between 1 and 6")
         if self.model_width < 1:
             _bad("model_width", self.model_width, "a positive integer")
+
+    def _validate_training(self) -> None:
+        """Optimisation, sampling, waits and the GAN / regression settings."""
         if not self.lr > 0:
             _bad("lr", self.lr, "a positive number")
         if self.proximal_mu < 0:
@@ -202,10 +218,17 @@ class RunConfig:
             _bad("fraction_train", self.fraction_train, "in (0, 1]")
         if not 0 < self.val_fraction < 1:
             _bad("val_fraction", self.val_fraction, "in (0, 1)")
-        self._validate_privacy()
         for key in ("node_wait_seconds", "round_timeout_seconds"):
             if not getattr(self, key) > 0:
                 _bad(key, getattr(self, key), "a positive number of seconds")
+        if self.gan_augment_ratio < 0:
+            _bad("gan_augment_ratio", self.gan_augment_ratio, "zero or positive")
+        if self.gan_augment_ratio > 0 and not self.gan_model:
+            _bad("gan_model", self.gan_model, "a gan run folder when gan-augment-ratio > 0")
+        if self.gan_augment_ratio > 0 and self.task != "classification":
+            _bad("gan_augment_ratio", self.gan_augment_ratio, "0 unless task is classification")
+        if not self.target_scale > 0:
+            _bad("target_scale", self.target_scale, "a positive number")
 
     def _validate_privacy(self) -> None:
         from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS

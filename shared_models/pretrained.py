@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfed.shared_models.run_folder import GLOBAL_MODEL
+
 WRAPPERS = ("state_dict", "model", "network", "arrays")  # common checkpoint layouts
 PREFIXES = ("module.", "model.", "net.", "network.")
 
@@ -45,7 +47,7 @@ class TransferReport:
 
 def checkpoint_file(path: Path) -> Path:
     if path.is_dir():
-        for candidate in (path / "global_model.pt", path / "models" / "model.pt"):
+        for candidate in (path / GLOBAL_MODEL, path / "models" / "model.pt"):
             if candidate.is_file():
                 return candidate
         raise PretrainedError(

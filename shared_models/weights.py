@@ -8,6 +8,7 @@ would turn them into floats, so each site keeps its own.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -31,24 +32,38 @@ def to_record(net: nn.Module) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, Array(v)) for k, v in exchanged_arrays(net).items()))
 
 
+# The names and shapes of the exchanged arrays, in order.
+Template = Mapping[str, tuple[int, ...]]
+
+
+def net_template(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the arrays `net` exchanges."""
+    state = net.state_dict()
+    return {key: tuple(state[key].shape) for key in exchanged_keys(net)}
+
+
+def record_template(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the arrays in `record`."""
+    return {key: tuple(array.shape) for key, array in record.items()}
+
+
 def load_record(net: nn.Module, record: ArrayRecord) -> None:
     """Copy received weights into `net`; keys and shapes must match exactly."""
-    problems = incompatibilities(record, net)
+    problems = incompatibilities(record, net_template(net))
     if problems:
         raise ValueError("received weights do not fit the model: " + "; ".join(problems[:5]))
     state = {k: torch.from_numpy(np.array(record[k].numpy())) for k in record}
     net.load_state_dict(state, strict=False)
 
 
-def incompatibilities(record: ArrayRecord, net: nn.Module) -> list[str]:
-    """Why `record` cannot be an update of `net` (empty when it can).
+def incompatibilities(record: ArrayRecord, template: Template) -> list[str]:
+    """Why `record` cannot stand for arrays of `template` (empty when it can).
 
-    The server runs this on every reply before aggregation so that one broken
-    or rogue hospital cannot poison the global model with a wrong shape, a
-    wrong dtype or a NaN.
+    Names, shapes, a float dtype and finite values: the hospital checks what
+    it receives, the coordinator every update before it is averaged, so one
+    broken or rogue party cannot poison a model with a wrong shape or a NaN.
     """
-    state = net.state_dict()
-    expected = exchanged_keys(net)
+    expected = list(template)
     problems = []
     missing = [k for k in expected if k not in record]
     extra = [k for k in record if k not in expected]
@@ -60,7 +75,7 @@ def incompatibilities(record: ArrayRecord, net: nn.Module) -> list[str]:
         if key not in record:
             continue
         array = record[key]
-        want = tuple(state[key].shape)
+        want = tuple(template[key])
         if tuple(array.shape) != want:
             problems.append(f"'{key}' has shape {tuple(array.shape)}, expected {want}")
             continue

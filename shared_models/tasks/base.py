@@ -27,7 +27,6 @@ class Task(ABC):
     models: ClassVar[tuple[str, ...]]  # the first is the default
     default_classes: ClassVar[tuple[str, ...]]
     headline_metric: ClassVar[str]  # shown in progress lines and reports
-    higher_is_better: ClassVar[bool] = True
     label_kind: ClassVar[str]  # "mask" (a file), "class" (an int) or "value" (a float)
     spatial_dims: ClassVar[int]
     default_in_channels: ClassVar[int] = 1

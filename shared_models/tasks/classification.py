@@ -16,6 +16,9 @@ from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
 class ClassificationTask(Task):
+    """Image classification (chest X-ray: normal / pneumonia / COVID-19, brain-tumour MRI):
+    a backbone with one logit per class, cross-entropy, macro AUC and per-class metrics."""
+
     name = "classification"
     models = BACKBONES
     default_classes = ("normal", "pneumonia", "covid")

@@ -63,12 +63,29 @@ class ConditionalGAN(nn.Module):
         return torch.sigmoid(self.generator(code))
 
     def discriminate(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One real/fake logit per image, conditioned on its class (as extra planes)."""
         planes = F.one_hot(labels, self.num_classes).float()[:, :, None, None]
         planes = planes.expand(-1, -1, *images.shape[2:])
         return self.discriminator(torch.cat([images, planes], dim=1)).view(-1)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Generated images of the given classes (what the global model is used for)."""
         return self.generate(labels)
+
+
+def _classifier_config(cfg: RunConfig, width: int = 0) -> RunConfig:
+    """A small CNN classifier's config for images of the GAN's size, channels and classes."""
+    return RunConfig.from_mapping(
+        {
+            "task": "classification",
+            "model": "smallcnn",
+            "image-size": cfg.image_size,
+            "in-channels": cfg.in_channels,
+            "class-names": cfg.class_names,
+            "model-width": width,
+            "model-depth": cfg.model_depth,
+        }
+    )
 
 
 def feature_network(cfg: RunConfig, feature_model: str) -> nn.Module:
@@ -81,16 +98,7 @@ def feature_network(cfg: RunConfig, feature_model: str) -> nn.Module:
     from medfed.shared_models.networks import build_backbone
     from medfed.shared_models.pretrained import load_pretrained
 
-    shape_cfg = RunConfig.from_mapping(
-        {
-            "task": "classification",
-            "model": "smallcnn",
-            "image-size": cfg.image_size,
-            "in-channels": cfg.in_channels,
-            "class-names": cfg.class_names,
-            "model-depth": cfg.model_depth,
-        }
-    )
+    shape_cfg = _classifier_config(cfg)
     torch.manual_seed(1234)
     net = build_backbone(shape_cfg, outputs=len(cfg.classes))
     if feature_model:
@@ -103,6 +111,9 @@ def feature_network(cfg: RunConfig, feature_model: str) -> nn.Module:
 
 
 class GANTask(Task):
+    """A conditional GAN that learns to generate each class's images across hospitals;
+    its quality is FID and the accuracy of a classifier trained on generated images."""
+
     name = "gan"
     models = ("dcgan",)
     default_classes = ("normal", "pneumonia", "covid")
@@ -199,17 +210,7 @@ def tstr_accuracy(
     from medfed.shared_models.networks import build_backbone
 
     torch.manual_seed(cfg.seed)
-    shape_cfg = RunConfig.from_mapping(
-        {
-            "task": "classification",
-            "model": "smallcnn",
-            "image-size": cfg.image_size,
-            "in-channels": cfg.in_channels,
-            "class-names": cfg.class_names,
-            "model-width": 8,
-            "model-depth": cfg.model_depth,
-        }
-    )
+    shape_cfg = _classifier_config(cfg, width=8)
     classifier = build_backbone(shape_cfg, outputs=len(cfg.classes))
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(cfg.seed)

@@ -21,15 +21,18 @@ class ScaledL1(nn.Module):
         self.loss = nn.SmoothL1Loss()
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of predictions against targets, both in the scaled unit."""
         return self.loss(prediction.view(-1) / self.scale, target.view(-1) / self.scale)
 
 
 class RegressionTask(Task):
+    """One value per image (bone age in months on hand X-rays): a backbone with one
+    output, a scaled smooth-L1 loss, MAE and RMSE."""
+
     name = "regression"
     models = BACKBONES
     default_classes = ("bone-age-months",)  # the name of the regressed value
     headline_metric = "mae"
-    higher_is_better = False
     label_kind = "value"
     spatial_dims = 2
     default_modality = "DX"

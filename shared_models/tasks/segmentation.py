@@ -7,15 +7,18 @@ from collections.abc import Iterable
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
-from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.networks import build_unet
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
 class SegmentationTask(Task):
+    """2D segmentation (brain tumour, breast, heart): MONAI UNet, Dice + cross-entropy,
+    mean and per-class Dice."""
+
     name = "segmentation"
     models = ("unet",)
     default_classes = ("background", "edema", "tumour")
@@ -25,15 +28,7 @@ class SegmentationTask(Task):
     default_modality = "MR"
 
     def build_network(self, cfg: RunConfig) -> nn.Module:
-        channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth + 1))
-        return UNet(
-            spatial_dims=2,
-            in_channels=cfg.in_channels,
-            out_channels=len(cfg.classes),
-            channels=channels,
-            strides=(2,) * cfg.model_depth,
-            num_res_units=1,
-        )
+        return build_unet(cfg, spatial_dims=2)
 
     def build_loss(self, cfg: RunConfig) -> nn.Module:
         return DiceCELoss(to_onehot_y=True, softmax=True)

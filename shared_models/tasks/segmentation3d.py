@@ -13,16 +13,20 @@ from collections.abc import Iterable
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.nets import SegResNet, UNet
+from monai.networks.nets import SegResNet
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.networks import build_unet
 from medfed.shared_models.tasks.base import Batch, autocast
 from medfed.shared_models.tasks.segmentation import SegmentationTask
 
 
 class Segmentation3DTask(SegmentationTask):
+    """3D segmentation of multi-channel MRI volumes (BraTS-like): the 2D task's loss and
+    metrics on volumes, a 3D UNet or SegResNet, sliding-window evaluation."""
+
     name = "segmentation3d"
     models = ("unet", "segresnet")
     default_classes = ("background", "necrotic-core", "edema", "enhancing")
@@ -38,15 +42,7 @@ class Segmentation3DTask(SegmentationTask):
                 out_channels=len(cfg.classes), blocks_down=(1, 2, 2, 4)[: cfg.model_depth + 1],
                 blocks_up=(1,) * cfg.model_depth,
             )  # fmt: skip
-        channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth + 1))
-        return UNet(
-            spatial_dims=3,
-            in_channels=cfg.in_channels,
-            out_channels=len(cfg.classes),
-            channels=channels,
-            strides=(2,) * cfg.model_depth,
-            num_res_units=1,
-        )
+        return build_unet(cfg, spatial_dims=3)
 
     def evaluate(
         self, net: nn.Module, batches: Iterable[Batch], cfg: RunConfig, device: torch.device

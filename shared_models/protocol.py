@@ -1,0 +1,148 @@
+"""Everything that crosses the wire between the coordinator and a hospital, by name.
+
+Both sides import their names from here and nowhere else: message kinds,
+record names, the metric and config keys inside them, the node-config keys a
+SuperNode is started with, the small-count suppression marker and the
+SecAgg+ stages and keys, plus the few SecAgg+ rules both ends must compute
+alike. The layout follows Flower's `secaggplus_constants.py` (`Stage`, `Key`).
+"""
+
+from __future__ import annotations
+
+
+class MessageKind:
+    """Flower message types medfed sends (`category` or `category.action`)."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    QUERY = "query"
+    SECAGG_ADVERTISE = "train.secagg_advertise"
+    SECAGG_SHARE = "train.secagg_share"
+    SECAGG_UNMASK = "train.secagg_unmask"
+
+
+class Record:
+    """Names of the records inside a message's RecordDict."""
+
+    ARRAYS = "arrays"  # ArrayRecord: model weights (or the one masked vector)
+    CONFIG = "config"  # ConfigRecord: round settings from the coordinator
+    METRICS = "metrics"  # MetricRecord: scalars a hospital reports
+    SITE = "site"  # ConfigRecord: the hospital's site label
+    SECAGG = "secagg"  # ConfigRecord: SecAgg+ keys, ciphertexts or shares
+    NEXT_CONFIG = "next-config"  # the next round's share settings, riding on an unmask
+    NEXT_SECAGG = "next-secagg"  # the next round's neighbour keys, riding on an unmask
+    NEXT_SEALED = "next-sealed"  # the next round's ciphertexts, riding on an unmask reply
+
+
+class Metric:
+    """Keys of the MetricRecord a hospital sends (besides a task's own metric names)."""
+
+    # The example count, or 1 under differential privacy (its noise assumes equal weights).
+    WEIGHT = "aggregation-weight"
+    NUM_EXAMPLES = "num-examples"
+    SKIPPED_FILES = "skipped-files"
+    TRAIN_LOSS = "train-loss"
+    TRAIN_SECONDS = "train-seconds"
+    IMAGES_PER_SECOND = "images-per-second"
+    GENERATED_IMAGES = "generated-images"
+    SECAGG_CLIPPED = "secagg-clipped-values"
+    DP_EPSILON = "dp-epsilon"  # added by the coordinator to the global metrics
+    # What a training reply carries about training itself (not validation of the model).
+    TRAINING = (TRAIN_LOSS, TRAIN_SECONDS, IMAGES_PER_SECOND, GENERATED_IMAGES, SECAGG_CLIPPED)
+    # Bookkeeping that is never a quality metric of the model.
+    BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON)
+
+
+class Config:
+    """Keys of the coordinator's ConfigRecord."""
+
+    SERVER_ROUND = "server-round"  # Flower's strategies set it on every message
+    PROXIMAL_MU = "proximal-mu"  # Flower's FedProx sets it
+    STATS_MIN_COUNT = "stats-min-count"
+
+
+class SiteKey:
+    """Keys of the `site` ConfigRecord in a hospital's reply."""
+
+    NAME = "name"
+
+
+class Statistic:
+    """Keys of a site's summary (the reply to a statistics query)."""
+
+    NUM_TRAIN = "num-train"
+    NUM_VAL = "num-val"
+    LABEL_HISTOGRAM = "label-histogram"  # images per class (or value bin)
+    INTENSITY_P1 = "intensity-p1"
+    INTENSITY_P99 = "intensity-p99"
+    INTENSITY_HISTOGRAM = "intensity-histogram"  # pixel fractions over fixed bins
+    # Counts of images: each is suppressed below the site's minimum.
+    COUNTS = (NUM_TRAIN, NUM_VAL, LABEL_HISTOGRAM)
+
+
+# A count below the site's minimum, replaced at the site before it is sent.
+SUPPRESSED = -1
+
+
+class NodeConfig:
+    """Keys of a SuperNode's `--node-config` (simulation adds the partition keys)."""
+
+    DATA_PATH = "data-path"
+    SITE_NAME = "site-name"
+    DEVICE = "device"
+    CACHE_DIR = "cache-dir"
+    LOADER_WORKERS = "loader-workers"
+    PARTITION_ID = "partition-id"  # Flower's simulation engine sets these two
+    NUM_PARTITIONS = "num-partitions"
+
+
+class Stage:
+    """The four SecAgg+ exchanges of a secure round."""
+
+    ADVERTISE = "advertise"  # hospitals send fresh public keys and their weight
+    SHARE = "share"  # hospitals send encrypted Shamir shares for their neighbours
+    UPLOAD = "upload"  # the training message: neighbours' shares in, masked update out
+    UNMASK = "unmask"  # hospitals send the shares that remove the masks
+
+
+class Key:
+    """Keys inside the `secagg` and `config` records of SecAgg+ messages."""
+
+    C_PK = "c-pk"  # public key for encrypting shares
+    S_PK = "s-pk"  # public key for pairwise masks
+    NEXT_PREFIX = "next."  # next round's public keys, riding on the masked upload
+    X_PREFIX = "x."  # x.<node>: a group member's Shamir x-coordinate
+    C_PK_PREFIX = "c-pk."  # c-pk.<node>: a neighbour's share-encryption key
+    S_PK_PREFIX = "s-pk."  # s-pk.<node>: a neighbour's mask key
+    TO_PREFIX = "to."  # to.<node>: a ciphertext for that neighbour
+    FROM_PREFIX = "from."  # from.<node>: a ciphertext from that neighbour
+    SEED_SHARE_PREFIX = "b."  # b.<node>: a share of that node's self-mask seed
+    KEY_SHARE_PREFIX = "sk."  # sk.<node>: a share of that node's mask private key
+    THRESHOLD = "threshold"
+    FRACTION = "fraction"  # the hospital's share of the round's aggregation weight
+    WEIGHT = "weight"  # the weight the coordinator used for that fraction
+    CLIPPING_RANGE = "clipping-range"
+    QUANTIZATION_BITS = "quantization-bits"
+    SURVIVORS = "survivors"
+    DROPPED = "dropped"
+    MASKED_ARRAY = "masked"  # the one array of a masked upload
+
+
+def share_context(run: int, server_round: int, sender: str, receiver: str) -> bytes:
+    """Authenticated data binding a share ciphertext to its round, sender and receiver."""
+    return f"medfed-secagg|run={run}|round={server_round}|from={sender}|to={receiver}".encode()
+
+
+def mask_purpose(run: int, server_round: int) -> bytes:
+    """Key-derivation label of a round's pairwise masks: a fresh mask every round."""
+    return f"mask|run={run}|round={server_round}".encode()
+
+
+def minimum_threshold(group_size: int) -> int:
+    """A strict majority of the group: fewer could let a coordinator rebuild both secrets."""
+    return group_size // 2 + 1
+
+
+def pairwise_sign(me: str, other: str) -> bool:
+    """True where `me` adds the pair's mask (the other end subtracts it)."""
+    return int(me) < int(other)

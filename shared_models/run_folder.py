@@ -1,0 +1,53 @@
+"""The layout of a run folder, and rebuilding its global model.
+
+The coordinator writes a run folder; hospitals and researchers read it (the
+prediction previews, GAN augmentation and sampling, transfer learning), so
+both sides take its file names from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medfed.shared_models.config import RunConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Set by `medfed coordinator start`: each run writes to <runs dir>/<run id>.
+RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
+
+METRICS_JSON = "metrics.json"
+REPORT_MD = "report.md"
+GLOBAL_MODEL = "global_model.pt"
+MODEL_JSON = "model.json"
+CHECKPOINTS = "checkpoints"
+PLOTS = "plots"
+PREDICTIONS_PNG = "predictions.png"
+PROGRESS_LOG = "progress.log"
+
+
+class RunFolderError(ValueError):
+    """A folder is not a finished medfed run; the message names the folder."""
+
+
+def read_model_config(run_dir: Path) -> RunConfig:
+    """The run config of a finished run (model.json), validated."""
+    meta = run_dir / MODEL_JSON
+    if not meta.is_file():
+        raise RunFolderError(f"{run_dir}: not a finished medfed run (no {MODEL_JSON})")
+    return RunConfig.from_mapping(json.loads(meta.read_text())["config"])
+
+
+def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
+    """Rebuild the network described by model.json and load global_model.pt (eval mode)."""
+    import torch  # late: the command line reads run folders without loading torch
+
+    from medfed.shared_models.tasks import TASKS
+
+    cfg = read_model_config(run_dir)
+    net = TASKS[cfg.task].build_network(cfg)
+    net.load_state_dict(torch.load(run_dir / GLOBAL_MODEL, weights_only=True))
+    return cfg, net.eval()

@@ -1,0 +1,250 @@
+"""What both roles run: Flower processes by pid, the metrics exporter, atomic writes.
+
+A coordinator and a hospital node do the same housekeeping around Flower:
+start a Flower service in its own session and stop it (and its children) by
+pid, serve the Prometheus metrics that short-lived app processes write to a
+shared folder, refuse to start without their credentials, and never leave a
+half-written file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from medfed.shared_models.audit import AUDIT_ENV
+
+# prometheus_client's multiprocess mode: each process writes memory-mapped files here.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+Options = TypeVar("Options")
+
+
+class CredentialsError(ValueError):
+    """A command cannot start without a credentials file; the message names it."""
+
+
+def options_from(cls: type[Options], args: argparse.Namespace, **given: Any) -> Options:
+    """A command's options dataclass: `given` values, the rest from same-named arguments."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    taken = {name: getattr(args, name) for name in names if name not in given}
+    return cls(**taken, **given)
+
+
+def service_env(state: Path, audit_log: Path, metrics: tuple[int | None, str]) -> dict[str, str]:
+    """The environment of a Flower service kept in `state`: its own FLWR_HOME, its audit
+    log and, when a metrics port is given, a fresh exporter at (port, host)."""
+    state.mkdir(parents=True, exist_ok=True)
+    env = flower_env(state / "flwr-home")
+    env[AUDIT_ENV] = str(audit_log)
+    port, host = metrics
+    if port is not None:
+        export_metrics(state / "metrics", port, host, env)
+    return env
+
+
+def require_files(files: Iterable[tuple[Path | None, str]], advice: str = "") -> None:
+    """Raise CredentialsError naming the first (path, what) whose path is not a file."""
+    for path, what in files:
+        if path is not None and not path.is_file():
+            raise CredentialsError(f"{what} {path}: file not found{advice}")
+
+
+def atomic_write(path: Path, content: bytes | Callable[[Path], object]) -> None:
+    """Write `content` (bytes, or a writer given a temporary path) and rename it into place.
+
+    Readers see the old file or the new one, never a truncated one, even if
+    the process dies mid-write; the temporary file is removed on any failure.
+    A writer may create a folder: renaming it onto an existing non-empty
+    folder fails with OSError, which callers use to detect a concurrent writer.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def executable(name: str) -> str:
+    """A Flower console script from medfed's own environment, else from PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"'{name}' not found: is flwr installed in this environment?")
+    return found
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no update checks, no `uv sync`."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    # Flower's own console scripts (flwr-simulation, flwr-serverapp) are found on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def start(command: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `command` in its own session (so its children can be stopped with it)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def wait_until(
+    ready: Callable[[], bool], process: subprocess.Popen, timeout: float, what: str, log_file: Path
+) -> None:
+    """Return once `ready()`; RuntimeError naming the log if `process` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log_file}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s; see {log_file}")
+
+
+def http_healthy(port: int) -> Callable[[], bool]:
+    """A probe of a Flower service's /health endpoint on 127.0.0.1."""
+
+    def probe() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+        except httpx.HTTPError:
+            return False
+
+    return probe
+
+
+def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def supervise(
+    command: list[str], env: dict[str, str], log_file: Path | None = None, grace: float = 15.0
+) -> int:
+    """Run a Flower service in the foreground; SIGINT/SIGTERM stop it (and its children).
+
+    The handler only forwards the signal: waiting on the child inside a signal
+    handler would deadlock with the main thread's own wait (subprocess's wait
+    lock is not re-entrant). The loop below escalates to SIGKILL after `grace`.
+    """
+    if log_file is None:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+    else:
+        process = start(command, log_file, env)
+    stop_requested: list[float] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stop_requested.append(time.monotonic())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            code = process.wait(timeout=1)
+            return 0 if stop_requested else code  # a requested stop is a clean exit
+        except subprocess.TimeoutExpired:
+            if stop_requested and time.monotonic() - stop_requested[0] > grace:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def fresh_metrics_dir(directory: Path) -> Path:
+    """An empty folder for a new exporter's lifetime (old files would be summed in)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
+class MedfedOnly:
+    """medfed's metric families from the multiprocess files, and nothing else.
+
+    Other libraries in the same processes use prometheus_client too (Ray writes
+    its own metrics into the same folder); they are not ours to export.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.merged = MultiProcessCollector(None, path=str(directory))
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self.merged.collect() if family.name.startswith("medfed_"))
+
+
+def serve_metrics(port: int, directory: Path, host: str = "127.0.0.1") -> None:
+    """Serve the merged metrics of every process writing to `directory` (a daemon thread).
+
+    Flower runs the apps in short-lived processes, so medfed uses
+    prometheus_client's multiprocess mode instead of a Pushgateway: each app
+    process writes to files under `directory` and this one long-lived exporter
+    (`medfed simulate`, `medfed node`, `medfed coordinator`) serves their merged
+    view at one fixed port. A Pushgateway would keep a dead node's last values
+    forever; this needs no extra service.
+    """
+    registry = CollectorRegistry()
+    registry.register(MedfedOnly(directory))
+    start_http_server(port, addr=host, registry=registry)
+
+
+def export_metrics(directory: Path, port: int, host: str, env: dict[str, str]) -> None:
+    """Start a fresh exporter for `directory` and point the processes in `env` at it."""
+    serve_metrics(port, fresh_metrics_dir(directory), host)
+    env[MULTIPROC_ENV] = str(directory)
