@@ -12,28 +12,20 @@ from typing import Any
 
 import torch
 
-from medfed.client.data.site import SiteData
+from medfed.client.data.site import SiteDataset
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.pretrained import load_pretrained
-from medfed.shared_models.tasks import TASKS
+from medfed.shared_models.run_folder import RunFolderError, load_global_model, read_model_config
 
 
 def load_generator(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
     """The global model of a finished `gan` run (model.json + global_model.pt)."""
-    import json
-
-    meta_path = run_dir / "model.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{run_dir}: not a medfed run folder (no model.json)")
-    gan_cfg = RunConfig.from_mapping(json.loads(meta_path.read_text())["config"])
-    if gan_cfg.task != "gan":
-        raise ValueError(f"{run_dir}: is a '{gan_cfg.task}' run, not a gan run")
-    net = TASKS["gan"].build_network(gan_cfg)
-    load_pretrained(net, run_dir)
-    return gan_cfg, net.eval()
+    task = read_model_config(run_dir).task
+    if task != "gan":
+        raise RunFolderError(f"{run_dir}: is a '{task}' run, not a gan run")
+    return load_global_model(run_dir)
 
 
-def generated_items(site: SiteData, cfg: RunConfig, server_round: int) -> list[dict[str, Any]]:
+def generated_items(site: SiteDataset, cfg: RunConfig, server_round: int) -> list[dict[str, Any]]:
     """round(ratio x train size) generated images, mostly of the site's scarce classes.
 
     Each class gets images in proportion to how far it falls short of the

@@ -9,25 +9,49 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.data.check import check_site, print_report
-from medfed.server import processes, telemetry
-from medfed.server.coordinator import supervise
-from medfed.shared_models.audit import AUDIT_ENV, audit
+from medfed.shared_models import runtime
+from medfed.shared_models.audit import audit
+from medfed.shared_models.protocol import NodeConfig
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """What `medfed node start` was asked to run."""
+
+    coordinator: str  # HOST:PORT of the coordinator's Fleet API
+    ca: Path | None  # the consortium CA certificate (None only with insecure)
+    key: Path | None  # this hospital's private key for SuperNode authentication
+    data: Path  # the site folder
+    name: str  # the site's label in reports
+    device: str = "auto"
+    runtime_port: int = 9094
+    state: Path = Path("node-state")
+    metrics_port: int | None = None
+    task: str | None = None  # the task to check the data for (default: dataset.json)
+    insecure: bool = False
 
 
 def node_config(data: Path, name: str, device: str, cache: Path) -> str:
     """Flower's `--node-config` string; values are quoted as TOML strings."""
-    values = {"data-path": str(data), "site-name": name, "device": device, "cache-dir": str(cache)}
+    values = {
+        NodeConfig.DATA_PATH: str(data),
+        NodeConfig.SITE_NAME: name,
+        NodeConfig.DEVICE: device,
+        NodeConfig.CACHE_DIR: str(cache),
+    }
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
 def supernode_command(
     coordinator: str, ca: Path | None, key: Path | None, config: str, runtime_port: int
 ) -> list[str]:
+    """The flower-supernode command line (TLS with the CA; authenticated with the key)."""
     command = [
-        processes.executable("flower-supernode"),
+        runtime.executable("flower-supernode"),
         "--superlink",
         coordinator,
         "--node-config",
@@ -45,55 +69,37 @@ def supernode_command(
     return command
 
 
-def start_node(
-    coordinator: str,
-    ca: Path | None,
-    key: Path | None,
-    data: Path,
-    name: str,
-    device: str,
-    runtime_port: int,
-    state: Path,
-    metrics_port: int | None,
-    task: str | None,
-    insecure: bool,
-) -> int:
-    if ca is None and not insecure:
-        raise ValueError(
+def start_node(options: NodeOptions) -> int:
+    """Check the site, then run the SuperNode in the foreground until it stops."""
+    if options.ca is None and not options.insecure:
+        raise runtime.CredentialsError(
             "no --ca given: a node only connects over TLS (or pass --insecure for a local test)"
         )
-    for path, flag in ((ca, "--ca"), (key, "--key")):
-        if path is not None and not path.is_file():
-            raise ValueError(f"{flag} {path}: file not found")
-    report = check_site(data, task)
+    runtime.require_files([(options.ca, "--ca"), (options.key, "--key")])
+    report = check_site(options.data, options.task)
     print_report(report)
     if not report["usable"]:
         print("not starting the node: fix the blocking problems above", file=sys.stderr)
         return 1
-    if insecure:
-        ca, key = None, None
+    ca, key = (None, None) if options.insecure else (options.ca, options.key)
+    if options.insecure:
         print(
             "WARNING: --insecure: model updates travel unencrypted and the node is not "
             "authenticated. Never use this outside a local test.",
             file=sys.stderr,
         )
-    state.mkdir(parents=True, exist_ok=True)
-    env = processes.flower_env(state / "flwr-home")
-    env[AUDIT_ENV] = str(state / "audit.jsonl")
-    if metrics_port is not None:
-        metrics_dir = telemetry.prepare_multiprocess_dir(state / "metrics")
-        telemetry.serve(metrics_port, metrics_dir)
-        env[telemetry.MULTIPROC_ENV] = str(metrics_dir)
-    config = node_config(data.resolve(), name, device, state / "cache")
-    log = state / "audit.jsonl"
+    state, log = options.state, options.state / "audit.jsonl"
+    env = runtime.service_env(state, log, (options.metrics_port, "127.0.0.1"))
+    config = node_config(options.data.resolve(), options.name, options.device, state / "cache")
     audit(
         "node-started",
         log=log,
-        site=name,
-        coordinator=coordinator,
+        site=options.name,
+        coordinator=options.coordinator,
         tls=ca is not None,
         authenticated=key is not None,
     )
-    code = supervise(supernode_command(coordinator, ca, key, config, runtime_port), env)
-    audit("node-stopped", log=log, site=name, exit_code=code)
+    command = supernode_command(options.coordinator, ca, key, config, options.runtime_port)
+    code = runtime.supervise(command, env)
+    audit("node-stopped", log=log, site=options.name, exit_code=code)
     return code

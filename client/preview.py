@@ -6,7 +6,6 @@ the coordinator never sees images, so it cannot draw these itself.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -19,27 +18,19 @@ from medfed.client.data.check import middle_slice
 from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import site_folders
 from medfed.client.data.site import load_site
-from medfed.server.report import PREDICTIONS_PNG
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.run_folder import PLOTS, PREDICTIONS_PNG, load_global_model
 from medfed.shared_models.tasks import TASKS
-
-
-def load_global_model(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
-    """Rebuild the network described by model.json and load global_model.pt."""
-    meta = json.loads((run_dir / "model.json").read_text())
-    cfg = RunConfig.from_mapping(meta["config"])
-    net = TASKS[cfg.task].build_network(cfg)
-    net.load_state_dict(torch.load(run_dir / "global_model.pt", weights_only=True))
-    return cfg, net.eval()
 
 
 def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
     """Overlay predictions on `count` validation images of the first site."""
     cfg, net = load_global_model(run_dir)
-    site = load_site(site_folders(data_root)[0], cfg)
-    batch = next(iter(make_loader(site, site.val[:count], cfg, False, torch.device("cpu"))))
     if cfg.task == "gan":
         return _save_gan_grid(run_dir, cfg, net)
+    site = load_site(site_folders(data_root)[0], cfg)
+    cpu = torch.device("cpu")
+    batch = next(iter(make_loader(site, site.val[:count], cfg, train=False, device=cpu)))
     with torch.no_grad():
         logits = net(batch["image"])
     kind = TASKS[cfg.task].label_kind
@@ -68,12 +59,7 @@ def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
         "class": "true → predicted class",
     }
     fig.suptitle(f"{site.name}: {titles[kind]}", fontsize=9)
-    fig.tight_layout()
-    path = run_dir / "plots" / PREDICTIONS_PNG
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir)
 
 
 def _save_gan_grid(run_dir: Path, cfg: RunConfig, net: torch.nn.Module, per_class: int = 6) -> Path:
@@ -92,8 +78,13 @@ def _save_gan_grid(run_dir: Path, cfg: RunConfig, net: torch.nn.Module, per_clas
         axis.axis("off")
         axis.set_title(cfg.classes[int(label)], fontsize=7)
     fig.suptitle("global generator: one row per class", fontsize=9)
+    return _save(fig, run_dir)
+
+
+def _save(fig: plt.Figure, run_dir: Path) -> Path:
+    """The figure as the run's plots/predictions.png."""
     fig.tight_layout()
-    path = run_dir / "plots" / PREDICTIONS_PNG
+    path = run_dir / PLOTS / PREDICTIONS_PNG
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

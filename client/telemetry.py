@@ -1,13 +1,17 @@
 """Hospital-side metrics: what a site's own dashboard shows about its node.
 
 Written from the ClientApp's short-lived processes through prometheus_client's
-multiprocess files (see medfed.server.telemetry for why); labels are the site
-and task only — never file or patient names.
+multiprocess files, served by the node's exporter (`runtime.serve_metrics`);
+labels are the site and task only, never file or patient names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from medfed.shared_models.protocol import Metric
 
 TRAINING_DURATION = Histogram(
     "medfed_site_training_duration_seconds",
@@ -67,32 +71,45 @@ GPU_MEMORY_PEAK = Gauge(
 )
 
 
-def record_training(
-    site: str,
-    task: str,
-    seconds: float,
-    images: int,
-    loss: float,
-    examples: int,
-    skipped: int,
-    sent_bytes: int,
-    server_round: int,
-    device: str,
-    gpu_peak_bytes: int,
-) -> None:
-    TRAINING_DURATION.labels(site, task).observe(seconds)
-    IMAGES_PER_SECOND.labels(site).set(images / seconds if seconds > 0 else 0.0)
-    TRAIN_LOSS.labels(site, task).set(loss)
-    EXAMPLES.labels(site).set(examples)
-    SKIPPED_FILES.labels(site).set(skipped)
-    SENT_BYTES.labels(site).inc(sent_bytes)
-    ROUNDS_TRAINED.labels(site).inc()
-    LAST_ROUND.labels(site).set(server_round)
-    DEVICE.labels(site, device).set(1)
-    GPU_MEMORY_PEAK.labels(site).set(gpu_peak_bytes)
+@dataclass(frozen=True)
+class TrainingReport:
+    """One round of local training, as this site's dashboard shows it."""
+
+    site: str
+    task: str
+    server_round: int
+    seconds: float
+    images: int  # images seen: examples x local epochs
+    loss: float
+    examples: int
+    device: str
+    gpu_peak_bytes: int  # 0 on the CPU
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def record_training(report: TrainingReport, skipped: int) -> None:
+    """A round of local training, and the files this site skips as unusable."""
+    TRAINING_DURATION.labels(report.site, report.task).observe(report.seconds)
+    IMAGES_PER_SECOND.labels(report.site).set(report.images_per_second)
+    TRAIN_LOSS.labels(report.site, report.task).set(report.loss)
+    EXAMPLES.labels(report.site).set(report.examples)
+    SKIPPED_FILES.labels(report.site).set(skipped)
+    ROUNDS_TRAINED.labels(report.site).inc()
+    LAST_ROUND.labels(report.site).set(report.server_round)
+    DEVICE.labels(report.site, report.device).set(1)
+    GPU_MEMORY_PEAK.labels(report.site).set(report.gpu_peak_bytes)
+
+
+def model_bytes_sent(site: str, count: int) -> None:
+    """Model bytes that left the site (after masking: what was actually sent)."""
+    SENT_BYTES.labels(site).inc(count)
 
 
 def record_evaluation(site: str, task: str, metrics: dict[str, float]) -> None:
+    """The global model's validation metrics on this site's images."""
     for name, value in metrics.items():
-        if name != "num-examples":
+        if name not in Metric.BOOKKEEPING:
             LOCAL_VALIDATION.labels(site, task, name).set(value)

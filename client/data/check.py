@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from medfed.client.data.manifest import SiteDataError, find_manifest
-from medfed.client.data.site import SiteData, scan_site
+from medfed.client.data.site import SiteDataset, scan_site
 from medfed.client.data.transforms import intensity_mode, site_transforms
 from medfed.shared_models.config import ConfigError, RunConfig
 from medfed.shared_models.tasks import TASKS
@@ -69,7 +69,7 @@ def check_site(root: Path, task: str | None = None) -> dict[str, Any]:
     return report
 
 
-def _describe(site: SiteData, cfg: RunConfig) -> dict[str, Any]:
+def _describe(site: SiteDataset, cfg: RunConfig) -> dict[str, Any]:
     task = TASKS[cfg.task]
     usable = site.train + site.val + site.test
     facts = [site.facts[e["where"]] for e in usable]
@@ -121,6 +121,7 @@ def _counts(values: Any) -> dict[str, int]:
 
 
 def print_report(report: dict[str, Any]) -> None:
+    """The report as a hospital reads it: counts, labels, shapes, problems, the verdict."""
     print(f"site: {report['site']}")
     if "counts" in report:
         c = report["counts"]

@@ -19,7 +19,7 @@ from monai.data import CacheDataset, DataLoader, PersistentDataset
 from torch.utils.data import ConcatDataset
 
 from medfed.client.data.scan import SCAN_VERSION
-from medfed.client.data.site import SiteData
+from medfed.client.data.site import SiteDataset
 from medfed.client.data.transforms import intensity_mode, site_transforms
 from medfed.shared_models.config import RunConfig
 
@@ -34,7 +34,7 @@ def loader_workers(device: torch.device, requested: int | None = None) -> int:
     return min(8 if device.type == "cuda" else 4, cpus // 2)
 
 
-def transform_cache_dir(cache_dir: Path, cfg: RunConfig, site: SiteData) -> Path:
+def transform_cache_dir(cache_dir: Path, cfg: RunConfig, site: SiteDataset) -> Path:
     """One cache folder per preprocessing recipe: change a setting, get a fresh cache."""
     recipe = {
         "task": cfg.task, "image-size": cfg.image_size, "in-channels": cfg.in_channels,
@@ -53,9 +53,10 @@ def _entry_hash(item: Any) -> bytes:
 
 
 def make_loader(
-    site: SiteData,
+    site: SiteDataset,
     items: list[dict[str, Any]],
     cfg: RunConfig,
+    *,
     train: bool,
     device: torch.device,
     cache_dir: Path | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 from medfed.client.data.manifest import MANIFEST_CSV, MANIFEST_JSON, SiteDataError
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import NodeConfig
 
 
 def medfed_cache() -> Path:
@@ -30,8 +31,8 @@ def site_cache_dir(node_config: Mapping[str, Any], site_path: Path) -> Path:
 
     Outside the site folder by default: hospital data folders are often read-only.
     """
-    if "cache-dir" in node_config:
-        return Path(str(node_config["cache-dir"])).expanduser()
+    if NodeConfig.CACHE_DIR in node_config:
+        return Path(str(node_config[NodeConfig.CACHE_DIR])).expanduser()
     key = hashlib.sha256(str(site_path.resolve()).encode()).hexdigest()[:16]
     return medfed_cache() / "sites" / f"{site_path.name}-{key}"
 
@@ -50,23 +51,17 @@ def site_folders(root: Path) -> list[Path]:
     )
 
 
-def _has_manifest(folder: Path) -> bool:
-    return (
-        (folder / MANIFEST_JSON).exists()
-        or (folder / MANIFEST_CSV).exists()
-        or any(folder.glob("*.npz"))
-    )
-
-
 def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
-    if "data-path" in node_config:
-        return Path(str(node_config["data-path"])).expanduser()
-    if "partition-id" not in node_config:
+    """The site folder this node trains on (see the module docstring)."""
+    if NodeConfig.DATA_PATH in node_config:
+        return Path(str(node_config[NodeConfig.DATA_PATH])).expanduser()
+    if NodeConfig.PARTITION_ID not in node_config:
         raise SiteDataError(
             "node config has no 'data-path': start the node with "
             "--node-config \"data-path='/path/to/site'\""
         )
-    partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    partition = int(node_config[NodeConfig.PARTITION_ID])
+    partitions = int(node_config[NodeConfig.NUM_PARTITIONS])
     if cfg.data_root:
         sites = site_folders(Path(cfg.data_root).expanduser())
         if len(sites) < partitions:
@@ -81,4 +76,4 @@ def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
 
 def site_name(node_config: Mapping[str, Any], path: Path) -> str:
     """A low-cardinality label for reports and metrics: never a patient or file name."""
-    return str(node_config.get("site-name", path.name))
+    return str(node_config.get(NodeConfig.SITE_NAME, path.name))

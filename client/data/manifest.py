@@ -49,6 +49,7 @@ class Manifest:
 
 
 def find_manifest(root: Path) -> Path:
+    """The site's manifest: dataset.json, else manifest.csv, else its one .npz archive."""
     if not root.is_dir():
         raise SiteDataError(f"site folder {root} does not exist or is not a folder")
     for name in (MANIFEST_JSON, MANIFEST_CSV):
@@ -74,7 +75,7 @@ def read_manifest(root: Path, label_kind: str, num_classes: int) -> Manifest:
     for split, rows in raw["splits"].items():
         for index, row in rows:
             where = f"{source.name} {split} entry {index}"
-            entry = _resolve(root, where, row, label_kind, num_classes, manifest.problems)
+            entry = _resolve(root, where, row, (label_kind, num_classes), manifest.problems)
             if entry is not None:
                 manifest.splits[split].append(entry)
     return manifest
@@ -162,8 +163,13 @@ def _read_npz(source: Path, num_classes: int) -> Manifest:
 
 
 def _resolve(
-    root: Path, where: str, row: Any, label_kind: str, num_classes: int, problems: list[Problem]
+    root: Path, where: str, row: Any, labels: tuple[str, int], problems: list[Problem]
 ) -> dict[str, Any] | None:
+    """One manifest row with its paths resolved inside the site, or None (a Problem noted).
+
+    `labels` is (label kind, number of classes) of the run's task.
+    """
+    label_kind, num_classes = labels
     if not isinstance(row, dict) or "image" not in row or "label" not in row:
         problems.append(Problem(where, "needs 'image' and 'label'"))
         return None

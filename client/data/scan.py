@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from monai.transforms import EnsureChannelFirst, LoadImage
 
 from medfed.client.data.manifest import Problem
 from medfed.client.data.transforms import READERS
+from medfed.shared_models.runtime import atomic_write
 
 SCAN_VERSION = 1
 
@@ -91,9 +91,7 @@ class Scanner:
         if not self.cache_file:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_name(f".scan.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.cache))
-        os.replace(tmp, self.cache_file)
+        atomic_write(self.cache_file, json.dumps(self.cache).encode())
 
     def _fingerprint(self, entry: dict[str, Any]) -> str | None:
         if not isinstance(entry["image"], str):

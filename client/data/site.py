@@ -17,12 +17,13 @@ from medfed.client.data.transforms import resolve_modality
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
 
-__all__ = ["SiteData", "SiteDataError", "load_site", "scan_site"]
+__all__ = ["SiteDataError", "SiteDataset", "load_site", "scan_site"]
 
 
 @dataclass
-class SiteData:
-    """A scanned site: usable entries split into train and validation."""
+class SiteDataset:
+    """One hospital's usable entries, split into train, validation and test, with the
+    files it skipped and what the scan learnt about each image."""
 
     name: str
     root: Path
@@ -38,7 +39,7 @@ class SiteData:
 
 def load_site(
     root: Path, cfg: RunConfig, name: str | None = None, cache_dir: Path | None = None
-) -> SiteData:
+) -> SiteDataset:
     """The site, ready to train: raises SiteDataError when too little usable data remains."""
     site = scan_site(root, cfg, name, cache_dir)
     if not site.train or not site.val:
@@ -53,7 +54,7 @@ def load_site(
 
 def scan_site(
     root: Path, cfg: RunConfig, name: str | None = None, cache_dir: Path | None = None
-) -> SiteData:
+) -> SiteDataset:
     """Everything found in the site, usable or not (what `medfed data check` reports).
 
     Raises SiteDataError only when the manifest itself cannot be used.
@@ -87,7 +88,7 @@ def scan_site(
     channel_dim = None
     if train and not isinstance(train[0]["image"], str):
         channel_dim = "no_channel" if train[0]["image"].ndim == task.spatial_dims else -1
-    return SiteData(
+    return SiteDataset(
         name=name or root.name,
         root=root,
         source=manifest.source,

@@ -53,12 +53,14 @@ INTENSITY_BY_MODALITY = {"CT": "ct-window"}
 
 
 def resolve_modality(cfg: RunConfig, declared: str | None) -> str:
+    """The run's modality setting, else the site's declared one, else the task's usual one."""
     if cfg.modality != "auto":
         return cfg.modality
     return (declared or TASKS[cfg.task].default_modality).upper()
 
 
 def intensity_mode(cfg: RunConfig, modality: str) -> str:
+    """The intensity normalisation: the run's setting, else the modality's default."""
     if cfg.intensity != "auto":
         return cfg.intensity
     return INTENSITY_BY_MODALITY.get(modality, "percentile")

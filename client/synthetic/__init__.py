@@ -57,7 +57,10 @@ def generate_site(
                 f"class prevalence {class_prevalence}: needs {num_classes} values summing to 1"
             )
         profile = replace(profile, class_prevalence=tuple(class_prevalence))
-    wanted = provenance(task, index, seed, images_per_site, image_size, profile)
+    wanted = provenance(
+        task, index, seed=seed, images_per_site=images_per_site, image_size=image_size,
+        profile=profile,
+    )  # fmt: skip
     manifest = out / "dataset.json"
     if manifest.exists():
         existing = json.loads(manifest.read_text()).get("synthetic")
@@ -84,6 +87,13 @@ def generate_federation(
 ) -> list[Path]:
     """One folder per hospital: out/site-0, out/site-1, ..."""
     return [
-        generate_site(task, i, out / f"site-{i}", seed, images_per_site, image_size)
+        generate_site(
+            task,
+            i,
+            out / f"site-{i}",
+            seed=seed,
+            images_per_site=images_per_site,
+            image_size=image_size,
+        )
         for i in range(sites)
     ]

@@ -11,7 +11,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
+from medfed.client.synthetic.sites import (
+    SiteProfile,
+    decathlon_manifest,
+    grid,
+    scanner_effects,
+    smooth_noise,
+)
 
 LABELS = {"0": "background", "1": "edema", "2": "tumour"}
 
@@ -66,13 +72,6 @@ def write_brain_site(out: Path, profile: SiteProfile, seed: int, size: int) -> d
         nib.save(nib.Nifti1Image(image, affine), out / "imagesTr" / name)
         nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
         training.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
-    return {
-        "name": f"synthetic-brain-site-{profile.index}",
-        "task": "segmentation",
-        "modality": {"0": "MR"},
-        "spatial_dims": 2,
-        "labels": LABELS,
-        "numTraining": len(training),
-        "training": training,
-        "test": [],
-    }
+    return decathlon_manifest(
+        f"synthetic-brain-site-{profile.index}", "segmentation", ["MR"], 2, training, labels=LABELS
+    )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from monai.transforms import GaussianSmooth
 
-from medfed.client.synthetic.sites import SiteProfile, scanner_effects
+from medfed.client.synthetic.sites import SiteProfile, decathlon_manifest, scanner_effects
 
 LABELS = {"0": "background", "1": "necrotic-core", "2": "edema", "3": "enhancing"}
 # intensity of (brain, ventricle, necrotic core, edema, enhancing) per channel
@@ -80,14 +80,7 @@ def write_brain3d_site(out: Path, profile: SiteProfile, seed: int, size: int) ->
         nib.save(nib.Nifti1Image(image.astype(np.float32), affine), out / "imagesTr" / name)
         nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
         training.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
-    return {
-        "name": f"synthetic-brats-site-{profile.index}",
-        "task": "segmentation3d",
-        "modality": {"0": "MR", "1": "MR", "2": "MR", "3": "MR"},
-        "channels": list(CONTRAST),
-        "spatial_dims": 3,
-        "labels": LABELS,
-        "numTraining": len(training),
-        "training": training,
-        "test": [],
-    }
+    return decathlon_manifest(
+        f"synthetic-brats-site-{profile.index}", "segmentation3d", ["MR"] * 4, 3, training,
+        channels=list(CONTRAST), labels=LABELS,
+    )  # fmt: skip

@@ -13,8 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.synthetic.dicom import write_dicom
-from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
+from medfed.client.synthetic.dicom import write_radiograph
+from medfed.client.synthetic.sites import (
+    SiteProfile,
+    decathlon_manifest,
+    grid,
+    scanner_effects,
+    smooth_noise,
+)
 
 LABELS = {"0": "normal", "1": "pneumonia", "2": "covid"}
 
@@ -62,23 +68,11 @@ def write_xray_site(out: Path, profile: SiteProfile, seed: int, size: int) -> di
         rng = np.random.default_rng([seed, profile.index, 2, case])
         label = int(rng.choice(len(LABELS), p=np.asarray(profile.class_prevalence)))
         image = scanner_effects(chest_xray(rng, size, label), profile, rng)
-        stored = (np.clip(image / 1.3, 0.0, 1.0) * 4095).round().astype(np.uint16)
         name = f"case_{case:04d}.dcm"
-        write_dicom(
-            out / "imagesTr" / name,
-            stored,
-            "CR",
-            (spacing, spacing),
-            uid_seed=f"{seed}-{profile.index}-2-{case}",
-        )
+        uid = f"{seed}-{profile.index}-2-{case}"
+        write_radiograph(out / "imagesTr" / name, image, "CR", spacing, uid)
         training.append({"image": f"imagesTr/{name}", "label": label})
-    return {
-        "name": f"synthetic-chest-xray-site-{profile.index}",
-        "task": "classification",
-        "modality": {"0": "CR"},
-        "spatial_dims": 2,
-        "labels": LABELS,
-        "numTraining": len(training),
-        "training": training,
-        "test": [],
-    }
+    return decathlon_manifest(
+        f"synthetic-chest-xray-site-{profile.index}", "classification", ["CR"], 2, training,
+        labels=LABELS,
+    )  # fmt: skip

@@ -93,3 +93,11 @@ def write_series(
             instance=k + 1,
         )
     return folder
+
+
+def write_radiograph(
+    path: Path, image: np.ndarray, modality: str, spacing: float, uid_seed: str
+) -> Path:
+    """A radiograph with values in [0, 1.3] (scanner effects included), stored as 12 bits."""
+    stored = (np.clip(image / 1.3, 0.0, 1.0) * 4095).round().astype(np.uint16)
+    return write_dicom(path, stored, modality, (spacing, spacing), uid_seed=uid_seed)

@@ -13,14 +13,21 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.synthetic.dicom import write_dicom
-from medfed.client.synthetic.sites import SiteProfile, grid, scanner_effects, smooth_noise
+from medfed.client.synthetic.dicom import write_radiograph
+from medfed.client.synthetic.sites import (
+    SiteProfile,
+    decathlon_manifest,
+    grid,
+    scanner_effects,
+    smooth_noise,
+)
 
 MAX_AGE = 216.0  # 18 years
 
 
-def _bar(x, y, x0, y0, x1, y1, half_width):
-    """Pixels within `half_width` of the segment (x0, y0)-(x1, y1)."""
+def _bar(x, y, start, end, half_width):
+    """Pixels within `half_width` of the segment from `start` to `end` (x, y points)."""
+    (x0, y0), (x1, y1) = start, end
     dx, dy = x1 - x0, y1 - y0
     t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
     return np.hypot(x - (x0 + t * dx), y - (y0 + t * dy)) < half_width
@@ -41,9 +48,11 @@ def hand_xray(rng: np.random.Generator, size: int, age: float) -> np.ndarray:
         base_x, base_y = (-0.3 + 0.15 * finger) * scale, palm_y - 0.12 * scale
         length = (0.5 if finger in (1, 2, 3) else 0.38) * scale
         tip_x, tip_y = base_x + np.sin(angle) * length, base_y - np.cos(angle) * length
-        image[_bar(x, y, base_x, base_y, tip_x, tip_y, 0.055 * scale)] = 0.3  # soft tissue
+        image[_bar(x, y, (base_x, base_y), (tip_x, tip_y), 0.055 * scale)] = 0.3  # soft tissue
         # metacarpal, then 3 (thumb: 2) phalanges with an epiphysis cap at each base
-        image[_bar(x, y, base_x * 0.6, palm_y + 0.2 * scale, base_x, base_y, 0.022 * scale)] = bone
+        image[_bar(x, y, (base_x * 0.6, palm_y + 0.2 * scale), (base_x, base_y), 0.022 * scale)] = (
+            bone
+        )
         segments = 2 if finger == 0 else 3
         for k in range(segments):
             t0, t1 = k / segments, (k + 1) / segments - 0.04
@@ -51,10 +60,10 @@ def hand_xray(rng: np.random.Generator, size: int, age: float) -> np.ndarray:
             ex, ey = base_x + (tip_x - base_x) * t1, base_y + (tip_y - base_y) * t1
             cap = min(0.3, gap / max(length / segments, 1e-3) + 0.12)
             cx, cy = sx + (ex - sx) * cap, sy + (ey - sy) * cap
-            image[_bar(x, y, cx, cy, ex, ey, 0.02 * scale)] = bone  # shaft
+            image[_bar(x, y, (cx, cy), (ex, ey), 0.02 * scale)] = bone  # shaft
             if age > 12:
                 gx, gy = sx + (ex - sx) * (cap - gap), sy + (ey - sy) * (cap - gap)
-                image[_bar(x, y, sx, sy, gx, gy, 0.018 * scale)] = bone  # epiphysis
+                image[_bar(x, y, (sx, sy), (gx, gy), 0.018 * scale)] = bone  # epiphysis
     centres = int(np.clip(round(age / 22.0), 0, 8))
     for k in range(centres):  # carpal ossification centres appear one by one
         cx = (-0.16 + 0.09 * (k % 4)) * scale
@@ -75,22 +84,10 @@ def write_hand_site(out: Path, profile: SiteProfile, seed: int, size: int) -> di
         rng = np.random.default_rng([seed, profile.index, 4, case])
         age = float(np.clip(rng.normal(mean_age, spread), 6, MAX_AGE))
         image = scanner_effects(hand_xray(rng, size, age), profile, rng)
-        stored = (np.clip(image / 1.3, 0.0, 1.0) * 4095).round().astype(np.uint16)
         name = f"case_{case:04d}.dcm"
-        write_dicom(
-            out / "imagesTr" / name,
-            stored,
-            "DX",
-            (spacing, spacing),
-            uid_seed=f"{seed}-{profile.index}-4-{case}",
-        )
+        uid = f"{seed}-{profile.index}-4-{case}"
+        write_radiograph(out / "imagesTr" / name, image, "DX", spacing, uid)
         training.append({"image": f"imagesTr/{name}", "label": round(age, 1)})
-    return {
-        "name": f"synthetic-hand-xray-site-{profile.index}",
-        "task": "regression",
-        "modality": {"0": "DX"},
-        "spatial_dims": 2,
-        "numTraining": len(training),
-        "training": training,
-        "test": [],
-    }
+    return decathlon_manifest(
+        f"synthetic-hand-xray-site-{profile.index}", "regression", ["DX"], 2, training
+    )

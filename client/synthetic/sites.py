@@ -10,8 +10,6 @@ is reproducible from (task, sites, seed) alone.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import GaussianSmooth
+
+from medfed.shared_models.runtime import atomic_write
 
 
 @dataclass(frozen=True)
@@ -84,26 +84,24 @@ def write_site_atomically(
     a node would later train on.
     """
     site_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = site_dir.parent / f".{site_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write_folder(tmp: Path) -> None:
+        tmp.mkdir()
         dataset = write(tmp)
         dataset["synthetic"] = provenance
         (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
-        os.rename(tmp, site_dir)
+
+    try:
+        atomic_write(site_dir, write_folder)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (site_dir / "dataset.json").exists():
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise  # not a concurrent generator that finished first: a real failure
 
 
 def provenance(
-    task: str, index: int, seed: int, images_per_site: int, image_size: int, profile: SiteProfile
+    task: str, index: int, *, seed: int, images_per_site: int, image_size: int, profile: SiteProfile
 ) -> dict[str, Any]:
+    """What a synthetic site was generated from: rewriting it needs the same values."""
     return {
         "task": task,
         "site": index,
@@ -111,4 +109,25 @@ def provenance(
         "images-per-site": images_per_site,
         "image-size": image_size,
         "profile": asdict(profile),
+    }
+
+
+def decathlon_manifest(
+    name: str,
+    task: str,
+    modalities: list[str],
+    spatial_dims: int,
+    training: list[dict],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A site's dataset.json in the Medical Segmentation Decathlon layout medfed reads."""
+    return {
+        "name": name,
+        "task": task,
+        "modality": {str(i): modality for i, modality in enumerate(modalities)},
+        "spatial_dims": spatial_dims,
+        **extra,
+        "numTraining": len(training),
+        "training": training,
+        "test": [],
     }

@@ -1,4 +1,4 @@
-"""The hospital's side of SecAgg+: keys, shares, the masked update, unmasking.
+"""The hospital's SecAgg+ protocol state: keys, shares, the masked update, unmasking.
 
 Everything secret (both private keys, the self-mask seed, the shares other
 hospitals sent) lives in the node's own `context.state`; what leaves the site
@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord
 
+from medfed.shared_models.protocol import (
+    Config,
+    Key,
+    mask_purpose,
+    minimum_threshold,
+    pairwise_sign,
+    share_context,
+)
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import (
     MaskStream,
@@ -33,29 +42,54 @@ class SecAggRefused(ValueError):
     """The coordinator asked for something that would weaken this hospital's protection."""
 
 
-def share_context(run: int, server_round: int, sender: str, receiver: str) -> bytes:
-    """Authenticated data binding a ciphertext to its round, sender and receiver."""
-    return f"medfed-secagg|run={run}|round={server_round}|from={sender}|to={receiver}".encode()
+@dataclass(frozen=True)
+class ShareRequest:
+    """What the coordinator asks one hospital to share for one round."""
+
+    server_round: int
+    xs: Mapping[str, int]  # Shamir x-coordinate of each member of this hospital's group
+    neighbour_keys: Mapping[str, tuple[bytes, bytes]]  # neighbour -> (c-pk, s-pk)
+    threshold: int
+    fraction: float  # this hospital's share of the round's aggregation weight
+    clipping_range: float
+    bits: int
+    weight: float  # the aggregation weight the coordinator used for `fraction`
+
+    @classmethod
+    def from_records(cls, config: Mapping, secagg: Mapping) -> ShareRequest:
+        """Read the request from a message's `config` and `secagg` records."""
+        xs = {
+            key.removeprefix(Key.X_PREFIX): int(value)
+            for key, value in secagg.items()
+            if key.startswith(Key.X_PREFIX)
+        }
+        names = [k.removeprefix(Key.C_PK_PREFIX) for k in secagg if k.startswith(Key.C_PK_PREFIX)]
+        neighbours = {
+            name: (secagg[Key.C_PK_PREFIX + name], secagg[Key.S_PK_PREFIX + name]) for name in names
+        }
+        return cls(
+            server_round=int(config[Config.SERVER_ROUND]),
+            xs=xs,
+            neighbour_keys=neighbours,
+            threshold=int(config[Key.THRESHOLD]),
+            fraction=float(config[Key.FRACTION]),
+            clipping_range=float(config[Key.CLIPPING_RANGE]),
+            bits=int(config[Key.QUANTIZATION_BITS]),
+            weight=float(config[Key.WEIGHT]),
+        )
 
 
-def mask_purpose(run: int, server_round: int) -> bytes:
-    return f"mask|run={run}|round={server_round}".encode()
-
-
-def minimum_threshold(group_size: int) -> int:
-    """A strict majority of the group: fewer could let a coordinator rebuild both secrets."""
-    return group_size // 2 + 1
-
-
-class SecAggClient:
+class HospitalSecAgg:
     """One hospital's protocol state for one round, kept in a ConfigRecord."""
 
     def __init__(self, state: ConfigRecord) -> None:
         self.state = state
 
     @classmethod
-    def start(cls, run: int, server_round: int, node: str) -> tuple[SecAggClient, dict[str, bytes]]:
-        """Fresh key pairs for this round; returns the client and its public keys."""
+    def start(
+        cls, run: int, server_round: int, node: str
+    ) -> tuple[HospitalSecAgg, dict[str, bytes]]:
+        """Fresh key pairs for this round; returns the state and its public keys."""
         state = ConfigRecord(
             {
                 "run": run,
@@ -65,11 +99,13 @@ class SecAggClient:
                 "s-sk": new_private_key(),
             }
         )
-        client = cls(state)
-        return client, {
-            "c-pk": public_key(state["c-sk"]),
-            "s-pk": public_key(state["s-sk"]),
-        }
+        public = {Key.C_PK: public_key(state["c-sk"]), Key.S_PK: public_key(state["s-sk"])}
+        return cls(state), public
+
+    @property
+    def weight(self) -> float:
+        """The aggregation weight the coordinator weighs this hospital by this round."""
+        return float(self.state["weight"])
 
     def _check_round(self, server_round: int) -> None:
         if int(self.state["round"]) != server_round:
@@ -78,69 +114,65 @@ class SecAggClient:
                 f"not round {server_round}"
             )
 
-    def share_keys(
-        self,
-        server_round: int,
-        xs: Mapping[str, int],
-        neighbour_keys: Mapping[str, tuple[bytes, bytes]],
-        threshold: int,
-        fraction: float,
-        clipping_range: float,
-        bits: int,
-    ) -> dict[str, bytes]:
-        """Shamir-share the self-mask seed and mask key; one ciphertext per neighbour."""
-        self._check_round(server_round)
+    def _check_request(self, request: ShareRequest) -> None:
+        """Refuse a group, threshold or key set that would weaken this hospital's protection."""
         me = str(self.state["node"])
-        neighbours = sorted(neighbour_keys)
-        if me in neighbour_keys or not set(neighbours) <= set(xs) or me not in xs:
+        keys = request.neighbour_keys
+        if me in keys or not set(keys) <= set(request.xs) or me not in request.xs:
             raise SecAggRefused("neighbour list does not match the round's participants")
-        group = len(neighbours) + 1
-        if not minimum_threshold(group) <= threshold <= group:
+        group = len(keys) + 1
+        if not minimum_threshold(group) <= request.threshold <= group:
             raise SecAggRefused(
-                f"threshold {threshold} for a group of {group} is unsafe "
+                f"threshold {request.threshold} for a group of {group} is unsafe "
                 f"(needs {minimum_threshold(group)}..{group})"
             )
         own = (public_key(self.state["c-sk"]), public_key(self.state["s-sk"]))
-        keys = [k for pair in neighbour_keys.values() for k in pair] + list(own)
-        if len(set(keys)) != len(keys):
+        every_key = [k for pair in keys.values() for k in pair] + list(own)
+        if len(set(every_key)) != len(every_key):
             raise SecAggRefused("public keys repeat across neighbours")
-        check_fraction(fraction)
-        check_ranges(clipping_range, bits, len(xs))
+        check_fraction(request.fraction)
+        check_ranges(request.clipping_range, request.bits, len(request.xs))
+
+    def share_keys(self, request: ShareRequest) -> dict[str, bytes]:
+        """Shamir-share the self-mask seed and mask key; one ciphertext per neighbour."""
+        self._check_round(request.server_round)
+        self._check_request(request)
+        me = str(self.state["node"])
+        neighbours = sorted(request.neighbour_keys)
         seed = os.urandom(shamir.SECRET_BYTES)
-        holders = [*neighbours, me]
-        coords = [int(xs[h]) for h in holders]
-        seed_shares = shamir.split(seed, coords, threshold)
-        key_shares = shamir.split(self.state["s-sk"], coords, threshold)
+        coords = [int(request.xs[h]) for h in [*neighbours, me]]
+        seed_shares = shamir.split(seed, coords, request.threshold)
+        key_shares = shamir.split(self.state["s-sk"], coords, request.threshold)
         sealed = {}
         for holder in neighbours:
-            x = int(xs[holder])
-            key = derive(self.state["c-sk"], neighbour_keys[holder][0], b"share")
-            context = share_context(int(self.state["run"]), server_round, me, holder)
+            x = int(request.xs[holder])
+            key = derive(self.state["c-sk"], request.neighbour_keys[holder][0], b"share")
+            context = share_context(int(self.state["run"]), request.server_round, me, holder)
             sealed[holder] = seal(key, seed_shares[x] + key_shares[x], context)
-        x_me = int(xs[me])
+        x_me = int(request.xs[me])
         self.state.update(
             {
                 "seed": seed,
-                "threshold": threshold,
-                "fraction": fraction,
-                "clipping-range": clipping_range,
-                "bits": bits,
+                "threshold": request.threshold,
+                "fraction": request.fraction,
+                "clipping-range": request.clipping_range,
+                "bits": request.bits,
+                "weight": request.weight,
                 "neighbours": neighbours,
                 f"share-b.{me}": seed_shares[x_me],
                 f"share-sk.{me}": key_shares[x_me],
             }
         )
         for holder in neighbours:
-            self.state[f"c-pk.{holder}"] = neighbour_keys[holder][0]
-            self.state[f"s-pk.{holder}"] = neighbour_keys[holder][1]
+            self.state[f"c-pk.{holder}"] = request.neighbour_keys[holder][0]
+            self.state[f"s-pk.{holder}"] = request.neighbour_keys[holder][1]
         return sealed
 
     def receive_shares(self, server_round: int, sealed: Mapping[str, bytes]) -> None:
         """Open the neighbours' ciphertexts; a tampered or misrouted one names the sender."""
         self._check_round(server_round)
         me = str(self.state["node"])
-        neighbours = set(self.state["neighbours"])
-        unknown = sorted(set(sealed) - neighbours)
+        unknown = sorted(set(sealed) - set(self.state["neighbours"]))
         if unknown:
             raise SecAggRefused(f"shares from non-neighbours {unknown}")
         for sender, ciphertext in sealed.items():
@@ -209,13 +241,8 @@ class SecAggClient:
         shares = {}
         for node in survivors:
             if node in held:
-                shares[f"b.{node}"] = self.state[f"share-b.{node}"]
+                shares[Key.SEED_SHARE_PREFIX + node] = self.state[f"share-b.{node}"]
         for node in dropped:
             if node in held and node != me:
-                shares[f"sk.{node}"] = self.state[f"share-sk.{node}"]
+                shares[Key.KEY_SHARE_PREFIX + node] = self.state[f"share-sk.{node}"]
         return shares
-
-
-def pairwise_sign(me: str, other: str) -> bool:
-    """True where `me` adds the pair's mask (the other end subtracts it)."""
-    return int(me) < int(other)

@@ -1,0 +1,209 @@
+"""What a hospital does with each message: train, evaluate, summarise its site.
+
+Every handler opens the node's site for the run (`NodeSite`): a deployed
+SuperNode runs each message in a fresh ClientApp process, so the site is
+opened (its scan read from the cache) per message. Only model arrays and
+scalar metrics leave the site; the reply also names the site (a label, not
+data) so the coordinator can report per hospital. Names of skipped files stay
+in this node's log. What happens to a reply on its way out (DP clipping,
+SecAgg+ masking, small-count suppression, the audit line) is done by the mods
+in `client/privacy/`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from logging import WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
+from monai.data import DataLoader
+from torch import nn
+from tqdm import tqdm
+
+from medfed.client import telemetry
+from medfed.client.data.loader import make_loader
+from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
+from medfed.client.data.site import SiteDataset, load_site
+from medfed.client.data.site_summary import site_summary
+from medfed.client.gan import generated_items
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.device import pick_device
+from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey
+from medfed.shared_models.tasks import TASKS
+from medfed.shared_models.weights import load_record, to_record
+
+SHOWN_PROBLEMS = 10
+
+
+class NodeSite:
+    """The run's config, this site's usable data, its cache folder, device and task."""
+
+    def __init__(self, context: Context) -> None:
+        self.cfg = RunConfig.from_mapping(context.run_config)
+        node = context.node_config
+        path = resolve_site_path(node, self.cfg)
+        self.cache = site_cache_dir(node, path)
+        self.data: SiteDataset = load_site(
+            path, self.cfg, name=site_name(node, path), cache_dir=self.cache
+        )
+        self._log_skipped()
+        self.device: torch.device = pick_device(str(node.get(NodeConfig.DEVICE, self.cfg.device)))
+        workers = node.get(NodeConfig.LOADER_WORKERS)
+        simulated = NodeConfig.PARTITION_ID in node  # simulated nodes share this machine's cores
+        self.workers = int(workers) if workers is not None else (0 if simulated else None)
+        self.task = TASKS[self.cfg.task]
+
+    @property
+    def name(self) -> str:
+        """The site's label in reports and metrics (never a patient or file name)."""
+        return self.data.name
+
+    def _log_skipped(self) -> None:
+        for problem in self.data.problems[:SHOWN_PROBLEMS]:
+            log(WARNING, "[medfed] %s: skipped %s", self.name, problem)
+        if len(self.data.problems) > SHOWN_PROBLEMS:
+            log(
+                WARNING,
+                "[medfed] %s: %d more files skipped (run `medfed data check`)",
+                self.name,
+                len(self.data.problems) - SHOWN_PROBLEMS,
+            )
+
+    def aggregation_weight(self) -> float:
+        """The example count; 1 under differential privacy, whose noise assumes equal weights."""
+        return 1.0 if self.cfg.dp_mode != "off" else float(len(self.data.train))
+
+    def network(self, arrays: ArrayRecord) -> nn.Module:
+        """The run's network holding the received weights."""
+        net = self.task.build_network(self.cfg)
+        load_record(net, arrays)
+        return net
+
+    def loader(
+        self,
+        items: list[dict[str, Any]],
+        *,
+        train: bool,
+        server_round: int = 0,
+        extra: list[dict[str, Any]] | None = None,
+    ) -> DataLoader:
+        """Batches of `items`, seeded by (seed, round), cached under this node's cache."""
+        return make_loader(
+            self.data,
+            items,
+            self.cfg,
+            train=train,
+            device=self.device,
+            cache_dir=self.cache,
+            workers=self.workers,
+            server_round=server_round,
+            extra=extra,
+        )
+
+    def reply(
+        self, msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None
+    ) -> Message:
+        """The reply: metrics, the site's label (never data) and, after training, the arrays."""
+        content = RecordDict(
+            {
+                Record.METRICS: MetricRecord(metrics),
+                Record.SITE: ConfigRecord({SiteKey.NAME: self.name}),
+            }
+        )
+        if arrays is not None:
+            content[Record.ARRAYS] = arrays
+        return Message(content=content, reply_to=msg)
+
+
+class TrainingClock:
+    """Times local training and tracks the peak GPU memory from its start."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.started = time.perf_counter()
+
+    def stop(
+        self, site: str, cfg: RunConfig, server_round: int, examples: int, loss: float
+    ) -> telemetry.TrainingReport:
+        """The report of the training that ran since this clock started."""
+        cuda = self.device.type == "cuda"
+        return telemetry.TrainingReport(
+            site=site,
+            task=cfg.task,
+            server_round=server_round,
+            seconds=time.perf_counter() - self.started,
+            images=examples * cfg.local_epochs,
+            loss=loss,
+            examples=examples,
+            device=str(self.device),
+            gpu_peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else 0,
+        )
+
+
+@contextmanager
+def batch_progress(site: str, server_round: int, batches: int) -> Iterator[Callable | None]:
+    """A progress bar over local batches on an interactive node; silent in logs."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with tqdm(total=batches, desc=f"{site} round {server_round}", unit="batch", leave=False) as bar:
+        yield bar.update
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs from the received global weights (FedProx's proximal term when asked)."""
+    site = NodeSite(context)
+    net = site.network(msg.content[Record.ARRAYS])
+    config = msg.content[Record.CONFIG]
+    server_round = int(config.get(Config.SERVER_ROUND, 0))
+    extra = generated_items(site.data, site.cfg, server_round) if site.cfg.gan_augment_ratio else []
+    loader = site.loader(site.data.train, train=True, server_round=server_round, extra=extra)
+    mu = float(config.get(Config.PROXIMAL_MU, 0.0))
+    clock = TrainingClock(site.device)
+    with batch_progress(site.name, server_round, len(loader) * site.cfg.local_epochs) as step:
+        loss = site.task.train(net, loader, site.cfg, site.device, proximal_mu=mu, on_batch=step)
+    report = clock.stop(site.name, site.cfg, server_round, len(site.data.train), loss)
+    telemetry.record_training(report, skipped=len(site.data.problems))
+    metrics = {
+        Metric.TRAIN_LOSS: loss,
+        Metric.TRAIN_SECONDS: report.seconds,
+        Metric.IMAGES_PER_SECOND: report.images_per_second,
+        Metric.NUM_EXAMPLES: len(site.data.train),
+        Metric.GENERATED_IMAGES: len(extra),
+        Metric.WEIGHT: site.aggregation_weight(),
+        Metric.SKIPPED_FILES: len(site.data.problems),
+    }
+    return site.reply(msg, metrics, to_record(net.cpu()))
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation metrics of the received global model on this site's held-out split."""
+    site = NodeSite(context)
+    net = site.network(msg.content[Record.ARRAYS])
+    metrics = site.task.evaluate(
+        net, site.loader(site.data.val, train=False), site.cfg, site.device
+    )
+    metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
+    metrics[Metric.WEIGHT] = len(site.data.val)
+    metrics[Metric.SKIPPED_FILES] = len(site.data.problems)
+    telemetry.record_evaluation(site.name, site.cfg.task, metrics)
+    return site.reply(msg, metrics)
+
+
+def query(msg: Message, context: Context) -> Message:
+    """This site's summary; `small_count_mod` suppresses its small counts on the way out."""
+    site = NodeSite(context)
+    return site.reply(msg, site_summary(site.data, site.cfg, cache_dir=site.cache))
+
+
+def aggregation_weight(context: Context) -> float:
+    """This site's aggregation weight for the run (SecAgg+'s advertise step sends it)."""
+    return NodeSite(context).aggregation_weight()

@@ -1,0 +1,153 @@
+"""SecAgg+ at the hospital: the mod that masks the update, and the key-exchange steps.
+
+`secagg_mod` wraps the train handler as Flower's `secaggplus_mod` does: it
+takes the neighbours' encrypted shares out of the upload message, lets the
+inner chain (DP clipping, then training) produce the plain update, and sends
+back only its masked encoding, one flat uint32 vector. The other exchanges
+(`advertise`, `share`, `unmask`) are ClientApp actions of their own.
+
+The protocol state sits in the node's `context.state`, which stays on the
+hospital's machine: the current round's under STATE_KEY, deleted after its
+unmask step so no secret outlives its round, and the next round's keys under
+NEXT_KEY from the masked upload on. In steady state the next round's keys
+travel with the masked upload and its shares with the unmask reply, so a
+round costs two exchanges, not four.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import WARNING
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore import log
+
+from medfed.client.privacy.secagg_hospital import HospitalSecAgg, SecAggRefused, ShareRequest
+from medfed.shared_models.protocol import Config, Key, Metric, Record
+from medfed.shared_models.secagg.vector import flatten
+
+STATE_KEY = "medfed-secagg"
+NEXT_KEY = "medfed-secagg-next"
+
+
+def _state(context: Context) -> HospitalSecAgg:
+    if STATE_KEY not in context.state.config_records:
+        raise SecAggRefused("no secure-aggregation state on this node for the round")
+    return HospitalSecAgg(context.state.config_records[STATE_KEY])
+
+
+def _round(msg: Message) -> int:
+    return int(msg.content[Record.CONFIG][Config.SERVER_ROUND])
+
+
+def _start(context: Context, server_round: int, slot: str) -> dict[str, bytes]:
+    state, public = HospitalSecAgg.start(context.run_id, server_round, str(context.node_id))
+    context.state[slot] = state.state
+    return public
+
+
+def _forget(context: Context, slot: str) -> None:
+    if slot in context.state.config_records:
+        del context.state[slot]
+
+
+def advertise(msg: Message, context: Context, weight: float) -> Message:
+    """Fresh key pairs for the round; the public halves and the aggregation weight go back."""
+    _forget(context, NEXT_KEY)
+    public = _start(context, _round(msg), STATE_KEY)
+    content = RecordDict(
+        {
+            Record.SECAGG: ConfigRecord(public),
+            Record.METRICS: MetricRecord({Metric.WEIGHT: weight}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _share(context: Context, config: Mapping, secagg: Mapping) -> ConfigRecord:
+    """Encrypted shares of this hospital's secrets, one per neighbour ("to.<node>")."""
+    sealed = _state(context).share_keys(ShareRequest.from_records(config, secagg))
+    return ConfigRecord({Key.TO_PREFIX + node: ciphertext for node, ciphertext in sealed.items()})
+
+
+def share(msg: Message, context: Context) -> Message:
+    """The share exchange of a round that was not prepared during the previous one."""
+    sealed = _share(context, msg.content[Record.CONFIG], msg.content[Record.SECAGG])
+    return Message(content=RecordDict({Record.SECAGG: sealed}), reply_to=msg)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Mask the trained update of a secure round; pass any other message through.
+
+    A secure upload is recognised by the neighbours' shares it carries. The
+    update masked is (reply arrays - received arrays), so an inner mod that
+    clips the reply (DP) is clipped before it is masked.
+    """
+    if Record.SECAGG not in msg.content.config_records:
+        return call_next(msg, context)
+    inbox = msg.content.config_records[Record.SECAGG]
+    del msg.content[Record.SECAGG]  # the inner chain sees a plain training message
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    state = _state(context)
+    weight = float(reply.content[Record.METRICS][Metric.WEIGHT])
+    if state.weight != weight:
+        raise SecAggRefused(
+            f"the coordinator weighs this hospital by {state.weight:g}, but its "
+            f"aggregation weight is now {weight:g} (site data changed); it rejoins next round"
+        )
+    server_round = _round(msg)
+    state.receive_shares(
+        server_round,
+        {
+            k.removeprefix(Key.FROM_PREFIX): v
+            for k, v in inbox.items()
+            if k.startswith(Key.FROM_PREFIX)
+        },
+    )
+    received, trained = msg.content[Record.ARRAYS], reply.content[Record.ARRAYS]
+    keys = list(received)
+    if list(trained) != keys:
+        raise SecAggRefused("the trained arrays do not match the received ones by name")
+    update = flatten({k: trained[k].numpy() for k in keys}, keys)
+    update -= flatten({k: received[k].numpy() for k in keys}, keys)
+    try:
+        masked, clipped = state.mask(server_round, update)
+    except ValueError as err:
+        raise ValueError(f"this hospital's update cannot be sent: {err}") from err
+    public = _start(context, server_round + 1, NEXT_KEY)
+    reply.content[Record.ARRAYS] = ArrayRecord({Key.MASKED_ARRAY: Array(masked)})
+    reply.content[Record.METRICS][Metric.SECAGG_CLIPPED] = clipped
+    reply.content[Record.SECAGG] = ConfigRecord(
+        {Key.NEXT_PREFIX + name: key for name, key in public.items()}
+    )
+    if clipped:
+        log(WARNING, "[medfed] %d update values exceeded secagg-clipping-range: clipped", clipped)
+    return reply
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    """One share per neighbour as the round's outcome requires, then forget the round;
+    with the next round's plan attached, also that round's encrypted shares."""
+    config: Mapping = msg.content[Record.CONFIG]
+    shares = _state(context).unmask(
+        _round(msg), list(config[Key.SURVIVORS]), list(config[Key.DROPPED])
+    )
+    _forget(context, STATE_KEY)
+    content = RecordDict({Record.SECAGG: ConfigRecord(shares)})
+    prepared = Record.NEXT_CONFIG in msg.content.config_records
+    if prepared and NEXT_KEY in context.state.config_records:
+        context.state[STATE_KEY] = context.state.config_records[NEXT_KEY]
+        _forget(context, NEXT_KEY)
+        try:
+            content[Record.NEXT_SEALED] = _share(
+                context, msg.content[Record.NEXT_CONFIG], msg.content[Record.NEXT_SECAGG]
+            )
+        except (SecAggRefused, ValueError) as err:  # this round's shares still go back
+            log(WARNING, "[medfed] not preparing the next secure round: %s", err)
+            _forget(context, STATE_KEY)
+    else:
+        _forget(context, NEXT_KEY)
+    return Message(content=content, reply_to=msg)
