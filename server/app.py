@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from logging import ERROR, INFO
+from functools import partial
+from logging import ERROR
 from pathlib import Path
 
 import numpy as np
@@ -13,29 +13,32 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from torch import nn
 
-from medfed.server.federation import FederatedRun
+from medfed.server.progress import PROGRESS_TAG
 from medfed.server.report import write_report
+from medfed.server.round_loop import RoundLoop
+from medfed.server.run_outputs import RunOutputs
 from medfed.server.run_record import RunRecord
 from medfed.server.strategies import build_strategy
+from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.pretrained import load_pretrained
+from medfed.shared_models.run_folder import GLOBAL_MODEL, PROGRESS_LOG, RUNS_DIR_ENV
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
 app = ServerApp()
 
-PROGRESS_LOG = "progress.log"
-
 
 def run_folder(cfg: RunConfig, run_id: int) -> Path:
     """Where this run writes: `out-dir`, or <runs dir>/<run id> on a medfed coordinator.
 
-    `medfed coordinator start` sets MEDFED_RUNS_DIR so that concurrent and
-    successive runs never share a folder and `medfed coordinator pull` finds them.
+    On a coordinator, concurrent and successive runs never share a folder
+    and `medfed coordinator pull` finds them by run id.
     """
-    runs = os.environ.get("MEDFED_RUNS_DIR")
+    runs = os.environ.get(RUNS_DIR_ENV)
     if runs and cfg.out_dir == RunConfig().out_dir:
         return Path(runs) / str(run_id)
     return cfg.out_path.resolve()
@@ -51,27 +54,24 @@ def _app_hash(grid: Grid) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """One federated run; its folder tells the outcome however the run ends."""
     cfg = RunConfig.from_mapping(context.run_config)
     out = run_folder(cfg, context.run_id)
     record = RunRecord(cfg, out)
-    progress = (out / PROGRESS_LOG).open("a", buffering=1)
+    telemetry = RoundTelemetry(context.run_id, cfg.task)
+    with (out / PROGRESS_LOG).open("a", buffering=1) as progress_log:
+        outputs = RunOutputs(record, telemetry, progress_log, context.run_id, cfg)
+        try:
+            _run(grid, context, cfg, outputs)
+        finally:
+            outputs.progress(f"wrote {write_report(out).name} and plots/ in {out}")
 
-    def say(line: str) -> None:
-        log(INFO, "[medfed] %s", line)
-        progress.write(line + "\n")
 
-    def event(row: dict) -> None:
-        """One machine-readable line per round (medfed simulate draws its table from it)."""
-        log(INFO, "[medfed-round] %s", json.dumps(row))
-
-    task = TASKS[cfg.task]
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    net = task.build_network(cfg)
-    say(
+def _run(grid: Grid, context: Context, cfg: RunConfig, outputs: RunOutputs) -> None:
+    """Initialise the model, run every round, save the global model; record a failure."""
+    outputs.progress(
         f"run {context.run_id}: {cfg.task}/{cfg.model}, {cfg.strategy}, "
-        f"{cfg.num_server_rounds} rounds, quorum {cfg.min_nodes}; writing to {out}"
+        f"{cfg.num_server_rounds} rounds, quorum {cfg.min_nodes}; writing to {outputs.record.out}"
     )
     audit(
         "run-started",
@@ -81,34 +81,32 @@ def main(grid: Grid, context: Context) -> None:
         nodes=sorted(grid.get_node_ids()),
     )
     try:
-        if cfg.pretrained_weights:
-            transfer = load_pretrained(net, Path(cfg.pretrained_weights).expanduser())
-            record.set_pretrained(transfer.to_json())
-            for line in transfer.summary():
-                say(line)
-        runner = FederatedRun(
-            grid,
-            lambda connected: build_strategy(cfg, connected),
-            cfg,
-            net,
-            record,
-            task.headline_metric,
-            say,
-            context.run_id,
-            event,
-        )
-        arrays = runner.run(to_record(net))
-        load_record(net, arrays)
-        digest = record.save_model(net, cfg, cfg.num_server_rounds)
-        record.finish("completed")
+        net = _initial_network(cfg, outputs)
+        loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id)
+        load_record(net, loop.run(to_record(net)))
+        digest = outputs.record.save_model(net, cfg, cfg.num_server_rounds)
+        outputs.record.finish("completed")
         audit("run-finished", run=context.run_id, status="completed", model_sha256=digest)
-        say(f"global model sha256 {digest[:16]}… saved to {out / 'global_model.pt'}")
+        outputs.progress(
+            f"global model sha256 {digest[:16]}… saved to {outputs.record.out / GLOBAL_MODEL}"
+        )
     except Exception as err:
-        record.finish("failed", error=str(err))
+        outputs.record.finish("failed", error=str(err))
         audit("run-finished", run=context.run_id, status="failed", error=str(err))
-        say(f"run failed: {err}")
-        log(ERROR, "[medfed] run failed: %s", err)
+        outputs.progress(f"run failed: {err}")
+        log(ERROR, "%s run failed: %s", PROGRESS_TAG, err)
         raise
-    finally:
-        say(f"wrote {write_report(out).name} and plots/ in {out}")
-        progress.close()
+
+
+def _initial_network(cfg: RunConfig, outputs: RunOutputs) -> nn.Module:
+    """The seeded network, initialised from `pretrained-weights` when given."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = TASKS[cfg.task].build_network(cfg)
+    if cfg.pretrained_weights:
+        transfer = load_pretrained(net, Path(cfg.pretrained_weights).expanduser())
+        outputs.record.set_pretrained(transfer.to_json())
+        for line in transfer.summary():
+            outputs.progress(line)
+    return net

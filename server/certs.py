@@ -20,14 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from medfed.shared_models.runtime import CredentialsError
+
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "coordinator.pem", "coordinator.key"
 VALID_DAYS = 825  # the longest lifetime mainstream TLS clients still accept
 HOSPITAL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-
-class CredentialsError(ValueError):
-    """A credentials command cannot proceed; the message names the file."""
 
 
 def _write_new(path: Path, data: bytes, private: bool) -> None:
@@ -60,38 +58,62 @@ def _name(common_name: str) -> x509.Name:
 
 def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
     """CA + coordinator certificate valid for `hosts`, 127.0.0.1 and localhost."""
-    for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY):
+    names = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY]
+    for name in names:
         if (out / name).exists():
             raise CredentialsError(f"{out / name} already exists; refusing to overwrite it")
-    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = _ca_certificate(ca_key)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = _server_certificate(server_key, ca_key, ca_cert.subject, hosts)
+    pem = serialization.Encoding.PEM
+    _write_new(out / CA_KEY, _pem_key(ca_key), private=True)
+    _write_new(out / CA_CERT, ca_cert.public_bytes(pem), private=False)
+    _write_new(out / SERVER_KEY, _pem_key(server_key), private=True)
+    _write_new(out / SERVER_CERT, server_cert.public_bytes(pem), private=False)
+    return [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
+
+
+def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
+        now + dt.timedelta(days=VALID_DAYS)
+    )
+
+
+def _ca_certificate(ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The self-signed consortium CA: signs certificates, nothing else."""
     ca_name = _name("medfed consortium CA")
-    ca_cert = (
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA384())
+        .add_extension(usage, critical=True)
     )
-    server_key = ec.generate_private_key(ec.SECP384R1())
+    return _validity(builder).sign(ca_key, hashes.SHA384())
+
+
+def _server_certificate(
+    server_key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    hosts: list[str],
+) -> x509.Certificate:
+    """The coordinator's TLS server certificate, valid for `hosts`, localhost and 127.0.0.1."""
     names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     alternatives: list[x509.GeneralName] = []
     for host in names:
@@ -99,26 +121,17 @@ def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
             alternatives.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             alternatives.append(x509.DNSName(host))
-    server_cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(names[0]))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA384())
     )
-    _write_new(out / CA_KEY, _pem_key(ca_key), private=True)
-    _write_new(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    _write_new(out / SERVER_KEY, _pem_key(server_key), private=True)
-    _write_new(
-        out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False
-    )
-    return [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
+    return _validity(builder).sign(ca_key, hashes.SHA384())
 
 
 def add_hospital(out: Path, name: str) -> Path:

@@ -1,7 +1,9 @@
 """The `medfed` command line: one entry point for hospitals, operators and researchers.
 
-User errors (bad config, bad data) print one line naming the key, file or
-value and exit non-zero; only bugs print a traceback.
+This module and the simulation launcher are the only coordinator modules that
+import the hospital side: the command line wires both roles together. User
+errors (bad config, bad data, missing credentials) print one line naming the
+key, file or value and exit 2; only bugs print a traceback.
 """
 
 from __future__ import annotations
@@ -10,16 +12,29 @@ import argparse
 import sys
 from pathlib import Path
 
+from medfed.client.cli import (
+    Commands,
+    add_data_commands,
+    add_gan_commands,
+    add_node_commands,
+    command_group,
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from medfed.client.cli import add_commands as add_site_commands
-    from medfed.client.cli import add_gan_commands
-
+    """Every `medfed` command, with its options."""
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    add_site_commands(commands)
+    add_data_commands(commands)
     add_gan_commands(commands)
+    _add_simulate(commands)
+    _add_certs_commands(commands)
+    _add_coordinator_commands(commands)
+    add_node_commands(commands)
+    return parser
 
+
+def _add_simulate(commands: Commands) -> None:
     sim = commands.add_parser("simulate", help="run a whole federation on this machine")
     sim.add_argument(
         "--task",
@@ -60,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--metrics-port",
         type=int,
-        help="serve Prometheus metrics of the whole "
-        "simulated federation on this port while it runs",
+        help="serve Prometheus metrics of the whole simulated federation on this port",
     )
     sim.add_argument(
         "--metrics-host",
@@ -76,13 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep serving metrics this long after the run (a last scrape)",
     )
     sim.set_defaults(handler=_simulate)
-    _add_deployment_commands(commands)
-    return parser
 
 
-def _add_deployment_commands(commands: argparse._SubParsersAction) -> None:
-    certs = commands.add_parser("certs", help="consortium CA, TLS certificate, hospital keys")
-    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+def _add_certs_commands(commands: Commands) -> None:
+    certs_commands = command_group(
+        commands, "certs", "consortium CA, TLS certificate, hospital keys"
+    )
     init = certs_commands.add_parser("init", help="create the CA and coordinator certificate")
     init.add_argument("--out", type=Path, default=Path("certs"))
     init.add_argument(
@@ -98,8 +111,11 @@ def _add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     hospital.add_argument("--out", type=Path, default=Path("certs"))
     hospital.set_defaults(handler=_certs_add_hospital)
 
-    coordinator = commands.add_parser("coordinator", help="run the consortium's coordinator")
-    coordinator_commands = coordinator.add_subparsers(dest="coordinator_command", required=True)
+
+def _add_coordinator_commands(commands: Commands) -> None:
+    coordinator_commands = command_group(
+        commands, "coordinator", "run the consortium's coordinator"
+    )
     start = coordinator_commands.add_parser("start", help="SuperLink with TLS and node auth")
     start.add_argument("--certs", type=Path, help="folder from `medfed certs init`")
     start.add_argument("--host", default="0.0.0.0")
@@ -127,26 +143,6 @@ def _add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     pull.add_argument("--to", type=Path, required=True)
     pull.set_defaults(handler=_coordinator_pull)
 
-    node = commands.add_parser("node", help="run a hospital's node")
-    node_commands = node.add_subparsers(dest="node_command", required=True)
-    node_start = node_commands.add_parser("start", help="check the data, then a SuperNode")
-    node_start.add_argument("--coordinator", required=True, metavar="HOST:PORT")
-    node_start.add_argument("--ca", type=Path, help="the consortium CA certificate")
-    node_start.add_argument("--key", type=Path, help="this hospital's private key")
-    node_start.add_argument("--data", type=Path, required=True, help="the site folder")
-    node_start.add_argument("--name", help="site name in reports (default: the key's name)")
-    node_start.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    node_start.add_argument("--task", help="task to check the data for (default: dataset.json)")
-    node_start.add_argument(
-        "--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API"
-    )
-    node_start.add_argument("--state", type=Path, default=Path("node-state"))
-    node_start.add_argument("--metrics-port", type=int)
-    node_start.add_argument(
-        "--insecure", action="store_true", help="no TLS, no authentication: local tests only"
-    )
-    node_start.set_defaults(handler=_node_start)
-
 
 def _certs_init(args: argparse.Namespace) -> int:
     from medfed.server.certs import init_consortium
@@ -169,11 +165,10 @@ def _certs_add_hospital(args: argparse.Namespace) -> int:
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
-    from medfed.server.coordinator import start_coordinator
+    from medfed.server.coordinator import CoordinatorOptions, start_coordinator
+    from medfed.shared_models.runtime import options_from
 
-    return start_coordinator(
-        args.certs, args.host, args.port, args.state, args.metrics_port, args.insecure
-    )
+    return start_coordinator(options_from(CoordinatorOptions, args))
 
 
 def _coordinator_admit(args: argparse.Namespace) -> int:
@@ -191,31 +186,13 @@ def _coordinator_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_start(args: argparse.Namespace) -> int:
-    from medfed.client.node import start_node
-
-    name = args.name or (args.key.stem if args.key else args.data.resolve().name)
-    return start_node(
-        args.coordinator,
-        args.ca,
-        args.key,
-        args.data,
-        name,
-        args.device,
-        args.runtime_port,
-        args.state,
-        args.metrics_port,
-        args.task,
-        args.insecure,
-    )
-
-
 def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from medfed.client.data.locate import site_folders
     from medfed.server.simulate import Simulation, run
     from medfed.shared_models.config import ConfigError
+    from medfed.shared_models.runtime import options_from
 
     overrides: dict[str, object] = {}
     for item in args.run_config:
@@ -237,23 +214,11 @@ def _simulate(args: argparse.Namespace) -> int:
         sites = len(site_folders(args.data.expanduser())) if args.data else 3
     task = overrides.get("task", "segmentation")
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}"
-    return run(
-        Simulation(
-            overrides=overrides,
-            sites=sites,
-            out=out,
-            data=args.data,
-            images_per_site=args.images_per_site,
-            cpus_per_site=args.cpus_per_site,
-            verbose=args.verbose,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-            metrics_linger=args.metrics_linger,
-        )
-    )
+    return run(options_from(Simulation, args, overrides=overrides, sites=sites, out=out))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; 2 on a user error (printed as one line), 130 on Ctrl-C."""
     from medfed.client.data.manifest import SiteDataError
     from medfed.shared_models.config import ConfigError
 

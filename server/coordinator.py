@@ -9,27 +9,37 @@ short-lived ServerApp processes at one fixed port.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.server import processes, telemetry
-from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CredentialsError
-from medfed.shared_models.audit import AUDIT_ENV, audit
+from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from medfed.shared_models import runtime
+from medfed.shared_models.audit import audit
+from medfed.shared_models.run_folder import MODEL_JSON, RUNS_DIR_ENV
+from medfed.shared_models.runtime import CredentialsError
 
-RUNS_ENV = "MEDFED_RUNS_DIR"
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """What `medfed coordinator start` was asked to run."""
+
+    certs: Path | None  # folder from `medfed certs init` (None only with insecure)
+    host: str = "0.0.0.0"
+    port: int = 9092
+    state: Path = Path("coordinator-state")
+    metrics_port: int | None = None
+    insecure: bool = False
 
 
 def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> list[str]:
+    """The flower-superlink command line (TLS and SuperNode authentication with `certs`)."""
     command = [
-        processes.executable("flower-superlink"),
+        runtime.executable("flower-superlink"),
         "--host",
         host,
         "--port",
@@ -52,51 +62,20 @@ def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> 
     ]
 
 
-def supervise(
-    command: list[str], env: dict[str, str], log_file: Path | None = None, grace: float = 15.0
-) -> int:
-    """Run a Flower service in the foreground; SIGINT/SIGTERM stop it (and its children).
-
-    The handler only forwards the signal: waiting on the child inside a signal
-    handler would deadlock with the main thread's own wait (subprocess's wait
-    lock is not re-entrant). The loop below escalates to SIGKILL after `grace`.
-    """
-    if log_file is None:
-        process = subprocess.Popen(command, env=env, start_new_session=True)
-    else:
-        process = processes.start(command, log_file, env)
-    stop_requested: list[float] = []
-
-    def forward(signum: int, frame: object) -> None:
-        stop_requested.append(time.monotonic())
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while True:
-        try:
-            code = process.wait(timeout=1)
-            return 0 if stop_requested else code  # a requested stop is a clean exit
-        except subprocess.TimeoutExpired:
-            if stop_requested and time.monotonic() - stop_requested[0] > grace:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-
-
-def start_coordinator(
-    certs: Path | None, host: str, port: int, state: Path, metrics_port: int | None, insecure: bool
-) -> int:
-    if certs is None and not insecure:
+def start_coordinator(options: CoordinatorOptions) -> int:
+    """Run the SuperLink in the foreground until it stops; audit start and stop."""
+    certs = options.certs
+    if certs is None and not options.insecure:
         raise CredentialsError(
             "no --certs given: the coordinator only starts with TLS and "
             "SuperNode authentication (or pass --insecure for a local test)"
         )
     if certs is not None:
-        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
-            if not (certs / name).is_file():
-                raise CredentialsError(f"{certs / name} not found (run `medfed certs init`)")
-    if insecure:
+        runtime.require_files(
+            ((certs / name, "--certs") for name in (CA_CERT, SERVER_CERT, SERVER_KEY)),
+            advice=" (run `medfed certs init`)",
+        )
+    if options.insecure:
         certs = None
         print(
             "WARNING: --insecure: no TLS and no SuperNode authentication. Anyone who can "
@@ -104,23 +83,18 @@ def start_coordinator(
             "this outside a local test.",
             file=sys.stderr,
         )
-    state.mkdir(parents=True, exist_ok=True)
-    env = processes.flower_env(state / "flwr-home")
-    env[AUDIT_ENV] = str(state / "audit.jsonl")
-    env[RUNS_ENV] = str(state / "runs")
-    if metrics_port is not None:
-        metrics_dir = telemetry.prepare_multiprocess_dir(state / "metrics")
-        telemetry.serve(metrics_port, metrics_dir, "0.0.0.0" if host != "127.0.0.1" else host)
-        env[telemetry.MULTIPROC_ENV] = str(metrics_dir)
-    log = state / "audit.jsonl"
+    state, log = options.state, options.state / "audit.jsonl"
+    metrics_host = "0.0.0.0" if options.host != "127.0.0.1" else options.host
+    env = runtime.service_env(state, log, (options.metrics_port, metrics_host))
+    env[RUNS_DIR_ENV] = str(state / "runs")
     audit(
         "coordinator-started",
         log=log,
-        address=f"{host}:{port}",
+        address=f"{options.host}:{options.port}",
         tls=certs is not None,
         node_authentication=certs is not None,
     )
-    code = supervise(superlink_command(certs, host, port, state), env)
+    code = runtime.supervise(superlink_command(certs, options.host, options.port, state), env)
     audit("coordinator-stopped", log=log, exit_code=code)
     return code
 
@@ -128,7 +102,7 @@ def start_coordinator(
 def pull_run(state: Path, run_id: str, destination: Path) -> Path:
     """Copy a finished run's folder (global model, metrics, report) out of the state."""
     source = state / "runs" / run_id
-    if not (source / "model.json").is_file():
+    if not (source / MODEL_JSON).is_file():
         raise ValueError(f"{source}: no finished run with a global model here")
     if destination.exists():
         raise FileExistsError(f"{destination} exists; refusing to overwrite it")
@@ -146,10 +120,10 @@ def admit_hospital(certs: Path, name: str, state: Path, connection: str | None) 
     public_key = certs / "hospitals" / name / f"{name}.pub"
     if not public_key.is_file():
         raise CredentialsError(f"{public_key} not found (run `medfed certs add-hospital {name}`)")
-    command = [processes.executable("flwr"), "supernode", "register", str(public_key)]
+    command = [runtime.executable("flwr"), "supernode", "register", str(public_key)]
     command += [connection] if connection else []
     command += ["--name", name, "--format", "json"]
-    result = subprocess.run(command, capture_output=True, text=True, env=processes.flower_env(None))
+    result = subprocess.run(command, capture_output=True, text=True, env=runtime.flower_env(None))
     output = result.stdout[result.stdout.find("{") :] if "{" in result.stdout else ""
     if result.returncode != 0 or not output:
         raise RuntimeError(f"registering {name} failed: {(result.stdout + result.stderr)[-400:]}")

@@ -15,8 +15,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-_PROGRESS = re.compile(r"\[medfed\] (.*)$")
-_EVENT = re.compile(r"\[medfed-round\] (\{.*\})\s*$")
+# Prefixes of the ServerApp's log lines (run_outputs writes them) that this view picks out.
+PROGRESS_TAG = "[medfed]"
+ROUND_EVENT_TAG = "[medfed-round]"
+_PROGRESS = re.compile(re.escape(PROGRESS_TAG) + r" (.*)$")
+_EVENT = re.compile(re.escape(ROUND_EVENT_TAG) + r" (\{.*\})\s*$")
 
 
 class RoundView:
@@ -79,7 +82,7 @@ class RoundView:
         def number(value: float | None) -> str:
             return "-" if value is None else f"{value:.4f}"
 
-        self.table.add_row(
+        cells = [
             f"{row['round']}/{row['rounds']}",
             str(row["replied"]),
             str(row["failed"]),
@@ -87,4 +90,5 @@ class RoundView:
             f"{row['metric']} {number(row['value'])}",
             number(row["loss"]),
             f"{row['seconds']:.1f}",
-        )
+        ]
+        self.table.add_row(*cells)

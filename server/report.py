@@ -12,17 +12,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import SUPPRESSED, Metric, Statistic
+from medfed.shared_models.run_folder import METRICS_JSON, PLOTS, PREDICTIONS_PNG, REPORT_MD
 from medfed.shared_models.tasks import TASKS
-
-PREDICTIONS_PNG = "predictions.png"
 
 
 def write_report(run_dir: Path) -> Path:
     """Plot every round globally and per site, and summarise the run in markdown."""
-    data = json.loads((run_dir / "metrics.json").read_text())
+    data = json.loads((run_dir / METRICS_JSON).read_text())
     config, rounds = data["config"], data["rounds"]
     headline = TASKS[config["task"]].headline_metric
-    plots = run_dir / "plots"
+    plots = run_dir / PLOTS
     plots.mkdir(exist_ok=True)
     _plot_global(rounds, headline, plots / "global.png")
     _plot_sites(rounds, headline, plots / "sites.png")
@@ -50,8 +51,8 @@ def write_report(run_dir: Path) -> Path:
             g = r["global"]
             lines.append(
                 f"| {r['round']} | {len(r['replied'])} | {', '.join(r['failed']) or '-'} | "
-                f"{_fmt(g.get('train-loss'))} | {_fmt(g.get('loss'))} | {_fmt(g.get(headline))} "
-                f"| {r['seconds']:.1f} |"
+                f"{_fmt(g.get(Metric.TRAIN_LOSS))} | {_fmt(g.get('loss'))} | "
+                f"{_fmt(g.get(headline))} | {r['seconds']:.1f} |"
             )
         keys = sorted({k for s in rounds[-1]["sites"].values() for k in s})
         lines += [
@@ -73,7 +74,7 @@ def write_report(run_dir: Path) -> Path:
             "",
         ]
     lines += ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
-    report = run_dir / "report.md"
+    report = run_dir / REPORT_MD
     report.write_text("\n".join(lines))
     return report
 
@@ -82,13 +83,11 @@ def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[st
     stats = data.get("site-statistics")
     if not stats:
         return []
-    from medfed.shared_models.config import RunConfig
-
     classes = TASKS[config["task"]].label_bins(RunConfig.from_mapping(config))
     low = f"<{config['stats-min-count']}"
 
     def count(value: Any) -> str:
-        return low if value == -1 else str(value)
+        return low if value == SUPPRESSED else str(value)
 
     lines = [
         "",
@@ -101,9 +100,9 @@ def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[st
     ]
     for site, s in sorted(stats.items()):
         lines.append(
-            f"| {site} | {count(s['num-train'])} | {count(s['num-val'])} | "
-            + " | ".join(count(v) for v in s["label-histogram"])
-            + f" | {s['intensity-p1']:.4g} | {s['intensity-p99']:.4g} |"
+            f"| {site} | {count(s[Statistic.NUM_TRAIN])} | {count(s[Statistic.NUM_VAL])} | "
+            + " | ".join(count(v) for v in s[Statistic.LABEL_HISTOGRAM])
+            + f" | {s[Statistic.INTENSITY_P1]:.4g} | {s[Statistic.INTENSITY_P99]:.4g} |"
         )
     return lines
 
@@ -121,7 +120,10 @@ def _plot_global(rounds: list[dict[str, Any]], headline: str, path: Path) -> Non
     left.set(title=f"global validation {headline}", xlabel="round", ylabel=headline)
     right.plot(xs, [r["global"].get("loss", math.nan) for r in rounds], "o-", label="val loss")
     right.plot(
-        xs, [r["global"].get("train-loss", math.nan) for r in rounds], "s--", label="train loss"
+        xs,
+        [r["global"].get(Metric.TRAIN_LOSS, math.nan) for r in rounds],
+        "s--",
+        label="train loss",
     )
     right.set(title="loss", xlabel="round")
     right.legend()

@@ -23,11 +23,12 @@ from typing import Any
 
 import tomli_w
 
-import medfed.server
-from medfed.server import processes, telemetry
+from medfed.server.flower_app import app_dir
 from medfed.server.progress import RoundView
 from medfed.server.report import write_report
+from medfed.shared_models import runtime
 from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.run_folder import METRICS_JSON
 
 CONNECTION = "medfed-simulation"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -47,18 +48,6 @@ class Simulation:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 0.0
-
-
-def app_dir() -> Path:
-    """The Flower app (the repository holding pyproject.toml with [tool.flwr.app])."""
-    root = Path(medfed.server.__file__).resolve().parents[1]
-    pyproject = root / "pyproject.toml"
-    if not pyproject.exists() or "[tool.flwr.app" not in pyproject.read_text():
-        raise ConfigError(
-            f"cannot find the medfed Flower app next to {root}; "
-            "run medfed from a source checkout (pip install -e .)"
-        )
-    return root
 
 
 def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
@@ -118,11 +107,10 @@ def run(sim: Simulation) -> int:
     run_config = out / "run-config.toml"
     run_config.write_text(tomli_w.dumps(cfg.to_mapping()))
     started = time.monotonic()
-    extra_env = {}
+    extra_env: dict[str, str] = {}
     if sim.metrics_port is not None:
-        metrics_dir = telemetry.prepare_multiprocess_dir(out / "logs" / "prometheus")
-        telemetry.serve(sim.metrics_port, metrics_dir, sim.metrics_host)
-        extra_env[telemetry.MULTIPROC_ENV] = str(metrics_dir)
+        metrics_dir = out / "logs" / "prometheus"
+        runtime.export_metrics(metrics_dir, sim.metrics_port, sim.metrics_host, extra_env)
         print(f"metrics: http://{sim.metrics_host}:{sim.metrics_port}/metrics")
     with simulation_superlink(out / "logs", extra_env) as (env, port):
         print(
@@ -132,11 +120,11 @@ def run(sim: Simulation) -> int:
         with RoundView(sim.verbose) as view:
             flwr_run(
                 run_config,
-                sim.sites,
-                sim.cpus_per_site,
-                env,
-                out / "logs" / "flower-run.log",
-                view.line,
+                sites=sim.sites,
+                cpus_per_site=sim.cpus_per_site,
+                env=env,
+                log_file=out / "logs" / "flower-run.log",
+                on_line=view.line,
             )
     code = _conclude(cfg, data, time.monotonic() - started)
     if sim.metrics_port is not None and sim.metrics_linger > 0:
@@ -155,31 +143,30 @@ def simulation_superlink(
     and the port; the SuperLink and its workers are stopped by pid on exit.
     """
     home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
-    port = processes.free_port()
+    port = runtime.free_port()
     connection = {"address": f"127.0.0.1:{port}", "insecure": True}
     (home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
     )
-    env = {**processes.flower_env(home), **(extra_env or {})}
+    env = {**runtime.flower_env(home), **(extra_env or {})}
     log_file = logs / "superlink.log"
     command = [
-        processes.executable("flower-superlink"), "--insecure", "--simulation",
+        runtime.executable("flower-superlink"), "--insecure", "--simulation",
         "--host", "127.0.0.1", "--port", str(port),
         "--disable-runtime-dependency-installation", "--database", str(home / "state.db"),
     ]  # fmt: skip
-    superlink = processes.start(command, log_file, env)
+    superlink = runtime.start(command, log_file, env)
     try:
-        processes.wait_until(
-            processes.http_healthy(port), superlink, 60, "flower-superlink", log_file
-        )
+        runtime.wait_until(runtime.http_healthy(port), superlink, 60, "flower-superlink", log_file)
         yield env, port
     finally:
-        processes.stop(superlink)
+        runtime.stop(superlink)
         shutil.rmtree(home, ignore_errors=True)
 
 
 def flwr_run(
     run_config: Path | str,
+    *,
     sites: int,
     cpus_per_site: int,
     env: dict[str, str],
@@ -188,14 +175,15 @@ def flwr_run(
 ) -> None:
     """`flwr run` this app and stream its log until the run ends.
 
-    `run_config` is a TOML file or a Flower `key=value ...` override string.
+    `run_config` is a TOML file or a Flower `key=value ...` override string;
+    `env` comes from `simulation_superlink` (its FLWR_HOME holds the app).
     """
     federation = (
         f"num-supernodes={sites} "
         f"client-resources-num-cpus={cpus_per_site} client-resources-num-gpus=0.0"
     )
     command = [
-        processes.executable("flwr"), "run", str(app_dir()), CONNECTION,
+        runtime.executable("flwr"), "run", str(app_dir(Path(env["FLWR_HOME"]) / "app")), CONNECTION,
         "--run-config", str(run_config), "--federation-config", federation, "--stream",
     ]  # fmt: skip
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +204,7 @@ def flwr_run(
 
 def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:
     out = cfg.out_path
-    metrics_path = out / "metrics.json"
+    metrics_path = out / METRICS_JSON
     if not metrics_path.exists():
         print(f"the run did not start; see {out / 'logs'}", file=sys.stderr)
         return 1

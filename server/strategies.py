@@ -1,9 +1,20 @@
-"""Flower strategies by run-config name, wrapped for differential privacy when asked."""
+"""Flower strategies by run-config name, wrapped for differential privacy when asked.
+
+Node minimums equal the quorum; medfed waits for them itself with a bound
+(Flower's sampler would wait forever). Under secure aggregation the mean is
+computed once, by unmasking: `GivenMean` hands the strategy that mean as
+one reply, so only its server step (FedAdam's moments, FedAvgM's momentum,
+DP noise) runs on top. The exception is a run whose privacy Flower's RDP
+accountant bounds: the accountant accepts FedAvg's own aggregation only.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -28,12 +39,9 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Metric
 
-# Hospitals send this metric with every reply: their example count, or 1 under
-# differential privacy, whose noise scale assumes an unweighted mean.
-WEIGHT_KEY = "aggregation-weight"
-
-_STRATEGIES = {
+FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
     "fedadam": FedAdam,
@@ -47,10 +55,10 @@ _STRATEGIES = {
 
 
 @dataclass
-class Federation:
-    """The strategy for this run and what its privacy accounting can report."""
+class RunStrategy:
+    """This run's Flower strategy and what its privacy accounting can report."""
 
-    strategy: Strategy
+    flower: Strategy
     accounted: bool = False
     unaccounted_reason: str = ""
 
@@ -58,8 +66,55 @@ class Federation:
         """Cumulative epsilon at the configured delta, where Flower's accountant applies."""
         if not self.accounted:
             return None
-        spent = self.strategy.privacy_spent()  # type: ignore[attr-defined]
+        spent = self.flower.privacy_spent()  # type: ignore[attr-defined]
         return float(spent.epsilon) if spent and spent.num_releases else None
+
+
+class GivenMean(Strategy):
+    """A weighted-mean strategy fed the mean secure aggregation already computed.
+
+    Every survivor's reply of a secure round carries the same unmasked mean
+    (Flower's DP wrapper counts the replies against the sampled hospitals).
+    Averaging those copies would compute the mean a second time; this hands
+    the inner strategy one of them instead, so only its server step runs,
+    and aggregates the survivors' clear metrics as the inner strategy would.
+    """
+
+    def __init__(self, inner: FedAvg) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:  # weighted_by_key, current_arrays, ...
+        return getattr(self.inner, name)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [reply for reply in replies if not reply.has_error()]
+        if not replies:
+            return None, None
+        arrays, _ = self.inner.aggregate_train(server_round, replies[:1])
+        metrics = self.inner.train_metrics_aggr_fn(
+            [reply.content for reply in replies], self.inner.weighted_by_key
+        )
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
 
 
 def sampled_per_round(cfg: RunConfig, connected: int) -> int:
@@ -67,68 +122,82 @@ def sampled_per_round(cfg: RunConfig, connected: int) -> int:
     return max(int(connected * cfg.fraction_train), cfg.min_nodes)
 
 
-def build_strategy(cfg: RunConfig, connected: int) -> Federation:
-    """The configured Flower strategy, inside Flower's DP wrapper when dp.mode is on.
-
-    Node minimums equal the quorum; medfed waits for them itself with a bound
-    (Flower's sampler would wait forever).
-    """
-    common = {
+def base_strategy(cfg: RunConfig) -> FedAvg:
+    """The configured Flower strategy, weighting replies by medfed's weight metric."""
+    options = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 1.0,
         "min_train_nodes": cfg.min_nodes,
         "min_evaluate_nodes": cfg.min_nodes,
         "min_available_nodes": cfg.min_nodes,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": Metric.WEIGHT,
     }
     if cfg.strategy == "fedprox":
-        common["proximal_mu"] = cfg.proximal_mu
-    base = _STRATEGIES[cfg.strategy](**common)
+        options["proximal_mu"] = cfg.proximal_mu
+    return FLOWER_STRATEGIES[cfg.strategy](**options)
+
+
+def build_strategy(cfg: RunConfig, connected: int) -> RunStrategy:
+    """The configured strategy, inside Flower's DP wrapper when dp.mode is on."""
+    base = base_strategy(cfg)
+    inner: Strategy = GivenMean(base) if cfg.secure_aggregation else base
     if cfg.dp_mode == "off":
-        return Federation(base, unaccounted_reason="differential privacy is off")
+        return RunStrategy(inner, unaccounted_reason="differential privacy is off")
     sampled = sampled_per_round(cfg, connected)
     if cfg.dp_adaptive:
-        wrapper = (
-            DifferentialPrivacyClientSideAdaptiveClipping
-            if cfg.dp_mode == "client"
-            else DifferentialPrivacyServerSideAdaptiveClipping
-        )
-        # Andrew et al. suggest sampled/20 for the clipped-count noise; with a
-        # handful of hospitals that is below noise-multiplier/2, which leaves no
-        # noise for the update itself, so never go below the noise multiplier.
-        count_stddev = max(sampled / 20, cfg.dp_noise_multiplier) or None
-        strategy = wrapper(
-            base,
-            cfg.dp_noise_multiplier,
-            sampled,
-            initial_clipping_norm=cfg.dp_clipping_norm,
-            clipped_count_stddev=count_stddev,
-        )
-        return Federation(
-            strategy,
-            unaccounted_reason="Flower's accountant does not cover adaptive clipping "
-            "(the clipping norm itself is a noisy release)",
-        )
+        return _adaptive_clipping(cfg, inner, sampled)
     reason = _accounting_obstacle(cfg, base)
-    accountant = None
-    if not reason:
-        accountant = RdpAccountant(
-            PrivacyConfig(
-                target_delta=cfg.dp_delta,
-                population_size=max(connected, sampled),
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            )
-        )
+    accountant = None if reason else _accountant(cfg, max(connected, sampled))
+    if accountant is not None:
+        # Flower's accountant accepts FedAvg's own aggregation only: in a secure run
+        # FedAvg then averages the survivors' identical copies of the mean, which
+        # returns the mean (under DP every weight is 1).
+        inner = base
     wrapper = (
         DifferentialPrivacyClientSideFixedClipping
         if cfg.dp_mode == "client"
         else DifferentialPrivacyServerSideFixedClipping
     )
     strategy = wrapper(
-        base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled, accountant=accountant
+        inner, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled, accountant=accountant
     )
-    return Federation(strategy, accounted=accountant is not None, unaccounted_reason=reason)
+    return RunStrategy(strategy, accounted=accountant is not None, unaccounted_reason=reason)
+
+
+def _adaptive_clipping(cfg: RunConfig, inner: Strategy, sampled: int) -> RunStrategy:
+    wrapper = (
+        DifferentialPrivacyClientSideAdaptiveClipping
+        if cfg.dp_mode == "client"
+        else DifferentialPrivacyServerSideAdaptiveClipping
+    )
+    # Andrew et al. suggest sampled/20 for the clipped-count noise; with a
+    # handful of hospitals that is below noise-multiplier/2, which leaves no
+    # noise for the update itself, so never go below the noise multiplier.
+    count_stddev = max(sampled / 20, cfg.dp_noise_multiplier) or None
+    strategy = wrapper(
+        inner,
+        cfg.dp_noise_multiplier,
+        sampled,
+        initial_clipping_norm=cfg.dp_clipping_norm,
+        clipped_count_stddev=count_stddev,
+    )
+    return RunStrategy(
+        strategy,
+        unaccounted_reason="Flower's accountant does not cover adaptive clipping "
+        "(the clipping norm itself is a noisy release)",
+    )
+
+
+def _accountant(cfg: RunConfig, population: int) -> RdpAccountant:
+    """Flower's RDP accountant for one release per round over `population` hospitals."""
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=cfg.dp_delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
 
 
 def _accounting_obstacle(cfg: RunConfig, base: Strategy) -> str:

@@ -1,29 +1,21 @@
-"""Coordinator metrics for Prometheus, and the exporter that serves them.
+"""Coordinator metrics for Prometheus, updated as the round loop progresses.
 
-Flower runs the ServerApp and ClientApp in short-lived processes, so a
-metric kept in one process's memory would vanish (or reset) every run or
-round. medfed uses prometheus_client's multiprocess mode instead of a
-Pushgateway: each app process writes its values to memory-mapped files in a
-shared folder (PROMETHEUS_MULTIPROC_DIR) and one long-lived exporter — the
-`medfed simulate` process, or the `medfed node` / `medfed coordinator`
-process in deployment — serves their merged view at one fixed port. Counters
-and histograms add up across processes, so they survive restarts; gauges
-report the most recently written value. No extra service to run, and no
-stale-push problem (a Pushgateway keeps a dead node's last values forever).
-
-Labels stay low-cardinality: run id, task, site, metric name, state.
+The ServerApp runs in a short-lived process, so its values go to
+prometheus_client's multiprocess files and the long-lived exporter of
+`runtime.serve_metrics` serves them. Counters and histograms add up across
+processes, so they survive restarts; gauges report the most recently
+written value. Labels stay low-cardinality: run id, task, site, metric
+name, state.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import Counter, Gauge, Histogram
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from medfed.shared_models.protocol import Metric
+
 ROUND_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 CURRENT_ROUND = Gauge(
@@ -97,45 +89,6 @@ DP_EPSILON = Gauge(
     ["run", "task"],
     multiprocess_mode="mostrecent",
 )
-# Reply fields that are bookkeeping, not validation metrics of the model.
-NOT_VALIDATION = {"num-examples", "aggregation-weight", "skipped-files", "dp-epsilon"}
-
-
-def prepare_multiprocess_dir(directory: Path) -> Path:
-    """An empty folder for a new exporter's lifetime (old files would be summed in)."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    return directory
-
-
-class MedfedOnly:
-    """medfed's metric families from the multiprocess files, and nothing else.
-
-    Other libraries in the same processes use prometheus_client too (Ray writes
-    its own metrics into the same folder); they are not ours to export.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.merged = MultiProcessCollector(None, path=str(directory))
-
-    def collect(self):
-        return (family for family in self.merged.collect() if family.name.startswith("medfed_"))
-
-
-def serve(port: int, directory: Path, host: str = "127.0.0.1") -> None:
-    """Serve the merged metrics of every process writing to `directory` (a daemon thread)."""
-    registry = CollectorRegistry()
-    registry.register(MedfedOnly(directory))
-    start_http_server(port, addr=host, registry=registry)
-
-
-def multiprocess_enabled() -> bool:
-    return bool(os.environ.get(MULTIPROC_ENV))
-
-
-def record_bytes(records) -> int:
-    """Bytes of model arrays in an iterable of ArrayRecords."""
-    return sum(len(array.data) for record in records for array in record.values())
 
 
 class RoundTelemetry:
@@ -173,22 +126,25 @@ class RoundTelemetry:
         seconds: float,
         counts: dict[str, int],
         global_metrics: dict[str, float],
-        sites: dict[str, dict],
+        site_validation: dict[str, dict[str, Any]],
     ) -> None:
+        """A finished round: its duration, hospital counts and validation metrics.
+
+        `site_validation` holds each hospital's evaluation reply only: what it
+        reported about training (throughput, generated images) is not a
+        validation metric of the model.
+        """
         if server_round > 0:
             ROUNDS_COMPLETED.labels(self.run, self.task).inc()
         ROUND_DURATION.labels(self.task).observe(seconds)
         for state, count in counts.items():
             HOSPITALS.labels(self.run, state).set(count)
         for name, value in global_metrics.items():
-            if name == "train-loss":
+            if name == Metric.TRAIN_LOSS:
                 GLOBAL_TRAIN_LOSS.labels(self.run, self.task).set(value)
-            elif name not in NOT_VALIDATION:
+            elif name not in Metric.BOOKKEEPING:
                 GLOBAL_VALIDATION.labels(self.run, self.task, name).set(value)
-        for site, metrics in sites.items():
+        for site, metrics in site_validation.items():
             for name, value in metrics.items():
-                if (
-                    not name.startswith(("train-", "secagg-", "norm"))
-                    and name not in NOT_VALIDATION
-                ):
+                if name not in Metric.BOOKKEEPING:
                     SITE_VALIDATION.labels(self.run, self.task, site, name).set(value)

@@ -1,4 +1,4 @@
-"""The coordinator's side of SecAgg+: the neighbour graph and unmasking the sum.
+"""The coordinator's SecAgg+ arithmetic: the neighbour graph, and unmasking the sum.
 
 The coordinator only ever holds public keys, ciphertexts it cannot open, the
 masked updates (uniform noise one by one) and, after uploads close, seed shares
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medfed.client.secagg import mask_purpose, minimum_threshold, pairwise_sign
+from medfed.shared_models.protocol import Key, minimum_threshold, pairwise_sign
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import MaskStream, Scratch, derive
 from medfed.shared_models.secagg.quantize import check_ranges, decode
@@ -35,6 +35,7 @@ class RoundPlan:
     threshold: int
 
     def group(self, node: str) -> set[str]:
+        """The node and its neighbours: who holds shares of its secrets."""
         return {node, *self.neighbours[node]}
 
 
@@ -77,56 +78,52 @@ def fractions(weights: Mapping[str, float]) -> dict[str, float]:
 
 
 class MaskedSum:
-    """Adds masked uploads as they arrive, then removes the masks."""
+    """Adds one round's masked uploads as they arrive, then removes the masks."""
 
     def __init__(
         self,
         template: Mapping[str, tuple[int, ...]],
         clipping_range: float,
         bits: int,
-        participants: int,
+        plan: RoundPlan,
     ) -> None:
-        check_ranges(clipping_range, bits, participants)
+        check_ranges(clipping_range, bits, len(plan.participants))
         self.template = dict(template)
-        self.clipping_range, self.bits = clipping_range, bits
+        self.clipping_range, self.bits, self.plan = clipping_range, bits, plan
         self.size = sum(int(np.prod(shape)) for shape in self.template.values())
         self.total = np.zeros(self.size, dtype=np.uint32)
         self.added: list[str] = []
 
-    def problems(self, masked: np.ndarray) -> list[str]:
-        """Why an upload cannot be added (wrong type or length); empty if it can."""
-        if masked.dtype != np.uint32 or masked.shape != (self.size,):
-            return [f"masked update is {masked.dtype}{masked.shape}, expected uint32({self.size},)"]
-        return []
-
     def add(self, node: str, masked: np.ndarray) -> None:
+        """Add one hospital's masked upload (uint32 arithmetic wraps, as the masks need)."""
         self.total += masked
         self.added.append(node)
 
     def unmask(
         self,
-        plan: RoundPlan,
-        public_mask_keys: Mapping[str, bytes],
-        dropped: list[str],
+        mask_keys: Mapping[str, bytes],
         responses: Mapping[str, Mapping[str, bytes]],
+        *,
+        dropped: list[str],
         fraction_sum: float,
-        run: int,
-        server_round: int,
+        purpose: bytes,
     ) -> dict[str, np.ndarray]:
         """The weighted mean update of the hospitals in `self.added`.
 
-        `dropped` are hospitals that shared keys but sent no upload; their
-        pairwise masks stay in the survivors' uploads until removed here.
+        `mask_keys` are the hospitals' public mask keys; `dropped` are
+        hospitals that shared keys but sent no upload: their pairwise masks stay
+        in the survivors' uploads until removed here, with a mask key rebuilt
+        from its shares. `purpose` is the round's `mask_purpose`.
         """
         streams: list[tuple[MaskStream, bool]] = []
         for node in self.added:
-            seed = self._rebuild(plan, node, "b", responses)
+            seed = self._rebuild(node, Key.SEED_SHARE_PREFIX, responses)
             streams.append((MaskStream(seed), False))
         for node in dropped:
-            secret = self._rebuild(plan, node, "sk", responses)
-            for other in plan.neighbours[node]:
+            secret = self._rebuild(node, Key.KEY_SHARE_PREFIX, responses)
+            for other in self.plan.neighbours[node]:
                 if other in self.added:
-                    seed = derive(secret, public_mask_keys[other], mask_purpose(run, server_round))
+                    seed = derive(secret, mask_keys[other], purpose)
                     # `other` added the pair's mask when its sign is positive: undo that.
                     streams.append((MaskStream(seed), not pairwise_sign(other, node)))
         scratch = Scratch()
@@ -135,17 +132,17 @@ class MaskedSum:
         mean = decode(self.total, fraction_sum, self.clipping_range, self.bits)
         return split(mean, self.template)
 
-    @staticmethod
     def _rebuild(
-        plan: RoundPlan, node: str, kind: str, responses: Mapping[str, Mapping[str, bytes]]
+        self, node: str, prefix: str, responses: Mapping[str, Mapping[str, bytes]]
     ) -> bytes:
+        plan = self.plan
         shares = {
-            plan.xs[holder]: reply[f"{kind}.{node}"]
+            plan.xs[holder]: reply[prefix + node]
             for holder, reply in responses.items()
-            if holder in plan.group(node) and f"{kind}.{node}" in reply
+            if holder in plan.group(node) and prefix + node in reply
         }
         if len(shares) < plan.threshold:
-            what = "self-mask seed" if kind == "b" else "mask key"
+            what = "self-mask seed" if prefix == Key.SEED_SHARE_PREFIX else "mask key"
             raise SecAggAbort(
                 f"only {len(shares)} shares of node {node}'s {what} came back; "
                 f"{plan.threshold} are needed (config key 'secagg-threshold')"

@@ -1,0 +1,208 @@
+"""The round loop: quorum, bounded waits, checked replies, aggregation, one summary per round.
+
+Flower's `Strategy.start` waits forever for nodes and silently drops failed
+replies; a consortium needs the opposite. This loop drives the same Flower
+strategy (configure / aggregate) but bounds every wait, has every update
+checked before it is averaged (`exchange`), runs secure rounds through the
+SecAgg+ workflow, and fails the run with the names of the missing hospitals
+when the quorum is lost. What each round produced goes to `RunOutputs`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from medfed.server.exchange import Exchange, QuorumError, RoundReplies, SiteNames
+from medfed.server.run_outputs import RoundSummary, RunOutputs
+from medfed.server.secure_aggregation import SecureAggregation
+from medfed.server.site_summary import request_summaries
+from medfed.server.strategies import RunStrategy
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Metric, Record
+
+
+def wait_for_nodes(
+    grid: Grid, minimum: int, wait_seconds: float, progress: Callable[[str], None]
+) -> list[int]:
+    """Node ids once `minimum` are connected; QuorumError after `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    announced = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise QuorumError(
+                f"only {len(nodes)} of the required {minimum} hospitals connected "
+                f"after waiting {wait_seconds:.0f}s (config key 'node-wait-seconds')"
+            )
+        if len(nodes) != announced:
+            progress(f"waiting for hospitals: {len(nodes)} of {minimum} connected")
+            announced = len(nodes)
+        time.sleep(0.5)
+
+
+class PlainTraining:
+    """A training exchange in the clear: each hospital's update, checked against the sent model."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def collect(
+        self, server_round: int, messages: list[Message], sent: ArrayRecord
+    ) -> RoundReplies:
+        """Usable training replies; failures and rejected updates named by site."""
+        return self.exchange.collect(messages, sent)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round's exchanges returned, before it is summarised."""
+
+    server_round: int
+    started: float
+    evaluated: RoundReplies
+    trained: RoundReplies | None = None  # None for round 0 (evaluation only)
+    train_metrics: MetricRecord | None = None
+
+
+class RoundLoop:
+    """Round 0 evaluates the initial model; rounds 1..R train, aggregate and evaluate."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        outputs: RunOutputs,
+        make_strategy: Callable[[int], RunStrategy],
+        run_id: int,
+    ) -> None:
+        self.grid, self.cfg, self.outputs, self.run_id = grid, cfg, outputs, run_id
+        self.make_strategy = make_strategy
+        self.names = SiteNames()
+        self.exchange = Exchange(grid, cfg.round_timeout_seconds, self.names, outputs.traffic)
+        self.training: PlainTraining | SecureAggregation = (
+            SecureAggregation(self.exchange, cfg, run_id)
+            if cfg.secure_aggregation
+            else PlainTraining(self.exchange)
+        )
+
+    def run(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Every round from the initial `arrays`; returns the final global arrays."""
+        cfg = self.cfg
+        nodes = wait_for_nodes(
+            self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.outputs.progress
+        )
+        self.strategy = self.make_strategy(len(nodes))
+        self.outputs.privacy_settings(self.strategy)
+        if cfg.federated_stats:
+            self._site_summaries(nodes)
+        started = time.monotonic()
+        self.outputs.round_started(0)
+        self._finish(RoundOutcome(0, started, self._evaluate(0, arrays)), arrays)
+        for server_round in range(1, cfg.num_server_rounds + 1):
+            arrays = self._train_round(server_round, arrays)
+        return arrays
+
+    def _train_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Sample, train, check, aggregate, evaluate and record one round."""
+        started = time.monotonic()
+        self.outputs.round_started(server_round)
+        wait_for_nodes(
+            self.grid, self.cfg.min_nodes, self.cfg.node_wait_seconds, self.outputs.progress
+        )
+        messages = list(
+            self.strategy.flower.configure_train(server_round, arrays, ConfigRecord(), self.grid)
+        )
+        trained = self.training.collect(server_round, messages, arrays)
+        self._require_quorum(trained, "training", server_round)
+        aggregation_started = time.monotonic()
+        new_arrays, train_metrics = self.strategy.flower.aggregate_train(server_round, trained.ok)
+        self.outputs.aggregated(time.monotonic() - aggregation_started)
+        if new_arrays is None:
+            accountant = (
+                f" (the privacy accountant needs all {trained.sampled} sampled hospitals)"
+                if self.strategy.accounted
+                else ""
+            )
+            raise QuorumError(f"round {server_round}: aggregation produced no model{accountant}")
+        evaluated = self._evaluate(server_round, new_arrays)
+        self._finish(
+            RoundOutcome(server_round, started, evaluated, trained, train_metrics), new_arrays
+        )
+        return new_arrays
+
+    def _site_summaries(self, nodes: list[int]) -> None:
+        """Every site's summary, side by side, before round 0."""
+        replies = request_summaries(self.exchange, nodes, self.cfg.stats_min_count)
+        for site, reason in sorted(replies.failed.items()):
+            self.outputs.progress(f"  {site}: no statistics ({reason})")
+        summaries = {
+            self.names(reply.metadata.src_node_id): dict(reply.content[Record.METRICS])
+            for reply in replies.ok
+        }
+        self.outputs.site_summaries(summaries)
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> RoundReplies:
+        messages = self.strategy.flower.configure_evaluate(
+            server_round, arrays, ConfigRecord(), self.grid
+        )
+        evaluated = self.exchange.collect(messages)
+        self._require_quorum(evaluated, "evaluation", server_round)
+        return evaluated
+
+    def _require_quorum(self, replies: RoundReplies, phase: str, server_round: int) -> None:
+        """QuorumError naming the missing hospitals (their reasons go to the progress log)."""
+        if len(replies.ok) < self.cfg.min_nodes:
+            for site, reason in sorted(replies.failed.items()):
+                self.outputs.progress(f"  {site}: {reason}")
+            missing = ", ".join(sorted(replies.failed)) or "none sampled"
+            raise QuorumError(
+                f"round {server_round} {phase}: {len(replies.ok)} hospitals replied, "
+                f"quorum is {self.cfg.min_nodes} (config key 'min-nodes'); missing: {missing}"
+            )
+
+    def _finish(self, outcome: RoundOutcome, arrays: ArrayRecord) -> None:
+        self.outputs.round_finished(self._summarise(outcome), arrays)
+
+    def _summarise(self, outcome: RoundOutcome) -> RoundSummary:
+        """The round's global and per-site metrics, who replied, who failed and why."""
+        evaluated, trained = outcome.evaluated, outcome.trained
+        validation = {
+            self.names(r.metadata.src_node_id): dict(r.content[Record.METRICS])
+            for r in evaluated.ok
+        }
+        sites: dict[str, dict[str, Any]] = {site: dict(m) for site, m in validation.items()}
+        for reply in trained.ok if trained else []:
+            metrics = reply.content[Record.METRICS]
+            entry = sites.setdefault(self.names(reply.metadata.src_node_id), {})
+            entry.update({k: v for k, v in metrics.items() if k != Metric.NUM_EXAMPLES})
+            entry["train-examples"] = metrics[Metric.NUM_EXAMPLES]
+        aggregated = self.strategy.flower.aggregate_evaluate(outcome.server_round, evaluated.ok)
+        global_metrics = dict(aggregated) if aggregated is not None else {}
+        if outcome.train_metrics is not None:
+            global_metrics[Metric.TRAIN_LOSS] = outcome.train_metrics[Metric.TRAIN_LOSS]
+        epsilon = self.strategy.epsilon() if trained else None
+        if epsilon is not None:
+            global_metrics[Metric.DP_EPSILON] = epsilon
+        answered = trained or evaluated
+        return RoundSummary(
+            server_round=outcome.server_round,
+            rounds=self.cfg.num_server_rounds,
+            seconds=time.monotonic() - outcome.started,
+            global_metrics=global_metrics,
+            sites=dict(sorted(sites.items())),
+            site_validation=validation,
+            replied=sorted({self.names(m.metadata.src_node_id) for m in answered.ok}),
+            failures={**evaluated.failed, **(trained.failed if trained else {})},
+            sampled=answered.sampled,
+            connected=len(list(self.grid.get_node_ids())),
+            secure=trained.secure if trained else None,
+            epsilon=epsilon,
+        )

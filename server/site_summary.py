@@ -1,0 +1,60 @@
+"""Federated statistics, the coordinator's half: every site's summary side by side before round 0.
+
+The coordinator only receives what each site chose to send: counts below the
+site's minimum arrive as SUPPRESSED and are shown as "<N"; no image or file
+name leaves a hospital. The hospital's half is `client/data/site_summary.py`
+(what is counted) and `client/privacy/small_counts.py` (what is suppressed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from medfed.server.exchange import Exchange, RoundReplies
+from medfed.shared_models.protocol import SUPPRESSED, Config, Record, Statistic
+
+SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def request_summaries(exchange: Exchange, node_ids: list[int], min_count: int) -> RoundReplies:
+    """Ask every node for its site's summary, with counts below `min_count` suppressed."""
+    messages = [
+        Message(
+            RecordDict({Record.CONFIG: ConfigRecord({Config.STATS_MIN_COUNT: min_count})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in node_ids
+    ]
+    return exchange.collect(messages)
+
+
+def format_summaries(
+    summaries: dict[str, dict[str, Any]], classes: list[str], min_count: int
+) -> list[str]:
+    """A fixed-width table: counts, label histogram, intensity percentiles and shape."""
+
+    def count(value: Any) -> str:
+        return f"<{min_count}" if value == SUPPRESSED else str(value)
+
+    header = (
+        f"{'site':<12} {'train':>6} {'val':>5} "
+        + " ".join(f"{c[:10]:>10}" for c in classes)
+        + f" {'p1':>8} {'p99':>8}  intensity histogram"
+    )
+    lines = ["site statistics (counts below the minimum are suppressed at the site):", header]
+    for site, s in sorted(summaries.items()):
+        histogram = s.get(Statistic.INTENSITY_HISTOGRAM, [])
+        if histogram and histogram[0] >= 0:
+            top = max(histogram) or 1.0
+            shape = "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in histogram)
+        else:
+            shape = "(suppressed)"
+        lines.append(
+            f"{site:<12} {count(s[Statistic.NUM_TRAIN]):>6} {count(s[Statistic.NUM_VAL]):>5} "
+            + " ".join(f"{count(v):>10}" for v in s[Statistic.LABEL_HISTOGRAM])
+            + f" {s[Statistic.INTENSITY_P1]:>8.4g} {s[Statistic.INTENSITY_P99]:>8.4g}  {shape}"
+        )
+    return lines
