@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny configs and a small synthetic federation."""
+"""Shared fixtures: tiny configs and a small synthetic federation.
+
+The tests run medfed as installed in .venv (from its wheel, as a hospital
+installs it), so a session refuses to start when that copy differs from the
+working tree: `make install` (or `make test`) reinstalls it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,38 @@ from pathlib import Path
 
 import pytest
 
+import medfed.server
 from medfed.client.synthetic import generate_federation
 from medfed.shared_models.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = ("server", "client", "shared_models")
+
+
+def stale_modules(installed: Path) -> list[str]:
+    """Source files of the working tree that the installed package lacks or holds otherwise."""
+    stale = []
+    for room in ROOMS:
+        tree = {p.relative_to(ROOT): p for p in (ROOT / room).rglob("*.py")}
+        copy = {p.relative_to(installed): p for p in (installed / room).rglob("*.py")}
+        stale += [str(rel) for rel in sorted(tree.keys() ^ copy.keys())]
+        stale += [
+            str(r)
+            for r in sorted(tree)
+            if r in copy and tree[r].read_bytes() != copy[r].read_bytes()
+        ]
+    return stale
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = stale_modules(Path(medfed.server.__file__).resolve().parents[1])
+    if stale:
+        pytest.exit(
+            f"the installed medfed differs from the working tree ({', '.join(stale[:3])}"
+            f"{', ...' if len(stale) > 3 else ''}): run `make install`",
+            returncode=2,
+        )
+
 
 TINY = {"image-size": 32, "model-width": 4, "model-depth": 2, "batch-size": 8}
 

@@ -1,6 +1,6 @@
 """Data-path benchmark: what a node spends before its GPU sees a batch.
 
-    python tests/bench/data_path.py [--images 300] [--size 128] [--out DIR]
+    python -m tests.bench.data_path [--images 300] [--size 128] [--out DIR]
 
 On one synthetic site (NIfTI segmentation pairs and PNG classification
 images) it measures, in the same run:
@@ -15,7 +15,6 @@ data_path.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ from medfed.client.data.site import load_site
 from medfed.client.data.transforms import READERS
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
+from tests.bench.runs import save_results
 
 CPU = torch.device("cpu")
 
@@ -103,8 +103,7 @@ def main() -> None:
             f"{r['epoch1-vs-raw']:>7.2f} {r['epoch2-vs-epoch1']:>6.2f} "
             f"{r['scan-cold-s']:>8.2f} → {r['scan-warm-s']:.2f}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_path.json").write_text(json.dumps(results, indent=2))
+    save_results(args.out, "data_path.json", results)
 
 
 if __name__ == "__main__":

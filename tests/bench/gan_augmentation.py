@@ -1,6 +1,6 @@
 """Does federated GAN augmentation raise the recall of a class most hospitals rarely see?
 
-    python tests/bench/gan_augmentation.py [--rounds 15] [--gan-rounds 20] [--out DIR]
+    python -m tests.bench.gan_augmentation [--rounds 15] [--gan-rounds 20] [--out DIR]
 
 Three synthetic hospitals: two where COVID-like images are 5 % of cases, one
 where they are 30 %. In the same run and with the same seeds it trains
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,33 +21,17 @@ import torch
 
 from medfed.client.data.loader import make_loader
 from medfed.client.data.site import load_site
-from medfed.client.preview import load_global_model
 from medfed.client.synthetic import generate_site
+from medfed.shared_models.run_folder import load_global_model
 from medfed.shared_models.tasks import TASKS
+from tests.bench.runs import print_table, save_results, simulate
 
 PREVALENCE = [(0.55, 0.40, 0.05), (0.50, 0.45, 0.05), (0.40, 0.30, 0.30)]
 
 
-def simulate(out: Path, data: Path, task: str, rounds: int, *config: str) -> Path:
-    command = [
-        sys.executable,
-        "-m",
-        "medfed.server.cli",
-        "simulate",
-        "--task",
-        task,
-        "--data",
-        str(data),
-        "--rounds",
-        str(rounds),
-        "--out",
-        str(out),
-    ]
-    for item in config:
-        command += ["-c", item]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{task} run failed:\n{result.stdout}\n{result.stderr}")
+def run(out: Path, data: Path, task: str, rounds: int, *config: str) -> Path:
+    """A `medfed simulate` run on the benchmark's sites; its run folder."""
+    simulate(out, task, rounds, *config, data=data)
     return out
 
 
@@ -59,7 +41,7 @@ def score(run: Path, test_site: Path) -> dict[str, float]:
     items = site.train + site.val
     cpu = torch.device("cpu")
     return TASKS["classification"].evaluate(
-        net, make_loader(site, items, cfg, False, cpu), cfg, cpu
+        net, make_loader(site, items, cfg, train=False, device=cpu), cfg, cpu
     )
 
 
@@ -90,9 +72,9 @@ def main() -> None:
         images_per_site=150,
         class_prevalence=(1 / 3, 1 / 3, 1 / 3),
     )
-    gan = simulate(work / "gan", data, "gan", args.gan_rounds)
-    plain = simulate(work / "plain", data, "classification", args.rounds)
-    augmented = simulate(
+    gan = run(work / "gan", data, "gan", args.gan_rounds)
+    plain = run(work / "plain", data, "classification", args.rounds)
+    augmented = run(
         work / "augmented",
         data,
         "classification",
@@ -111,19 +93,19 @@ def main() -> None:
         "prevalence": PREVALENCE,
         "work": str(work),
     }
-    print(f"{'classifier':22} {'covid recall':>12} {'macro AUC':>10} {'accuracy':>9}")
-    for name in ("without", "with"):
-        r = results[name]
-        print(
-            f"{name + ' GAN augmentation':22} {r['recall-covid']:12.3f} {r['auc']:10.3f} "
-            f"{r['accuracy']:9.3f}"
-        )
+    print_table(
+        {"classifier": 22, "covid recall": 12, "macro AUC": 10, "accuracy": 9},
+        [
+            [f"{name} GAN augmentation"]
+            + [f"{results[name][k]:.3f}" for k in ("recall-covid", "auc", "accuracy")]
+            for name in ("without", "with")
+        ],
+    )
     print(
         f"GAN after {args.gan_rounds} rounds: FID {results['gan']['fid']:.3f}, "
         f"TSTR accuracy {results['gan']['tstr-accuracy']:.3f}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gan_augmentation.json").write_text(json.dumps(results, indent=2))
+    save_results(args.out, "gan_augmentation.json", results)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine (never in CI):
 
-    python tests/bench/gpu.py [--out DIR] [--steps N]
+    python -m tests.bench.gpu [--out DIR] [--steps N]
 
 For each case it (1) checks that the task trains on CUDA (loss falls on a
 repeated batch, metrics are finite) with the case's precision and memory

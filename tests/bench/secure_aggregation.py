@@ -1,7 +1,7 @@
 """Round time and peak memory: plain FedAvg vs medfed's SecAgg+ vs Flower's legacy SecAgg+.
 
-    python tests/bench/secure_aggregation.py [--models 7m,60m] [--clients 4,8] [--rounds 5]
-    python tests/bench/secure_aggregation.py --with-training [--rounds 4]
+    python -m tests.bench.secure_aggregation [--models 7m,60m] [--clients 4,8] [--rounds 5]
+    python -m tests.bench.secure_aggregation --with-training [--rounds 4]
 
 Every case is the same simulated federation (Flower's simulation engine, Ray,
 one CPU per hospital) in a fresh process, timed over rounds 2..R (round 1
@@ -74,9 +74,10 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    from medfed.client import secure_stage
-    from medfed.server.messaging import send_and_receive
-    from medfed.server.secure_round import SecureAggregation
+    from medfed.client.privacy import secagg_mod
+    from medfed.server.exchange import Exchange, SiteNames, send_and_receive
+    from medfed.server.secure_aggregation import SecureAggregation
+    from medfed.server.strategies import GivenMean
     from medfed.shared_models.config import RunConfig
 
     server, client = ServerApp(), ClientApp()
@@ -89,23 +90,19 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         strategy = FedAvg(
             fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients
         )
+        if secure:  # the unmasked mean is computed once, by unmasking
+            strategy = GivenMean(strategy)
         arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
         _wait(grid, clients)
         seconds, stages = [], []
-        secagg = SecureAggregation(grid, cfg, context.run_id)
+        secagg = SecureAggregation(Exchange(grid, 3600.0, SiteNames()), cfg, context.run_id)
         for server_round in range(1, rounds + 1):
             began = time.perf_counter()
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             if secure:
-                template = {k: tuple(a.shape) for k, a in arrays.items()}
-                outcome = secagg.train_round(server_round, messages, template)
-                averaged = ArrayRecord(
-                    {k: Array(arrays[k].numpy() + outcome.mean_update[k]) for k in arrays}
-                )
-                for reply in outcome.replies:
-                    reply.content["arrays"] = averaged
-                replies = outcome.replies
-                stages.append(outcome.stage_seconds)
+                collected = secagg.collect(server_round, messages, arrays)
+                replies = collected.ok
+                stages.append(collected.secure["stage-seconds"])
             elif flower_polls:
                 replies = list(grid.send_and_receive(messages))
             else:
@@ -116,35 +113,24 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         if stages:
             print("stage seconds per round:", json.dumps(stages), file=sys.stderr)
 
-    @client.train()
+    @client.train(mods=[secagg_mod.secagg_mod])
     def train(msg, context):
-        start = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-        trained = {k: v * np.float32(1.0001) for k, v in start.items()}
-        metrics = {"num-examples": 10, "aggregation-weight": 10.0}
-        if "secagg" in msg.content:
-            arrays, metrics["secagg-clipped-values"], ahead = secure_stage.masked_update(
-                msg, context, start, trained, 10.0
-            )
-            content = RecordDict(
-                {"arrays": arrays, "metrics": MetricRecord(metrics), "secagg": ahead}
-            )
-            return Message(content=content, reply_to=msg)
-        else:
-            arrays = ArrayRecord({k: Array(v) for k, v in trained.items()})
-        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
-        return Message(content=content, reply_to=msg)
+        trained = {k: a.numpy() * np.float32(1.0001) for k, a in msg.content["arrays"].items()}
+        arrays = ArrayRecord({k: Array(v) for k, v in trained.items()})
+        metrics = MetricRecord({"num-examples": 10, "aggregation-weight": 10.0})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     @client.train("secagg_advertise")
     def advertise(msg, context):
-        return secure_stage.advertise(msg, context, 10.0)
+        return secagg_mod.advertise(msg, context, 10.0)
 
     @client.train("secagg_share")
     def share(msg, context):
-        return secure_stage.share(msg, context)
+        return secagg_mod.share(msg, context)
 
     @client.train("secagg_unmask")
     def unmask(msg, context):
-        return secure_stage.unmask(msg, context)
+        return secagg_mod.unmask(msg, context)
 
     return server, client
 

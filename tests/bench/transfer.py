@@ -1,6 +1,6 @@
 """Transfer learning: rounds to reach a target bone-age MAE from pretrained weights vs scratch.
 
-    python tests/bench/transfer.py [--rounds 15] [--target 20] [--out DIR]
+    python -m tests.bench.transfer [--rounds 15] [--target 20] [--out DIR]
 
 Pretrains a federated chest-X-ray classifier (a different synthetic task,
 same backbone), then trains the bone-age regressor twice with the same
@@ -12,34 +12,16 @@ validation MAE reaches the target, and the MAE curves. Writes transfer.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from tests.bench.runs import print_table, save_results, simulate
 
-def simulate(out: Path, task: str, rounds: int, *config: str) -> list[float]:
-    command = [
-        sys.executable,
-        "-m",
-        "medfed.server.cli",
-        "simulate",
-        "--task",
-        task,
-        "--rounds",
-        str(rounds),
-        "--out",
-        str(out),
-    ]
-    for item in config:
-        command += ["-c", item]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{task} run failed:\n{result.stdout}\n{result.stderr}")
-    rounds_data = json.loads((out / "metrics.json").read_text())["rounds"]
+
+def metric_curve(out: Path, task: str, rounds: int, *config: str) -> list[float]:
+    """The global validation MAE (regression) or AUC of every round of one run."""
     metric = "mae" if task == "regression" else "auc"
-    return [r["global"][metric] for r in rounds_data]
+    return [r["global"][metric] for r in simulate(out, task, rounds, *config)["rounds"]]
 
 
 def first_round(curve: list[float], target: float) -> int | None:
@@ -55,11 +37,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="medfed-transfer-bench-"))
-    pretrain = simulate(
+    pretrain = metric_curve(
         work / "pretrain", "classification", args.pretrain_rounds, f"model={args.model}"
     )
-    scratch = simulate(work / "scratch", "regression", args.rounds, f"model={args.model}")
-    transfer = simulate(
+    scratch = metric_curve(work / "scratch", "regression", args.rounds, f"model={args.model}")
+    transfer = metric_curve(
         work / "transfer",
         "regression",
         args.rounds,
@@ -74,19 +56,15 @@ def main() -> None:
         "work": str(work),
     }  # fmt: skip
     print(f"pretraining: chest-X-ray classifier, final AUC {pretrain[-1]:.3f}")
-    print(
-        f"{'start':12} {'rounds to MAE<=' + format(args.target, 'g'):>18} {'MAE r1':>8} "
-        f"{'MAE r5':>8} {'final MAE':>10}"
-    )
+    rows = []
     for name in ("scratch", "pretrained"):
-        curve = results[name]["curve"]
-        reached = results[name]["rounds-to-target"]
-        print(
-            f"{name:12} {str(reached) if reached is not None else 'not reached':>18} "
-            f"{curve[1]:8.1f} {curve[min(5, len(curve) - 1)]:8.1f} {curve[-1]:10.1f}"
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "transfer.json").write_text(json.dumps(results, indent=2))
+        curve, reached = results[name]["curve"], results[name]["rounds-to-target"]
+        marks = (curve[1], curve[min(5, len(curve) - 1)], curve[-1])
+        rows.append([name, "not reached" if reached is None else str(reached)])
+        rows[-1] += [f"{mae:.1f}" for mae in marks]
+    columns = {"start": 12, f"rounds to MAE<={args.target:g}": 18, "MAE r1": 8, "MAE r5": 8}
+    print_table({**columns, "final MAE": 10}, rows)
+    save_results(args.out, "transfer.json", results)
 
 
 if __name__ == "__main__":

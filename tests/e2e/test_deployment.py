@@ -19,9 +19,9 @@ import httpx
 import pytest
 import tomli_w
 
-from medfed.client.preview import load_global_model
-from medfed.server.processes import executable, flower_env, free_port
 from medfed.shared_models.audit import read_audit
+from medfed.shared_models.run_folder import load_global_model
+from medfed.shared_models.runtime import executable, flower_env, free_port
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from medfed.server.processes import free_port
+from medfed.shared_models.runtime import free_port, serve_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -109,8 +109,12 @@ import sys
 from medfed.client import telemetry
 from medfed.server.telemetry import RoundTelemetry
 round_ = int(sys.argv[1])
-telemetry.record_training("site-0", "segmentation", 2.0, 40, 0.5 / round_, 40, 1, 1000,
-                          round_, "cpu", 0)
+report = telemetry.TrainingReport(
+    site="site-0", task="segmentation", server_round=round_, seconds=2.0, images=40,
+    loss=0.5 / round_, examples=40, device="cpu", gpu_peak_bytes=0,
+)
+telemetry.record_training(report, skipped=1)
+telemetry.model_bytes_sent("site-0", 1000)
 RoundTelemetry(7, "segmentation").round_finished(
     round_, 3.0, {"replied": 1}, {"dice": 0.1 * round_}, {})
 """
@@ -118,15 +122,13 @@ RoundTelemetry(7, "segmentation").round_finished(
 
 def test_counters_survive_app_process_restarts(tmp_path):
     """Three separate processes (as Flower starts per round) write; one exporter merges."""
-    from medfed.server.telemetry import serve
-
     directory = tmp_path / "multiproc"
     directory.mkdir()
     env = {"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"}
     for round_ in (1, 2, 3):
         subprocess.run([sys.executable, "-c", RECORD, str(round_)], env=env, check=True)
     port = free_port()
-    serve(port, directory)
+    serve_metrics(port, directory)
     text = _scrape(port)
     assert re.findall(
         r"^medfed_site_rounds_trained_total\{site=\"site-0\"\} (\S+)$", text, re.M

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from medfed.client.preview import load_global_model
 from medfed.server.simulate import flwr_run, simulation_superlink
+from medfed.shared_models.run_folder import load_global_model
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Differential privacy: noise of the configured scale, clipping, epsilon accounting."""
+"""Strategies: DP noise of the configured scale, epsilon accounting, the secure mean used once."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from medfed.client.training import clip_update
-from medfed.server.strategies import WEIGHT_KEY, build_strategy
-from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.server.strategies import FLOWER_STRATEGIES, build_strategy
+from medfed.shared_models.config import STRATEGIES, RunConfig
+from medfed.shared_models.protocol import Metric
 
 PARAMS = 200_000
 
@@ -29,27 +29,31 @@ def dp_config(**values) -> RunConfig:
     return RunConfig.from_mapping({"dp.mode": "client", "min-nodes": 2, **values})
 
 
-def one_round(federation, server_round: int, start: np.ndarray, updates: list[np.ndarray]):
+def one_round(
+    federation, server_round: int, start: np.ndarray, updates: list[np.ndarray], losses=None
+):
     arrays = ArrayRecord({"w": Array(start)})
     messages = list(
-        federation.strategy.configure_train(
-            server_round, arrays, ConfigRecord(), Nodes(len(updates))
-        )
+        federation.flower.configure_train(server_round, arrays, ConfigRecord(), Nodes(len(updates)))
     )
     replies = [
         Message(
             content=RecordDict(
                 {
                     "arrays": ArrayRecord({"w": Array(start + update)}),
-                    "metrics": MetricRecord({WEIGHT_KEY: 1.0, "num-examples": 10}),
+                    "metrics": MetricRecord(
+                        {Metric.WEIGHT: 1.0, "num-examples": 10, Metric.TRAIN_LOSS: loss}
+                    ),
                 }
             ),
             reply_to=message,
         )
-        for message, update in zip(messages, updates, strict=True)
+        for message, update, loss in zip(
+            messages, updates, losses or [1.0] * len(updates), strict=True
+        )
     ]
-    aggregated, _ = federation.strategy.aggregate_train(server_round, replies)
-    return aggregated["w"].numpy(), messages
+    aggregated, metrics = federation.flower.aggregate_train(server_round, replies)
+    return aggregated["w"].numpy(), messages, metrics
 
 
 @pytest.mark.parametrize(("multiplier", "norm", "hospitals"), [(1.0, 1.0, 4), (0.5, 2.0, 3)])
@@ -57,7 +61,9 @@ def test_noise_of_the_configured_scale_is_added(multiplier, norm, hospitals):
     cfg = dp_config(**{"dp.noise-multiplier": multiplier, "dp.clipping-norm": norm})
     federation = build_strategy(cfg, hospitals)
     start = np.zeros(PARAMS, np.float32)
-    result, messages = one_round(federation, 1, start, [np.zeros(PARAMS, np.float32)] * hospitals)
+    result, messages, _ = one_round(
+        federation, 1, start, [np.zeros(PARAMS, np.float32)] * hospitals
+    )
     assert messages[0].content["config"]["clipping_norm"] == norm  # hospitals clip to it
     expected = multiplier * norm / hospitals
     assert abs(result.std() / expected - 1) < 0.02
@@ -93,48 +99,14 @@ def test_runs_outside_the_accountants_constraints_say_so(values, reason):
     assert federation.epsilon() is None
 
 
-def test_hospitals_clip_their_update_before_anything_else():
-    rng = np.random.default_rng(0)
-    start = {"a": rng.normal(size=(50,)).astype(np.float32)}
-    big = {"a": start["a"] + 10 * rng.normal(size=(50,)).astype(np.float32)}
-    assert clip_update(start, big, 1.5, adaptive=True)
-    assert np.linalg.norm(big["a"] - start["a"]) == pytest.approx(1.5, rel=1e-4)
-    assert big["a"].dtype == np.float32
-    small = {"a": start["a"] + np.float32(1e-3)}
-    expected = small["a"].copy()
-    assert not clip_update(start, small, 1.5, adaptive=True)
-    assert np.allclose(small["a"], expected)
-
-
 def test_server_side_clipping_bounds_each_update():
     cfg = RunConfig.from_mapping(
         {"dp.mode": "server", "dp.noise-multiplier": 0.0, "dp.clipping-norm": 0.5}
     )
     federation = build_strategy(cfg, 2)
     start = np.zeros(100, np.float32)
-    result, _ = one_round(federation, 1, start, [np.full(100, 3.0, np.float32)] * 2)
+    result, _, _ = one_round(federation, 1, start, [np.full(100, 3.0, np.float32)] * 2)
     assert np.linalg.norm(result) == pytest.approx(0.5, rel=1e-4)
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"secure-aggregation": True, "strategy": "krum"}, "'strategy' = 'krum'"),
-        ({"secure-aggregation": True, "strategy": "fedmedian"}, "weighted-mean strategy"),
-        ({"secure-aggregation": True, "dp.mode": "server"}, "'dp.mode' = 'server'"),
-        ({"dp.mode": "central"}, "'dp.mode' = 'central'"),
-        ({"dp.mode": "client", "strategy": "fedtrimmedavg"}, "'dp.mode'"),
-        ({"dp.clipping-norm": 0.0}, "'dp.clipping-norm'"),
-        ({"dp.delta": 1.0}, "'dp.delta'"),
-        ({"secagg-clipping-range": -1.0}, "'secagg-clipping-range'"),
-        ({"secagg-quantization-bits": 32}, "'secagg-quantization-bits'"),
-        ({"secagg-threshold": 1}, "'secagg-threshold'"),
-        ({"dp.epsilon": 1.0}, "unknown config key 'dp.epsilon'"),
-    ],
-)
-def test_privacy_settings_are_validated(values, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        RunConfig.from_mapping(values)
 
 
 @pytest.mark.parametrize(
@@ -143,11 +115,45 @@ def test_privacy_settings_are_validated(values, message):
 def test_weighted_mean_strategies_step_the_same_from_the_secure_mean(name):
     """The secure round hands every survivor's reply the same (mean) arrays: each
     strategy must produce what it produces from the individual updates."""
-    cfg = RunConfig.from_mapping({"strategy": name, "secure-aggregation": True})
+    secure = RunConfig.from_mapping({"strategy": name, "secure-aggregation": True})
+    plain = RunConfig.from_mapping({"strategy": name})
     start = np.zeros(10, np.float32)
     mean = np.linspace(-1, 1, 10).astype(np.float32)
     spread = np.random.default_rng(1).normal(size=10).astype(np.float32)
     individual = [mean + spread, mean - spread, mean]
-    from_secure_mean, _ = one_round(build_strategy(cfg, 3), 1, start, [mean] * 3)
-    from_individual, _ = one_round(build_strategy(cfg, 3), 1, start, individual)
+    from_secure_mean, *_ = one_round(build_strategy(secure, 3), 1, start, [mean] * 3)
+    from_individual, *_ = one_round(build_strategy(plain, 3), 1, start, individual)
     assert np.allclose(from_secure_mean, from_individual, atol=1e-6)
+
+
+def test_the_secure_mean_is_used_as_it_is_not_averaged_again():
+    """Under secure aggregation the replies carry the unmasked mean: the strategy takes it
+    from one reply (differing copies would be averaged if it computed the mean again),
+    while the clear training metrics are still aggregated over every survivor."""
+    secure = RunConfig.from_mapping({"secure-aggregation": True})
+    start = np.zeros(4, np.float32)
+    first, other = np.full(4, 1.0, np.float32), np.full(4, 3.0, np.float32)
+    result, _, metrics = one_round(
+        build_strategy(secure, 2), 1, start, [first, other], losses=[1.0, 3.0]
+    )
+    assert np.array_equal(result, first)
+    assert metrics[Metric.TRAIN_LOSS] == pytest.approx(2.0)
+
+
+def test_every_configurable_strategy_is_a_flower_strategy():
+    assert tuple(FLOWER_STRATEGIES) == STRATEGIES
+
+
+def test_secure_aggregation_with_accounted_dp_keeps_flowers_accountant():
+    """Flower's accountant accepts only FedAvg's own aggregation: a secure, accounted run
+    averages the identical copies of the mean, which gives back the mean, with epsilon."""
+    cfg = dp_config(**{"secure-aggregation": True, "dp.noise-multiplier": 0.0})
+    assert not build_strategy(cfg, 3).accounted
+    federation = build_strategy(dp_config(**{"secure-aggregation": True}), 3)
+    assert federation.accounted
+    start = np.zeros(PARAMS, np.float32)
+    mean = np.full(PARAMS, 0.25, np.float32)
+    result, _, _ = one_round(federation, 1, start, [mean] * 3)
+    expected_noise = 1.0 * 1.0 / 3
+    assert abs((result - mean).std() / expected_noise - 1) < 0.02
+    assert federation.epsilon() > 0

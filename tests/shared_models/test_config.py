@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict
 
-from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.config import TASK_NAMES, ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -49,3 +49,31 @@ def test_bad_values_name_key_and_value(values, named):
 def test_strings_from_the_command_line_are_coerced():
     cfg = RunConfig.from_mapping({"num-server-rounds": "4", "lr": "0.01", "channels-last": "true"})
     assert (cfg.num_server_rounds, cfg.lr, cfg.channels_last) == (4, 0.01, True)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"secure-aggregation": True, "strategy": "krum"}, "'strategy' = 'krum'"),
+        ({"secure-aggregation": True, "strategy": "fedmedian"}, "weighted-mean strategy"),
+        ({"secure-aggregation": True, "dp.mode": "server"}, "'dp.mode' = 'server'"),
+        ({"dp.mode": "central"}, "'dp.mode' = 'central'"),
+        ({"dp.mode": "client", "strategy": "fedtrimmedavg"}, "'dp.mode'"),
+        ({"dp.clipping-norm": 0.0}, "'dp.clipping-norm'"),
+        ({"dp.delta": 1.0}, "'dp.delta'"),
+        ({"secagg-clipping-range": -1.0}, "'secagg-clipping-range'"),
+        ({"secagg-quantization-bits": 32}, "'secagg-quantization-bits'"),
+        ({"secagg-threshold": 1}, "'secagg-threshold'"),
+        ({"dp.epsilon": 1.0}, "unknown config key 'dp.epsilon'"),
+    ],
+)
+def test_privacy_settings_are_validated(values, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        RunConfig.from_mapping(values)
+
+
+def test_task_names_are_the_registered_tasks():
+    """The command line offers TASK_NAMES without importing torch; they must be the tasks."""
+    from medfed.shared_models.tasks import TASKS
+
+    assert set(TASK_NAMES) == set(TASKS)

@@ -7,7 +7,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from medfed.server.certs import CredentialsError, add_hospital, init_consortium
+from medfed.server.certs import add_hospital, init_consortium
+from medfed.shared_models.runtime import CredentialsError
 
 
 def _mode(path):

@@ -28,17 +28,25 @@ def test_persistent_cache_is_written_reused_and_invalidated(tmp_path, seg_sites)
     shutil.copytree(seg_sites / "site-1", site_dir)
     cfg, cache = tiny_config(), tmp_path / "cache"
     site = load_site(site_dir, cfg, cache_dir=cache)
-    first = [b["image"] for b in make_loader(site, site.val, cfg, False, CPU, cache)]
+    first = [
+        b["image"]
+        for b in make_loader(site, site.val, cfg, train=False, device=CPU, cache_dir=cache)
+    ]
     files = sorted((transform_cache_dir(cache, cfg, site)).glob("*.pt"))
     assert len(files) == len(site.val)
-    again = [b["image"] for b in make_loader(site, site.val, cfg, False, CPU, cache)]
+    again = [
+        b["image"]
+        for b in make_loader(site, site.val, cfg, train=False, device=CPU, cache_dir=cache)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert sorted(transform_cache_dir(cache, cfg, site).glob("*.pt")) == files
 
     edited = site_dir / site.val[0]["where"]
     nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), edited)
     site = load_site(site_dir, cfg, cache_dir=cache)
-    changed = next(iter(make_loader(site, site.val, cfg, False, CPU, cache)))["image"]
+    changed = next(
+        iter(make_loader(site, site.val, cfg, train=False, device=CPU, cache_dir=cache))
+    )["image"]
     assert float(changed[0].abs().sum()) == 0.0, "an edited file is not served from the cache"
     bigger = tiny_config(image_size=64)
     assert transform_cache_dir(cache, bigger, site) != transform_cache_dir(cache, cfg, site)
@@ -50,7 +58,9 @@ def test_each_round_draws_new_batches_reproducibly(seg_sites):
     site = load_site(seg_sites / "site-0", cfg)
 
     def first_batch(server_round):
-        loader = make_loader(site, site.train, cfg, True, CPU, server_round=server_round)
+        loader = make_loader(
+            site, site.train, cfg, train=True, device=CPU, server_round=server_round
+        )
         return next(iter(loader))["image"]
 
     assert torch.equal(first_batch(3), first_batch(3))

@@ -1,4 +1,5 @@
-"""SecAgg+: correctness, dropouts, and what the coordinator can and cannot see."""
+"""The coordinator's SecAgg+ workflow against real hospital code: correctness, dropouts,
+and what the coordinator can and cannot see."""
 
 from __future__ import annotations
 
@@ -6,16 +7,13 @@ import itertools
 
 import numpy as np
 import pytest
-from cryptography.exceptions import InvalidTag
 from scipy.stats import chisquare
 
-from medfed.client.secagg import SecAggClient, SecAggRefused, share_context
-from medfed.server.secagg import SecAggAbort, fractions, plan_round
-from medfed.server.secure_round import SecureAggregation
-from medfed.shared_models.secagg import shamir
-from medfed.shared_models.secagg.primitives import derive, open_sealed
-from medfed.shared_models.secagg.quantize import check_ranges, decode, encode, scale
-from tests.unit.secagg_grid import RUN_ID, SecAggGrid, secure_config, train_messages
+from medfed.server.exchange import Exchange, SiteNames
+from medfed.server.secure_aggregation import SecureAggregation
+from medfed.server.unmasking import SecAggAbort, fractions, plan_round
+from medfed.shared_models.secagg.quantize import decode, encode, scale
+from tests.in_process_grid import RUN_ID, InProcessGrid, secure_config, train_messages
 
 SHAPES = {"conv.weight": (4, 3, 3), "conv.bias": (4,), "fc.weight": (2, 8)}
 
@@ -32,8 +30,12 @@ def random_updates(n: int, seed: int, spread: float = 0.5):
     return updates, weights, start
 
 
-def run_round(grid: SecAggGrid, start, cfg, secure=None, server_round=1):
-    secure = secure or SecureAggregation(grid, cfg, RUN_ID)
+def workflow(grid: InProcessGrid, cfg) -> SecureAggregation:
+    return SecureAggregation(Exchange(grid, cfg.round_timeout_seconds, SiteNames()), cfg, RUN_ID)
+
+
+def run_round(grid: InProcessGrid, start, cfg, secure=None, server_round=1):
+    secure = secure or workflow(grid, cfg)
     template = {k: v.shape for k, v in start.items()}
     messages = train_messages(grid.get_node_ids(), start, server_round)
     return secure.train_round(server_round, messages, template)
@@ -44,6 +46,21 @@ def weighted_mean(updates, weights, nodes):
     return {
         k: sum(weights[n] * updates[n][k].astype(np.float64) for n in nodes) / total for k in SHAPES
     }
+
+
+def federation(n: int, seed: int):
+    """`n` hospitals with random updates, their grid, the config and one run's workflow."""
+    updates, weights, start = random_updates(n, seed=seed)
+    grid = InProcessGrid(updates, weights)
+    cfg = secure_config()
+    return updates, weights, start, grid, cfg, workflow(grid, cfg)
+
+
+def assert_mean_of(outcome, updates, weights, nodes) -> None:
+    """The round's unmasked mean is the weighted mean of exactly `nodes`' updates."""
+    expected = weighted_mean(updates, weights, nodes)
+    for key in SHAPES:
+        assert np.abs(outcome.mean_update[key] - expected[key]).max() < 1e-5, key
 
 
 def tolerance(cfg, participants: int) -> float:
@@ -58,7 +75,7 @@ def tolerance(cfg, participants: int) -> float:
 def test_unmasked_aggregate_is_the_weighted_mean(n, threshold, neighbours):
     updates, weights, start = random_updates(n, seed=n * 10 + threshold)
     cfg = secure_config(**{"secagg-threshold": threshold, "secagg-neighbours": neighbours})
-    outcome = run_round(SecAggGrid(updates, weights), start, cfg)
+    outcome = run_round(InProcessGrid(updates, weights), start, cfg)
     assert not outcome.failed
     expected = weighted_mean(updates, weights, list(updates))
     for key in SHAPES:
@@ -74,30 +91,27 @@ def test_any_allowed_dropout_set_still_yields_the_survivors_mean():
     nodes = list(updates)
     for size in range(1, n - threshold + 1):
         for dropped in itertools.combinations(nodes, size):
-            grid = SecAggGrid(updates, weights)
+            grid = InProcessGrid(updates, weights)
             grid.drop["upload"] = set(dropped)
             outcome = run_round(grid, start, cfg)
             survivors = [x for x in nodes if x not in dropped]
-            expected = weighted_mean(updates, weights, survivors)
-            for key in SHAPES:
-                assert np.abs(outcome.mean_update[key] - expected[key]).max() < 1e-5
+            assert_mean_of(outcome, updates, weights, survivors)
             assert set(outcome.failed) == set(dropped)
 
 
 def test_a_hospital_lost_after_uploading_is_still_unmasked():
     updates, weights, start = random_updates(5, seed=2)
     nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
+    grid = InProcessGrid(updates, weights)
     grid.drop["unmask"] = {nodes[0]}
     outcome = run_round(grid, start, secure_config())
-    expected = weighted_mean(updates, weights, nodes)
-    assert np.abs(outcome.mean_update["fc.weight"] - expected["fc.weight"]).max() < 1e-5
+    assert_mean_of(outcome, updates, weights, nodes)
 
 
 def test_too_many_dropouts_abort_the_round_naming_them():
     updates, weights, start = random_updates(5, seed=3)
     nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
+    grid = InProcessGrid(updates, weights)
     grid.drop["upload"] = set(nodes[:3])  # threshold 3 of 5: only 2 left
     with pytest.raises(SecAggAbort, match="upload stage: 2 hospitals left, 3 needed") as err:
         run_round(grid, start, secure_config())
@@ -108,7 +122,7 @@ def test_too_many_dropouts_abort_the_round_naming_them():
 def test_too_few_unmask_answers_abort_cleanly():
     updates, weights, start = random_updates(5, seed=4)
     nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
+    grid = InProcessGrid(updates, weights)
     grid.drop["unmask"] = set(nodes[:3])
     with pytest.raises(SecAggAbort, match=r"shares of node .* came back; 3 are needed"):
         run_round(grid, start, secure_config())
@@ -122,7 +136,7 @@ def test_a_single_masked_upload_is_uniform_mod_2_32():
     start = {**start, "fc.weight": np.zeros((64, 1024), np.float32)}
     for n in updates:
         updates[n] = {**updates[n], "fc.weight": big["fc.weight"]}
-    grid = SecAggGrid(updates, weights)
+    grid = InProcessGrid(updates, weights)
     run_round(grid, start, secure_config())
     upload = next(m for m in grid.seen if m.metadata.src_node_id == node and "arrays" in m.content)
     values = upload.content["arrays"]["masked"].numpy()
@@ -134,7 +148,7 @@ def test_a_single_masked_upload_is_uniform_mod_2_32():
 
 def test_the_coordinators_view_holds_no_secret_in_the_clear():
     updates, weights, start = random_updates(4, seed=6)
-    grid = SecAggGrid(updates, weights)
+    grid = InProcessGrid(updates, weights)
     grid.drop["upload"] = {next(iter(updates))}  # forces key shares to be revealed too
     run_round(grid, start, secure_config(**{"secagg-threshold": 3}))
     seen = bytearray()
@@ -152,53 +166,14 @@ def test_the_coordinators_view_holds_no_secret_in_the_clear():
         assert secret not in seen
 
 
-def test_shares_open_only_for_their_neighbour_and_tampering_is_rejected():
-    clients = {}
-    publics = {}
-    for node in ("11", "22", "33"):
-        clients[node], publics[node] = SecAggClient.start(RUN_ID, 1, node)
-    xs = {"11": 1, "22": 2, "33": 3}
-    keys = {n: (publics[n]["c-pk"], publics[n]["s-pk"]) for n in xs}
-    sealed = {
-        node: client.share_keys(1, xs, {o: keys[o] for o in xs if o != node}, 2, 1 / 3, 16.0, 30)
-        for node, client in clients.items()
-    }
-    to_22 = sealed["11"]["22"]
-    context = share_context(RUN_ID, 1, "11", "22")
-    right = derive(clients["22"].state["c-sk"], publics["11"]["c-pk"], b"share")
-    assert len(open_sealed(right, to_22, context)) == 2 * shamir.SHARE_BYTES
-    wrong = derive(clients["33"].state["c-sk"], publics["11"]["c-pk"], b"share")
-    with pytest.raises(InvalidTag):
-        open_sealed(wrong, to_22, context)
-    with pytest.raises(InvalidTag):  # right key, but presented as sent to someone else
-        open_sealed(right, to_22, share_context(RUN_ID, 1, "11", "33"))
-    tampered = bytearray(to_22)
-    tampered[20] ^= 0x40
-    with pytest.raises(SecAggRefused, match="from node 11 failed authentication"):
-        clients["22"].receive_shares(1, {"11": bytes(tampered), "33": sealed["33"]["22"]})
-
-
 def test_a_tampered_share_drops_its_receiver_not_the_round():
     updates, weights, start = random_updates(4, seed=8)
     nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
+    grid = InProcessGrid(updates, weights)
     grid.tamper = {(nodes[0], nodes[1])}
     outcome = run_round(grid, start, secure_config())
     assert "failed authentication" in outcome.failed[nodes[0]]
-    expected = weighted_mean(updates, weights, nodes[1:])
-    assert np.abs(outcome.mean_update["conv.bias"] - expected["conv.bias"]).max() < 1e-5
-
-
-def test_hospitals_refuse_unsafe_thresholds_and_repeated_keys():
-    client, _ = SecAggClient.start(RUN_ID, 1, "1")
-    others = {str(i): SecAggClient.start(RUN_ID, 1, str(i))[1] for i in (2, 3, 4)}
-    xs = {"1": 1, "2": 2, "3": 3, "4": 4}
-    keys = {n: (p["c-pk"], p["s-pk"]) for n, p in others.items()}
-    with pytest.raises(SecAggRefused, match="threshold 2 for a group of 4 is unsafe"):
-        client.share_keys(1, xs, keys, 2, 0.25, 16.0, 30)
-    keys["3"] = keys["2"]
-    with pytest.raises(SecAggRefused, match="public keys repeat"):
-        client.share_keys(1, xs, keys, 3, 0.25, 16.0, 30)
+    assert_mean_of(outcome, updates, weights, nodes[1:])
 
 
 def test_the_plan_validates_threshold_and_neighbourhood():
@@ -214,24 +189,46 @@ def test_the_plan_validates_threshold_and_neighbourhood():
         plan_round(nodes, 4, 6)
 
 
-def test_shamir_rebuilds_from_any_threshold_subset_only():
-    secret = bytes(range(32))
-    shares = shamir.split(secret, [1, 2, 3, 4, 5], 3)
-    for subset in itertools.combinations(shares, 3):
-        assert shamir.combine({x: shares[x] for x in subset}, 3) == secret
-    with pytest.raises(ValueError, match="need 3 shares"):
-        shamir.combine({1: shares[1], 2: shares[2]}, 3)
-    two = {1: shares[1], 2: shares[2]}
-    with pytest.raises(ValueError, match="inconsistent"):  # below threshold: not the secret
-        shamir.combine(two, 2)
+def test_a_non_finite_update_is_refused_at_the_hospital():
+    updates, weights, start = random_updates(3, seed=9)
+    broken = next(iter(updates))
+    updates[broken]["conv.bias"][0] = np.nan
+    outcome = run_round(InProcessGrid(updates, weights), start, secure_config())
+    assert "NaN or infinite" in outcome.failed[broken]
+    assert len(outcome.replies) == 2
 
 
-@pytest.mark.parametrize(
-    ("clip", "bits"), [(0.0, 30), (-1.0, 30), (float("nan"), 30), (1.0, 32), (1.0, 4)]
-)
-def test_bad_quantisation_ranges_are_refused(clip, bits):
-    with pytest.raises(ValueError):
-        check_ranges(clip, bits, 5)
+def test_a_steady_round_is_prepared_during_the_previous_one():
+    updates, weights, start, grid, cfg, secure = federation(4, seed=10)
+    nodes = list(updates)
+    first = run_round(grid, start, cfg, secure, server_round=1)
+    assert set(first.stage_seconds) == {"advertise", "share", "upload", "unmask"}
+    second = run_round(grid, start, cfg, secure, server_round=2)
+    assert set(second.stage_seconds) == {"upload", "unmask"}  # keys and shares rode along
+    assert_mean_of(second, updates, weights, nodes)
+
+
+@pytest.mark.parametrize("stage", ["upload", "unmask"])
+def test_a_round_after_a_dropout_sets_itself_up_again(stage):
+    updates, weights, start, grid, cfg, secure = federation(4, seed=12)
+    nodes = list(updates)
+    grid.drop[stage] = {nodes[0]}
+    run_round(grid, start, cfg, secure, server_round=1)
+    grid.drop = {}
+    second = run_round(grid, start, cfg, secure, server_round=2)
+    assert "advertise" in second.stage_seconds and not second.failed
+    assert_mean_of(second, updates, weights, nodes)
+
+
+def test_a_hospital_whose_weight_changed_sits_the_round_out():
+    updates, weights, start, grid, cfg, secure = federation(4, seed=11)
+    nodes = list(updates)
+    run_round(grid, start, cfg, secure, server_round=1)
+    grid.weights = {**weights, nodes[1]: weights[nodes[1]] + 1}  # its site gained an image
+    outcome = run_round(grid, start, cfg, secure, server_round=2)
+    assert "site data changed" in outcome.failed[nodes[1]]
+    others = [n for n in nodes if n != nodes[1]]
+    assert_mean_of(outcome, updates, weights, others)
 
 
 def test_weighting_cannot_overflow_the_modulus():
@@ -248,57 +245,3 @@ def test_weighting_cannot_overflow_the_modulus():
         fractions({"1": 0.0, "2": 1.0})
     with pytest.raises(ValueError, match="fraction"):
         encode(np.zeros(3), 1.5, 16.0, 30)
-
-
-def test_a_non_finite_update_is_refused_at_the_hospital():
-    updates, weights, start = random_updates(3, seed=9)
-    broken = next(iter(updates))
-    updates[broken]["conv.bias"][0] = np.nan
-    outcome = run_round(SecAggGrid(updates, weights), start, secure_config())
-    assert "NaN or infinite" in outcome.failed[broken]
-    assert len(outcome.replies) == 2
-
-
-def test_a_steady_round_is_prepared_during_the_previous_one():
-    updates, weights, start = random_updates(4, seed=10)
-    nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
-    cfg = secure_config()
-    secure = SecureAggregation(grid, cfg, RUN_ID)
-    first = run_round(grid, start, cfg, secure, server_round=1)
-    assert set(first.stage_seconds) == {"advertise", "share", "upload", "unmask"}
-    second = run_round(grid, start, cfg, secure, server_round=2)
-    assert set(second.stage_seconds) == {"upload", "unmask"}  # keys and shares rode along
-    expected = weighted_mean(updates, weights, nodes)
-    assert np.abs(second.mean_update["fc.weight"] - expected["fc.weight"]).max() < 1e-5
-
-
-@pytest.mark.parametrize("stage", ["upload", "unmask"])
-def test_a_round_after_a_dropout_sets_itself_up_again(stage):
-    updates, weights, start = random_updates(4, seed=12)
-    nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
-    cfg = secure_config()
-    secure = SecureAggregation(grid, cfg, RUN_ID)
-    grid.drop[stage] = {nodes[0]}
-    run_round(grid, start, cfg, secure, server_round=1)
-    grid.drop = {}
-    second = run_round(grid, start, cfg, secure, server_round=2)
-    assert "advertise" in second.stage_seconds and not second.failed
-    expected = weighted_mean(updates, weights, nodes)
-    assert np.abs(second.mean_update["fc.weight"] - expected["fc.weight"]).max() < 1e-5
-
-
-def test_a_hospital_whose_weight_changed_sits_the_round_out():
-    updates, weights, start = random_updates(4, seed=11)
-    nodes = list(updates)
-    grid = SecAggGrid(updates, weights)
-    cfg = secure_config()
-    secure = SecureAggregation(grid, cfg, RUN_ID)
-    run_round(grid, start, cfg, secure, server_round=1)
-    grid.weights = {**weights, nodes[1]: weights[nodes[1]] + 1}  # its site gained an image
-    outcome = run_round(grid, start, cfg, secure, server_round=2)
-    assert "site data changed" in outcome.failed[nodes[1]]
-    others = [n for n in nodes if n != nodes[1]]
-    expected = weighted_mean(updates, weights, others)
-    assert np.abs(outcome.mean_update["conv.bias"] - expected["conv.bias"]).max() < 1e-5

@@ -14,10 +14,15 @@ LINES = [
 ]
 
 
+def feed(view: RoundView) -> RoundView:
+    for line in LINES:
+        view.line(line)
+    return view
+
+
 def test_logs_get_plain_lines_only(capsys):
     with RoundView(interactive=False) as view:
-        for line in LINES:
-            view.line(line)
+        feed(view)
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "site statistics (counts below the minimum ...):",
@@ -27,9 +32,7 @@ def test_logs_get_plain_lines_only(capsys):
 
 def test_terminal_gets_a_table_row_per_round(capsys):
     with RoundView(interactive=True) as view:
-        for line in LINES:
-            view.line(line)
-        assert view.table.row_count == 1
+        assert feed(view).table.row_count == 1
         cells = [column._cells[0] for column in view.table.columns]
     assert cells == ["1/2", "3", "0", "0.9000", "dice 0.4200", "0.8000", "1.5"]
     assert "round 1/2 | sites" not in capsys.readouterr().out
@@ -37,6 +40,5 @@ def test_terminal_gets_a_table_row_per_round(capsys):
 
 def test_verbose_passes_everything_through(capsys):
     with RoundView(verbose=True, interactive=True) as view:
-        for line in LINES:
-            view.line(line)
+        feed(view)
     assert capsys.readouterr().out == "".join(LINES)

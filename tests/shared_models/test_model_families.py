@@ -1,15 +1,8 @@
-"""Backbones, bone-age regression, transfer learning and freezing."""
+"""Backbones, bone-age regression, 3D segmentation metrics, transfer learning and freezing."""
 
-import json
-
-import numpy as np
-import pydicom
 import pytest
 import torch
 
-from medfed.client.data.site import load_site
-from medfed.client.synthetic import generate_site
-from medfed.client.synthetic.hand_xray import hand_xray
 from medfed.shared_models.networks import BACKBONES
 from medfed.shared_models.pretrained import PretrainedError, load_pretrained
 from medfed.shared_models.tasks import TASKS
@@ -48,30 +41,6 @@ def test_regression_learns_on_a_tiny_batch():
     before = task.evaluate(net, [batch], cfg, CPU)["mae"]
     task.train(net, [batch], cfg, CPU)
     assert task.evaluate(net, [batch], cfg, CPU)["mae"] < 0.5 * before
-
-
-def test_hand_xray_site_is_dicom_with_age_labels(tmp_path):
-    site = generate_site(
-        "regression", 0, tmp_path / "site", seed=0, images_per_site=10, image_size=32
-    )
-    manifest = json.loads((site / "dataset.json").read_text())
-    first = manifest["training"][0]
-    ds = pydicom.dcmread(site / first["image"])
-    assert ds.Modality == "DX" and float(ds.PixelSpacing[0]) == pytest.approx(200 / 32)
-    loaded = load_site(site, tiny_config(task="regression"))
-    assert loaded.modality == "DX" and not loaded.problems
-    assert all(6 <= e["label"] <= 216 for e in loaded.train)
-    assert isinstance(loaded.train[0]["label"], float)
-
-
-def test_skeletal_maturity_grows_with_age():
-    young, old = (hand_xray(np.random.default_rng(0), 64, age) for age in (12, 200))
-    assert (old > 0.6).sum() > 1.5 * (young > 0.6).sum()  # more and bigger bone
-
-
-def test_chest_xray_sites_are_dicom(cls_sites):
-    entry = json.loads((cls_sites / "site-0" / "dataset.json").read_text())["training"][0]
-    assert pydicom.dcmread(cls_sites / "site-0" / entry["image"]).Modality == "CR"
 
 
 def _save(net, path):
@@ -133,33 +102,6 @@ def test_freeze_backbone_trains_the_head_only():
         assert changed == key.startswith("final."), key
 
 
-def test_brats_like_volumes_have_four_channels_and_nested_regions(tmp_path):
-    site = generate_site(
-        "segmentation3d", 0, tmp_path / "s", seed=0, images_per_site=8, image_size=16
-    )
-    cfg = tiny_config(task="segmentation3d", image_size=16)
-    loaded = load_site(site, cfg)
-    assert cfg.in_channels == 4 and not loaded.problems
-    fact = next(f for f in loaded.facts.values() if len(f["label-values"]) == 4)
-    assert fact["shape"] == [16, 16, 16] and fact["channels"] == 4
-
-
-def test_class_prevalence_override_makes_a_class_rare(tmp_path):
-    site = generate_site(
-        "classification",
-        0,
-        tmp_path / "s",
-        seed=0,
-        images_per_site=120,
-        image_size=32,
-        class_prevalence=(0.6, 0.38, 0.02),
-    )
-    labels = [e["label"] for e in json.loads((site / "dataset.json").read_text())["training"]]
-    assert labels.count(2) <= 0.08 * len(labels) < labels.count(0)
-    with pytest.raises(ValueError, match="needs 3 values summing to 1"):
-        generate_site("classification", 1, tmp_path / "t", class_prevalence=(0.5, 0.5))
-
-
 def test_segmentation3d_metrics_match_hand_computation():
     cfg = tiny_config(task="segmentation3d", image_size=16, model_depth=1)
     label = torch.zeros(1, 1, 16, 16, 16)
@@ -181,15 +123,3 @@ def test_segmentation3d_metrics_match_hand_computation():
     assert m["hd95-necrotic-core"] == 0.0
     assert m["dice-enhancing"] == 0.0
     assert m["hd95-enhancing"] == pytest.approx((3 * 16**2) ** 0.5)  # worst: the diagonal
-
-
-@pytest.mark.parametrize("task", ["classification", "regression"])
-def test_generated_dicom_reads_back_with_its_pixel_data(tmp_path, task):
-    from medfed.client.data.scan import Scanner, ScanSpec
-
-    site = generate_site(task, 0, tmp_path / "s", seed=3, images_per_site=8, image_size=32)
-    entry = json.loads((site / "dataset.json").read_text())["training"][0]
-    stored = pydicom.dcmread(site / entry["image"]).pixel_array
-    assert stored.dtype == np.uint16 and 0 < stored.max() <= 4095
-    read = Scanner(ScanSpec("class", 3, 2, 1), None)._load(str(site / entry["image"]))
-    np.testing.assert_array_equal(read[0].numpy(), stored.T.astype(np.float32))

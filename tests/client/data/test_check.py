@@ -1,24 +1,20 @@
-"""`medfed data check` and the site statistics sent to the coordinator."""
+"""`medfed data check`: what a site folder holds and whether a node can train on it."""
 
 import json
 import shutil
 import subprocess
 import sys
 
-import pytest
-
-from medfed.client.data.site import load_site
-from medfed.client.data.stats import HISTOGRAM_BINS, SUPPRESSED, site_statistics
-from medfed.server.statistics import format_statistics
-from tests.conftest import tiny_config
+from medfed.client.synthetic import generate_site
 
 
-def _check(site, out):
+def _check(site, out, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "medfed.server.cli", "data", "check", str(site), "--out", str(out)],
+        [sys.executable, "-m", "medfed.server.cli", "data", "check", str(site), "--out", str(out),
+         *extra],
         capture_output=True,
         text=True,
-    )
+    )  # fmt: skip
 
 
 def test_check_reports_a_usable_site_with_its_problems(tmp_path, seg_sites):
@@ -63,21 +59,14 @@ def test_check_of_a_folder_without_data(tmp_path):
     assert "BLOCKING: site folder" in result.stdout and "is empty" in result.stdout
 
 
-def test_statistics_suppress_small_counts_at_the_site(cls_sites):
-    cfg = tiny_config(task="classification")
-    site = load_site(cls_sites / "site-2", cfg)
-    labels = [site.facts[e["where"]]["label"] for e in site.train + site.val]
-    exact = site_statistics(site, cfg, min_count=1)
-    assert exact["label-histogram"] == [labels.count(i) for i in range(3)]
-    assert exact["num-train"] == len(site.train)
-    assert sum(exact["intensity-histogram"]) == pytest.approx(1.0, abs=1e-3)
-    threshold = sorted(labels.count(i) for i in range(3))[1]  # hides the rarest class
-    guarded = site_statistics(site, cfg, min_count=threshold)
-    for sent, true in zip(guarded["label-histogram"], exact["label-histogram"], strict=True):
-        assert sent == (true if true >= threshold else SUPPRESSED)
-    assert SUPPRESSED in guarded["label-histogram"]
-    tiny = site_statistics(site, cfg, min_count=10_000)
-    assert tiny["num-train"] == tiny["num-val"] == SUPPRESSED
-    assert tiny["intensity-histogram"] == [float(SUPPRESSED)] * HISTOGRAM_BINS
-    table = "\n".join(format_statistics({"site-2": guarded}, list(cfg.classes), threshold))
-    assert f"<{threshold}" in table
+def test_check_offers_every_task(tmp_path):
+    """A hand X-ray site whose dataset.json says nothing of the task, checked as regression."""
+    site = generate_site("regression", 0, tmp_path / "site", images_per_site=6, image_size=32)
+    manifest = json.loads((site / "dataset.json").read_text())
+    del manifest["task"]
+    (site / "dataset.json").write_text(json.dumps(manifest))
+    result = _check(site, tmp_path / "out", "--task", "regression")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["task"] == "regression" and report["modality"] == "DX"
+    assert "label-range" in report

@@ -19,7 +19,7 @@ import yaml
 from medfed.client.node import supernode_command
 from medfed.server.cli import build_parser
 from medfed.server.coordinator import superlink_command
-from medfed.server.processes import executable
+from medfed.shared_models.runtime import executable
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROOT = DEPLOY.parent
@@ -114,8 +114,11 @@ def test_compose_and_manifests_parse_and_reference_real_files():
         if "build" in service:
             assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
     for path in (DEPLOY / "docker").glob("*.Dockerfile"):
-        for source in re.findall(r"^COPY (\S+) ", path.read_text(), re.M):
+        text = path.read_text()
+        for source in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
             assert (ROOT / source).exists(), (path.name, source)
+        # the image runs the wheel built in its first stage, never an editable checkout
+        assert "pip wheel" in text and "/tmp/dist/medfed-*.whl" in text and "-e ." not in text
     kinds = [
         d["kind"]
         for p in (DEPLOY / "kubernetes").glob("*.yaml")

@@ -10,6 +10,8 @@ from medfed.shared_models.weights import (
     exchanged_keys,
     incompatibilities,
     load_record,
+    net_template,
+    record_template,
     to_record,
 )
 from tests.conftest import tiny_config
@@ -43,15 +45,19 @@ def test_integer_buffers_are_not_exchanged():
 def test_incompatible_updates_are_named():
     net = TASKS["segmentation"].build_network(tiny_config())
     good = to_record(net)
-    assert incompatibilities(good, net) == []
+    template = net_template(net)
+    assert template == record_template(good)
+    assert incompatibilities(good, template) == []
     key = next(iter(good.keys()))
     bad_shape = ArrayRecord({**good, key: Array(np.zeros((1, 2), np.float32))})
-    assert any("shape" in p and key in p for p in incompatibilities(bad_shape, net))
+    assert any("shape" in p and key in p for p in incompatibilities(bad_shape, template))
     nan = good[key].numpy().copy()
     nan.flat[0] = np.nan
-    assert any("NaN" in p for p in incompatibilities(ArrayRecord({**good, key: Array(nan)}), net))
+    assert any(
+        "NaN" in p for p in incompatibilities(ArrayRecord({**good, key: Array(nan)}), template)
+    )
     missing = ArrayRecord({k: v for k, v in good.items() if k != key})
-    assert any("missing" in p for p in incompatibilities(missing, net))
+    assert any("missing" in p for p in incompatibilities(missing, template))
     with pytest.raises(ValueError, match="do not fit"):
         load_record(net, missing)
 

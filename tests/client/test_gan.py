@@ -1,0 +1,62 @@
+"""A federated GAN at a site: augmentation of scarce classes, and sampling images."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from medfed.client.data.site import load_site
+from medfed.client.gan import generated_items, load_generator, sample_images
+from medfed.server.run_record import RunRecord
+from medfed.shared_models.run_folder import RunFolderError
+from medfed.shared_models.tasks import TASKS
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+    """A finished gan run folder with an (untrained) tiny generator."""
+    out = tmp_path_factory.mktemp("gan-run")
+    cfg = tiny_config(task="gan", image_size=32, model_width=4)
+    torch.manual_seed(0)
+    RunRecord(cfg, out).save_model(TASKS["gan"].build_network(cfg), cfg, 1)
+    return out
+
+
+def test_a_generator_loads_only_from_a_gan_run(gan_run, tmp_path):
+    cfg, net = load_generator(gan_run)
+    assert cfg.task == "gan" and not net.training
+    other = tiny_config(task="classification")
+    RunRecord(other, tmp_path).save_model(TASKS["classification"].build_network(other), other, 1)
+    with pytest.raises(RunFolderError, match="is a 'classification' run, not a gan run"):
+        load_generator(tmp_path)
+    with pytest.raises(RunFolderError, match=r"no model\.json"):
+        load_generator(tmp_path / "missing")
+
+
+def test_augmentation_fills_the_sites_scarce_classes(gan_run, cls_sites):
+    cfg = tiny_config(task="classification", gan_model=str(gan_run), gan_augment_ratio=1.0)
+    site = load_site(cls_sites / "site-0", cfg)
+    counts = Counter(int(e["label"]) for e in site.train)
+    extra = generated_items(site, cfg, server_round=1)
+    made = Counter(item["label"] for item in extra)
+    assert abs(len(extra) - len(site.train)) <= len(cfg.classes)  # ratio 1, up to rounding
+    most = max(counts, key=counts.get)
+    assert made.get(most, 0) == 0, "the site's most frequent class gets no generated images"
+    scarcest = min(range(3), key=lambda c: counts.get(c, 0))
+    assert made[scarcest] == max(made.values())
+    assert extra[0]["image"].shape == (1, 32, 32)
+    again = generated_items(site, cfg, server_round=1)
+    assert torch.equal(extra[0]["image"], again[0]["image"]), "seeded by (seed, round)"
+
+
+def test_sample_writes_pngs_of_the_asked_class_and_a_grid(gan_run, tmp_path):
+    paths = sample_images(gan_run, 3, "covid", tmp_path / "out", seed=2)
+    assert [p.name for p in paths] == ["covid-0000.png", "covid-0001.png", "covid-0002.png"]
+    assert Image.open(paths[0]).size == (32, 32)
+    assert (tmp_path / "out" / "grid.png").is_file()
+    with pytest.raises(ValueError, match="the gan knows normal, pneumonia, covid"):
+        sample_images(gan_run, 1, "tumour", tmp_path / "other")

@@ -1,0 +1,201 @@
+"""An in-process Grid whose hospitals run medfed's real ClientApp mods around scripted training.
+
+It lets the tests drive the coordinator's actual round loop and SecAgg+
+workflow against the hospitals' actual protocol code (the SecAgg+ steps and
+the ClientApp's own chain of train mods: audit, masking, DP clipping) with
+chosen updates, chosen dropouts, hostile replies and a record of everything
+the coordinator receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod.utils import make_ffn
+from flwr.supercore.task_identity import TaskIdentity
+
+from medfed.client.app import TRAIN_MODS
+from medfed.client.privacy import secagg_mod
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Config, Metric, Record, SiteKey
+
+RUN_ID = 7
+# What the grid calls each kind of message when deciding whether a hospital answers it.
+STAGES = {
+    "train": "upload",
+    "train.secagg_advertise": "advertise",
+    "train.secagg_share": "share",
+    "train.secagg_unmask": "unmask",
+    "evaluate": "evaluate",
+    "query": "query",
+}
+
+
+def act_as_coordinator() -> None:
+    """Give this process the identity Flower gives a ServerApp process (messages need it)."""
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.node_id = 1  # the coordinator's id in Flower
+    TaskIdentity.task_id = 1
+
+
+class InProcessGrid:
+    """Hospitals with fixed updates and weights, answering as a deployed node would.
+
+    `drop[stage]`: nodes that never answer that stage ("advertise", "share",
+    "upload", "unmask", "evaluate", "query"); `silent_from[node]`: the round
+    from which a node answers nothing at all (as if killed); `hostile[node]`:
+    replaces that node's training reply; `tamper`: (receiver, sender) share
+    ciphertexts to corrupt in transit.
+    """
+
+    def __init__(
+        self,
+        updates: dict[int, dict[str, np.ndarray]],
+        weights: dict[int, float],
+        run_config: RunConfig | None = None,
+    ) -> None:
+        act_as_coordinator()
+        self.updates, self.weights = updates, weights
+        config = (run_config or RunConfig()).to_mapping()
+        self.contexts = {node: Context(RUN_ID, node, {}, RecordDict(), config) for node in updates}
+        self.sites = {node: f"site-{i}" for i, node in enumerate(updates)}
+        self.drop: dict[str, set[int]] = {}
+        self.silent_from: dict[int, int] = {}
+        self.hostile: dict[int, Callable[[Message], Message]] = {}
+        self.tamper: set[tuple[int, int]] = set()
+        self.seen: list[Message] = []  # every reply the coordinator received
+        self.outbox: list[Message] = []
+        self.secrets: dict[int, list[bytes]] = {node: [] for node in updates}
+        self.train = make_ffn(self._scripted_training, TRAIN_MODS)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.updates)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Handle each message at once; its reply waits to be pulled (ids as Flower sets them)."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            ids.append(message.metadata.message_id)
+            node = message.metadata.dst_node_id
+            if self._silent(message, node):
+                continue
+            try:
+                reply = self._handle(STAGES[message.metadata.message_type], message, node)
+            except Exception as err:  # Flower turns any ClientApp exception into an error reply
+                reply = Message(
+                    error=Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message
+                )
+            self.outbox.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        ready = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
+        self.outbox = [m for m in self.outbox if m not in ready]
+        self.seen += ready
+        return ready
+
+    def _silent(self, message: Message, node: int) -> bool:
+        stage = STAGES[message.metadata.message_type]
+        server_round = int(message.content[Record.CONFIG].get(Config.SERVER_ROUND, 0))
+        killed = node in self.silent_from and server_round >= self.silent_from[node]
+        return killed or node in self.drop.get(stage, set())
+
+    def _handle(self, stage: str, message: Message, node: int) -> Message:
+        context = self.contexts[node]
+        if stage == "advertise":
+            reply = secagg_mod.advertise(message, context, self.weights[node])
+            state = context.state.config_records[secagg_mod.STATE_KEY]
+            self.secrets[node] += [state["c-sk"], state["s-sk"]]
+            return reply
+        if stage == "share":
+            reply = secagg_mod.share(message, context)
+            self.secrets[node].append(context.state.config_records[secagg_mod.STATE_KEY]["seed"])
+            return reply
+        if stage == "upload":
+            return self._upload(message, node, context)
+        if stage == "unmask":
+            reply = secagg_mod.unmask(message, context)
+            if secagg_mod.STATE_KEY in context.state.config_records:  # next round prepared
+                state = context.state.config_records[secagg_mod.STATE_KEY]
+                self.secrets[node].append(state["seed"])
+            return reply
+        evaluation = {"loss": 1.0, "auc": 0.5, Metric.NUM_EXAMPLES: 10, Metric.WEIGHT: 10}
+        return self._metrics_reply(message, node, evaluation)
+
+    def _upload(self, message: Message, node: int, context: Context) -> Message:
+        inbox = message.content.config_records.get(Record.SECAGG)
+        for receiver, sender in self.tamper:
+            key = f"from.{sender}"
+            if inbox is not None and receiver == node and key in inbox:
+                corrupted = bytearray(inbox[key])
+                corrupted[-1] ^= 1
+                inbox[key] = bytes(corrupted)
+        if node in self.hostile:
+            return self.hostile[node](message)
+        reply = self.train(message, context)
+        if secagg_mod.NEXT_KEY in context.state.config_records:
+            upcoming = context.state.config_records[secagg_mod.NEXT_KEY]
+            self.secrets[node] += [upcoming["c-sk"], upcoming["s-sk"]]
+        return reply
+
+    def _scripted_training(self, message: Message, context: Context) -> Message:
+        """The train handler's contract: received arrays + this node's update, and metrics."""
+        node = context.node_id
+        start = message.content[Record.ARRAYS]
+        trained = {k: start[k].numpy() + self.updates[node][k] for k in self.updates[node]}
+        return self.training_reply(message, node, trained)
+
+    def training_reply(self, message: Message, node: int, arrays: dict[str, np.ndarray]) -> Message:
+        """What a hospital's train handler returns: `arrays` and its training metrics."""
+        metrics = {
+            Metric.TRAIN_LOSS: 1.0,
+            Metric.NUM_EXAMPLES: 10,
+            Metric.WEIGHT: self.weights[node],
+            Metric.SKIPPED_FILES: 0,
+            Metric.IMAGES_PER_SECOND: 50.0,
+            Metric.GENERATED_IMAGES: 0,
+        }
+        record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return self._metrics_reply(message, node, metrics, record)
+
+    def _metrics_reply(
+        self, message: Message, node: int, metrics: dict, arrays: ArrayRecord | None = None
+    ) -> Message:
+        content = RecordDict(
+            {
+                Record.METRICS: MetricRecord(metrics),
+                Record.SITE: ConfigRecord({SiteKey.NAME: self.sites[node]}),
+            }
+        )
+        if arrays is not None:
+            content[Record.ARRAYS] = arrays
+        return Message(content=content, reply_to=message)
+
+
+def train_messages(nodes: Iterable[int], start: dict[str, np.ndarray], server_round: int = 1):
+    """Training messages as Flower's FedAvg.configure_train builds them (one shared content)."""
+    arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+    content = RecordDict(
+        {Record.ARRAYS: arrays, Record.CONFIG: ConfigRecord({Config.SERVER_ROUND: server_round})}
+    )
+    return [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
+
+
+def secure_config(**overrides) -> RunConfig:
+    values = {"secure-aggregation": True, "min-nodes": 2, "round-timeout-seconds": 0.2}
+    values.update(overrides)
+    return RunConfig.from_mapping(values)

@@ -1,0 +1,43 @@
+"""report.md and its plots, rebuilt from metrics.json alone."""
+
+from __future__ import annotations
+
+from medfed.server.report import write_report
+from medfed.server.run_record import RunRecord
+from medfed.shared_models.protocol import SUPPRESSED, Statistic
+from tests.conftest import tiny_config
+
+
+def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
+    cfg = tiny_config(task="classification", stats_min_count=5)
+    record = RunRecord(cfg, tmp_path)
+    record.set_statistics(
+        {
+            "site-a": {
+                Statistic.NUM_TRAIN: 30,
+                Statistic.NUM_VAL: 8,
+                Statistic.LABEL_HISTOGRAM: [20, SUPPRESSED, 14],
+                Statistic.INTENSITY_P1: 0.02,
+                Statistic.INTENSITY_P99: 0.98,
+                Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+            }
+        }
+    )
+    site = {"auc": 0.61, "loss": 0.9}
+    record.add_round(
+        {"round": 0, "seconds": 1.0, "global": {"auc": 0.5, "loss": 1.1}, "sites": {"site-a": site},
+         "replied": ["site-a", "site-b"], "failed": [], "failures": {}}
+    )  # fmt: skip
+    record.add_round(
+        {"round": 1, "seconds": 2.0, "global": {"auc": 0.7, "loss": 0.8, "train-loss": 0.9},
+         "sites": {"site-a": site}, "replied": ["site-a"], "failed": ["site-b"],
+         "failures": {"site-b": "no reply within 600s"}}
+    )  # fmt: skip
+    record.finish("completed")
+    report = write_report(tmp_path).read_text()
+    assert "Status: **completed**" in report
+    assert "Global validation auc: 0.5000 at round 0 → 0.7000 after round 1" in report
+    assert "| 1 | 1 | site-b | 0.9000 | 0.8000 | 0.7000 | 2.0 |" in report
+    assert "| site-a | 30 | 8 | 20 | <5 | 14 | 0.02 | 0.98 |" in report
+    assert (tmp_path / "plots" / "global.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "sites.png").stat().st_size > 1000

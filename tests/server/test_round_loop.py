@@ -1,0 +1,187 @@
+"""The round loop over an in-process grid: averaging, named failures, quorum, timeouts,
+rejected updates and the records of every round."""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+from prometheus_client import REGISTRY
+
+from medfed.server.exchange import Exchange, QuorumError, SiteNames
+from medfed.server.round_loop import RoundLoop
+from medfed.server.run_outputs import RunOutputs
+from medfed.server.run_record import RunRecord
+from medfed.server.strategies import build_strategy
+from medfed.server.telemetry import RoundTelemetry
+from medfed.shared_models.config import RunConfig
+from tests.in_process_grid import RUN_ID, InProcessGrid, train_messages
+
+NODES = [101, 202, 303]  # site-0, site-1, site-2
+START = {"w": np.zeros(6, np.float32)}
+
+
+def grid_of(deltas: dict[int, float], weights: dict[int, float] | None = None, **config):
+    """Hospitals whose update is `delta` everywhere, weighted by example count."""
+    updates = {n: {"w": np.full(6, d, np.float32)} for n, d in deltas.items()}
+    cfg = run_config(**config)
+    return InProcessGrid(updates, weights or dict.fromkeys(deltas, 1.0), cfg), cfg
+
+
+def run_config(**values) -> RunConfig:
+    defaults = {
+        "task": "classification",
+        "num-server-rounds": 3,
+        "min-nodes": 2,
+        "round-timeout-seconds": 1.0,
+        "node-wait-seconds": 1.0,
+        "federated-stats": False,
+    }
+    return RunConfig.from_mapping({**defaults, **values})
+
+
+def run(tmp_path, grid, cfg, run_id: int = RUN_ID):
+    """Run the loop; returns (final arrays or the error, metrics.json, progress text)."""
+    record = RunRecord(cfg, tmp_path)
+    progress = io.StringIO()
+    outputs = RunOutputs(record, RoundTelemetry(run_id, cfg.task), progress, run_id, cfg)
+    loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), run_id)
+    try:
+        result = loop.run(ArrayRecord({k: Array(v) for k, v in START.items()}))
+    except QuorumError as err:
+        result = err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    return result, metrics, progress.getvalue()
+
+
+def test_every_round_averages_the_weighted_updates_and_is_recorded(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 2.0, 303: 4.0}, {101: 1.0, 202: 1.0, 303: 2.0})
+    arrays, metrics, progress = run(tmp_path, grid, cfg)
+    weighted = (1.0 + 2.0 + 2 * 4.0) / 4
+    assert np.allclose(arrays["w"].numpy(), 3 * weighted)  # three rounds of the same mean
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3]
+    for entry in metrics["rounds"]:
+        assert entry["replied"] == ["site-0", "site-1", "site-2"] and entry["failures"] == {}
+    assert metrics["rounds"][1]["sites"]["site-2"]["train-examples"] == 10
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        f"round-{r:03d}.pt" for r in range(4)
+    ]
+    assert "round 3/3 | sites 3/3" in progress
+
+
+def test_a_silent_hospital_is_named_and_the_round_goes_on_with_the_quorum(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 7.0})
+    grid.silent_from[303] = 2
+    arrays, metrics, progress = run(tmp_path, grid, cfg)
+    assert np.allclose(arrays["w"].numpy(), (1.0 + 7.0 + 1.0) / 3 + 1.0 + 1.0)
+    late = metrics["rounds"][2]
+    assert late["replied"] == ["site-0", "site-1"]
+    assert late["failures"] == {"site-2": "no reply within 1s (config key 'round-timeout-seconds')"}
+    assert "  site-2: no reply within 1s" in progress
+
+
+def test_quorum_lost_in_round_k_fails_naming_the_missing_hospital(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 1.0}, **{"min-nodes": 3})
+    grid.silent_from[202] = 2
+    error, metrics, progress = run(tmp_path, grid, cfg)
+    assert isinstance(error, QuorumError)
+    assert str(error) == (
+        "round 2 training: 2 hospitals replied, quorum is 3 (config key 'min-nodes'); "
+        "missing: site-1"
+    )
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert "  site-1: no reply within 1s" in progress
+
+
+def test_a_rejected_update_names_its_hospital_and_never_reaches_the_model(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 3.0, 303: 5.0}, **{"num-server-rounds": 1, "min-nodes": 1})
+    grid.updates[202]["w"][2] = np.nan
+    grid.hostile[303] = lambda message: grid.training_reply(
+        message, 303, {"w": np.zeros(6, np.float32), "extra": np.zeros(2, np.float32)}
+    )
+    arrays, metrics, _ = run(tmp_path, grid, cfg)
+    failures = metrics["rounds"][1]["failures"]
+    assert failures["site-1"] == "rejected update: 'w' contains NaN or infinite values"
+    assert failures["site-2"] == "rejected update: unexpected arrays ['extra']"
+    assert np.allclose(arrays["w"].numpy(), 1.0), "only site-0's update was averaged"
+
+
+def test_a_hospital_that_fails_is_named_with_its_own_reason(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 1.0}, **{"num-server-rounds": 1})
+
+    def crash(message: Message) -> Message:
+        raise RuntimeError("CUDA out of memory on the hospital's GPU")
+
+    grid.hostile[101] = crash
+    _, metrics, _ = run(tmp_path, grid, cfg)
+    assert metrics["rounds"][1]["failures"] == {
+        "site-0": "error: RuntimeError: CUDA out of memory on the hospital's GPU"
+    }
+
+
+def test_too_few_connected_hospitals_fail_within_the_wait(tmp_path):
+    grid, cfg = grid_of({101: 1.0}, **{"min-nodes": 2})
+    error, metrics, _ = run(tmp_path, grid, cfg)
+    assert str(error) == (
+        "only 1 of the required 2 hospitals connected after waiting 1s "
+        "(config key 'node-wait-seconds')"
+    )
+    assert metrics["rounds"] == []
+
+
+def test_a_secure_round_reaches_the_plain_rounds_model(tmp_path):
+    deltas, weights = {101: 0.5, 202: -0.25, 303: 1.0}, {101: 3.0, 202: 1.0, 303: 4.0}
+    plain, _, _ = run(tmp_path / "plain", *grid_of(deltas, weights))
+    secure, metrics, _ = run(
+        tmp_path / "secure", *grid_of(deltas, weights, **{"secure-aggregation": True})
+    )
+    assert np.abs(plain["w"].numpy() - secure["w"].numpy()).max() < 1e-6
+    summary = metrics["rounds"][2]["secure-aggregation"]
+    assert summary["survivors"] == 3 and set(summary["stage-seconds"]) == {"upload", "unmask"}
+
+
+def test_prometheus_counts_the_hospitals_asked_to_train_and_only_validation_metrics(tmp_path):
+    run_id = 8123
+    nodes = {n: 1.0 for n in (11, 22, 33, 44)}
+    grid, cfg = grid_of(nodes, **{"num-server-rounds": 1, "fraction-train": 0.5})
+    run(tmp_path, grid, cfg, run_id)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"run": str(run_id), **labels})
+
+    assert sample("medfed_hospitals", state="sampled") == 2  # evaluation asked all 4
+    assert sample("medfed_hospitals", state="connected") == 4
+    site = {"task": "classification", "site": "site-0"}
+    assert sample("medfed_site_validation_metric", metric="auc", **site) == 0.5
+    for training_only in ("images-per-second", "generated-images", "aggregation-weight"):
+        assert sample("medfed_site_validation_metric", metric=training_only, **site) is None
+
+
+@pytest.mark.parametrize("stage", ["advertise", "upload", "unmask"])
+def test_a_secure_round_survives_a_dropout_at_any_stage(tmp_path, stage):
+    grid, cfg = grid_of(
+        {101: 1.0, 202: 1.0, 303: 1.0, 404: 1.0},
+        **{"secure-aggregation": True, "num-server-rounds": 1},
+    )
+    grid.drop[stage] = {404}
+    arrays, metrics, _ = run(tmp_path, grid, cfg)
+    assert np.allclose(arrays["w"].numpy(), 1.0, atol=1e-6)
+    assert metrics["rounds"][1]["failures"]["site-3"].startswith(f"{stage}: no reply")
+
+
+def test_replies_are_aggregated_in_site_order_whatever_order_they_arrive_in():
+    """A float sum depends on its order: sorting by site makes a seeded run reproducible."""
+    grid, _ = grid_of({303: 1.0, 101: 2.0, 202: 3.0})  # site-0, site-1, site-2
+    exchange = Exchange(grid, 1.0, SiteNames())
+    messages = train_messages([202, 101, 303], START)  # answered in this order
+    replies = exchange.collect(messages, messages[0].content["arrays"])
+    assert [r.metadata.src_node_id for r in grid.seen] == [202, 101, 303]
+    assert [exchange.names(r.metadata.src_node_id) for r in replies.ok] == [
+        "site-0",
+        "site-1",
+        "site-2",
+    ]

@@ -1,0 +1,77 @@
+"""What both roles run: the supervisor stops its service on SIGTERM, writes are atomic,
+missing credentials stop a start before anything runs."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medfed.shared_models.runtime import CredentialsError, atomic_write
+
+SUPERVISE = """
+import sys
+from medfed.shared_models.runtime import supervise
+child = [sys.executable, "-c", "import sys, time, pathlib;"
+         " pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(600)", sys.argv[1]]
+sys.exit(supervise(child, env={"PATH": "/usr/bin:/bin"}))
+"""
+
+
+def test_sigterm_stops_the_service_and_exits_cleanly(tmp_path):
+    marker = tmp_path / "child-up"
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISE, str(marker)])
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the supervised child never started"
+    children = subprocess.run(
+        ["pgrep", "-f", str(marker)], capture_output=True, text=True
+    ).stdout.split()
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=20) == 0  # a requested stop is a clean exit
+    time.sleep(0.5)
+    assert children
+    for pid in children:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z", "child still running"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write(target, b"old")
+
+    def half_then_crash(tmp: Path) -> None:
+        tmp.write_bytes(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_crash)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new"
+
+
+def test_missing_credentials_are_named_the_same_way_by_node_and_coordinator(tmp_path):
+    from medfed.client.node import NodeOptions, start_node
+    from medfed.server.coordinator import CoordinatorOptions, start_coordinator
+
+    site = tmp_path / "site"
+    with pytest.raises(CredentialsError, match="no --ca given"):
+        start_node(NodeOptions("127.0.0.1:9092", None, None, site, "site-a"))
+    ca, key = tmp_path / "ca.pem", tmp_path / "site-a.key"
+    with pytest.raises(CredentialsError, match=f"--ca {ca}: file not found"):
+        start_node(NodeOptions("127.0.0.1:9092", ca, key, site, "site-a"))
+    ca.write_text("a certificate")
+    with pytest.raises(CredentialsError, match=f"--key {key}: file not found"):
+        start_node(NodeOptions("127.0.0.1:9092", ca, key, site, "site-a"))
+    with pytest.raises(CredentialsError, match="no --certs given"):
+        start_coordinator(CoordinatorOptions(certs=None, state=tmp_path / "state"))
+    with pytest.raises(
+        CredentialsError, match=r"ca\.pem: file not found \(run `medfed certs init`\)"
+    ):
+        start_coordinator(CoordinatorOptions(certs=tmp_path / "certs", state=tmp_path / "state"))
+    assert not (tmp_path / "state").exists(), "nothing is started or written"
