@@ -1,26 +1,83 @@
-"""The hospital side: the Flower ClientApp, its handlers and the mods around them.
+"""The hospital side: the Flower ClientApp, its routes, and the mods around the handlers.
 
 A deployed SuperNode starts a fresh ClientApp process for every message.
 Training and evaluation need torch and MONAI (about 4 s to import); the
 SecAgg+ share and unmask steps need only NumPy and `cryptography` (0.4 s).
 So `handlers`, the heavy module, is imported inside the handlers that use it.
 
-The mods on the train handler, outermost first: `outbound_audit_mod` records
-what leaves the site, `secagg_mod` masks the update, `dp_clipping_mod` clips
-it. Flower runs a reply back through them inside-out, so the update is
-clipped, then masked, then audited exactly as sent. Only model arrays (or a
-masked vector) and scalar metrics leave the site.
+The mods on the train handler, outermost first: `outbound_audit_mod` (here)
+records what leaves the site, `secagg_mod` masks the update, `dp_clipping_mod`
+clips it. Flower runs a reply back through them inside-out, so the update is
+clipped, then masked, then audited exactly as sent: array names and shapes,
+metric names, whether it was masked and to which norm it was clipped; never
+values, file names or images. Only model arrays (or a masked vector) and
+scalar metrics leave the site.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from typing import Any
 
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from medfed.client import telemetry
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.dp_clipping import dp_clipping_mod
-from medfed.client.privacy.outbound_audit import outbound_audit_mod
 from medfed.client.privacy.small_counts import small_count_mod
+from medfed.shared_models.audit import audit
+from medfed.shared_models.protocol import Config, Key, Metric, Record, SecAggAction, SiteKey
+
+EVENTS = {
+    MessageType.TRAIN: "round-trained",
+    MessageType.EVALUATE: "round-evaluated",
+    MessageType.QUERY: "run-joined",
+}
+
+
+def _fields(msg: Message, reply: Message, context: Context) -> dict[str, Any]:
+    """The audit fields of one reply: names and shapes of what was sent, never values."""
+    kind = msg.metadata.message_type.split(".")[0]
+    config = msg.content[Record.CONFIG]
+    metrics = reply.content[Record.METRICS]
+    if kind == MessageType.QUERY:
+        return {
+            "task": context.run_config.get("task"),
+            "sent_statistics": sorted(metrics),
+            "min_count": int(config[Config.STATS_MIN_COUNT]),
+        }
+    fields: dict[str, Any] = {
+        "round": int(config.get(Config.SERVER_ROUND, 0)),
+        "sent_metrics": sorted(metrics),
+    }
+    if kind == MessageType.TRAIN:
+        arrays = reply.content[Record.ARRAYS]
+        clipped_to = config.get(KEY_CLIPPING_NORM)
+        fields.update(
+            examples=int(metrics[Metric.NUM_EXAMPLES]),
+            skipped_files=int(metrics[Metric.SKIPPED_FILES]),
+            sent_arrays={name: list(array.shape) for name, array in arrays.items()},
+            masked=Key.MASKED_ARRAY in arrays,
+            clipped_to_norm=float(clipped_to) if clipped_to is not None else None,
+        )
+    return fields
+
+
+def outbound_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Audit the reply that actually leaves the site, and count its model bytes."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    site = str(reply.content[Record.SITE][SiteKey.NAME])
+    event = EVENTS[msg.metadata.message_type.split(".")[0]]
+    audit(event, run=context.run_id, site=site, **_fields(msg, reply, context))
+    sent = sum(len(a.data) for r in reply.content.array_records.values() for a in r.values())
+    if sent:
+        telemetry.model_bytes_sent(site, sent)
+    return reply
+
 
 app = ClientApp()
 
@@ -52,7 +109,7 @@ def query(msg: Message, context: Context) -> Message:
     return handlers.query(msg, context)
 
 
-@app.train("secagg_advertise")
+@app.train(SecAggAction.ADVERTISE)
 def secagg_advertise(msg: Message, context: Context) -> Message:
     """SecAgg+ step 1: this round's public keys and the site's aggregation weight."""
     from medfed.client import handlers
@@ -60,13 +117,13 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
     return secagg_mod.advertise(msg, context, handlers.aggregation_weight(context))
 
 
-@app.train("secagg_share")
+@app.train(SecAggAction.SHARE)
 def secagg_share(msg: Message, context: Context) -> Message:
     """SecAgg+ step 2: encrypted Shamir shares for each neighbour."""
     return secagg_mod.share(msg, context)
 
 
-@app.train("secagg_unmask")
+@app.train(SecAggAction.UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """SecAgg+ step 4: the shares the coordinator needs to remove the masks."""
     return secagg_mod.unmask(msg, context)

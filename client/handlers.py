@@ -33,12 +33,24 @@ from medfed.client.data.site import SiteDataset, load_site
 from medfed.client.data.site_summary import site_summary
 from medfed.client.gan import generated_items
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.device import pick_device
 from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
 SHOWN_PROBLEMS = 10
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """Where this hospital trains: `auto` is its GPU when it has one, else the CPU.
+
+    `cuda` or `cuda:N` on a node without CUDA is an error, not a silent CPU run.
+    """
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{requested}' requested but CUDA is not available here")
+    return device
 
 
 class NodeSite:

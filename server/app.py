@@ -18,8 +18,7 @@ from torch import nn
 from medfed.server.progress import PROGRESS_TAG
 from medfed.server.report import write_report
 from medfed.server.round_loop import RoundLoop
-from medfed.server.run_outputs import RunOutputs
-from medfed.server.run_record import RunRecord
+from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.audit import audit

@@ -4,7 +4,8 @@ Flower's `Grid.send_and_receive` sleeps a fixed interval between pulls (3 s
 on a deployed SuperLink) and its strategies drop failed replies silently. A
 consortium needs the opposite: every reply is sorted into a usable one or a
 failure named by site with its reason, and every model update is checked
-here, the one place replies are validated, before anything aggregates it.
+before anything aggregates it. The checks live here, for plain replies, for
+masked uploads and for the unmasked aggregate of a secure round alike.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -20,6 +21,9 @@ from flwr.serverapp import Grid
 
 from medfed.shared_models.protocol import Key, Record, SiteKey
 from medfed.shared_models.weights import incompatibilities, record_template
+
+if TYPE_CHECKING:
+    from medfed.server.secure_aggregation import SecureStats
 
 FIRST_POLL, LONGEST_POLL = 0.005, 0.5
 
@@ -117,7 +121,7 @@ class RoundReplies:
     ok: list[Message] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # site -> reason
     sampled: int = 0
-    secure: dict[str, Any] | None = None  # a secure round's stage timings and survivors
+    secure: SecureStats | None = None  # how a secure round went
 
 
 class Exchange:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-# Prefixes of the ServerApp's log lines (run_outputs writes them) that this view picks out.
+# Prefixes of the ServerApp's log lines (RunOutputs writes them) that this view picks out.
 PROGRESS_TAG = "[medfed]"
 ROUND_EVENT_TAG = "[medfed-round]"
 _PROGRESS = re.compile(re.escape(PROGRESS_TAG) + r" (.*)$")

@@ -51,7 +51,7 @@ def write_report(run_dir: Path) -> Path:
             g = r["global"]
             lines.append(
                 f"| {r['round']} | {len(r['replied'])} | {', '.join(r['failed']) or '-'} | "
-                f"{_fmt(g.get(Metric.TRAIN_LOSS))} | {_fmt(g.get('loss'))} | "
+                f"{_fmt(g.get(Metric.TRAIN_LOSS))} | {_fmt(g.get(Metric.LOSS))} | "
                 f"{_fmt(g.get(headline))} | {r['seconds']:.1f} |"
             )
         keys = sorted({k for s in rounds[-1]["sites"].values() for k in s})
@@ -118,7 +118,7 @@ def _plot_global(rounds: list[dict[str, Any]], headline: str, path: Path) -> Non
     xs = [r["round"] for r in rounds]
     left.plot(xs, [r["global"].get(headline, math.nan) for r in rounds], "o-")
     left.set(title=f"global validation {headline}", xlabel="round", ylabel=headline)
-    right.plot(xs, [r["global"].get("loss", math.nan) for r in rounds], "o-", label="val loss")
+    right.plot(xs, [r["global"].get(Metric.LOSS, math.nan) for r in rounds], "o-", label="val loss")
     right.plot(
         xs,
         [r["global"].get(Metric.TRAIN_LOSS, math.nan) for r in rounds],
@@ -145,7 +145,7 @@ def _plot_sites(rounds: list[dict[str, Any]], headline: str, path: Path) -> None
         )
         right.plot(
             xs,
-            [r["sites"][site].get("loss", math.nan) for r in rounds if site in r["sites"]],
+            [r["sites"][site].get(Metric.LOSS, math.nan) for r in rounds if site in r["sites"]],
             "o-",
             label=site,
         )

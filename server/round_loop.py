@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from medfed.server.exchange import Exchange, QuorumError, RoundReplies, SiteNames
-from medfed.server.run_outputs import RoundSummary, RunOutputs
+from medfed.server.run_record import RoundSummary, RunOutputs
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.server.site_summary import request_summaries
 from medfed.server.strategies import RunStrategy
@@ -85,6 +85,7 @@ class RoundLoop:
     ) -> None:
         self.grid, self.cfg, self.outputs, self.run_id = grid, cfg, outputs, run_id
         self.make_strategy = make_strategy
+        self.strategy: RunStrategy  # built in run(), once the connected hospitals are known
         self.names = SiteNames()
         self.exchange = Exchange(grid, cfg.round_timeout_seconds, self.names, outputs.traffic)
         self.training: PlainTraining | SecureAggregation = (
@@ -121,6 +122,7 @@ class RoundLoop:
             self.strategy.flower.configure_train(server_round, arrays, ConfigRecord(), self.grid)
         )
         trained = self.training.collect(server_round, messages, arrays)
+        self.outputs.failures(trained.failed)
         self._require_quorum(trained, "training", server_round)
         aggregation_started = time.monotonic()
         new_arrays, train_metrics = self.strategy.flower.aggregate_train(server_round, trained.ok)
@@ -154,14 +156,13 @@ class RoundLoop:
             server_round, arrays, ConfigRecord(), self.grid
         )
         evaluated = self.exchange.collect(messages)
+        self.outputs.failures(evaluated.failed)
         self._require_quorum(evaluated, "evaluation", server_round)
         return evaluated
 
     def _require_quorum(self, replies: RoundReplies, phase: str, server_round: int) -> None:
-        """QuorumError naming the missing hospitals (their reasons go to the progress log)."""
+        """QuorumError naming the missing hospitals (their reasons are in the progress log)."""
         if len(replies.ok) < self.cfg.min_nodes:
-            for site, reason in sorted(replies.failed.items()):
-                self.outputs.progress(f"  {site}: {reason}")
             missing = ", ".join(sorted(replies.failed)) or "none sampled"
             raise QuorumError(
                 f"round {server_round} {phase}: {len(replies.ok)} hospitals replied, "

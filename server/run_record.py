@@ -1,8 +1,13 @@
-"""The run folder on disk: metrics.json after every round, checkpoints, the final model.
+"""What a run records: its folder on disk, and the fan-out of every finished round.
 
-Every file is written atomically (`runtime.atomic_write`), so a crash
-mid-round never leaves a truncated file and metrics.json always reflects the
-last completed round.
+RunRecord is the run folder: metrics.json after every round, checkpoints,
+the final model, each written atomically (`runtime.atomic_write`), so a crash
+never leaves a truncated file and metrics.json always reflects the last
+completed round. RunOutputs takes one call per finished round from the round
+loop and sends it everywhere a round is recorded: the checkpoint and
+metrics.json, Prometheus (RoundTelemetry), the coordinator's audit log, a
+machine-readable round event (the live table of `medfed simulate`) and a
+human progress line (the log and progress.log).
 """
 
 from __future__ import annotations
@@ -10,15 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
+from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from flwr.app import ArrayRecord
+from flwr.supercore import log
 
+from medfed.server.progress import PROGRESS_TAG, ROUND_EVENT_TAG
+from medfed.server.secure_aggregation import SecureStats
+from medfed.server.site_summary import format_summaries
+from medfed.server.strategies import RunStrategy
+from medfed.server.telemetry import RoundTelemetry
+from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Metric
 from medfed.shared_models.run_folder import CHECKPOINTS, GLOBAL_MODEL, METRICS_JSON, MODEL_JSON
 from medfed.shared_models.runtime import atomic_write
+from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import state_dict_from_record
 
 
@@ -47,6 +63,7 @@ class RunRecord:
         self.flush()
 
     def add_round(self, entry: dict[str, Any]) -> None:
+        """One finished round's entry (RoundSummary.to_json)."""
         self.data["rounds"].append(entry)
         self.flush()
 
@@ -59,6 +76,7 @@ class RunRecord:
         self.flush()
 
     def flush(self) -> None:
+        """metrics.json as the record stands now."""
         text = json.dumps(self.data, indent=2, allow_nan=True)
         atomic_write(self.out / METRICS_JSON, text.encode())
 
@@ -88,3 +106,181 @@ class RunRecord:
         }
         atomic_write(self.out / MODEL_JSON, json.dumps(meta, indent=2).encode())
         return digest
+
+
+@dataclass
+class RoundSummary:
+    """Everything recorded about one finished round."""
+
+    server_round: int
+    rounds: int
+    seconds: float
+    global_metrics: dict[str, float]
+    sites: dict[str, dict[str, Any]]  # validation and training metrics per site
+    site_validation: dict[str, dict[str, Any]]  # validation metrics per site only
+    replied: list[str]
+    failures: dict[str, str]  # site -> reason
+    sampled: int
+    connected: int
+    secure: SecureStats | None = None
+    epsilon: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The round's entry in metrics.json."""
+        entry = {
+            "round": self.server_round,
+            "seconds": round(self.seconds, 3),
+            "global": self.global_metrics,
+            "sites": self.sites,
+            "replied": self.replied,
+            "failed": sorted(self.failures),
+            "failures": self.failures,
+        }
+        if self.server_round:
+            entry["secure-aggregation"] = self.secure.to_json() if self.secure else None
+        return entry
+
+
+def arrays_sha256(arrays: ArrayRecord) -> str:
+    """A digest of the global model as sent: names and bytes of every array."""
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        digest.update(name.encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+class RunOutputs:
+    """The progress, records, metrics and audit trail of one run."""
+
+    def __init__(
+        self,
+        record: RunRecord,
+        telemetry: RoundTelemetry,
+        progress_log: TextIO,
+        run_id: int,
+        cfg: RunConfig,
+    ) -> None:
+        self.record, self.telemetry, self.progress_log = record, telemetry, progress_log
+        self.run_id, self.cfg = run_id, cfg
+        self.headline_metric = TASKS[cfg.task].headline_metric
+
+    def progress(self, line: str) -> None:
+        """One human-readable line, to the ServerApp's log and progress.log."""
+        log(INFO, "%s %s", PROGRESS_TAG, line)
+        self.progress_log.write(line + "\n")
+
+    def round_started(self, server_round: int) -> None:
+        """The round the coordinator is in (Prometheus)."""
+        self.telemetry.round_started(server_round)
+
+    def traffic(self, sent: int, received: int) -> None:
+        """Model bytes sent to and received from the hospitals (Prometheus)."""
+        self.telemetry.traffic(sent=sent, received=received)
+
+    def aggregated(self, seconds: float) -> None:
+        """How long the strategy took to aggregate a round (Prometheus)."""
+        self.telemetry.aggregated(seconds)
+
+    def privacy_settings(self, strategy: RunStrategy) -> None:
+        """Say which privacy protections this run uses, and whether epsilon is accounted."""
+        cfg = self.cfg
+        if cfg.secure_aggregation:
+            self.progress(
+                "secure aggregation on (SecAgg+): neighbours "
+                f"{cfg.secagg_neighbours or 'all'}, threshold {cfg.secagg_threshold or 'majority'}"
+                f", values clipped to ±{cfg.secagg_clipping_range:g} at "
+                f"{cfg.secagg_quantization_bits} bits"
+            )
+        if cfg.dp_mode != "off":
+            accounting = (
+                f"epsilon reported at delta {cfg.dp_delta:g}"
+                if strategy.accounted
+                else f"epsilon NOT reported: {strategy.unaccounted_reason}"
+            )
+            self.progress(
+                f"differential privacy: {cfg.dp_mode}-side "
+                f"{'adaptive' if cfg.dp_adaptive else 'fixed'} clipping, norm "
+                f"{cfg.dp_clipping_norm:g}, noise multiplier {cfg.dp_noise_multiplier:g}; "
+                + accounting
+            )
+
+    def site_summaries(self, summaries: dict[str, dict[str, Any]]) -> None:
+        """The sites' summaries before training: to metrics.json and the progress log."""
+        self.record.set_statistics(summaries)
+        columns = TASKS[self.cfg.task].label_bins(self.cfg)
+        for line in format_summaries(summaries, columns, self.cfg.stats_min_count):
+            self.progress(line)
+
+    def failures(self, failed: dict[str, str]) -> None:
+        """Each hospital lost in an exchange, by site, with the reason (as it happens)."""
+        for site, reason in sorted(failed.items()):
+            self.progress(f"  {site}: {reason}")
+
+    def round_finished(self, summary: RoundSummary, arrays: ArrayRecord) -> None:
+        """Record a finished round everywhere it is recorded (checkpoint before metrics.json,
+        so a round in metrics.json always has its checkpoint)."""
+        if summary.secure and summary.secure.clipped_values:
+            self.progress(
+                f"  {summary.secure.clipped_values} update values exceeded "
+                f"±{self.cfg.secagg_clipping_range:g} and were clipped "
+                "(raise 'secagg-clipping-range')"
+            )
+        self.record.checkpoint(summary.server_round, arrays)
+        self.record.add_round(summary.to_json())
+        self._telemetry(summary)
+        audit(
+            "round",
+            run=self.run_id,
+            round=summary.server_round,
+            replied=summary.replied,
+            failed=sorted(summary.failures),
+            model_sha256=arrays_sha256(arrays),
+        )
+        self._round_event(summary)
+        self.progress(self._round_line(summary))
+
+    def _telemetry(self, summary: RoundSummary) -> None:
+        telemetry = self.telemetry
+        telemetry.checkpointed(summary.server_round, time.time())
+        if summary.epsilon is not None:
+            telemetry.privacy_spent(summary.epsilon)
+        if summary.secure:
+            telemetry.secure_round(summary.secure.stage_seconds, summary.secure.dropped_at)
+        counts = {
+            "connected": summary.connected,
+            "sampled": summary.sampled,
+            "replied": len(summary.replied),
+            "failed": len(summary.failures),
+        }
+        telemetry.round_finished(
+            summary.server_round, summary.seconds, counts, summary.global_metrics,
+            summary.site_validation,
+        )  # fmt: skip
+
+    def _round_event(self, summary: RoundSummary) -> None:
+        """One machine-readable line per round (medfed simulate draws its table from it)."""
+        row = {
+            "round": summary.server_round,
+            "rounds": summary.rounds,
+            "replied": len(summary.replied),
+            "failed": len(summary.failures),
+            "seconds": summary.seconds,
+            "train-loss": summary.global_metrics.get(Metric.TRAIN_LOSS),
+            "metric": self.headline_metric,
+            "value": summary.global_metrics.get(self.headline_metric),
+            "loss": summary.global_metrics.get(Metric.LOSS),
+        }
+        log(INFO, "%s %s", ROUND_EVENT_TAG, json.dumps(row))
+
+    def _round_line(self, summary: RoundSummary) -> str:
+        metrics = summary.global_metrics
+        loss = metrics.get(Metric.TRAIN_LOSS)
+        return (
+            f"round {summary.server_round}/{summary.rounds} | sites {len(summary.replied)}"
+            f"/{len(summary.replied) + len(summary.failures)} | train-loss "
+            + (f"{loss:.4f}" if loss is not None else "   -  ")
+            + f" | val {self.headline_metric} {metrics.get(self.headline_metric, float('nan')):.4f}"
+            + f" | val loss {metrics.get(Metric.LOSS, float('nan')):.4f} | {summary.seconds:.1f}s"
+            + (f" | ε {summary.epsilon:.2f}" if summary.epsilon is not None else "")
+        )

@@ -8,7 +8,8 @@ two ride along with the previous round's last two, so a round is two
 exchanges. A hospital that drops at any point is recorded with the stage; the
 round goes on while the threshold and the quorum hold, and aborts naming the
 missing ones when not. The weighted mean is computed here, once, by
-unmasking the sum.
+unmasking the sum (strategies.GivenMean hands it to the strategy as it is;
+only with epsilon accounted does Flower's FedAvg average its identical copies).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from medfed.server.exchange import (
     Exchange,
@@ -44,13 +46,31 @@ from medfed.shared_models.weights import record_template
 STAGE_MESSAGES = {
     Stage.ADVERTISE: MessageKind.SECAGG_ADVERTISE,
     Stage.SHARE: MessageKind.SECAGG_SHARE,
-    Stage.UPLOAD: MessageKind.TRAIN,
+    Stage.UPLOAD: MessageType.TRAIN,
     Stage.UNMASK: MessageKind.SECAGG_UNMASK,
 }
 
 
 @dataclass
-class SecureRound:
+class SecureStats:
+    """How a secure round went: stage timings, survivors, clipped values, dropouts' stages."""
+
+    stage_seconds: dict[str, float]
+    survivors: int
+    clipped_values: int
+    dropped_at: list[str]  # the stage each dropped hospital was lost at
+
+    def to_json(self) -> dict[str, Any]:
+        """The round's `secure-aggregation` entry in metrics.json."""
+        return {
+            "stage-seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "survivors": self.survivors,
+            "clipped-values": self.clipped_values,
+        }
+
+
+@dataclass
+class SecureOutcome:
     """What a secure round produced: usable replies, failures, the mean update."""
 
     replies: list[Message] = field(default_factory=list)
@@ -111,12 +131,12 @@ class SecureAggregation:
             reply.content[Record.ARRAYS] = mean
             result.ok.append(reply)
         result.failed = {names(node): reason for node, reason in outcome.failed.items()}
-        result.secure = {
-            "stage-seconds": {k: round(v, 3) for k, v in outcome.stage_seconds.items()},
-            "survivors": len(outcome.replies),
-            "clipped-values": outcome.clipped_values,
-            "dropped-at": [why.split(":")[0] for why in outcome.failed.values()],
-        }
+        result.secure = SecureStats(
+            stage_seconds=outcome.stage_seconds,
+            survivors=len(outcome.replies),
+            clipped_values=outcome.clipped_values,
+            dropped_at=[why.split(":")[0] for why in outcome.failed.values()],
+        )
         return result
 
     def train_round(
@@ -124,9 +144,9 @@ class SecureAggregation:
         server_round: int,
         train_messages: list[Message],
         template: Mapping[str, tuple[int, ...]],
-    ) -> SecureRound:
+    ) -> SecureOutcome:
         """One secure round over the strategy's training messages; SecAggAbort if it fails."""
-        result = SecureRound()
+        result = SecureOutcome()
         by_node = {str(m.metadata.dst_node_id): m for m in train_messages}
         prepared = self._prepared(server_round, list(by_node), result)
         summed = MaskedSum(
@@ -137,7 +157,7 @@ class SecureAggregation:
         self._unmask(prepared, summed, next_keys, result)
         return result
 
-    def _prepared(self, server_round: int, nodes: list[str], result: SecureRound) -> Prepared:
+    def _prepared(self, server_round: int, nodes: list[str], result: SecureOutcome) -> Prepared:
         """The round prepared during the previous one, else a fresh advertise and share."""
         prepared, self.prepared = self.prepared, None
         if (
@@ -148,7 +168,7 @@ class SecureAggregation:
             return prepared
         return self._set_up(server_round, nodes, result)
 
-    def _set_up(self, server_round: int, nodes: list[str], result: SecureRound) -> Prepared:
+    def _set_up(self, server_round: int, nodes: list[str], result: SecureOutcome) -> Prepared:
         """The advertise and share exchanges, for a round nothing was prepared for."""
         started = time.monotonic()
         ads = self._exchange(
@@ -185,7 +205,7 @@ class SecureAggregation:
         prepared: Prepared,
         by_node: Mapping[str, Message],
         summed: MaskedSum,
-        result: SecureRound,
+        result: SecureOutcome,
     ) -> dict[str, tuple[bytes, bytes]]:
         """Send each hospital its training message with its neighbours' shares; add the
         masked uploads. Returns the next round's public keys that rode along."""
@@ -234,7 +254,7 @@ class SecureAggregation:
         prepared: Prepared,
         summed: MaskedSum,
         next_keys: dict[str, tuple[bytes, bytes]],
-        result: SecureRound,
+        result: SecureOutcome,
     ) -> None:
         """Ask the survivors for the shares that remove the masks (and for the next
         round's shares, when it can be prepared); unmask the weighted mean."""
@@ -309,7 +329,7 @@ class SecureAggregation:
         return content
 
     def _exchange(
-        self, stage: str, contents: Mapping[str, RecordDict], result: SecureRound
+        self, stage: str, contents: Mapping[str, RecordDict], result: SecureOutcome
     ) -> dict[str, Message]:
         """Send one stage; the good replies by node id, failures recorded with the stage."""
         messages = [
@@ -332,7 +352,7 @@ class SecureAggregation:
         alive: Mapping,
         server_round: int,
         stage: str,
-        result: SecureRound,
+        result: SecureOutcome,
         threshold: int = 2,
     ) -> None:
         needed = max(self.cfg.min_nodes, threshold)
@@ -350,7 +370,7 @@ def _content(server_round: int, extra: Mapping | None = None) -> RecordDict:
     )
 
 
-def _missing(result: SecureRound) -> str:
+def _missing(result: SecureOutcome) -> str:
     return "dropped: " + (
         ", ".join(f"node {n} ({why})" for n, why in sorted(result.failed.items())) or "none"
     )

@@ -1,5 +1,4 @@
-"""Networks the tasks share (all MONAI, no downloads): image-level backbones for
-classification and regression, and the UNet of 2D and 3D segmentation.
+"""Image-level backbones shared by classification and regression (all MONAI, no downloads).
 
 Each backbone names its head, the part `freeze = "backbone"` keeps training
 and the part transfer learning re-initialises when the output size differs.
@@ -11,7 +10,6 @@ from monai.networks.nets import (
     Classifier,
     DenseNet121,
     EfficientNetBN,
-    UNet,
     resnet18,
     resnet34,
     resnet50,
@@ -62,16 +60,3 @@ def build_backbone(cfg: RunConfig, outputs: int) -> nn.Module:
 
 def head_prefix(model: str) -> str:
     return HEADS[model]
-
-
-def build_unet(cfg: RunConfig, spatial_dims: int) -> nn.Module:
-    """MONAI's residual UNet, `model-depth` levels from `model-width` channels."""
-    channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth + 1))
-    return UNet(
-        spatial_dims=spatial_dims,
-        in_channels=cfg.in_channels,
-        out_channels=len(cfg.classes),
-        channels=channels,
-        strides=(2,) * cfg.model_depth,
-        num_res_units=1,
-    )

@@ -10,15 +10,20 @@ alike. The layout follows Flower's `secaggplus_constants.py` (`Stage`, `Key`).
 from __future__ import annotations
 
 
-class MessageKind:
-    """Flower message types medfed sends (`category` or `category.action`)."""
+class SecAggAction:
+    """The ClientApp's SecAgg+ actions; the categories are Flower's (`flwr.app.MessageType`)."""
 
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    QUERY = "query"
-    SECAGG_ADVERTISE = "train.secagg_advertise"
-    SECAGG_SHARE = "train.secagg_share"
-    SECAGG_UNMASK = "train.secagg_unmask"
+    ADVERTISE = "secagg_advertise"
+    SHARE = "secagg_share"
+    UNMASK = "secagg_unmask"
+
+
+class MessageKind:
+    """The message types of the SecAgg+ exchanges (`category.action`)."""
+
+    SECAGG_ADVERTISE = "train." + SecAggAction.ADVERTISE
+    SECAGG_SHARE = "train." + SecAggAction.SHARE
+    SECAGG_UNMASK = "train." + SecAggAction.UNMASK
 
 
 class Record:
@@ -40,6 +45,7 @@ class Metric:
     # The example count, or 1 under differential privacy (its noise assumes equal weights).
     WEIGHT = "aggregation-weight"
     NUM_EXAMPLES = "num-examples"
+    LOSS = "loss"  # every task's validation loss
     SKIPPED_FILES = "skipped-files"
     TRAIN_LOSS = "train-loss"
     TRAIN_SECONDS = "train-seconds"
@@ -47,8 +53,6 @@ class Metric:
     GENERATED_IMAGES = "generated-images"
     SECAGG_CLIPPED = "secagg-clipped-values"
     DP_EPSILON = "dp-epsilon"  # added by the coordinator to the global metrics
-    # What a training reply carries about training itself (not validation of the model).
-    TRAINING = (TRAIN_LOSS, TRAIN_SECONDS, IMAGES_PER_SECOND, GENERATED_IMAGES, SECAGG_CLIPPED)
     # Bookkeeping that is never a quality metric of the model.
     BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON)
 

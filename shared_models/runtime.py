@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -152,6 +151,8 @@ def wait_until(
 
 def http_healthy(port: int) -> Callable[[], bool]:
     """A probe of a Flower service's /health endpoint on 127.0.0.1."""
+
+    import httpx  # late: the hospital's data layer imports this module on every message
 
     def probe() -> bool:
         try:

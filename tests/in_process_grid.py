@@ -53,6 +53,8 @@ def act_as_coordinator() -> None:
 class InProcessGrid:
     """Hospitals with fixed updates and weights, answering as a deployed node would.
 
+    `run_config` is the run's config at every node (default: a secure run).
+
     `drop[stage]`: nodes that never answer that stage ("advertise", "share",
     "upload", "unmask", "evaluate", "query"); `silent_from[node]`: the round
     from which a node answers nothing at all (as if killed); `hostile[node]`:
@@ -68,7 +70,7 @@ class InProcessGrid:
     ) -> None:
         act_as_coordinator()
         self.updates, self.weights = updates, weights
-        config = (run_config or RunConfig()).to_mapping()
+        config = (run_config or secure_config()).to_mapping()
         self.contexts = {node: Context(RUN_ID, node, {}, RecordDict(), config) for node in updates}
         self.sites = {node: f"site-{i}" for i, node in enumerate(updates)}
         self.drop: dict[str, set[int]] = {}

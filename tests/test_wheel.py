@@ -35,6 +35,13 @@ def test_the_wheel_holds_every_module_of_the_source_tree(wheel):
     missing = [s for s in sources if f"medfed/{s}" not in names]
     assert missing == []
     assert not [n for n in names if n.startswith(("tests/", "docs/", "deploy/"))]
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = {
+        line.split(":", 1)[1].strip().split()[0].split("[")[0].split("=")[0].split(">")[0]
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    }
+    assert {"flwr", "torch", "monai", "cryptography", "prometheus-client"} <= requires
 
 
 def test_an_installed_wheel_runs_the_command_line(wheel, tmp_path):

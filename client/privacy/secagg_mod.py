@@ -24,7 +24,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
 from medfed.client.privacy.secagg_hospital import HospitalSecAgg, SecAggRefused, ShareRequest
-from medfed.shared_models.protocol import Config, Key, Metric, Record
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Config, Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg.vector import flatten
 
 STATE_KEY = "medfed-secagg"
@@ -78,14 +79,21 @@ def share(msg: Message, context: Context) -> Message:
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Mask the trained update of a secure round; pass any other message through.
+    """Mask the trained update of a secure round; pass the messages of other runs through.
 
-    A secure upload is recognised by the neighbours' shares it carries. The
+    Whether a run is secure is the run's config, never the message: a training
+    message of a secure run without the neighbours' shares is refused, so a
+    coordinator cannot obtain an update in the clear by leaving them out. The
     update masked is (reply arrays - received arrays), so an inner mod that
     clips the reply (DP) is clipped before it is masked.
     """
-    if Record.SECAGG not in msg.content.config_records:
+    if not RunConfig.from_mapping(context.run_config).secure_aggregation:
         return call_next(msg, context)
+    if Record.SECAGG not in msg.content.config_records:
+        raise SecAggRefused(
+            "this run uses secure aggregation, but the training message carries no "
+            "neighbour shares: the update is not sent in the clear"
+        )
     inbox = msg.content.config_records[Record.SECAGG]
     del msg.content[Record.SECAGG]  # the inner chain sees a plain training message
     reply = call_next(msg, context)
@@ -98,15 +106,19 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             f"the coordinator weighs this hospital by {state.weight:g}, but its "
             f"aggregation weight is now {weight:g} (site data changed); it rejoins next round"
         )
+    shares = {
+        k.removeprefix(Key.FROM_PREFIX): v
+        for k, v in inbox.items()
+        if k.startswith(Key.FROM_PREFIX)
+    }
+    state.receive_shares(_round(msg), shares)
+    _mask_reply(msg, reply, state, context)
+    return reply
+
+
+def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Context) -> None:
+    """Replace the reply's arrays by the masked update; add the next round's public keys."""
     server_round = _round(msg)
-    state.receive_shares(
-        server_round,
-        {
-            k.removeprefix(Key.FROM_PREFIX): v
-            for k, v in inbox.items()
-            if k.startswith(Key.FROM_PREFIX)
-        },
-    )
     received, trained = msg.content[Record.ARRAYS], reply.content[Record.ARRAYS]
     keys = list(received)
     if list(trained) != keys:
@@ -124,8 +136,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         {Key.NEXT_PREFIX + name: key for name, key in public.items()}
     )
     if clipped:
-        log(WARNING, "[medfed] %d update values exceeded secagg-clipping-range: clipped", clipped)
-    return reply
+        site = reply.content[Record.SITE][SiteKey.NAME] if Record.SITE in reply.content else ""
+        log(
+            WARNING,
+            "[medfed] %s: %d update values exceeded secagg-clipping-range and were clipped",
+            site,
+            clipped,
+        )
 
 
 def unmask(msg: Message, context: Context) -> Message:

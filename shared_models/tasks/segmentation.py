@@ -7,12 +7,25 @@ from collections.abc import Iterable
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
+from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import build_unet
 from medfed.shared_models.tasks.base import Batch, Task, autocast
+
+
+def build_unet(cfg: RunConfig, spatial_dims: int) -> nn.Module:
+    """MONAI's residual UNet, `model-depth` levels from `model-width` channels (2D or 3D)."""
+    channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth + 1))
+    return UNet(
+        spatial_dims=spatial_dims,
+        in_channels=cfg.in_channels,
+        out_channels=len(cfg.classes),
+        channels=channels,
+        strides=(2,) * cfg.model_depth,
+        num_res_units=1,
+    )
 
 
 class SegmentationTask(Task):

@@ -18,9 +18,8 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import build_unet
 from medfed.shared_models.tasks.base import Batch, autocast
-from medfed.shared_models.tasks.segmentation import SegmentationTask
+from medfed.shared_models.tasks.segmentation import SegmentationTask, build_unet
 
 
 class Segmentation3DTask(SegmentationTask):

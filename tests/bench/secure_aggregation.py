@@ -102,7 +102,7 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
             if secure:
                 collected = secagg.collect(server_round, messages, arrays)
                 replies = collected.ok
-                stages.append(collected.secure["stage-seconds"])
+                stages.append(collected.secure.to_json()["stage-seconds"])
             elif flower_polls:
                 replies = list(grid.send_and_receive(messages))
             else:
@@ -113,7 +113,12 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         if stages:
             print("stage seconds per round:", json.dumps(stages), file=sys.stderr)
 
-    @client.train(mods=[secagg_mod.secagg_mod])
+    def secure_run(msg, context, call_next):
+        """run_simulation carries no run config: say that this run is a secure one."""
+        context.run_config["secure-aggregation"] = secure
+        return call_next(msg, context)
+
+    @client.train(mods=[secure_run, secagg_mod.secagg_mod])
     def train(msg, context):
         trained = {k: a.numpy() * np.float32(1.0001) for k, a in msg.content["arrays"].items()}
         arrays = ArrayRecord({k: Array(v) for k, v in trained.items()})

@@ -11,15 +11,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.client.mod.utils import make_ffn
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
+from medfed.client.app import TRAIN_MODS
 from medfed.client.data.site import load_site
 from medfed.client.data.site_summary import HISTOGRAM_BINS, site_summary
 from medfed.client.privacy.dp_clipping import dp_clipping_mod
+from medfed.client.privacy.secagg_hospital import SecAggRefused
 from medfed.client.privacy.small_counts import small_count_mod
 from medfed.server.exchange import Exchange, SiteNames
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.shared_models.audit import AUDIT_ENV, read_audit
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import SUPPRESSED, Config, Metric, Record, Statistic
+from medfed.shared_models.protocol import SUPPRESSED, Config, Metric, Record, SiteKey, Statistic
 from tests.conftest import tiny_config
 from tests.in_process_grid import (
     RUN_ID,
@@ -30,6 +32,7 @@ from tests.in_process_grid import (
 )
 
 SHAPES = {"conv.weight": (4, 3, 3), "fc.weight": (2, 8)}
+SITE_A = ConfigRecord({SiteKey.NAME: "site-a"})
 
 
 def incoming(message_type: str, config: dict, arrays: dict | None = None) -> Message:
@@ -48,13 +51,16 @@ def context(run_config: RunConfig) -> Context:
 
 
 def adding(update: dict[str, np.ndarray]):
-    """A train handler that returns the received arrays plus `update`."""
+    """A train handler that returns the received arrays plus `update`, as site-a."""
 
     def handler(msg: Message, ctx: Context) -> Message:
         received = msg.content[Record.ARRAYS]
         arrays = ArrayRecord({k: Array(received[k].numpy() + update[k]) for k in update})
-        metrics = MetricRecord({Metric.WEIGHT: 1.0, Metric.NUM_EXAMPLES: 4})
-        return Message(RecordDict({Record.ARRAYS: arrays, Record.METRICS: metrics}), reply_to=msg)
+        metrics = MetricRecord(
+            {Metric.WEIGHT: 1.0, Metric.NUM_EXAMPLES: 4, Metric.SKIPPED_FILES: 0}
+        )
+        content = {Record.ARRAYS: arrays, Record.METRICS: metrics, Record.SITE: SITE_A}
+        return Message(RecordDict(content), reply_to=msg)
 
     return handler
 
@@ -76,6 +82,14 @@ def test_dp_clipping_mod_clips_the_update_to_the_coordinators_norm(adaptive):
     assert norm({k: sent[k] - start[k] for k in start}) == pytest.approx(0.5, rel=1e-4)
     assert all(sent[k].dtype == np.float32 for k in sent)
     assert (KEY_NORM_BIT in reply.content[Record.METRICS]) is adaptive
+    if adaptive:
+        assert reply.content[Record.METRICS][KEY_NORM_BIT] == 1  # it was clipped
+    small = {k: np.full(s, 1e-3, np.float32) for k, s in SHAPES.items()}
+    kept = make_ffn(adding(small), [dp_clipping_mod])(msg, context(cfg))
+    for key, array in kept.content[Record.ARRAYS].items():
+        assert np.allclose(array.numpy(), start[key] + small[key])
+    if adaptive:
+        assert kept.content[Record.METRICS][KEY_NORM_BIT] == 0
 
 
 def test_without_a_clipping_norm_the_update_passes_unchanged():
@@ -159,3 +173,45 @@ def test_small_counts_never_leave_the_site(cls_sites):
     tiny = sent(10_000)
     assert tiny[Statistic.NUM_TRAIN] == tiny[Statistic.NUM_VAL] == SUPPRESSED
     assert tiny[Statistic.INTENSITY_HISTOGRAM] == [float(SUPPRESSED)] * HISTOGRAM_BINS
+
+
+def test_a_secure_run_never_sends_an_update_in_the_clear():
+    """Secure or not is the run's config, not the message: a coordinator that leaves the
+    neighbours' shares out of a secure round's training message gets a refusal."""
+    start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    update = {k: np.full(s, 0.5, np.float32) for k, s in SHAPES.items()}
+    chain = make_ffn(adding(update), TRAIN_MODS)
+    msg = incoming("train", {Config.SERVER_ROUND: 1}, start)
+    with pytest.raises(SecAggRefused, match="not sent in the clear"):
+        chain(msg, context(secure_config()))
+    plain = chain(incoming("train", {Config.SERVER_ROUND: 1}, start), context(RunConfig()))
+    assert set(plain.content[Record.ARRAYS]) == set(SHAPES)
+
+
+def test_the_client_app_routes_through_its_mods(monkeypatch):
+    """The ClientApp itself: the query route suppresses, the train route masks or refuses."""
+    from medfed.client import handlers
+    from medfed.client.app import app
+
+    counts = {
+        Statistic.NUM_TRAIN: 40, Statistic.NUM_VAL: 3, Statistic.LABEL_HISTOGRAM: [30, 2, 11],
+        Statistic.INTENSITY_P1: 0.0, Statistic.INTENSITY_P99: 1.0,
+        Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+    }  # fmt: skip
+
+    def exact_summary(msg: Message, ctx: Context) -> Message:
+        content = {Record.METRICS: MetricRecord(counts), Record.SITE: SITE_A}
+        return Message(RecordDict(content), reply_to=msg)
+
+    monkeypatch.setattr(handlers, "query", exact_summary)
+    reply = app(incoming("query", {Config.STATS_MIN_COUNT: 5}), context(RunConfig()))
+    sent = reply.content[Record.METRICS]
+    assert sent[Statistic.NUM_VAL] == SUPPRESSED
+    assert sent[Statistic.LABEL_HISTOGRAM] == [30, SUPPRESSED, 11]
+
+    monkeypatch.setattr(
+        handlers, "train", adding({k: np.ones(s, np.float32) for k, s in SHAPES.items()})
+    )
+    start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    with pytest.raises(SecAggRefused, match="not sent in the clear"):
+        app(incoming("train", {Config.SERVER_ROUND: 1}, start), context(secure_config()))

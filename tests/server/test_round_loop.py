@@ -14,8 +14,7 @@ from prometheus_client import REGISTRY
 
 from medfed.server.exchange import Exchange, QuorumError, SiteNames
 from medfed.server.round_loop import RoundLoop
-from medfed.server.run_outputs import RunOutputs
-from medfed.server.run_record import RunRecord
+from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.config import RunConfig
