@@ -10,17 +10,21 @@ masked uploads and for the unmasked aggregate of a secure round alike.
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from medfed.shared_models.protocol import Key, Record, SiteKey
-from medfed.shared_models.weights import incompatibilities, record_template
+from medfed.shared_models.protocol import SITE_NAME, Key, Metric, Record, SiteKey
+from medfed.shared_models.secagg import shamir
+from medfed.shared_models.secagg.primitives import KEY_BYTES
+from medfed.shared_models.weights import incompatibilities, readable, record_template
 
 if TYPE_CHECKING:
     from medfed.server.secure_aggregation import SecureStats
@@ -30,6 +34,10 @@ FIRST_POLL, LONGEST_POLL = 0.005, 0.5
 
 class QuorumError(RuntimeError):
     """Too few hospitals connected or replied; the message says how many and who."""
+
+
+class MalformedReply(ValueError):
+    """A reply that cannot be used as it is: its hospital is dropped, never the run."""
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -54,10 +62,15 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     return replies
 
 
+# How Flower's ClientApp runner words an exception it turns into an error reply.
+FLOWER_EXCEPTION = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
 def short_reason(reason: str) -> str:
-    """The last line of a remote traceback: the exception a hospital's node raised."""
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:300]
+    """The exception a hospital's node raised, in one line: `Name: message`."""
+    unwrapped = FLOWER_EXCEPTION.sub(r"\1: \2", reason.strip())
+    lines = [line.strip() for line in unwrapped.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:400]
 
 
 def array_bytes(messages: Iterable[Message]) -> int:
@@ -82,11 +95,85 @@ def update_problems(arrays: ArrayRecord | None, sent: ArrayRecord) -> list[str]:
     return incompatibilities(arrays, record_template(sent))
 
 
+def metrics_problems(reply: Message, weighted: bool = True) -> list[str]:
+    """Why a reply's metrics cannot be aggregated (empty if they can): a missing record,
+    a value that is not a finite number (or a list of them), a weight that is not > 0."""
+    metrics = reply.content.metric_records.get(Record.METRICS)
+    if metrics is None:
+        return [f"no '{Record.METRICS}' record"]
+    problems = []
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(_is_number(v) and np.isfinite(v) for v in values):
+            problems.append(f"metric '{key}' is not a finite number")
+    if weighted:
+        weight = metrics.get(Metric.WEIGHT)
+        if not (_is_number(weight) and np.isfinite(weight) and weight > 0):
+            problems.append(f"'{Metric.WEIGHT}' is {weight!r}, not a positive number")
+    return problems
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def keep_consistent_metrics(result: RoundReplies, names: SiteNames) -> None:
+    """Flower aggregates metrics only over replies with identical keys: replies whose keys
+    differ from the most common set are moved to the failures, by site."""
+    key_sets = Counter(frozenset(r.content[Record.METRICS]) for r in result.ok)
+    if len(key_sets) < 2:
+        return
+    usual = key_sets.most_common(1)[0][0]
+    for reply in [r for r in result.ok if frozenset(r.content[Record.METRICS]) != usual]:
+        result.ok.remove(reply)
+        result.failed[names(reply.metadata.src_node_id)] = (
+            "rejected reply: its metrics differ from the other hospitals'"
+        )
+
+
+def advertised_keys(reply: Message) -> tuple[bytes, bytes]:
+    """A SecAgg+ advertise reply's two public keys."""
+    record = reply.content.config_records.get(Record.SECAGG)
+    keys = (record.get(Key.C_PK), record.get(Key.S_PK)) if record is not None else (None, None)
+    if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
+        raise MalformedReply("its public keys are missing or not 32 bytes")
+    return keys  # type: ignore[return-value]
+
+
+def sealed_shares(record: ConfigRecord | None, neighbours: Iterable[str]) -> ConfigRecord:
+    """A SecAgg+ share reply's record: a ciphertext for each neighbour and a seed hash."""
+    if record is None:
+        raise MalformedReply(f"no '{Record.SECAGG}' record")
+    missing = [n for n in neighbours if not isinstance(record.get(Key.TO_PREFIX + n), bytes)]
+    if missing:
+        raise MalformedReply(f"no share for neighbour(s) {missing[:3]}")
+    seed_hash = record.get(Key.SEED_HASH)
+    if not (isinstance(seed_hash, bytes) and len(seed_hash) == 32):
+        raise MalformedReply("no 32-byte seed hash")
+    return record
+
+
+def returned_shares(reply: Message, allowed: set[str]) -> dict[str, bytes]:
+    """A SecAgg+ unmask reply's shares: only `allowed` keys, each a share's size in bytes."""
+    record = reply.content.config_records.get(Record.SECAGG)
+    if record is None:
+        raise MalformedReply(f"no '{Record.SECAGG}' record")
+    shares = dict(record)
+    unexpected = sorted(set(shares) - allowed)
+    if unexpected:
+        raise MalformedReply(f"shares it was not asked for: {unexpected[:3]}")
+    if not all(isinstance(v, bytes) and len(v) == shamir.SHARE_BYTES for v in shares.values()):
+        raise MalformedReply(f"a share is not {shamir.SHARE_BYTES} bytes")
+    return shares
+
+
 def masked_upload_problems(arrays: ArrayRecord | None, size: int) -> list[str]:
     """Why a secure round's upload cannot be added to the masked sum (empty if it can)."""
     if arrays is None or list(arrays) != [Key.MASKED_ARRAY]:
         return [f"expected one '{Key.MASKED_ARRAY}' array"]
-    masked = arrays[Key.MASKED_ARRAY].numpy()
+    masked = readable(arrays[Key.MASKED_ARRAY])
+    if masked is None:
+        return ["the masked update is not a readable array"]
     if masked.dtype != np.uint32 or masked.shape != (size,):
         return [f"masked update is {masked.dtype}{masked.shape}, expected uint32({size},)"]
     return []
@@ -98,8 +185,27 @@ class SiteNames:
     def __init__(self) -> None:
         self.by_node: dict[int, str] = {}
 
+    def problem(self, reply: Message) -> str | None:
+        """Why the site name a reply carries cannot be taken (None when it can).
+
+        A name is a short label; one node keeps one name, and no node may take
+        another's (its failures would be filed under the other hospital).
+        """
+        if Record.SITE not in reply.content.config_records:
+            return None
+        name = reply.content.config_records[Record.SITE].get(SiteKey.NAME)
+        if not (isinstance(name, str) and SITE_NAME.fullmatch(name)):
+            return f"site name {str(name)[:40]!r} is not a short label"
+        node = reply.metadata.src_node_id
+        known = self.by_node.get(node)
+        if known is not None and known != name:
+            return f"site name {name!r} differs from the {known!r} it gave before"
+        if known is None and name in self.by_node.values():
+            return f"site name {name!r} is already another node's"
+        return None
+
     def learn(self, reply: Message) -> None:
-        """Note the site name a reply carries."""
+        """Note the site name a reply carries (checked with `problem` first)."""
         if Record.SITE in reply.content.config_records:
             site = reply.content.config_records[Record.SITE]
             self.by_node[reply.metadata.src_node_id] = str(site[SiteKey.NAME])
@@ -143,8 +249,13 @@ class Exchange:
         self.on_traffic(array_bytes(messages), array_bytes(replies))
         return replies
 
-    def collect(self, messages: Iterable[Message], sent: ArrayRecord | None = None) -> RoundReplies:
-        """Usable replies and failures by site; with `sent`, updates must fit those arrays."""
+    def collect(
+        self, messages: Iterable[Message], sent: ArrayRecord | None = None, weighted: bool = True
+    ) -> RoundReplies:
+        """Usable replies and failures by site; with `sent`, updates must fit those arrays.
+
+        `weighted`: the replies' metrics are averaged by their aggregation weight.
+        """
         messages = list(messages)
         result = RoundReplies(sampled=len({m.metadata.dst_node_id for m in messages}))
         answered = set()
@@ -154,16 +265,25 @@ class Exchange:
             if reply.has_error():
                 result.failed[self.names(node)] = f"error: {short_reason(reply.error.reason)}"
                 continue
+            problem = self.names.problem(reply)
+            if problem:
+                result.failed[self.names(node)] = f"rejected reply: {problem}"
+                continue
             self.names.learn(reply)
             arrays = reply.content.array_records.get(Record.ARRAYS)
             problems = update_problems(arrays, sent) if sent is not None else []
             if problems:
                 result.failed[self.names(node)] = "rejected update: " + "; ".join(problems[:3])
                 continue
+            problems = metrics_problems(reply, weighted)
+            if problems:
+                result.failed[self.names(node)] = "rejected reply: " + "; ".join(problems[:3])
+                continue
             result.ok.append(reply)
         for message in messages:
             if message.metadata.dst_node_id not in answered:
                 result.failed[self.names(message.metadata.dst_node_id)] = self.silence()
+        keep_consistent_metrics(result, self.names)
         # Replies arrive in any order; aggregating them by site makes a float sum, and so a
         # seeded run, reproducible.
         result.ok.sort(key=lambda reply: self.names(reply.metadata.src_node_id))

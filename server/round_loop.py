@@ -161,9 +161,12 @@ class RoundLoop:
         return evaluated
 
     def _require_quorum(self, replies: RoundReplies, phase: str, server_round: int) -> None:
-        """QuorumError naming the missing hospitals (their reasons are in the progress log)."""
+        """QuorumError naming the missing hospitals and why each is missing."""
         if len(replies.ok) < self.cfg.min_nodes:
-            missing = ", ".join(sorted(replies.failed)) or "none sampled"
+            missing = "; ".join(
+                f"{site} ({reason})" for site, reason in sorted(replies.failed.items())
+            )
+            missing = missing or "none sampled"
             raise QuorumError(
                 f"round {server_round} {phase}: {len(replies.ok)} hospitals replied, "
                 f"quorum is {self.cfg.min_nodes} (config key 'min-nodes'); missing: {missing}"

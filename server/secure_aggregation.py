@@ -7,15 +7,19 @@ plus the ciphertexts for that hospital), unmask. In steady state the first
 two ride along with the previous round's last two, so a round is two
 exchanges. A hospital that drops at any point is recorded with the stage; the
 round goes on while the threshold and the quorum hold, and aborts naming the
-missing ones when not. The weighted mean is computed here, once, by
-unmasking the sum (strategies.GivenMean hands it to the strategy as it is;
-only with epsilon accounted does Flower's FedAvg average its identical copies).
+missing ones when not. Every reply is checked before it is used: a malformed
+one drops its hospital, never the round. Each hospital weighs its own update
+inside the masked vector, so the coordinator chooses no one's weight. The
+weighted mean is computed here, once, by unmasking the sum
+(strategies.GivenMean hands it to the strategy as it is; only with epsilon
+accounted does Flower's FedAvg average its identical copies).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +28,29 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from medfed.server.exchange import (
     Exchange,
+    MalformedReply,
     QuorumError,
     RoundReplies,
+    advertised_keys,
+    keep_consistent_metrics,
     masked_upload_problems,
+    metrics_problems,
+    returned_shares,
+    sealed_shares,
     short_reason,
     update_problems,
 )
-from medfed.server.unmasking import MaskedSum, RoundPlan, SecAggAbort, fractions, plan_round
+from medfed.server.unmasking import (
+    Commitments,
+    MaskedSum,
+    RoundPlan,
+    SecAggAbort,
+    plan_round,
+    survivors_connected,
+)
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import (
+    SECAGG_MIN_PARTICIPANTS,
     Config,
     Key,
     MessageKind,
@@ -41,6 +59,7 @@ from medfed.shared_models.protocol import (
     Stage,
     mask_purpose,
 )
+from medfed.shared_models.secagg.primitives import KEY_BYTES
 from medfed.shared_models.weights import record_template
 
 STAGE_MESSAGES = {
@@ -82,13 +101,17 @@ class SecureOutcome:
 
 @dataclass
 class Prepared:
-    """A round's plan and keys, with the shares once they were exchanged."""
+    """A round's plan and public keys, with the shares once they were exchanged."""
 
     server_round: int
     plan: RoundPlan
     keys: dict[str, tuple[bytes, bytes]]  # node -> (c-pk, s-pk)
-    fraction: dict[str, float]
-    shared: dict[str, ConfigRecord]  # node -> its sealed shares ("to.<node>")
+    shared: dict[str, ConfigRecord] = field(default_factory=dict)  # node -> its sealed shares
+
+    def commitments(self) -> Commitments:
+        """The public keys and seed hashes the round's secrets are checked against."""
+        hashes = {node: bytes(record[Key.SEED_HASH]) for node, record in self.shared.items()}
+        return Commitments(self.keys, hashes)
 
 
 class SecureAggregation:
@@ -102,7 +125,6 @@ class SecureAggregation:
     def __init__(self, exchange: Exchange, cfg: RunConfig, run_id: int) -> None:
         self.exchange, self.cfg, self.run_id = exchange, cfg, run_id
         self.prepared: Prepared | None = None
-        self.weights: dict[str, float] = {}
 
     def collect(
         self, server_round: int, messages: list[Message], sent: ArrayRecord
@@ -131,6 +153,7 @@ class SecureAggregation:
             reply.content[Record.ARRAYS] = mean
             result.ok.append(reply)
         result.failed = {names(node): reason for node, reason in outcome.failed.items()}
+        keep_consistent_metrics(result, names)
         result.secure = SecureStats(
             stage_seconds=outcome.stage_seconds,
             survivors=len(outcome.replies),
@@ -145,16 +168,20 @@ class SecureAggregation:
         train_messages: list[Message],
         template: Mapping[str, tuple[int, ...]],
     ) -> SecureOutcome:
-        """One secure round over the strategy's training messages; SecAggAbort if it fails."""
+        """One secure round over the strategy's training messages; SecAggAbort if it fails.
+
+        On an abort, every hospital of the round is told to forget its secrets.
+        """
         result = SecureOutcome()
         by_node = {str(m.metadata.dst_node_id): m for m in train_messages}
-        prepared = self._prepared(server_round, list(by_node), result)
-        summed = MaskedSum(
-            template, self.cfg.secagg_clipping_range, self.cfg.secagg_quantization_bits,
-            prepared.plan,
-        )  # fmt: skip
-        next_keys = self._upload(prepared, by_node, summed, result)
-        self._unmask(prepared, summed, next_keys, result)
+        try:
+            prepared = self._prepared(server_round, list(by_node), result)
+            summed = MaskedSum(template, self.cfg.secagg_encoding(), prepared.plan)
+            next_keys = self._upload(prepared, by_node, summed, result)
+            self._unmask(prepared, summed, next_keys, result)
+        except SecAggAbort:
+            self._abort(server_round, list(by_node))
+            raise
         return result
 
     def _prepared(self, server_round: int, nodes: list[str], result: SecureOutcome) -> Prepared:
@@ -174,30 +201,33 @@ class SecureAggregation:
         ads = self._exchange(
             Stage.ADVERTISE, {node: _content(server_round) for node in nodes}, result
         )
-        keys = {}
-        for node, reply in ads.items():
-            keys[node] = (
-                reply.content[Record.SECAGG][Key.C_PK],
-                reply.content[Record.SECAGG][Key.S_PK],
-            )
-            self.weights[node] = float(reply.content[Record.METRICS][Metric.WEIGHT])
+        keys = self._distinct_keys(
+            {node: self._parsed(Stage.ADVERTISE, node, advertised_keys, reply, result)
+             for node, reply in ads.items()},
+            result,
+        )  # fmt: skip
         self._require(keys, server_round, Stage.ADVERTISE, result)
         try:
             plan = plan_round(list(keys), self.cfg.secagg_neighbours, self.cfg.secagg_threshold)
         except ValueError as err:
             raise SecAggAbort(f"round {server_round}: {err}") from err
-        prepared = Prepared(server_round, plan, keys, self._fractions(keys), {})
+        prepared = Prepared(server_round, plan, keys)
         result.stage_seconds[Stage.ADVERTISE] = time.monotonic() - started
 
         started = time.monotonic()
-        shared = self._exchange(
+        replies = self._exchange(
             Stage.SHARE, {node: self._share_content(prepared, node) for node in keys}, result
         )
-        self._require(shared, server_round, Stage.SHARE, result, plan.threshold)
+        for node, reply in replies.items():
+            record = reply.content.config_records.get(Record.SECAGG)
+            neighbours = plan.neighbours[node]
+            checked = self._parsed(
+                Stage.SHARE, node, lambda r, n=neighbours: sealed_shares(r, n), record, result
+            )
+            if checked is not None:
+                prepared.shared[node] = checked
+        self._require(prepared.shared, server_round, Stage.SHARE, result, plan.threshold)
         result.stage_seconds[Stage.SHARE] = time.monotonic() - started
-        prepared.shared = {
-            node: r.content.config_records[Record.SECAGG] for node, r in shared.items()
-        }
         return prepared
 
     def _upload(
@@ -225,26 +255,22 @@ class SecureAggregation:
         next_keys = {}
         for node, reply in self._exchange(Stage.UPLOAD, uploads, result).items():
             arrays = reply.content.array_records.get(Record.ARRAYS)
-            problems = masked_upload_problems(arrays, summed.size)
+            problems = masked_upload_problems(arrays, summed.size) + metrics_problems(reply)
+            problems += [p for p in [self.exchange.names.problem(reply)] if p]
             if problems:
-                result.failed[int(node)] = f"{Stage.UPLOAD}: rejected masked update: " + "; ".join(
-                    problems
+                result.failed[int(node)] = f"{Stage.UPLOAD}: rejected reply: " + "; ".join(
+                    problems[:3]
                 )
                 continue
             summed.add(node, arrays[Key.MASKED_ARRAY].numpy())
             result.replies.append(reply)
-            metrics = reply.content[Record.METRICS]
-            self.weights[node] = float(metrics[Metric.WEIGHT])
-            result.clipped_values += int(metrics.get(Metric.SECAGG_CLIPPED, 0))
-            ahead = reply.content.config_records.get(Record.SECAGG)
+            clipped = reply.content[Record.METRICS].get(Metric.SECAGG_CLIPPED, 0)
+            result.clipped_values += int(clipped) if isinstance(clipped, int | float) else 0
+            ahead = _next_keys(reply)
             if ahead is not None:
-                next_keys[node] = (
-                    ahead[Key.NEXT_PREFIX + Key.C_PK],
-                    ahead[Key.NEXT_PREFIX + Key.S_PK],
-                )
-        server_round = prepared.server_round
+                next_keys[node] = ahead
         self._require(
-            dict.fromkeys(summed.added), server_round, Stage.UPLOAD, result, prepared.plan.threshold
+            summed.added, prepared.server_round, Stage.UPLOAD, result, prepared.plan.threshold
         )
         result.stage_seconds[Stage.UPLOAD] = time.monotonic() - started
         return next_keys
@@ -259,32 +285,36 @@ class SecureAggregation:
         """Ask the survivors for the shares that remove the masks (and for the next
         round's shares, when it can be prepared); unmask the weighted mean."""
         started = time.monotonic()
-        server_round = prepared.server_round
+        server_round, plan = prepared.server_round, prepared.plan
         survivors = list(summed.added)
         dropped = sorted(set(prepared.shared) - set(survivors), key=int)
+        if not survivors_connected(plan, survivors):
+            raise SecAggAbort(
+                f"round {server_round}: the dropouts split the surviving hospitals' "
+                f"neighbourhoods (unmasking would reveal partial sums); {_missing(result)}"
+            )
         ahead = self._plan_ahead(server_round + 1, next_keys)
-        contents = {}
-        for node in survivors:
-            content = _content(server_round, {Key.SURVIVORS: survivors, Key.DROPPED: dropped})
-            if ahead and node in ahead.plan.participants:
-                shares_ahead = self._share_content(ahead, node)
-                content[Record.NEXT_CONFIG] = shares_ahead[Record.CONFIG]
-                content[Record.NEXT_SECAGG] = shares_ahead[Record.SECAGG]
-            contents[node] = content
+        contents = {
+            node: self._unmask_content(prepared, node, dropped, ahead) for node in survivors
+        }
         answers = self._exchange(Stage.UNMASK, contents, result)
+        responses = {}
+        for node, reply in answers.items():
+            allowed = {Key.SEED_SHARE_PREFIX + n for n in survivors if n in plan.group(node)}
+            allowed |= {Key.KEY_SHARE_PREFIX + n for n in dropped if n in plan.group(node)}
+            shares = self._parsed(
+                Stage.UNMASK, node, lambda r, a=allowed: returned_shares(r, a), reply, result
+            )
+            if shares is not None:
+                responses[node] = shares
         if ahead:
-            ahead.shared = {
-                node: reply.content.config_records[Record.NEXT_SEALED]
-                for node, reply in answers.items()
-                if Record.NEXT_SEALED in reply.content.config_records
-            }
+            ahead.shared = _next_sealed(answers, ahead.plan)
             self.prepared = ahead
         try:
-            result.mean_update = summed.unmask(
-                {node: pair[1] for node, pair in prepared.keys.items()},
-                {node: dict(reply.content[Record.SECAGG]) for node, reply in answers.items()},
+            result.mean_update, _ = summed.unmask(
+                prepared.commitments(),
+                responses,
                 dropped=dropped,
-                fraction_sum=sum(prepared.fraction[n] for n in survivors),
                 purpose=mask_purpose(self.run_id, server_round),
             )
         except SecAggAbort as err:
@@ -295,7 +325,7 @@ class SecureAggregation:
         self, server_round: int, next_keys: dict[str, tuple[bytes, bytes]]
     ) -> Prepared | None:
         """The next round's plan over the hospitals that sent keys for it, if one is possible."""
-        if len(next_keys) < max(self.cfg.min_nodes, 2):
+        if len(next_keys) < max(self.cfg.min_nodes, SECAGG_MIN_PARTICIPANTS):
             return None
         try:
             plan = plan_round(
@@ -303,10 +333,7 @@ class SecureAggregation:
             )
         except ValueError:
             return None  # the next round sets itself up and reports the problem
-        return Prepared(server_round, plan, dict(next_keys), self._fractions(next_keys), {})
-
-    def _fractions(self, nodes: Mapping[str, object]) -> dict[str, float]:
-        return fractions({node: self.weights[node] for node in nodes})
+        return Prepared(server_round, plan, dict(next_keys))
 
     def _share_content(self, prepared: Prepared, node: str) -> RecordDict:
         """What one hospital needs to share its secrets with its group."""
@@ -317,16 +344,62 @@ class SecureAggregation:
             secagg[Key.C_PK_PREFIX + other], secagg[Key.S_PK_PREFIX + other] = c_pk, s_pk
         content = _content(
             prepared.server_round,
-            {
-                Key.THRESHOLD: plan.threshold,
-                Key.FRACTION: prepared.fraction[node],
-                Key.WEIGHT: self.weights[node],
-                Key.CLIPPING_RANGE: self.cfg.secagg_clipping_range,
-                Key.QUANTIZATION_BITS: self.cfg.secagg_quantization_bits,
-            },
+            {Key.THRESHOLD: plan.threshold, Key.PARTICIPANTS: len(plan.participants)},
         )
         content[Record.SECAGG] = ConfigRecord(secagg)
         return content
+
+    def _unmask_content(
+        self, prepared: Prepared, node: str, dropped: list[str], ahead: Prepared | None
+    ) -> RecordDict:
+        """Who survived and who dropped; with the next round planned, its share request."""
+        survivors = [n for n in prepared.shared if n not in dropped]
+        content = _content(prepared.server_round, {Key.SURVIVORS: survivors, Key.DROPPED: dropped})
+        if ahead and node in ahead.plan.participants:
+            shares_ahead = self._share_content(ahead, node)
+            content[Record.NEXT_CONFIG] = shares_ahead[Record.CONFIG]
+            content[Record.NEXT_SECAGG] = shares_ahead[Record.SECAGG]
+        return content
+
+    def _abort(self, server_round: int, nodes: list[str]) -> None:
+        """Tell every hospital of the round to forget its secrets (no reply awaited)."""
+        self.prepared = None
+        messages = [
+            Message(
+                content=_content(server_round),
+                dst_node_id=int(node),
+                message_type=MessageKind.SECAGG_ABORT,
+            )
+            for node in nodes
+        ]
+        self.exchange.grid.push_messages(messages)
+
+    def _distinct_keys(
+        self, keys: Mapping[str, tuple[bytes, bytes] | None], result: SecureOutcome
+    ) -> dict[str, tuple[bytes, bytes]]:
+        """The well-formed key pairs; any key advertised twice drops every node that sent it."""
+        valid = {node: pair for node, pair in keys.items() if pair is not None}
+        counts = Counter(key for pair in valid.values() for key in pair)
+        for node, pair in list(valid.items()):
+            if any(counts[key] > 1 for key in pair):
+                result.failed[int(node)] = f"{Stage.ADVERTISE}: a public key another node also sent"
+                del valid[node]
+        return valid
+
+    @staticmethod
+    def _parsed(
+        stage: str,
+        node: str,
+        parse: Callable[[Any], Any],
+        reply: Any,
+        result: SecureOutcome,
+    ) -> Any:
+        """`parse(reply)`, or None with the node recorded as failed when it is malformed."""
+        try:
+            return parse(reply)
+        except MalformedReply as err:
+            result.failed[int(node)] = f"{stage}: malformed reply: {err}"
+            return None
 
     def _exchange(
         self, stage: str, contents: Mapping[str, RecordDict], result: SecureOutcome
@@ -339,6 +412,8 @@ class SecureAggregation:
         good: dict[str, Message] = {}
         for reply in self.exchange.send(messages):
             node = str(reply.metadata.src_node_id)
+            if node not in contents:
+                continue  # not a node of this exchange
             if reply.has_error():
                 result.failed[int(node)] = f"{stage}: {short_reason(reply.error.reason)}"
             else:
@@ -349,19 +424,45 @@ class SecureAggregation:
 
     def _require(
         self,
-        alive: Mapping,
+        alive: Collection,
         server_round: int,
         stage: str,
         result: SecureOutcome,
         threshold: int = 2,
     ) -> None:
-        needed = max(self.cfg.min_nodes, threshold)
+        needed = max(self.cfg.min_nodes, threshold, SECAGG_MIN_PARTICIPANTS)
         if len(alive) < needed:
             raise SecAggAbort(
                 f"round {server_round} secure aggregation, {stage} stage: {len(alive)} "
                 f"hospitals left, {needed} needed (quorum 'min-nodes' {self.cfg.min_nodes}, "
-                f"threshold {threshold}); {_missing(result)}"
+                f"threshold {threshold}, at least {SECAGG_MIN_PARTICIPANTS}); {_missing(result)}"
             )
+
+
+def _next_keys(reply: Message) -> tuple[bytes, bytes] | None:
+    """The next round's public keys riding on an upload, if well formed."""
+    record = reply.content.config_records.get(Record.SECAGG)
+    if record is None:
+        return None
+    pair = (record.get(Key.NEXT_PREFIX + Key.C_PK), record.get(Key.NEXT_PREFIX + Key.S_PK))
+    if all(isinstance(key, bytes) and len(key) == KEY_BYTES for key in pair):
+        return pair  # type: ignore[return-value]
+    return None
+
+
+def _next_sealed(answers: Mapping[str, Message], plan: RoundPlan) -> dict[str, ConfigRecord]:
+    """The next round's shares riding on the unmask replies; a malformed one is left out
+    (that round then sets itself up again)."""
+    shared = {}
+    for node, reply in answers.items():
+        if node not in plan.participants:
+            continue
+        try:
+            record = reply.content.config_records.get(Record.NEXT_SEALED)
+            shared[node] = sealed_shares(record, plan.neighbours[node])
+        except MalformedReply:
+            continue
+    return shared
 
 
 def _content(server_round: int, extra: Mapping | None = None) -> RecordDict:

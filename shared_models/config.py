@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS, Encoding
+
 # Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step).
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # Robust strategies look at every update one by one: no secure aggregation.
@@ -56,6 +58,7 @@ class RunConfig:
     secagg_threshold: int = 0  # shares needed to unmask; 0: a strict majority of a group
     secagg_clipping_range: float = 16.0  # update values are clipped to +-this before encoding
     secagg_quantization_bits: int = 30  # fixed-point resolution of the encoded update
+    secagg_max_weight: float = 1000.0  # examples at which a hospital's own weight is full
     dp_mode: str = "off"  # off | client (clip at the site) | server (clip at the coordinator)
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0  # L2 norm bound of one hospital's update
@@ -88,8 +91,13 @@ class RunConfig:
     out_dir: str = "runs/latest"
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower-style kebab-case keys; unknown keys are errors."""
+    def from_mapping(cls, values: Mapping[str, Any], validate: bool = True) -> RunConfig:
+        """Build from Flower-style kebab-case keys; unknown keys are errors.
+
+        `validate=False` skips the checks that need the imaging tasks (and so
+        torch): the hospital's light SecAgg+ steps read their settings that way
+        and check what they use themselves.
+        """
         known = {config_key(f.name): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
@@ -100,8 +108,18 @@ class RunConfig:
             field = known[key]
             kwargs[field.name] = _coerce(key, value, _field_type(field.type))
         config = cls(**kwargs)
-        config.validate()
+        if validate:
+            config.validate()
         return config
+
+    def secagg_encoding(self) -> Encoding:
+        """How this run encodes updates under secure aggregation (alike at every site)."""
+        return Encoding(
+            clipping_range=self.secagg_clipping_range,
+            bits=self.secagg_quantization_bits,
+            max_weight=self.secagg_max_weight,
+            equal_weights=self.dp_mode != "off",
+        )
 
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case keys, as Flower's run config and metrics.json carry them."""
@@ -231,8 +249,6 @@ class RunConfig:
             _bad("target_scale", self.target_scale, "a positive number")
 
     def _validate_privacy(self) -> None:
-        from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS
-
         if self.secure_aggregation and self.strategy in ROBUST_STRATEGIES:
             _bad(
                 "strategy",
@@ -247,6 +263,8 @@ class RunConfig:
             _bad("secagg_threshold", self.secagg_threshold, "0 (strict majority) or at least 2")
         if not (math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0):
             _bad("secagg_clipping_range", self.secagg_clipping_range, "a positive number")
+        if not (math.isfinite(self.secagg_max_weight) and 1 <= self.secagg_max_weight <= 2**24):
+            _bad("secagg_max_weight", self.secagg_max_weight, "a number of examples in 1..2**24")
         if not MIN_BITS <= self.secagg_quantization_bits <= MAX_BITS:
             _bad(
                 "secagg_quantization_bits",

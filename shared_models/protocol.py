@@ -9,6 +9,8 @@ alike. The layout follows Flower's `secaggplus_constants.py` (`Stage`, `Key`).
 
 from __future__ import annotations
 
+import re
+
 
 class SecAggAction:
     """The ClientApp's SecAgg+ actions; the categories are Flower's (`flwr.app.MessageType`)."""
@@ -16,6 +18,7 @@ class SecAggAction:
     ADVERTISE = "secagg_advertise"
     SHARE = "secagg_share"
     UNMASK = "secagg_unmask"
+    ABORT = "secagg_abort"  # forget the round's secrets: it will not be unmasked
 
 
 class MessageKind:
@@ -24,6 +27,7 @@ class MessageKind:
     SECAGG_ADVERTISE = "train." + SecAggAction.ADVERTISE
     SECAGG_SHARE = "train." + SecAggAction.SHARE
     SECAGG_UNMASK = "train." + SecAggAction.UNMASK
+    SECAGG_ABORT = "train." + SecAggAction.ABORT
 
 
 class Record:
@@ -55,6 +59,8 @@ class Metric:
     DP_EPSILON = "dp-epsilon"  # added by the coordinator to the global metrics
     # Bookkeeping that is never a quality metric of the model.
     BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON)
+    # Counts a site reveals only at or above its floor (else SUPPRESSED).
+    COUNTS = (NUM_EXAMPLES, SKIPPED_FILES, GENERATED_IMAGES)
 
 
 class Config:
@@ -71,6 +77,10 @@ class SiteKey:
     NAME = "name"
 
 
+# What a site name may be: a label for reports and metrics, not free text.
+SITE_NAME = re.compile(r"\w[\w.-]{0,63}")
+
+
 class Statistic:
     """Keys of a site's summary (the reply to a statistics query)."""
 
@@ -80,12 +90,22 @@ class Statistic:
     INTENSITY_P1 = "intensity-p1"
     INTENSITY_P99 = "intensity-p99"
     INTENSITY_HISTOGRAM = "intensity-histogram"  # pixel fractions over fixed bins
-    # Counts of images: each is suppressed below the site's minimum.
-    COUNTS = (NUM_TRAIN, NUM_VAL, LABEL_HISTOGRAM)
+    # The minimum the site applied: the larger of its own floor and the coordinator's ask.
+    MIN_COUNT = "min-count"
 
 
 # A count below the site's minimum, replaced at the site before it is sent.
 SUPPRESSED = -1
+
+
+class ErrorCode:
+    """Codes of the errors a hospital sends instead of a reply (with generic text only)."""
+
+    INTERNAL = 100  # anything unexpected; the details are in the node's log
+    SITE_DATA = 101  # the site's data cannot be used
+    CONFIG = 102  # the run's config is not valid
+    SECAGG_REFUSED = 103  # a secure-aggregation step the hospital refuses
+    UPDATE_REFUSED = 104  # an update the hospital will not send (e.g. not finite)
 
 
 class NodeConfig:
@@ -96,6 +116,7 @@ class NodeConfig:
     DEVICE = "device"
     CACHE_DIR = "cache-dir"
     LOADER_WORKERS = "loader-workers"
+    MIN_COUNT = "min-count"  # the site's floor: no smaller count of images leaves it
     PARTITION_ID = "partition-id"  # Flower's simulation engine sets these two
     NUM_PARTITIONS = "num-partitions"
 
@@ -122,19 +143,29 @@ class Key:
     FROM_PREFIX = "from."  # from.<node>: a ciphertext from that neighbour
     SEED_SHARE_PREFIX = "b."  # b.<node>: a share of that node's self-mask seed
     KEY_SHARE_PREFIX = "sk."  # sk.<node>: a share of that node's mask private key
+    SEED_HASH = "b-hash"  # SHA-256 of the self-mask seed: a rebuilt seed can be checked
     THRESHOLD = "threshold"
-    FRACTION = "fraction"  # the hospital's share of the round's aggregation weight
-    WEIGHT = "weight"  # the weight the coordinator used for that fraction
-    CLIPPING_RANGE = "clipping-range"
-    QUANTIZATION_BITS = "quantization-bits"
+    PARTICIPANTS = "participants"  # hospitals in the round (scales the encoding)
     SURVIVORS = "survivors"
     DROPPED = "dropped"
     MASKED_ARRAY = "masked"  # the one array of a masked upload
 
 
-def share_context(run: int, server_round: int, sender: str, receiver: str) -> bytes:
-    """Authenticated data binding a share ciphertext to its round, sender and receiver."""
-    return f"medfed-secagg|run={run}|round={server_round}|from={sender}|to={receiver}".encode()
+# Fewer hospitals than this, and one could learn another's update from the sum.
+SECAGG_MIN_PARTICIPANTS = 3
+# More than this is no consortium of hospitals; beyond it a weight's fixed-point unit
+# (2**31 / participants) gets too coarse to carry one hospital's example count.
+SECAGG_MAX_PARTICIPANTS = 10_000
+
+
+def share_context(run: int, server_round: int, route: tuple[str, str], terms: str) -> bytes:
+    """Authenticated data binding a share ciphertext to its round, (sender, receiver) and the
+    round's terms (participants, threshold, encoding): neighbours told different terms
+    cannot open each other's shares, so no hospital can be given a scale of its own."""
+    sender, receiver = route
+    return (
+        f"medfed-secagg|run={run}|round={server_round}|from={sender}|to={receiver}|{terms}".encode()
+    )
 
 
 def mask_purpose(run: int, server_round: int) -> bytes:

@@ -79,12 +79,23 @@ def incompatibilities(record: ArrayRecord, template: Template) -> list[str]:
         if tuple(array.shape) != want:
             problems.append(f"'{key}' has shape {tuple(array.shape)}, expected {want}")
             continue
-        values = array.numpy()
-        if not np.issubdtype(values.dtype, np.floating):
+        values = readable(array)
+        if values is None or values.shape != want:
+            problems.append(f"'{key}' is not a readable array of shape {want}")
+        elif not np.issubdtype(values.dtype, np.floating):
             problems.append(f"'{key}' has dtype {values.dtype}, expected a float type")
         elif not np.isfinite(values).all():
             problems.append(f"'{key}' contains NaN or infinite values")
     return problems
+
+
+def readable(array: Array) -> np.ndarray | None:
+    """The array's values, or None when its bytes are not a NumPy array (a broken or
+    hostile sender): a reply is checked before use, never trusted to parse."""
+    try:
+        return array.numpy()
+    except (ValueError, TypeError, EOFError, OSError):
+        return None
 
 
 def state_dict_from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from medfed.client.app import TRAIN_MODS
 from medfed.client.privacy import secagg_mod
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Config, Metric, Record, SiteKey
+from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey
 
 RUN_ID = 7
 # What the grid calls each kind of message when deciding whether a hospital answers it.
@@ -38,6 +38,7 @@ STAGES = {
     "train.secagg_advertise": "advertise",
     "train.secagg_share": "share",
     "train.secagg_unmask": "unmask",
+    "train.secagg_abort": "abort",
     "evaluate": "evaluate",
     "query": "query",
 }
@@ -58,8 +59,9 @@ class InProcessGrid:
     `drop[stage]`: nodes that never answer that stage ("advertise", "share",
     "upload", "unmask", "evaluate", "query"); `silent_from[node]`: the round
     from which a node answers nothing at all (as if killed); `hostile[node]`:
-    replaces that node's training reply; `tamper`: (receiver, sender) share
-    ciphertexts to corrupt in transit.
+    replaces that node's training reply; `corrupt[(stage, node)]`: rewrites
+    the honest reply of that stage (a broken or malicious hospital);
+    `tamper`: (receiver, sender) share ciphertexts to corrupt in transit.
     """
 
     def __init__(
@@ -71,11 +73,16 @@ class InProcessGrid:
         act_as_coordinator()
         self.updates, self.weights = updates, weights
         config = (run_config or secure_config()).to_mapping()
-        self.contexts = {node: Context(RUN_ID, node, {}, RecordDict(), config) for node in updates}
+        # a floor of 1 lets the tests see exact weights; tests of the floor set their own
+        node_config = {NodeConfig.MIN_COUNT: 1}
+        self.contexts = {
+            node: Context(RUN_ID, node, dict(node_config), RecordDict(), config) for node in updates
+        }
         self.sites = {node: f"site-{i}" for i, node in enumerate(updates)}
         self.drop: dict[str, set[int]] = {}
         self.silent_from: dict[int, int] = {}
         self.hostile: dict[int, Callable[[Message], Message]] = {}
+        self.corrupt: dict[tuple[str, int], Callable[[Message], Message]] = {}
         self.tamper: set[tuple[int, int]] = set()
         self.seen: list[Message] = []  # every reply the coordinator received
         self.outbox: list[Message] = []
@@ -94,12 +101,14 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if self._silent(message, node):
                 continue
+            stage = STAGES[message.metadata.message_type]
             try:
-                reply = self._handle(STAGES[message.metadata.message_type], message, node)
-            except Exception as err:  # Flower turns any ClientApp exception into an error reply
-                reply = Message(
-                    error=Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message
-                )
+                reply = self._handle(stage, message, node)
+                if (stage, node) in self.corrupt:
+                    reply = self.corrupt[(stage, node)](reply)
+            except Exception as err:  # worded as Flower's ClientApp runner words it
+                reason = str(type(err)) + ":<'" + str(err) + "'>"
+                reply = Message(error=Error(code=1, reason=reason), reply_to=message)
             self.outbox.append(reply)
         return ids
 
@@ -119,7 +128,7 @@ class InProcessGrid:
     def _handle(self, stage: str, message: Message, node: int) -> Message:
         context = self.contexts[node]
         if stage == "advertise":
-            reply = secagg_mod.advertise(message, context, self.weights[node])
+            reply = secagg_mod.advertise(message, context)
             state = context.state.config_records[secagg_mod.STATE_KEY]
             self.secrets[node] += [state["c-sk"], state["s-sk"]]
             return reply
@@ -129,6 +138,8 @@ class InProcessGrid:
             return reply
         if stage == "upload":
             return self._upload(message, node, context)
+        if stage == "abort":
+            return secagg_mod.abort(message, context)
         if stage == "unmask":
             reply = secagg_mod.unmask(message, context)
             if secagg_mod.STATE_KEY in context.state.config_records:  # next round prepared

@@ -10,6 +10,7 @@ too low to protect it or into revealing both secrets of one neighbour.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from medfed.shared_models.protocol import (
+    SECAGG_MAX_PARTICIPANTS,
+    SECAGG_MIN_PARTICIPANTS,
     Config,
     Key,
     mask_purpose,
@@ -27,6 +30,7 @@ from medfed.shared_models.protocol import (
 )
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import (
+    KEY_BYTES,
     MaskStream,
     Scratch,
     derive,
@@ -35,11 +39,26 @@ from medfed.shared_models.secagg.primitives import (
     public_key,
     seal,
 )
-from medfed.shared_models.secagg.quantize import check_fraction, check_ranges, encode
+from medfed.shared_models.secagg.quantize import Encoding, check_ranges, encode, weight_ratio
 
 
 class SecAggRefused(ValueError):
     """The coordinator asked for something that would weaken this hospital's protection."""
+
+
+class UpdateRefused(ValueError):
+    """This hospital's update cannot be sent (the text says why, without site data)."""
+
+
+# Shamir x-coordinates are small positive integers: never 0 (nor a multiple of the
+# prime), where a share would be the secret itself.
+MAX_COORDINATE = 2**31 - 1
+
+
+def _coordinate(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_COORDINATE:
+        raise ValueError(f"x-coordinate {value!r}: expected an integer in 1..{MAX_COORDINATE}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,33 +69,40 @@ class ShareRequest:
     xs: Mapping[str, int]  # Shamir x-coordinate of each member of this hospital's group
     neighbour_keys: Mapping[str, tuple[bytes, bytes]]  # neighbour -> (c-pk, s-pk)
     threshold: int
-    fraction: float  # this hospital's share of the round's aggregation weight
-    clipping_range: float
-    bits: int
-    weight: float  # the aggregation weight the coordinator used for `fraction`
+    participants: int  # hospitals in the round
 
     @classmethod
     def from_records(cls, config: Mapping, secagg: Mapping) -> ShareRequest:
-        """Read the request from a message's `config` and `secagg` records."""
-        xs = {
-            key.removeprefix(Key.X_PREFIX): int(value)
-            for key, value in secagg.items()
-            if key.startswith(Key.X_PREFIX)
-        }
-        names = [k.removeprefix(Key.C_PK_PREFIX) for k in secagg if k.startswith(Key.C_PK_PREFIX)]
-        neighbours = {
-            name: (secagg[Key.C_PK_PREFIX + name], secagg[Key.S_PK_PREFIX + name]) for name in names
-        }
-        return cls(
-            server_round=int(config[Config.SERVER_ROUND]),
-            xs=xs,
-            neighbour_keys=neighbours,
-            threshold=int(config[Key.THRESHOLD]),
-            fraction=float(config[Key.FRACTION]),
-            clipping_range=float(config[Key.CLIPPING_RANGE]),
-            bits=int(config[Key.QUANTIZATION_BITS]),
-            weight=float(config[Key.WEIGHT]),
-        )
+        """Read the request from a message's `config` and `secagg` records.
+
+        Anything of the wrong type is refused here, before a secret is touched.
+        """
+        try:
+            xs = {
+                key.removeprefix(Key.X_PREFIX): _coordinate(value)
+                for key, value in secagg.items()
+                if key.startswith(Key.X_PREFIX)
+            }
+            names = [
+                k.removeprefix(Key.C_PK_PREFIX) for k in secagg if k.startswith(Key.C_PK_PREFIX)
+            ]
+            neighbours = {
+                name: (secagg[Key.C_PK_PREFIX + name], secagg[Key.S_PK_PREFIX + name])
+                for name in names
+            }
+            request = cls(
+                server_round=int(config[Config.SERVER_ROUND]),
+                xs=xs,
+                neighbour_keys=neighbours,
+                threshold=int(config[Key.THRESHOLD]),
+                participants=int(config[Key.PARTICIPANTS]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise SecAggRefused(f"malformed share request: {err!r}") from err
+        for pair in neighbours.values():
+            if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in pair):
+                raise SecAggRefused("malformed share request: a public key is not 32 bytes")
+        return request
 
 
 class HospitalSecAgg:
@@ -103,9 +129,18 @@ class HospitalSecAgg:
         return cls(state), public
 
     @property
-    def weight(self) -> float:
-        """The aggregation weight the coordinator weighs this hospital by this round."""
-        return float(self.state["weight"])
+    def seed_hash(self) -> bytes:
+        """The commitment to this round's self-mask seed (after `share_keys`)."""
+        return bytes(self.state["seed-hash"])
+
+    def _encoding(self) -> Encoding:
+        """The encoding this hospital agreed to when it shared its keys."""
+        return Encoding(
+            clipping_range=float(self.state["clipping-range"]),
+            bits=int(self.state["bits"]),
+            max_weight=float(self.state["max-weight"]),
+            equal_weights=bool(self.state["equal-weights"]),
+        )
 
     def _check_round(self, server_round: int) -> None:
         if int(self.state["round"]) != server_round:
@@ -114,29 +149,46 @@ class HospitalSecAgg:
                 f"not round {server_round}"
             )
 
-    def _check_request(self, request: ShareRequest) -> None:
+    def _check_request(self, request: ShareRequest, encoding: Encoding) -> None:
         """Refuse a group, threshold or key set that would weaken this hospital's protection."""
         me = str(self.state["node"])
         keys = request.neighbour_keys
         if me in keys or not set(keys) <= set(request.xs) or me not in request.xs:
             raise SecAggRefused("neighbour list does not match the round's participants")
+        if request.participants > SECAGG_MAX_PARTICIPANTS:
+            raise SecAggRefused(
+                f"a round of {request.participants} hospitals: at most "
+                f"{SECAGG_MAX_PARTICIPANTS} can be encoded"
+            )
+        if request.participants < SECAGG_MIN_PARTICIPANTS or len(keys) < 2:
+            raise SecAggRefused(
+                f"a round of {request.participants} hospitals with {len(keys)} neighbours: "
+                f"at least {SECAGG_MIN_PARTICIPANTS} hospitals and 2 neighbours are needed, "
+                "or one could learn another's update from the sum"
+            )
         group = len(keys) + 1
         if not minimum_threshold(group) <= request.threshold <= group:
             raise SecAggRefused(
                 f"threshold {request.threshold} for a group of {group} is unsafe "
                 f"(needs {minimum_threshold(group)}..{group})"
             )
+        group_xs = [request.xs[h] for h in [*keys, me]]
+        if len(set(group_xs)) != len(group_xs):
+            raise SecAggRefused("two members of the group share an x-coordinate")
         own = (public_key(self.state["c-sk"]), public_key(self.state["s-sk"]))
         every_key = [k for pair in keys.values() for k in pair] + list(own)
         if len(set(every_key)) != len(every_key):
             raise SecAggRefused("public keys repeat across neighbours")
-        check_fraction(request.fraction)
-        check_ranges(request.clipping_range, request.bits, len(request.xs))
+        check_ranges(encoding.clipping_range, encoding.bits, request.participants)
 
-    def share_keys(self, request: ShareRequest) -> dict[str, bytes]:
-        """Shamir-share the self-mask seed and mask key; one ciphertext per neighbour."""
+    def share_keys(self, request: ShareRequest, encoding: Encoding) -> dict[str, bytes]:
+        """Shamir-share the self-mask seed and mask key; one ciphertext per neighbour.
+
+        The state's `seed-hash` goes to the coordinator with them: it lets the
+        coordinator check a rebuilt seed, and says nothing of the seed itself.
+        """
         self._check_round(request.server_round)
-        self._check_request(request)
+        self._check_request(request, encoding)
         me = str(self.state["node"])
         neighbours = sorted(request.neighbour_keys)
         seed = os.urandom(shamir.SECRET_BYTES)
@@ -147,17 +199,24 @@ class HospitalSecAgg:
         for holder in neighbours:
             x = int(request.xs[holder])
             key = derive(self.state["c-sk"], request.neighbour_keys[holder][0], b"share")
-            context = share_context(int(self.state["run"]), request.server_round, me, holder)
+            context = share_context(
+                int(self.state["run"]),
+                request.server_round,
+                (me, holder),
+                encoding.terms(request.participants, request.threshold),
+            )
             sealed[holder] = seal(key, seed_shares[x] + key_shares[x], context)
         x_me = int(request.xs[me])
         self.state.update(
             {
                 "seed": seed,
+                "seed-hash": hashlib.sha256(seed).digest(),
                 "threshold": request.threshold,
-                "fraction": request.fraction,
-                "clipping-range": request.clipping_range,
-                "bits": request.bits,
-                "weight": request.weight,
+                "participants": request.participants,
+                "clipping-range": encoding.clipping_range,
+                "bits": encoding.bits,
+                "max-weight": encoding.max_weight,
+                "equal-weights": encoding.equal_weights,
                 "neighbours": neighbours,
                 f"share-b.{me}": seed_shares[x_me],
                 f"share-sk.{me}": key_shares[x_me],
@@ -175,14 +234,18 @@ class HospitalSecAgg:
         unknown = sorted(set(sealed) - set(self.state["neighbours"]))
         if unknown:
             raise SecAggRefused(f"shares from non-neighbours {unknown}")
+        terms = self._encoding().terms(
+            int(self.state["participants"]), int(self.state["threshold"])
+        )
         for sender, ciphertext in sealed.items():
             key = derive(self.state["c-sk"], self.state[f"c-pk.{sender}"], b"share")
-            context = share_context(int(self.state["run"]), server_round, sender, me)
+            context = share_context(int(self.state["run"]), server_round, (sender, me), terms)
             try:
                 plain = open_sealed(key, ciphertext, context)
             except Exception as err:  # InvalidTag carries no message
                 raise SecAggRefused(
-                    f"the share ciphertext from node {sender} failed authentication"
+                    f"the share ciphertext from node {sender} failed authentication (tampered, "
+                    "misrouted, or sealed under other round terms)"
                 ) from err
             if len(plain) != 2 * shamir.SHARE_BYTES:
                 raise SecAggRefused(f"the share from node {sender} has the wrong length")
@@ -190,29 +253,52 @@ class HospitalSecAgg:
             self.state[f"share-sk.{sender}"] = plain[shamir.SHARE_BYTES :]
         self.state["senders"] = sorted(sealed)
 
-    def mask(self, server_round: int, update: np.ndarray) -> tuple[np.ndarray, int]:
-        """The masked encoding of the flat float update, and how many values were clipped.
+    def mask(
+        self, server_round: int, update: np.ndarray, examples: float
+    ) -> tuple[np.ndarray, int]:
+        """The masked encoding of the flat float update weighted by this hospital itself,
+        and how many values were clipped.
 
-        Pairwise masks are added for exactly the neighbours whose shares
-        arrived: those are the ones the coordinator can account for.
+        Once per round only: a second request would mask a second update with the
+        same masks, and the difference of the two would be in the clear. Pairwise
+        masks are added for exactly the neighbours whose shares arrived; fewer than
+        threshold - 1 of them, and the coordinator could rebuild this hospital's
+        masks with the shares it already holds, so none is sent.
         """
         self._check_round(server_round)
+        if self.state.get("masked"):
+            raise SecAggRefused(
+                f"this hospital already sent its masked update of round {server_round}"
+            )
+        senders = list(self.state.get("senders", []))
+        needed = int(self.state["threshold"]) - 1
+        if len(senders) < needed:
+            raise SecAggRefused(
+                f"only {len(senders)} neighbours' shares arrived; {needed} are needed "
+                "before this hospital masks its update"
+            )
         me = str(self.state["node"])
         run = int(self.state["run"])
+        ratio = (
+            1.0
+            if self.state["equal-weights"]
+            else weight_ratio(examples, float(self.state["max-weight"]))
+        )
+        self.state["masked"] = True  # before anything can fail: never a second attempt
         masked, clipped = encode(
             update,
-            float(self.state["fraction"]),
+            ratio,
             float(self.state["clipping-range"]),
             int(self.state["bits"]),
+            int(self.state["participants"]),
         )
         scratch = Scratch()
         MaskStream(self.state["seed"]).apply(masked, True, scratch)
-        for other in self.state.get("senders", []):
+        for other in senders:
             seed = derive(
                 self.state["s-sk"], self.state[f"s-pk.{other}"], mask_purpose(run, server_round)
             )
             MaskStream(seed).apply(masked, pairwise_sign(me, other), scratch)
-        self.state["masked"] = True
         return masked, clipped
 
     def unmask(
@@ -232,6 +318,11 @@ class HospitalSecAgg:
         held = set(self.state.get("senders", [])) | {me}
         if me not in survivors:
             raise SecAggRefused("this hospital is not listed among the survivors")
+        if len(set(survivors)) < SECAGG_MIN_PARTICIPANTS:
+            raise SecAggRefused(
+                f"only {len(set(survivors))} survivors: with fewer than "
+                f"{SECAGG_MIN_PARTICIPANTS} one could learn another's update from the sum"
+            )
         alive = [n for n in survivors if n in group]
         if len(alive) < int(self.state["threshold"]):
             raise SecAggRefused(

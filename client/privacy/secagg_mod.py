@@ -19,13 +19,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from logging import WARNING
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
-from medfed.client.privacy.secagg_hospital import HospitalSecAgg, SecAggRefused, ShareRequest
+from medfed.client.privacy.secagg_hospital import (
+    HospitalSecAgg,
+    SecAggRefused,
+    ShareRequest,
+    UpdateRefused,
+)
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Config, Key, Metric, Record, SiteKey
+from medfed.shared_models.secagg.quantize import Encoding
 from medfed.shared_models.secagg.vector import flatten
 
 STATE_KEY = "medfed-secagg"
@@ -53,23 +59,27 @@ def _forget(context: Context, slot: str) -> None:
         del context.state[slot]
 
 
-def advertise(msg: Message, context: Context, weight: float) -> Message:
-    """Fresh key pairs for the round; the public halves and the aggregation weight go back."""
+def _encoding(context: Context) -> Encoding:
+    """The run's encoding settings, read from the run's own config (no torch needed)."""
+    return RunConfig.from_mapping(context.run_config, validate=False).secagg_encoding()
+
+
+def advertise(msg: Message, context: Context) -> Message:
+    """Fresh key pairs for the round; the public halves go back (secrets of any earlier
+    round are forgotten here)."""
     _forget(context, NEXT_KEY)
     public = _start(context, _round(msg), STATE_KEY)
-    content = RecordDict(
-        {
-            Record.SECAGG: ConfigRecord(public),
-            Record.METRICS: MetricRecord({Metric.WEIGHT: weight}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({Record.SECAGG: ConfigRecord(public)}), reply_to=msg)
 
 
 def _share(context: Context, config: Mapping, secagg: Mapping) -> ConfigRecord:
-    """Encrypted shares of this hospital's secrets, one per neighbour ("to.<node>")."""
-    sealed = _state(context).share_keys(ShareRequest.from_records(config, secagg))
-    return ConfigRecord({Key.TO_PREFIX + node: ciphertext for node, ciphertext in sealed.items()})
+    """Encrypted shares of this hospital's secrets, one per neighbour ("to.<node>"), and
+    the commitment to its self-mask seed."""
+    state = _state(context)
+    sealed = state.share_keys(ShareRequest.from_records(config, secagg), _encoding(context))
+    record = ConfigRecord({Key.TO_PREFIX + node: ciphertext for node, ciphertext in sealed.items()})
+    record[Key.SEED_HASH] = state.seed_hash
+    return record
 
 
 def share(msg: Message, context: Context) -> Message:
@@ -87,7 +97,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     update masked is (reply arrays - received arrays), so an inner mod that
     clips the reply (DP) is clipped before it is masked.
     """
-    if not RunConfig.from_mapping(context.run_config).secure_aggregation:
+    if not RunConfig.from_mapping(context.run_config, validate=False).secure_aggregation:
         return call_next(msg, context)
     if Record.SECAGG not in msg.content.config_records:
         raise SecAggRefused(
@@ -100,12 +110,6 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if reply.has_error():
         return reply
     state = _state(context)
-    weight = float(reply.content[Record.METRICS][Metric.WEIGHT])
-    if state.weight != weight:
-        raise SecAggRefused(
-            f"the coordinator weighs this hospital by {state.weight:g}, but its "
-            f"aggregation weight is now {weight:g} (site data changed); it rejoins next round"
-        )
     shares = {
         k.removeprefix(Key.FROM_PREFIX): v
         for k, v in inbox.items()
@@ -125,10 +129,13 @@ def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Co
         raise SecAggRefused("the trained arrays do not match the received ones by name")
     update = flatten({k: trained[k].numpy() for k in keys}, keys)
     update -= flatten({k: received[k].numpy() for k in keys}, keys)
+    examples = float(reply.content[Record.METRICS][Metric.WEIGHT])
     try:
-        masked, clipped = state.mask(server_round, update)
+        masked, clipped = state.mask(server_round, update, examples)
+    except SecAggRefused:
+        raise
     except ValueError as err:
-        raise ValueError(f"this hospital's update cannot be sent: {err}") from err
+        raise UpdateRefused(f"this hospital's update cannot be sent: {err}") from err
     public = _start(context, server_round + 1, NEXT_KEY)
     reply.content[Record.ARRAYS] = ArrayRecord({Key.MASKED_ARRAY: Array(masked)})
     reply.content[Record.METRICS][Metric.SECAGG_CLIPPED] = clipped
@@ -143,6 +150,13 @@ def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Co
             site,
             clipped,
         )
+
+
+def abort(msg: Message, context: Context) -> Message:
+    """The coordinator gave the round up: forget its secrets now, not at the next round."""
+    _forget(context, STATE_KEY)
+    _forget(context, NEXT_KEY)
+    return Message(content=RecordDict(), reply_to=msg)
 
 
 def unmask(msg: Message, context: Context) -> Message:

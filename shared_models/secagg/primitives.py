@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SEED_BYTES = 32
+KEY_BYTES = 32  # raw X25519 keys, private and public
 _RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
 

@@ -22,8 +22,9 @@ def split(secret: bytes, xs: list[int], threshold: int) -> dict[int, bytes]:
         raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
     if not 1 <= threshold <= len(xs):
         raise ValueError(f"threshold {threshold} must be between 1 and {len(xs)} shares")
-    if len(set(xs)) != len(xs) or min(xs) < 1:
-        raise ValueError("x-coordinates must be distinct positive integers")
+    if len(set(xs)) != len(xs) or not all(type(x) is int and 0 < x < PRIME for x in xs):
+        # x = 0 (or a multiple of the prime) would hand out the secret itself
+        raise ValueError("x-coordinates must be distinct integers in 1..PRIME-1")
     coefficients = [int.from_bytes(secret, "big")] + [
         secrets.randbelow(PRIME) for _ in range(threshold - 1)
     ]
@@ -36,19 +37,25 @@ def split(secret: bytes, xs: list[int], threshold: int) -> dict[int, bytes]:
     return shares
 
 
-def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """The secret from at least `threshold` shares (x -> y), by Lagrange at x = 0."""
+def interpolate(shares: Mapping[int, bytes], threshold: int, x: int) -> int:
+    """The sharing polynomial at `x`, from the first `threshold` shares (Lagrange)."""
     if len(shares) < threshold:
         raise ValueError(f"need {threshold} shares to rebuild a secret, got {len(shares)}")
-    points = [(x, int.from_bytes(y, "big")) for x, y in list(shares.items())[:threshold]]
-    secret = 0
+    points = [(xi, int.from_bytes(y, "big")) for xi, y in list(shares.items())[:threshold]]
+    value = 0
     for i, (xi, yi) in enumerate(points):
         numerator, denominator = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
-                numerator = numerator * -xj % PRIME
+                numerator = numerator * (x - xj) % PRIME
                 denominator = denominator * (xi - xj) % PRIME
-        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+        value = (value + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
+
+
+def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
+    """The secret from at least `threshold` shares (x -> y), by Lagrange at x = 0."""
+    secret = interpolate(shares, threshold, 0)
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise ValueError("shares are inconsistent: the rebuilt value is not a 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")

@@ -90,10 +90,24 @@ def test_quorum_lost_in_round_k_fails_naming_the_missing_hospital(tmp_path):
     assert isinstance(error, QuorumError)
     assert str(error) == (
         "round 2 training: 2 hospitals replied, quorum is 3 (config key 'min-nodes'); "
-        "missing: site-1"
+        "missing: site-1 (no reply within 1s (config key 'round-timeout-seconds'))"
     )
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
     assert "  site-1: no reply within 1s" in progress
+
+
+def test_a_hospital_that_raised_is_named_with_its_exception_when_the_quorum_fails(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 1.0}, **{"min-nodes": 2})
+
+    def refuse(message: Message) -> Message:
+        raise PermissionError("app package sha256 ab12 is not approved at site-1")
+
+    grid.hostile[202] = refuse
+    error, _, _ = run(tmp_path, grid, cfg)
+    assert isinstance(error, QuorumError) and str(error).endswith(
+        "missing: site-1 (error: PermissionError: app package sha256 ab12 is not approved at "
+        "site-1)"
+    )
 
 
 def test_a_rejected_update_names_its_hospital_and_never_reaches_the_model(tmp_path):
@@ -135,9 +149,10 @@ def test_too_few_connected_hospitals_fail_within_the_wait(tmp_path):
 def test_a_secure_round_reaches_the_plain_rounds_model(tmp_path):
     deltas, weights = {101: 0.5, 202: -0.25, 303: 1.0}, {101: 3.0, 202: 1.0, 303: 4.0}
     plain, _, _ = run(tmp_path / "plain", *grid_of(deltas, weights))
-    secure, metrics, _ = run(
-        tmp_path / "secure", *grid_of(deltas, weights, **{"secure-aggregation": True})
-    )
+    # the public maximum weight set at the largest site keeps every hospital's weight and
+    # the resolution of the weighted sum (docs/security.md)
+    secure_run = {"secure-aggregation": True, "secagg-max-weight": 4.0}
+    secure, metrics, _ = run(tmp_path / "secure", *grid_of(deltas, weights, **secure_run))
     assert np.abs(plain["w"].numpy() - secure["w"].numpy()).max() < 1e-6
     summary = metrics["rounds"][2]["secure-aggregation"]
     assert summary["survivors"] == 3 and set(summary["stage-seconds"]) == {"upload", "unmask"}
@@ -164,7 +179,7 @@ def test_prometheus_counts_the_hospitals_asked_to_train_and_only_validation_metr
 def test_a_secure_round_survives_a_dropout_at_any_stage(tmp_path, stage):
     grid, cfg = grid_of(
         {101: 1.0, 202: 1.0, 303: 1.0, 404: 1.0},
-        **{"secure-aggregation": True, "num-server-rounds": 1},
+        **{"secure-aggregation": True, "num-server-rounds": 1, "secagg-max-weight": 1.0},
     )
     grid.drop[stage] = {404}
     arrays, metrics, _ = run(tmp_path, grid, cfg)
@@ -184,3 +199,59 @@ def test_replies_are_aggregated_in_site_order_whatever_order_they_arrive_in():
         "site-1",
         "site-2",
     ]
+
+
+def _metric(key: str, value):
+    def corrupt(reply: Message) -> Message:
+        reply.content["metrics"][key] = value
+        return reply
+
+    return corrupt
+
+
+def _garbage_arrays(reply: Message) -> Message:
+    """Arrays whose names and shapes are right but whose bytes are no NumPy array."""
+    record = reply.content["arrays"]
+    reply.content["arrays"] = ArrayRecord(
+        {
+            key: Array(dtype="float32", shape=tuple(record[key].shape), stype="numpy.ndarray",
+                       data=b"not an array")
+            for key in record
+        }
+    )  # fmt: skip
+    return reply
+
+
+def _site_name(name):
+    def corrupt(reply: Message) -> Message:
+        if name is None:
+            del reply.content["site"]["name"]
+        else:
+            reply.content["site"]["name"] = name
+        return reply
+
+    return corrupt
+
+
+@pytest.mark.parametrize(
+    ("stage", "corrupt", "reason"),
+    [
+        ("upload", _garbage_arrays, "'w' is not a readable array of shape (6,)"),
+        ("upload", _site_name(None), "site name 'None' is not a short label"),
+        ("upload", _site_name("site-0"), "site name 'site-0' differs from the 'site-1'"),
+        ("evaluate", _site_name("../../srv/images"), "is not a short label"),
+        ("upload", _metric("aggregation-weight", float("nan")), "not a positive number"),
+        ("upload", _metric("train-loss", float("inf")), "'train-loss' is not a finite number"),
+        ("evaluate", _metric("auc", [1.0, float("nan")]), "'auc' is not a finite number"),
+        ("evaluate", _metric("extra-metric", 1.0), "metrics differ from the other hospitals'"),
+    ],
+)
+def test_malformed_metrics_drop_their_hospital_not_the_run(tmp_path, stage, corrupt, reason):
+    grid, cfg = grid_of({101: 1.0, 202: 2.0, 303: 3.0}, **{"num-server-rounds": 1})
+    grid.corrupt[(stage, 202)] = corrupt
+    arrays, metrics, _ = run(tmp_path, grid, cfg)
+    assert reason in metrics["rounds"][1]["failures"]["site-1"]
+    assert sorted(metrics["rounds"][1]["replied"]) == (
+        ["site-0", "site-2"] if stage == "upload" else ["site-0", "site-1", "site-2"]
+    )
+    assert isinstance(arrays, ArrayRecord)
