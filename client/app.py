@@ -2,33 +2,48 @@
 
 A deployed SuperNode starts a fresh ClientApp process for every message.
 Training and evaluation need torch and MONAI (about 4 s to import); the
-SecAgg+ share and unmask steps need only NumPy and `cryptography` (0.4 s).
+SecAgg+ steps between them need only NumPy and `cryptography` (0.4 s).
 So `handlers`, the heavy module, is imported inside the handlers that use it.
 
-The mods on the train handler, outermost first: `outbound_audit_mod` (here)
-records what leaves the site, `secagg_mod` masks the update, `dp_clipping_mod`
-clips it. Flower runs a reply back through them inside-out, so the update is
-clipped, then masked, then audited exactly as sent: array names and shapes,
-metric names, whether it was masked and to which norm it was clipped; never
-values, file names or images. Only model arrays (or a masked vector) and
-scalar metrics leave the site.
+Every route has two mods of this module outermost. `safe_errors_mod` turns a
+failure into a code and generic text (the details stay in the node's log: a
+path or file name never leaves the site). `outbound_audit_mod` records what
+leaves: array names and shapes, metric names, whether the update was masked
+and to which norm it was clipped; never values, file names or images. Inside
+them on the train route, outermost first: SecAgg+ masking, the site's floor on
+counts, DP clipping. Flower runs a reply back through the mods inside-out, so
+the update is clipped, its counts floored (the weight too, which masking then
+puts inside the masked vector), then masked, then audited exactly as sent.
+Only model arrays (or a masked vector) and scalar metrics leave the site.
 """
 
 from __future__ import annotations
 
+from logging import ERROR
 from typing import Any
 
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.client import telemetry
+from medfed.client.data.manifest import SiteDataError
 from medfed.client.privacy import secagg_mod
-from medfed.client.privacy.dp_clipping import dp_clipping_mod
-from medfed.client.privacy.small_counts import small_count_mod
+from medfed.client.privacy.filters import count_floor_mod, dp_clipping_mod, small_count_mod
+from medfed.client.privacy.secagg_hospital import SecAggRefused, UpdateRefused
 from medfed.shared_models.audit import audit
-from medfed.shared_models.protocol import Config, Key, Metric, Record, SecAggAction, SiteKey
+from medfed.shared_models.config import ConfigError
+from medfed.shared_models.protocol import (
+    Config,
+    ErrorCode,
+    Key,
+    Metric,
+    Record,
+    SecAggAction,
+    SiteKey,
+)
 
 EVENTS = {
     MessageType.TRAIN: "round-trained",
@@ -79,10 +94,38 @@ def outbound_audit_mod(msg: Message, context: Context, call_next: ClientAppCalla
     return reply
 
 
-app = ClientApp()
+def error_report(err: Exception) -> tuple[int, str]:
+    """The code and the text the coordinator may see for a failure at this site.
+
+    Texts medfed writes from the run's config or the protocol pass through;
+    anything else (site data errors name files and paths) becomes generic.
+    """
+    if isinstance(err, SiteDataError):
+        return ErrorCode.SITE_DATA, "site data unusable; the node's log says why"
+    if isinstance(err, ConfigError):
+        return ErrorCode.CONFIG, f"run config refused: {err}"
+    if isinstance(err, SecAggRefused):
+        return ErrorCode.SECAGG_REFUSED, f"secure aggregation refused: {err}"
+    if isinstance(err, UpdateRefused):
+        return ErrorCode.UPDATE_REFUSED, str(err)
+    return ErrorCode.INTERNAL, f"{type(err).__name__} at the site; the node's log says why"
+
+
+def safe_errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A failure leaves the site as a code and generic text; the details go to its log."""
+    try:
+        return call_next(msg, context)
+    except Exception as err:
+        code, reason = error_report(err)
+        log(ERROR, "[medfed] %s failed (code %d)", msg.metadata.message_type, code, exc_info=err)
+        audit("reply-error", run=context.run_id, message=msg.metadata.message_type, code=code)
+        return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+app = ClientApp(mods=[safe_errors_mod])
 
 # Outermost first; see the module docstring for why this order.
-TRAIN_MODS = [outbound_audit_mod, secagg_mod.secagg_mod, dp_clipping_mod]
+TRAIN_MODS = [outbound_audit_mod, secagg_mod.secagg_mod, count_floor_mod, dp_clipping_mod]
 
 
 @app.train(mods=TRAIN_MODS)
@@ -93,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     return handlers.train(msg, context)
 
 
-@app.evaluate(mods=[outbound_audit_mod])
+@app.evaluate(mods=[outbound_audit_mod, count_floor_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received global model on this site's held-out split."""
     from medfed.client import handlers
@@ -111,10 +154,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train(SecAggAction.ADVERTISE)
 def secagg_advertise(msg: Message, context: Context) -> Message:
-    """SecAgg+ step 1: this round's public keys and the site's aggregation weight."""
-    from medfed.client import handlers
-
-    return secagg_mod.advertise(msg, context, handlers.aggregation_weight(context))
+    """SecAgg+ step 1: this round's public keys."""
+    return secagg_mod.advertise(msg, context)
 
 
 @app.train(SecAggAction.SHARE)
@@ -127,3 +168,9 @@ def secagg_share(msg: Message, context: Context) -> Message:
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """SecAgg+ step 4: the shares the coordinator needs to remove the masks."""
     return secagg_mod.unmask(msg, context)
+
+
+@app.train(SecAggAction.ABORT)
+def secagg_abort(msg: Message, context: Context) -> Message:
+    """The round was given up: its secrets are forgotten at once."""
+    return secagg_mod.abort(msg, context)

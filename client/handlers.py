@@ -214,8 +214,3 @@ def query(msg: Message, context: Context) -> Message:
     """This site's summary; `small_count_mod` suppresses its small counts on the way out."""
     site = NodeSite(context)
     return site.reply(msg, site_summary(site.data, site.cfg, cache_dir=site.cache))
-
-
-def aggregation_weight(context: Context) -> float:
-    """This site's aggregation weight for the run (SecAgg+'s advertise step sends it)."""
-    return NodeSite(context).aggregation_weight()

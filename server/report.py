@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from medfed.server.site_summary import shown_count
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import SUPPRESSED, Metric, Statistic
 from medfed.shared_models.run_folder import METRICS_JSON, PLOTS, PREDICTIONS_PNG, REPORT_MD
 from medfed.shared_models.tasks import TASKS
+
+# Metrics a site suppresses under its floor (SUPPRESSED there is not a value).
+HIDEABLE = {*Metric.COUNTS, Metric.IMAGES_PER_SECOND}
 
 
 def write_report(run_dir: Path) -> Path:
@@ -54,16 +59,7 @@ def write_report(run_dir: Path) -> Path:
                 f"{_fmt(g.get(Metric.TRAIN_LOSS))} | {_fmt(g.get(Metric.LOSS))} | "
                 f"{_fmt(g.get(headline))} | {r['seconds']:.1f} |"
             )
-        keys = sorted({k for s in rounds[-1]["sites"].values() for k in s})
-        lines += [
-            "",
-            f"## Sites after round {rounds[-1]['round']}",
-            "",
-            "| site | " + " | ".join(keys) + " |",
-            "|---|" + "---:|" * len(keys),
-        ]
-        for site, metrics in rounds[-1]["sites"].items():
-            lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+        lines += _sites_section(rounds[-1])
     lines += _statistics_section(data, config)
     lines += ["", "![global](plots/global.png)", "", "![sites](plots/sites.png)", ""]
     if (plots / PREDICTIONS_PNG).exists():
@@ -79,26 +75,48 @@ def write_report(run_dir: Path) -> Path:
     return report
 
 
+def _sites_section(last: dict[str, Any]) -> list[str]:
+    """Each site's metrics in the last round; counts under a site's floor never arrived.
+
+    The aggregation weight is bookkeeping (under the floor it is raised to it),
+    not something to read, so it is left out.
+    """
+    keys = sorted({k for s in last["sites"].values() for k in s} - {Metric.WEIGHT})
+    lines = [
+        "",
+        f"## Sites after round {last['round']}",
+        "",
+        "Counts below a site's own floor are suppressed at the site: shown as *hidden*.",
+        "",
+        "| site | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for site, metrics in last["sites"].items():
+        cells = [
+            "*hidden*" if k in HIDEABLE and metrics.get(k) == SUPPRESSED else _fmt(metrics.get(k))
+            for k in keys
+        ]
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[str]:
     stats = data.get("site-statistics")
     if not stats:
         return []
     classes = TASKS[config["task"]].label_bins(RunConfig.from_mapping(config))
-    low = f"<{config['stats-min-count']}"
-
-    def count(value: Any) -> str:
-        return low if value == SUPPRESSED else str(value)
-
     lines = [
         "",
         "## Sites before training",
         "",
-        "Counts below the minimum are suppressed at each site and never sent.",
+        "Counts below a site's minimum (its own floor, or `stats-min-count` if larger) are "
+        "suppressed at the site and never sent: shown as <N.",
         "",
         "| site | train | val | " + " | ".join(classes) + " | intensity p1 | p99 |",
         "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|",
     ]
     for site, s in sorted(stats.items()):
+        count = partial(shown_count, minimum=s.get(Statistic.MIN_COUNT, config["stats-min-count"]))
         lines.append(
             f"| {site} | {count(s[Statistic.NUM_TRAIN])} | {count(s[Statistic.NUM_VAL])} | "
             + " | ".join(count(v) for v in s[Statistic.LABEL_HISTOGRAM])

@@ -1,13 +1,15 @@
 """Federated statistics, the coordinator's half: every site's summary side by side before round 0.
 
 The coordinator only receives what each site chose to send: counts below the
-site's minimum arrive as SUPPRESSED and are shown as "<N"; no image or file
+site's minimum (the larger of its own floor and `stats-min-count`) arrive as
+SUPPRESSED and are shown as "<N" with the site's N; no image or file
 name leaves a hospital. The hospital's half is `client/data/site_summary.py`
-(what is counted) and `client/privacy/small_counts.py` (what is suppressed).
+(what is counted) and `client/privacy/filters.py` (what is suppressed).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -28,16 +30,18 @@ def request_summaries(exchange: Exchange, node_ids: list[int], min_count: int) -
         )
         for node in node_ids
     ]
-    return exchange.collect(messages)
+    return exchange.collect(messages, weighted=False)
+
+
+def shown_count(value: Any, minimum: int) -> str:
+    """A count as the coordinator may show it: "<N" where the site suppressed it."""
+    return f"<{int(minimum)}" if value == SUPPRESSED else str(value)
 
 
 def format_summaries(
     summaries: dict[str, dict[str, Any]], classes: list[str], min_count: int
 ) -> list[str]:
     """A fixed-width table: counts, label histogram, intensity percentiles and shape."""
-
-    def count(value: Any) -> str:
-        return f"<{min_count}" if value == SUPPRESSED else str(value)
 
     header = (
         f"{'site':<12} {'train':>6} {'val':>5} "
@@ -46,6 +50,7 @@ def format_summaries(
     )
     lines = ["site statistics (counts below the minimum are suppressed at the site):", header]
     for site, s in sorted(summaries.items()):
+        count = partial(shown_count, minimum=s.get(Statistic.MIN_COUNT, min_count))
         histogram = s.get(Statistic.INTENSITY_HISTOGRAM, [])
         if histogram and histogram[0] >= 0:
             top = max(histogram) or 1.0

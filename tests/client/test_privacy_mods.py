@@ -14,14 +14,27 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from medfed.client.app import TRAIN_MODS
 from medfed.client.data.site import load_site
 from medfed.client.data.site_summary import HISTOGRAM_BINS, site_summary
-from medfed.client.privacy.dp_clipping import dp_clipping_mod
+from medfed.client.privacy.filters import (
+    apply_count_floor,
+    dp_clipping_mod,
+    hide_small,
+    small_count_mod,
+)
 from medfed.client.privacy.secagg_hospital import SecAggRefused
-from medfed.client.privacy.small_counts import small_count_mod
 from medfed.server.exchange import Exchange, SiteNames
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.shared_models.audit import AUDIT_ENV, read_audit
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import SUPPRESSED, Config, Metric, Record, SiteKey, Statistic
+from medfed.shared_models.protocol import (
+    SUPPRESSED,
+    Config,
+    ErrorCode,
+    Metric,
+    NodeConfig,
+    Record,
+    SiteKey,
+    Statistic,
+)
 from tests.conftest import tiny_config
 from tests.in_process_grid import (
     RUN_ID,
@@ -46,8 +59,10 @@ def incoming(message_type: str, config: dict, arrays: dict | None = None) -> Mes
     return message
 
 
-def context(run_config: RunConfig) -> Context:
-    return Context(RUN_ID, 5, {}, RecordDict(), run_config.to_mapping())
+def context(run_config: RunConfig, floor: int | None = None) -> Context:
+    """A node's context; `floor` is its `min-count` (None: a node started without one)."""
+    node_config = {} if floor is None else {NodeConfig.MIN_COUNT: floor}
+    return Context(RUN_ID, 5, node_config, RecordDict(), run_config.to_mapping())
 
 
 def adding(update: dict[str, np.ndarray]):
@@ -136,7 +151,7 @@ def test_the_audit_line_is_what_left_the_site(tmp_path, monkeypatch):
     secure.train_round(1, train_messages(nodes, start), SHAPES)
     trained = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "round-trained"]
     assert sorted(e["site"] for e in trained) == ["site-0", "site-1", "site-2"]
-    size = sum(int(np.prod(s)) for s in SHAPES.values())
+    size = sum(int(np.prod(s)) for s in SHAPES.values()) + 1  # the update, then its weight
     for entry in trained:
         assert entry["masked"] is True and entry["sent_arrays"] == {"masked": [size]}
         assert entry["round"] == 1 and entry["clipped_to_norm"] is None
@@ -159,20 +174,28 @@ def test_small_counts_never_leave_the_site(cls_sites):
 
     chain = make_ffn(summary_handler, [small_count_mod])
 
-    def sent(min_count: int) -> MetricRecord:
+    def sent(min_count: int, floor: int | None = 1) -> MetricRecord:
         msg = incoming("query", {Config.STATS_MIN_COUNT: min_count})
-        return chain(msg, context(cfg)).content[Record.METRICS]
+        return chain(msg, context(cfg, floor)).content[Record.METRICS]
 
     threshold = sorted(labels.count(i) for i in range(3))[1]  # hides the rarest class
     guarded = sent(threshold)
-    for shown, true in zip(
-        guarded[Statistic.LABEL_HISTOGRAM], exact[Statistic.LABEL_HISTOGRAM], strict=True
-    ):
-        assert shown == (true if true >= threshold else SUPPRESSED)
-    assert SUPPRESSED in guarded[Statistic.LABEL_HISTOGRAM]
+    histogram = list(
+        zip(guarded[Statistic.LABEL_HISTOGRAM], exact[Statistic.LABEL_HISTOGRAM], strict=True)
+    )
+    assert all(shown in (true, SUPPRESSED) for shown, true in histogram), "never a wrong count"
+    assert all(shown == SUPPRESSED for shown, true in histogram if true < threshold)
+    hidden = [true for shown, true in histogram if shown == SUPPRESSED]
+    # the histogram adds up to the images: one hidden class would follow by subtraction
+    assert len(hidden) >= 2 and sum(hidden) >= threshold
     tiny = sent(10_000)
     assert tiny[Statistic.NUM_TRAIN] == tiny[Statistic.NUM_VAL] == SUPPRESSED
     assert tiny[Statistic.INTENSITY_HISTOGRAM] == [float(SUPPRESSED)] * HISTOGRAM_BINS
+    # the site's floor wins over a coordinator asking for exact counts
+    floored = sent(1, floor=threshold)
+    assert floored[Statistic.LABEL_HISTOGRAM] == guarded[Statistic.LABEL_HISTOGRAM]
+    assert floored[Statistic.MIN_COUNT] == threshold, "the coordinator learns which minimum held"
+    assert sent(1, floor=None)[Statistic.NUM_VAL] == SUPPRESSED  # default floor 10, 8 images
 
 
 def test_a_secure_run_never_sends_an_update_in_the_clear():
@@ -207,11 +230,65 @@ def test_the_client_app_routes_through_its_mods(monkeypatch):
     reply = app(incoming("query", {Config.STATS_MIN_COUNT: 5}), context(RunConfig()))
     sent = reply.content[Record.METRICS]
     assert sent[Statistic.NUM_VAL] == SUPPRESSED
-    assert sent[Statistic.LABEL_HISTOGRAM] == [30, SUPPRESSED, 11]
+    assert sent[Statistic.LABEL_HISTOGRAM] == [30, SUPPRESSED, SUPPRESSED]  # 2, and 11 with it
 
     monkeypatch.setattr(
         handlers, "train", adding({k: np.ones(s, np.float32) for k, s in SHAPES.items()})
     )
     start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    with pytest.raises(SecAggRefused, match="not sent in the clear"):
-        app(incoming("train", {Config.SERVER_ROUND: 1}, start), context(secure_config()))
+    refused = app(incoming("train", {Config.SERVER_ROUND: 1}, start), context(secure_config()))
+    assert refused.has_error() and refused.error.code == ErrorCode.SECAGG_REFUSED
+    assert "not sent in the clear" in refused.error.reason
+
+
+def test_a_failure_leaves_the_site_as_a_code_without_paths(tmp_path, monkeypatch):
+    """A site whose data is unusable: the coordinator gets a code and generic text; the
+    file names and paths stay in the node's log."""
+    from medfed.client.app import app
+
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    site = tmp_path / "site-secret-name"
+    (site / "imagesTr").mkdir(parents=True)
+    (site / "dataset.json").write_text('{"task": "classification", "training": [')
+    ctx = Context(RUN_ID, 5, {NodeConfig.DATA_PATH: str(site)}, RecordDict(), {})
+    start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    for message in (incoming("train", {Config.SERVER_ROUND: 1}, start),
+                    incoming("query", {Config.STATS_MIN_COUNT: 5})):  # fmt: skip
+        reply = app(message, ctx)
+        assert reply.has_error() and reply.error.code == ErrorCode.SITE_DATA
+        assert "site-secret-name" not in reply.error.reason
+        assert "dataset.json" not in reply.error.reason and str(tmp_path) not in reply.error.reason
+    entries = read_audit(tmp_path / "audit.jsonl")
+    assert [e["code"] for e in entries if e["event"] == "reply-error"] == [ErrorCode.SITE_DATA] * 2
+
+
+@pytest.mark.parametrize(
+    ("counts", "shown"),
+    [
+        ([25, 24, 3], [25, SUPPRESSED, SUPPRESSED]),  # 3 alone would be 52 - 25 - 24
+        ([40, 3], [SUPPRESSED, SUPPRESSED]),  # train and val: the total gives val away
+        ([2, 3, 30, 40], [SUPPRESSED, SUPPRESSED, SUPPRESSED, 40]),  # 2 + 3 < 10: one more
+        ([12, 30, 40], [12, 30, 40]),
+        ([4], [SUPPRESSED]),
+    ],
+)
+def test_no_hidden_count_follows_from_the_shown_ones(counts, shown):
+    assert hide_small(counts, 10) == shown
+
+
+def test_counts_below_the_sites_floor_never_leave_it():
+    metrics = MetricRecord(
+        {Metric.NUM_EXAMPLES: 8, Metric.WEIGHT: 8.0, Metric.SKIPPED_FILES: 3,
+         Metric.GENERATED_IMAGES: 0, Metric.IMAGES_PER_SECOND: 40.0, Metric.TRAIN_SECONDS: 2.0}
+    )  # fmt: skip
+    apply_count_floor(metrics, floor=10, weight_is_count=True)
+    assert metrics[Metric.NUM_EXAMPLES] == metrics[Metric.SKIPPED_FILES] == SUPPRESSED
+    assert metrics[Metric.IMAGES_PER_SECOND] == SUPPRESSED, "rate x seconds = the count"
+    assert metrics[Metric.WEIGHT] == 10.0, "a weight must stay positive: raised to the floor"
+    assert metrics[Metric.GENERATED_IMAGES] == 0
+    large = MetricRecord({Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 52.0, Metric.SKIPPED_FILES: 0})
+    apply_count_floor(large, floor=10, weight_is_count=True)
+    assert dict(large) == {Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 52.0, Metric.SKIPPED_FILES: 0}
+    dp = MetricRecord({Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 1.0})
+    apply_count_floor(dp, floor=10, weight_is_count=False)
+    assert dp[Metric.WEIGHT] == 1.0, "an equal DP weight is not a count"

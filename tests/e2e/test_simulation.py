@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from medfed.server.simulate import flwr_run, simulation_superlink
+from medfed.shared_models.protocol import SUPPRESSED
 from medfed.shared_models.run_folder import load_global_model
 
 pytestmark = pytest.mark.e2e
@@ -85,11 +86,14 @@ def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_si
     assert metrics["status"] == "completed", metrics.get("error")
     last = metrics["rounds"][-1]
     assert last["replied"] == ["site-0", "site-1", "site-2"]
-    assert [last["sites"][s]["skipped-files"] for s in ("site-0", "site-1", "site-2")] == [0, 1, 0]
+    # one skipped file is below the sites' floor (10): the coordinator learns only that
+    skipped = [last["sites"][s]["skipped-files"] for s in ("site-0", "site-1", "site-2")]
+    assert skipped == [0, SUPPRESSED, 0]
     stats = metrics["site-statistics"]
     assert set(stats) == {"site-0", "site-1", "site-2"}
     for site, summary in stats.items():
-        assert all(v == -1 or v >= 5 for v in summary["label-histogram"]), site
+        assert summary["min-count"] == 10, "the site's floor is above the ask of 5"
+        assert all(v == SUPPRESSED or v >= 10 for v in summary["label-histogram"]), site
         assert len(summary["intensity-histogram"]) == 16
     assert "case_0002" not in (out / "metrics.json").read_text(), "file names stay at the site"
     assert "## Sites before training" in (out / "report.md").read_text()

@@ -20,10 +20,19 @@ def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
                 Statistic.INTENSITY_P1: 0.02,
                 Statistic.INTENSITY_P99: 0.98,
                 Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
-            }
+            },
+            "site-c": {  # a site whose own floor is above the coordinator's ask
+                Statistic.NUM_TRAIN: 30,
+                Statistic.NUM_VAL: SUPPRESSED,
+                Statistic.LABEL_HISTOGRAM: [SUPPRESSED, SUPPRESSED, 20],
+                Statistic.INTENSITY_P1: 0.02,
+                Statistic.INTENSITY_P99: 0.98,
+                Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+                Statistic.MIN_COUNT: 20,
+            },
         }
     )
-    site = {"auc": 0.61, "loss": 0.9}
+    site = {"auc": 0.61, "loss": 0.9, "num-examples": SUPPRESSED, "aggregation-weight": 10.0}
     record.add_round(
         {"round": 0, "seconds": 1.0, "global": {"auc": 0.5, "loss": 1.1}, "sites": {"site-a": site},
          "replied": ["site-a", "site-b"], "failed": [], "failures": {}}
@@ -39,5 +48,9 @@ def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
     assert "Global validation auc: 0.5000 at round 0 → 0.7000 after round 1" in report
     assert "| 1 | 1 | site-b | 0.9000 | 0.8000 | 0.7000 | 2.0 |" in report
     assert "| site-a | 30 | 8 | 20 | <5 | 14 | 0.02 | 0.98 |" in report
+    assert "| site-c | 30 | <20 | <20 | <20 | 20 | 0.02 | 0.98 |" in report
+    # after training: the suppressed count is hidden, the raised weight not shown at all
+    assert "| site | auc | loss | num-examples |" in report
+    assert "| site-a | 0.6100 | 0.9000 | *hidden* |" in report
     assert (tmp_path / "plots" / "global.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "sites.png").stat().st_size > 1000

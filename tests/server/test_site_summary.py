@@ -1,4 +1,5 @@
-"""The coordinator's view of the sites' summaries: suppressed counts shown as "<N"."""
+"""The coordinator's view of the sites' summaries: suppressed counts shown as "<N", with
+the minimum each site applied."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def test_suppressed_counts_and_histograms_are_shown_as_such():
         {
             "site-a": summary(40, [20, SUPPRESSED, 12], [0.5, 0.25, 0.25, 0.0]),
             "site-b": summary(SUPPRESSED, [SUPPRESSED] * 3, [float(SUPPRESSED)] * 4),
+            "site-c": {
+                **summary(SUPPRESSED, [25, 30, SUPPRESSED], [0.5] * 4),
+                Statistic.MIN_COUNT: 25,
+            },  # its own floor is above the ask
         },
         ["normal", "pneumonia", "covid"],
         min_count=10,
@@ -31,3 +36,4 @@ def test_suppressed_counts_and_histograms_are_shown_as_such():
     assert "(suppressed)" not in rows["site-a"] and "█" in rows["site-a"]
     assert rows["site-b"].split()[1:6] == ["<10", "4", "<10", "<10", "<10"]
     assert rows["site-b"].endswith("(suppressed)")
+    assert rows["site-c"].split()[1:6] == ["<25", "4", "25", "30", "<25"]
