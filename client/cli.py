@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medfed.client.synthetic import GENERATORS, generate_federation
 from medfed.shared_models.config import TASK_NAMES
+from medfed.shared_models.runtime import add_metrics_arguments
 
 Commands = argparse._SubParsersAction
 
@@ -69,6 +70,29 @@ def add_gan_commands(commands: Commands) -> None:
 def add_node_commands(commands: Commands) -> None:
     """`medfed node start`."""
     node_commands = command_group(commands, "node", "run a hospital's node")
+    keygen = node_commands.add_parser(
+        "keygen", help="make this hospital's key pair (the private key stays here)"
+    )
+    keygen.add_argument("name", help="the hospital's name (lower-case letters, digits, dashes)")
+    keygen.add_argument("--out", type=Path, default=Path("node-keys"))
+    keygen.set_defaults(handler=_node_keygen)
+    inspect = node_commands.add_parser(
+        "inspect", help="what an app package contains (a .fab file, or a refused package's hash)"
+    )
+    inspect.add_argument("package", help="a .fab file, or the start of a refused package's hash")
+    inspect.add_argument("--state", type=Path, default=Path("node-state"))
+    inspect.set_defaults(handler=_node_inspect)
+    approve = node_commands.add_parser(
+        "approve", help="let this node run an app package (by its SHA-256)"
+    )
+    approve.add_argument("sha256", help="the package's SHA-256 (medfed node inspect shows it)")
+    approve.add_argument("--note", default="", help="who approved it and why (audited)")
+    approve.add_argument("--state", type=Path, default=Path("node-state"))
+    approve.set_defaults(handler=_node_approve)
+    revoke = node_commands.add_parser("revoke", help="withdraw an app package's approval")
+    revoke.add_argument("sha256")
+    revoke.add_argument("--state", type=Path, default=Path("node-state"))
+    revoke.set_defaults(handler=_node_revoke)
     start = node_commands.add_parser("start", help="check the data, then a SuperNode")
     start.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     start.add_argument("--ca", type=Path, help="the consortium CA certificate")
@@ -81,7 +105,14 @@ def add_node_commands(commands: Commands) -> None:
         "--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API"
     )
     start.add_argument("--state", type=Path, default=Path("node-state"))
-    start.add_argument("--metrics-port", type=int)
+    add_metrics_arguments(start)
+    start.add_argument(
+        "--min-count",
+        type=int,
+        default=10,
+        help="the site's privacy floor: no count of images below it leaves the site, "
+        "whatever the coordinator asks (default 10)",
+    )
     start.add_argument(
         "--insecure", action="store_true", help="no TLS, no authentication: local tests only"
     )
@@ -119,6 +150,52 @@ def _synth(args: argparse.Namespace) -> int:
     for site in sites:
         count = len(list((site / "imagesTr").iterdir()))
         print(f"{site}: {count} images")
+    return 0
+
+
+def _node_keygen(args: argparse.Namespace) -> int:
+    from medfed.client.keys import generate_key_pair
+
+    private, public = generate_key_pair(args.out, args.name)
+    print(f"wrote {private} (0600: it never leaves this hospital) and {public}")
+    print(
+        f"next: send {public.name} to the consortium operator, who admits it with "
+        f"`medfed coordinator admit {args.name} --public-key {public.name}`"
+    )
+    return 0
+
+
+def _node_inspect(args: argparse.Namespace) -> int:
+    from medfed.client import approval
+
+    package = approval.inspect(approval.find_package(args.state, args.package))
+    digest = package["sha256"]
+    status = "approved" if digest in approval.approved(args.state) else "NOT approved"
+    print(f"app package sha256 {digest} ({status} at {args.state})")
+    for role, component in sorted(package["components"].items()):
+        print(f"runs {role} = {component}")
+    print(f"files ({len(package['files'])}):")
+    for entry in package["files"]:
+        print(f"  {entry.sha256[:12]}  {entry.size:>9}  {entry.name}")
+    if status != "approved":
+        print(f"approve it with: medfed node approve {digest} --state {args.state}")
+    return 0
+
+
+def _node_approve(args: argparse.Namespace) -> int:
+    from medfed.client import approval
+
+    approval.approve(args.state, args.sha256, args.note)
+    print(f"approved {args.sha256.lower()} at {args.state} (audited)")
+    return 0
+
+
+def _node_revoke(args: argparse.Namespace) -> int:
+    from medfed.client import approval
+
+    if not approval.revoke(args.state, args.sha256):
+        raise ValueError(f"{args.sha256}: not an approved package at {args.state}")
+    print(f"revoked {args.sha256.lower()} at {args.state} (audited)")
     return 0
 
 

@@ -2,20 +2,24 @@
 
 It checks the site folder first (the same checks as `medfed data check`),
 then runs a SuperNode with TLS (the consortium CA), its authentication key,
-and the site's data path, name, device and cache in its node config.
+and the site's data path, name, device, cache and privacy floor in its node
+config. Its ClientApp processes run only app packages this hospital approved
+(client/approval.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed.client import approval
 from medfed.client.data.check import check_site, print_report
 from medfed.shared_models import runtime
 from medfed.shared_models.audit import audit
-from medfed.shared_models.protocol import NodeConfig
+from medfed.shared_models.protocol import SITE_NAME, NodeConfig
 
 
 @dataclass(frozen=True)
@@ -31,17 +35,20 @@ class NodeOptions:
     runtime_port: int = 9094
     state: Path = Path("node-state")
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics stay on this host unless told otherwise
     task: str | None = None  # the task to check the data for (default: dataset.json)
     insecure: bool = False
+    min_count: int = 10  # the site's floor: no smaller count of images is ever revealed
 
 
-def node_config(data: Path, name: str, device: str, cache: Path) -> str:
-    """Flower's `--node-config` string; values are quoted as TOML strings."""
+def node_config(options: NodeOptions, cache: Path) -> str:
+    """Flower's `--node-config` string; values are quoted as TOML values."""
     values = {
-        NodeConfig.DATA_PATH: str(data),
-        NodeConfig.SITE_NAME: name,
-        NodeConfig.DEVICE: device,
+        NodeConfig.DATA_PATH: str(options.data.resolve()),
+        NodeConfig.SITE_NAME: options.name,
+        NodeConfig.DEVICE: options.device,
         NodeConfig.CACHE_DIR: str(cache),
+        NodeConfig.MIN_COUNT: options.min_count,
     }
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
@@ -69,6 +76,22 @@ def supernode_command(
     return command
 
 
+def _run_only_approved_apps(env: dict[str, str], state: Path, site: str) -> None:
+    """Put medfed's approving `flwr-clientapp` first on the SuperNode's PATH."""
+    runner = state / "bin" / "flwr-clientapp"
+    runner.parent.mkdir(parents=True, exist_ok=True)
+    runner.write_text(f"#!{sys.executable}\nfrom medfed.client.app_runner import main\n\nmain()\n")
+    runner.chmod(0o755)
+    env["PATH"] = f"{runner.parent}{os.pathsep}{env['PATH']}"
+    env[approval.STATE_ENV] = str(state.resolve())
+    env[approval.SITE_ENV] = site
+    count = len(approval.approved(state))
+    print(
+        f"{count} app package(s) approved at this node"
+        + ("" if count else ": every run is refused until `medfed node approve HASH`")
+    )
+
+
 def start_node(options: NodeOptions) -> int:
     """Check the site, then run the SuperNode in the foreground until it stops."""
     if options.ca is None and not options.insecure:
@@ -76,6 +99,13 @@ def start_node(options: NodeOptions) -> int:
             "no --ca given: a node only connects over TLS (or pass --insecure for a local test)"
         )
     runtime.require_files([(options.ca, "--ca"), (options.key, "--key")])
+    if options.min_count < 1:
+        raise ValueError(f"--min-count {options.min_count}: expected a positive number of images")
+    if not SITE_NAME.fullmatch(options.name):
+        raise ValueError(
+            f"--name {options.name!r}: a site name is a short label (letters, digits, "
+            "'.', '-', '_'; at most 64), shown in every report"
+        )
     report = check_site(options.data, options.task)
     print_report(report)
     if not report["usable"]:
@@ -89,8 +119,9 @@ def start_node(options: NodeOptions) -> int:
             file=sys.stderr,
         )
     state, log = options.state, options.state / "audit.jsonl"
-    env = runtime.service_env(state, log, (options.metrics_port, "127.0.0.1"))
-    config = node_config(options.data.resolve(), options.name, options.device, state / "cache")
+    env = runtime.service_env(state, log, (options.metrics_port, options.metrics_host))
+    _run_only_approved_apps(env, state, options.name)
+    config = node_config(options, state / "cache")
     audit(
         "node-started",
         log=log,
@@ -100,6 +131,6 @@ def start_node(options: NodeOptions) -> int:
         authenticated=key is not None,
     )
     command = supernode_command(options.coordinator, ca, key, config, options.runtime_port)
-    code = runtime.supervise(command, env)
+    code = runtime.supervise([runtime.Service(command, env)])
     audit("node-stopped", log=log, site=options.name, exit_code=code)
     return code
