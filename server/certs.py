@@ -1,18 +1,17 @@
-"""Consortium credentials with `cryptography`: a CA, the coordinator's TLS
-certificate, and one ECDSA key pair per hospital for SuperNode authentication.
+"""The consortium's credentials with `cryptography`: its CA and the coordinator's TLS
+certificate.
 
 Private keys are written 0600 and never overwritten: an existing file stops
-the command with its path. A hospital receives its own folder only — the CA
-certificate (to verify the coordinator) and its private key.
+the command with its path. Hospitals receive the CA certificate only; each
+makes its own key pair at the site (`medfed node keygen`), and the operator
+admits its public key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
-import shutil
 from pathlib import Path
 
 from cryptography import x509
@@ -20,25 +19,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medfed.shared_models.runtime import CredentialsError
+from medfed.shared_models.runtime import CredentialsError, write_new_file
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "coordinator.pem", "coordinator.key"
 VALID_DAYS = 825  # the longest lifetime mainstream TLS clients still accept
-HOSPITAL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-
-def _write_new(path: Path, data: bytes, private: bool) -> None:
-    if path.exists():
-        raise CredentialsError(
-            f"{path} already exists; refusing to overwrite it "
-            "(move it away first if you really mean to replace it)"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    fd = os.open(path, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+OPERATOR_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -67,10 +53,10 @@ def init_consortium(out: Path, hosts: list[str]) -> list[Path]:
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key, ca_key, ca_cert.subject, hosts)
     pem = serialization.Encoding.PEM
-    _write_new(out / CA_KEY, _pem_key(ca_key), private=True)
-    _write_new(out / CA_CERT, ca_cert.public_bytes(pem), private=False)
-    _write_new(out / SERVER_KEY, _pem_key(server_key), private=True)
-    _write_new(out / SERVER_CERT, server_cert.public_bytes(pem), private=False)
+    write_new_file(out / CA_KEY, _pem_key(ca_key), private=True)
+    write_new_file(out / CA_CERT, ca_cert.public_bytes(pem), private=False)
+    write_new_file(out / SERVER_KEY, _pem_key(server_key), private=True)
+    write_new_file(out / SERVER_CERT, server_cert.public_bytes(pem), private=False)
     return [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
 
 
@@ -134,31 +120,45 @@ def _server_certificate(
     return _validity(builder).sign(ca_key, hashes.SHA384())
 
 
-def add_hospital(out: Path, name: str) -> Path:
-    """hospitals/NAME/: the CA certificate and the hospital's ECDSA P-384 key pair.
+def add_operator(out: Path, name: str) -> Path:
+    """operators/NAME/: an operator's client certificate and key, and the CA certificate.
 
-    Keys are in OpenSSH format, which Flower's SuperNode authentication reads;
-    NAME.pub is what the operator registers (`flwr supernode register`).
+    Signed by the consortium CA for client authentication only: with it, the
+    operator's connection (`medfed operator connect`) reaches the Control API
+    through the coordinator's proxy; without one, nothing but the Fleet API
+    answers.
     """
-    if not HOSPITAL_NAME.match(name):
+    if not OPERATOR_NAME.match(name):
         raise CredentialsError(
-            f"hospital name {name!r}: use lower-case letters, digits and "
-            "dashes (it becomes a file and folder name)"
+            f"operator name {name!r}: use lower-case letters, digits and dashes "
+            "(it becomes a file and folder name)"
         )
-    if not (out / CA_CERT).exists():
-        raise CredentialsError(f"{out / CA_CERT} not found: run `medfed certs init` first")
-    folder = out / "hospitals" / name
+    for needed in (CA_CERT, CA_KEY):
+        if not (out / needed).is_file():
+            raise CredentialsError(f"{out / needed} not found: run `medfed certs init` first")
+    ca_key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed consortium"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operators"),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     )
-    _write_new(folder / f"{name}.key", private, private=True)
-    _write_new(folder / f"{name}.pub", public + f" {name}\n".encode(), private=False)
+    cert = _validity(builder).sign(ca_key, hashes.SHA384())
+    folder = out / "operators" / name
+    write_new_file(folder / f"{name}.key", _pem_key(key), private=True)
+    write_new_file(folder / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), False)
     if not (folder / CA_CERT).exists():
-        shutil.copyfile(out / CA_CERT, folder / CA_CERT)
+        write_new_file(folder / CA_CERT, (out / CA_CERT).read_bytes(), private=False)
     return folder

@@ -19,6 +19,7 @@ from medfed.client.cli import (
     add_node_commands,
     command_group,
 )
+from medfed.shared_models.runtime import add_metrics_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(commands)
     _add_certs_commands(commands)
     _add_coordinator_commands(commands)
+    _add_operator_commands(commands)
     add_node_commands(commands)
     return parser
 
@@ -93,9 +95,7 @@ def _add_simulate(commands: Commands) -> None:
 
 
 def _add_certs_commands(commands: Commands) -> None:
-    certs_commands = command_group(
-        commands, "certs", "consortium CA, TLS certificate, hospital keys"
-    )
+    certs_commands = command_group(commands, "certs", "consortium CA and TLS certificate")
     init = certs_commands.add_parser("init", help="create the CA and coordinator certificate")
     init.add_argument("--out", type=Path, default=Path("certs"))
     init.add_argument(
@@ -106,10 +106,27 @@ def _add_certs_commands(commands: Commands) -> None:
         "(repeatable; 127.0.0.1 and localhost are always added)",
     )
     init.set_defaults(handler=_certs_init)
-    hospital = certs_commands.add_parser("add-hospital", help="a hospital's key pair")
-    hospital.add_argument("name")
-    hospital.add_argument("--out", type=Path, default=Path("certs"))
-    hospital.set_defaults(handler=_certs_add_hospital)
+    operator = certs_commands.add_parser(
+        "add-operator", help="an operator's client certificate (the Control API needs one)"
+    )
+    operator.add_argument("name")
+    operator.add_argument("--out", type=Path, default=Path("certs"))
+    operator.set_defaults(handler=_certs_add_operator)
+
+
+def _add_operator_commands(commands: Commands) -> None:
+    operator_commands = command_group(commands, "operator", "an operator's own machine")
+    connect = operator_commands.add_parser(
+        "connect", help="let flwr reach the coordinator's Control API with your certificate"
+    )
+    connect.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    connect.add_argument("--cert", type=Path, required=True, help="NAME.pem from add-operator")
+    connect.add_argument("--key", type=Path, required=True, help="NAME.key from add-operator")
+    connect.add_argument("--ca", type=Path, required=True, help="the consortium CA certificate")
+    connect.add_argument("--port", type=int, default=9093, help="the local port flwr uses")
+    connect.add_argument("--connection", default="consortium", help="Flower connection name")
+    connect.add_argument("--state", type=Path, default=Path("operator-state"))
+    connect.set_defaults(handler=_operator_connect)
 
 
 def _add_coordinator_commands(commands: Commands) -> None:
@@ -121,16 +138,18 @@ def _add_coordinator_commands(commands: Commands) -> None:
     start.add_argument("--host", default="0.0.0.0")
     start.add_argument("--port", type=int, default=9092)
     start.add_argument("--state", type=Path, default=Path("coordinator-state"))
-    start.add_argument("--metrics-port", type=int)
+    add_metrics_arguments(start)
     start.add_argument(
         "--insecure", action="store_true", help="no TLS, no node authentication: local tests only"
     )
     start.set_defaults(handler=_coordinator_start)
     admit = coordinator_commands.add_parser(
-        "admit", help="register a hospital's key (flwr supernode register) and audit it"
+        "admit", help="register a hospital's public key (flwr supernode register) and audit it"
     )
     admit.add_argument("name")
-    admit.add_argument("--certs", type=Path, default=Path("certs"))
+    admit.add_argument(
+        "--public-key", type=Path, required=True, help="NAME.pub from `medfed node keygen`"
+    )
     admit.add_argument("--state", type=Path, default=Path("coordinator-state"))
     admit.add_argument(
         "--connection",
@@ -149,19 +168,29 @@ def _certs_init(args: argparse.Namespace) -> int:
 
     for path in init_consortium(args.out, args.host):
         print(f"wrote {path}")
-    print(f"next: medfed certs add-hospital NAME --out {args.out}")
-    return 0
-
-
-def _certs_add_hospital(args: argparse.Namespace) -> int:
-    from medfed.server.certs import add_hospital
-
-    folder = add_hospital(args.out, args.name)
     print(
-        f"wrote {folder}: give the hospital this folder (ca.pem, {args.name}.key); "
-        f"admit it with: flwr supernode register {folder / (args.name + '.pub')} <superlink>"
+        f"next: give each hospital {args.out / 'ca.pem'}; it makes its own key pair with "
+        "`medfed node keygen NAME` and sends you NAME.pub to admit"
     )
     return 0
+
+
+def _certs_add_operator(args: argparse.Namespace) -> int:
+    from medfed.server.certs import add_operator
+
+    folder = add_operator(args.out, args.name)
+    print(
+        f"wrote {folder}: give it to the operator, who connects with `medfed operator connect "
+        f"--coordinator HOST:PORT --cert {args.name}.pem --key {args.name}.key --ca ca.pem`"
+    )
+    return 0
+
+
+def _operator_connect(args: argparse.Namespace) -> int:
+    from medfed.server.operator_link import OperatorOptions, connect
+    from medfed.shared_models.runtime import options_from
+
+    return connect(options_from(OperatorOptions, args))
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
@@ -174,7 +203,7 @@ def _coordinator_start(args: argparse.Namespace) -> int:
 def _coordinator_admit(args: argparse.Namespace) -> int:
     from medfed.server.coordinator import admit_hospital
 
-    node_id = admit_hospital(args.certs, args.name, args.state, args.connection)
+    node_id = admit_hospital(args.public_key, args.name, args.state, args.connection)
     print(f"admitted {args.name} as node {node_id}")
     return 0
 

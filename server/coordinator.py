@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed.server import proxy
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from medfed.shared_models import runtime
 from medfed.shared_models.audit import audit
@@ -33,6 +34,7 @@ class CoordinatorOptions:
     port: int = 9092
     state: Path = Path("coordinator-state")
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics stay on this host unless told otherwise
     insecure: bool = False
 
 
@@ -63,40 +65,72 @@ def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> 
 
 
 def start_coordinator(options: CoordinatorOptions) -> int:
-    """Run the SuperLink in the foreground until it stops; audit start and stop."""
-    certs = options.certs
-    if certs is None and not options.insecure:
-        raise CredentialsError(
-            "no --certs given: the coordinator only starts with TLS and "
-            "SuperNode authentication (or pass --insecure for a local test)"
-        )
-    if certs is not None:
-        runtime.require_files(
-            ((certs / name, "--certs") for name in (CA_CERT, SERVER_CERT, SERVER_KEY)),
-            advice=" (run `medfed certs init`)",
-        )
-    if options.insecure:
-        certs = None
+    """Run the SuperLink (on loopback) and its proxy in the foreground; audit start and stop.
+
+    With certificates, the SuperLink listens on 127.0.0.1 only and Caddy, on
+    the public address, lets hospitals reach the Fleet API and operators the
+    Control API (server/proxy.py). With --insecure (local tests), the SuperLink
+    itself listens on the given address, open to anyone who reaches it.
+    """
+    certs = None if options.insecure else _checked_certs(options.certs)
+    if certs is None:
         print(
-            "WARNING: --insecure: no TLS and no SuperNode authentication. Anyone who can "
-            "reach this port can read model updates and join as a hospital. Never use "
-            "this outside a local test.",
+            "WARNING: --insecure: no TLS, no SuperNode authentication and no operator "
+            "check. Anyone who can reach this port can read model updates, join as a "
+            "hospital and start runs. Never use this outside a local test.",
             file=sys.stderr,
         )
     state, log = options.state, options.state / "audit.jsonl"
-    metrics_host = "0.0.0.0" if options.host != "127.0.0.1" else options.host
-    env = runtime.service_env(state, log, (options.metrics_port, metrics_host))
+    env = runtime.service_env(state, log, (options.metrics_port, options.metrics_host))
     env[RUNS_DIR_ENV] = str(state / "runs")
+    services = _services(options, certs, env)
     audit(
         "coordinator-started",
         log=log,
         address=f"{options.host}:{options.port}",
         tls=certs is not None,
         node_authentication=certs is not None,
+        control="operators' client certificates" if certs is not None else "open",
     )
-    code = runtime.supervise(superlink_command(certs, options.host, options.port, state), env)
+    code = runtime.supervise(services)
     audit("coordinator-stopped", log=log, exit_code=code)
     return code
+
+
+def _checked_certs(certs: Path | None) -> Path:
+    if certs is None:
+        raise CredentialsError(
+            "no --certs given: the coordinator only starts with TLS and "
+            "SuperNode authentication (or pass --insecure for a local test)"
+        )
+    runtime.require_files(
+        ((certs / name, "--certs") for name in (CA_CERT, SERVER_CERT, SERVER_KEY)),
+        advice=" (run `medfed certs init`)",
+    )
+    return certs
+
+
+def _services(
+    options: CoordinatorOptions, certs: Path | None, env: dict[str, str]
+) -> list[runtime.Service]:
+    """The SuperLink, and with certificates the proxy in front of it."""
+    state = options.state
+    if certs is None:
+        command = superlink_command(None, options.host, options.port, state)
+        return [runtime.Service(command, env)]
+    internal = runtime.free_port()
+    caddyfile = state / "Caddyfile"
+    caddyfile.write_text(
+        proxy.coordinator_caddyfile(
+            (options.host, options.port),
+            (certs / SERVER_CERT, certs / SERVER_KEY, certs / CA_CERT),
+            proxy.Upstream(internal, certs / CA_CERT),
+        )
+    )
+    return [
+        runtime.Service(superlink_command(certs, "127.0.0.1", internal, state), env),
+        runtime.Service(proxy.caddy_command(caddyfile), env, state / "proxy.log"),
+    ]
 
 
 def pull_run(state: Path, run_id: str, destination: Path) -> Path:
@@ -110,16 +144,23 @@ def pull_run(state: Path, run_id: str, destination: Path) -> Path:
     return destination
 
 
-def admit_hospital(certs: Path, name: str, state: Path, connection: str | None) -> str:
-    """Register a hospital's public key with the SuperLink and audit the admission.
+def admit_hospital(public_key: Path, name: str, state: Path, connection: str | None) -> str:
+    """Register a hospital's public key (made at the hospital) and audit the admission.
 
     Wraps `flwr supernode register`; the audit entry names the hospital and the
     node id Flower assigned, so later per-round participant lists can be traced
-    back to a hospital.
+    back to a hospital. Only the public key is ever on this machine.
     """
-    public_key = certs / "hospitals" / name / f"{name}.pub"
     if not public_key.is_file():
-        raise CredentialsError(f"{public_key} not found (run `medfed certs add-hospital {name}`)")
+        raise CredentialsError(
+            f"--public-key {public_key}: file not found (the hospital makes it with "
+            f"`medfed node keygen {name}`)"
+        )
+    if b"PRIVATE KEY" in public_key.read_bytes():
+        raise CredentialsError(
+            f"--public-key {public_key} is a private key: only the hospital may hold it; "
+            "ask it for its .pub file"
+        )
     command = [runtime.executable("flwr"), "supernode", "register", str(public_key)]
     command += [connection] if connection else []
     command += ["--name", name, "--format", "json"]

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,17 @@ def options_from(cls: type[Options], args: argparse.Namespace, **given: Any) -> 
     return cls(**taken, **given)
 
 
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """--metrics-port and --metrics-host of a long-running service (node or coordinator)."""
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (default: this host only; 0.0.0.0 for a Prometheus "
+        "elsewhere)",
+    )
+
+
 def service_env(state: Path, audit_log: Path, metrics: tuple[int | None, str]) -> dict[str, str]:
     """The environment of a Flower service kept in `state`: its own FLWR_HOME, its audit
     log and, when a metrics port is given, a fresh exporter at (port, host)."""
@@ -64,6 +76,19 @@ def require_files(files: Iterable[tuple[Path | None, str]], advice: str = "") ->
     for path, what in files:
         if path is not None and not path.is_file():
             raise CredentialsError(f"{what} {path}: file not found{advice}")
+
+
+def write_new_file(path: Path, data: bytes, private: bool) -> None:
+    """Create `path` (0600 when `private`); an existing file is never overwritten."""
+    if path.exists():
+        raise CredentialsError(
+            f"{path} already exists; refusing to overwrite it "
+            "(move it away first if you really mean to replace it)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def atomic_write(path: Path, content: bytes | Callable[[Path], object]) -> None:
@@ -109,7 +134,9 @@ def executable(name: str) -> str:
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     """Environment for Flower processes: no telemetry, no update checks, no `uv sync`."""
-    env = dict(os.environ)
+    # FLWR_INTERNAL_* switches turn on Flower's legacy gRPC APIs on all interfaces,
+    # past the proxy: a Flower process of medfed's never inherits them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
     env.update(
         {
             "FLWR_TELEMETRY_ENABLED": "0",
@@ -177,36 +204,59 @@ def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
-def supervise(
-    command: list[str], env: dict[str, str], log_file: Path | None = None, grace: float = 15.0
-) -> int:
-    """Run a Flower service in the foreground; SIGINT/SIGTERM stop it (and its children).
+@dataclass(frozen=True)
+class Service:
+    """One long-running process a medfed command keeps in the foreground."""
 
-    The handler only forwards the signal: waiting on the child inside a signal
-    handler would deadlock with the main thread's own wait (subprocess's wait
-    lock is not re-entrant). The loop below escalates to SIGKILL after `grace`.
+    command: list[str]
+    env: dict[str, str]
+    log_file: Path | None = None  # None: its output goes to this terminal
+
+
+def supervise(services: list[Service], grace: float = 15.0) -> int:
+    """Run services in the foreground until a stop is asked for or one of them ends.
+
+    SIGINT or SIGTERM stops every one of them (each in its own session, with
+    its children) and is a clean exit, 0. A service that ends by itself stops
+    the others too (a proxy without its SuperLink is of no use), and its code
+    is returned. The handler only forwards the signal: waiting on a child
+    inside a signal handler would deadlock with the main thread's own wait
+    (subprocess's wait lock is not re-entrant). The loop escalates to SIGKILL
+    after `grace` seconds.
     """
-    if log_file is None:
-        process = subprocess.Popen(command, env=env, start_new_session=True)
-    else:
-        process = start(command, log_file, env)
-    stop_requested: list[float] = []
+    processes = [
+        subprocess.Popen(s.command, env=s.env, start_new_session=True)
+        if s.log_file is None
+        else start(s.command, s.log_file, s.env)
+        for s in services
+    ]
+    stopping_since: list[float] = []  # when the stop began (asked for, or a service ended)
+    asked: list[int] = []
+
+    def signal_all(signum: int) -> None:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
 
     def forward(signum: int, frame: object) -> None:
-        stop_requested.append(time.monotonic())
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        asked.append(signum)
+        stopping_since.append(time.monotonic())
+        signal_all(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    first_code: int | None = None
     while True:
-        try:
-            code = process.wait(timeout=1)
-            return 0 if stop_requested else code  # a requested stop is a clean exit
-        except subprocess.TimeoutExpired:
-            if stop_requested and time.monotonic() - stop_requested[0] > grace:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+        codes = [process.poll() for process in processes]
+        if first_code is None and not asked and any(c is not None for c in codes):
+            first_code = next(c for c in codes if c is not None)
+            stopping_since.append(time.monotonic())
+            signal_all(signal.SIGTERM)
+        if all(c is not None for c in codes):
+            return 0 if asked else (first_code or 0)
+        if stopping_since and time.monotonic() - stopping_since[0] > grace:
+            signal_all(signal.SIGKILL)
+        time.sleep(0.2)
 
 
 def fresh_metrics_dir(directory: Path) -> Path:

@@ -6,6 +6,7 @@ Every process is started here and stopped by pid; ports are chosen free.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -74,66 +76,64 @@ def _wait(check, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _flwr_home(home: Path, address: str, **connection) -> dict[str, str]:
+    """An environment for `flwr` whose default connection is `consortium` at `address`."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = {
+        "superlink": {"default": "consortium", "consortium": {"address": address, **connection}}
+    }
+    (home / "config.toml").write_text(tomli_w.dumps(config))
+    return flower_env(home)  # also puts Flower's own scripts on PATH
+
+
+def _answers(url: str, ca: Path) -> bool:
+    try:
+        return httpx.get(
+            url, verify=ssl.create_default_context(cafile=str(ca)), timeout=1
+        ).is_success
+    except httpx.HTTPError:
+        return False
+
+
 @pytest.fixture
 def consortium(tmp_path, seg_sites):
+    """A coordinator behind its proxy, an operator connected with a certificate, hospitals'
+    own keys, and an outsider holding only the CA certificate."""
     certs = tmp_path / "certs"
     assert _medfed("certs", "init", "--out", str(certs), "--host", "127.0.0.1").returncode == 0
-    for name in [*SITES, "rogue"]:
-        assert _medfed("certs", "add-hospital", name, "--out", str(certs)).returncode == 0
-    port = free_port()
-    env = flower_env(tmp_path / "operator")  # also puts Flower's own scripts on PATH
-    (tmp_path / "operator").mkdir()
-    (tmp_path / "operator" / "config.toml").write_text(
-        tomli_w.dumps(
-            {
-                "superlink": {
-                    "default": "consortium",
-                    "consortium": {
-                        "address": f"127.0.0.1:{port}",
-                        "root-certificates": str(certs / "ca.pem"),
-                    },
-                }
-            }
-        )
+    assert _medfed("certs", "add-operator", "ops", "--out", str(certs)).returncode == 0
+    for name in [*SITES, "rogue"]:  # each hospital makes its own key pair, at the hospital
+        made = _medfed("node", "keygen", name, "--out", str(tmp_path / "keys" / name))
+        assert made.returncode == 0, made.stderr
+    port, local = free_port(), free_port()
+    env = flower_env(tmp_path / "operator")
+    outsider = _flwr_home(
+        tmp_path / "outsider", f"127.0.0.1:{port}", **{"root-certificates": str(certs / "ca.pem")}
     )
-    processes = []
-    coordinator = _spawn(
-        [
-            sys.executable,
-            "-m",
-            "medfed.server.cli",
-            "coordinator",
-            "start",
-            "--certs",
-            str(certs),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--state",
-            str(tmp_path / "coordinator"),
-        ],
-        tmp_path / "coordinator.log",
-        env,
-    )
-    processes.append(coordinator)
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(
-                f"https://127.0.0.1:{port}/health",
-                verify=ssl.create_default_context(cafile=str(certs / "ca.pem")),
-                timeout=1,
-            ).is_success
-        except httpx.HTTPError:
-            return False
-
+    operator = certs / "operators" / "ops"
+    processes = [
+        _spawn(
+            [sys.executable, "-m", "medfed.server.cli", "coordinator", "start",
+             "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port),
+             "--state", str(tmp_path / "coordinator")],
+            tmp_path / "coordinator.log", env,
+        ),
+        _spawn(
+            [sys.executable, "-m", "medfed.server.cli", "operator", "connect",
+             "--coordinator", f"127.0.0.1:{port}", "--cert", str(operator / "ops.pem"),
+             "--key", str(operator / "ops.key"), "--ca", str(operator / "ca.pem"),
+             "--port", str(local), "--state", str(tmp_path / "operator-state")],
+            tmp_path / "operator.log", env,
+        ),
+    ]  # fmt: skip
     try:
-        _wait(healthy, 60, "the coordinator")
+        _wait(lambda: _answers(f"https://127.0.0.1:{port}/health", certs / "ca.pem"), 60, "proxy")
+        _wait(lambda: (tmp_path / "operator" / "config.toml").is_file(), 30, "operator link")
         yield {
             "certs": certs,
             "port": port,
             "env": env,
+            "outsider": outsider,
             "tmp": tmp_path,
             "sites": seg_sites,
             "processes": processes,
@@ -143,7 +143,10 @@ def consortium(tmp_path, seg_sites):
 
 
 def _start_node(c, name: str, data: Path) -> subprocess.Popen:
-    hospital = c["certs"] / "hospitals" / name
+    """A hospital's node; it runs only the app package its staff approved."""
+    keys = c["tmp"] / "keys" / name
+    approved = _medfed("node", "approve", c["app_sha256"], "--state", str(c["tmp"] / name))
+    assert approved.returncode == 0, approved.stderr
     node = _spawn(
         [
             sys.executable,
@@ -154,9 +157,9 @@ def _start_node(c, name: str, data: Path) -> subprocess.Popen:
             "--coordinator",
             f"127.0.0.1:{c['port']}",
             "--ca",
-            str(hospital / "ca.pem"),
+            str(c["certs"] / "ca.pem"),
             "--key",
-            str(hospital / f"{name}.key"),
+            str(keys / f"{name}.key"),
             "--data",
             str(data),
             "--runtime-port",
@@ -176,8 +179,9 @@ def _online(c) -> list[str]:
     return [str(n["node-id"]) for n in nodes if n["status"] == "online"]
 
 
-def _run(c, config: str) -> str:
-    started = _flwr(c["env"], "run", str(REPO), "consortium", "--run-config", config)
+def _run(c, config: str, app: Path = REPO) -> str:
+    started = _flwr(c["env"], "run", str(app), "consortium", "--run-config", config)
+    assert "run-id" in started, started
     run_id = started["run-id"]
 
     def finished() -> bool:
@@ -188,13 +192,74 @@ def _run(c, config: str) -> str:
     return run_id
 
 
+def _package_sha256(app: Path, work: Path) -> str:
+    """The SHA-256 of the app package `flwr run app` submits (what hospitals approve)."""
+    work.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run([executable("flwr"), "build", "--app", str(app)], cwd=work,
+                           capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    return hashlib.sha256(next(work.glob("*.fab")).read_bytes()).hexdigest()
+
+
+def _outsider_is_refused(c) -> None:
+    """Holding only ca.pem: no node registration, no run, no Runtime API."""
+    rogue_key = c["tmp"] / "keys" / "rogue" / "rogue.pub"
+    for args in (["supernode", "register", str(rogue_key), "consortium"],
+                 ["run", str(REPO), "consortium"]):  # fmt: skip
+        tried = subprocess.run([executable("flwr"), *args], capture_output=True, text=True,
+                               env=c["outsider"], timeout=60)  # fmt: skip
+        assert tried.returncode != 0, tried.stdout
+        assert (
+            "403" in tried.stdout + tried.stderr or "operators only" in tried.stdout + tried.stderr
+        )
+    runtime = httpx.post(
+        f"https://127.0.0.1:{c['port']}/v1/runtime/flwr.proto.Runtime/GetRun",
+        verify=ssl.create_default_context(cafile=str(c["certs"] / "ca.pem")),
+    )
+    assert runtime.status_code == 404, "the Runtime API never leaves the coordinator"
+
+
+def _unapproved_code_never_runs(c, tiny: str) -> None:
+    """An app package no hospital approved: refused before a line of it runs, audited with
+    its hash at every site, and the coordinator's run fails naming the refusal."""
+    evil = c["tmp"] / "evil-app"
+    marker = c["tmp"] / "evil-ran"
+    (evil / "evil_client.py").parent.mkdir(parents=True)
+    (evil / "evil_client.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from flwr.clientapp import ClientApp\napp = ClientApp()\n"
+    )
+    # medfed's own app with one line changed: the ClientApp is the attacker's
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    flwr_app = project["tool"]["flwr"]["app"]
+    flwr_app["components"]["clientapp"] = "evil_client:app"
+    del flwr_app["fab-include"]  # the package carries the attacker's module
+    (evil / "pyproject.toml").write_text(tomli_w.dumps({
+        "project": {"name": "evil", "version": "1.0.0", "description": "", "license": "MIT"},
+        "tool": {"flwr": {"app": {**flwr_app, "publisher": "evil"}}},
+    }))  # fmt: skip
+    digest = _package_sha256(evil, c["tmp"] / "evil-build")
+    run_id = _run(c, f"num-server-rounds=1 min-nodes=3 {tiny}", app=evil)
+    metrics = json.loads((c["tmp"] / "coordinator" / "runs" / run_id / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "is not approved at site-" in metrics["error"]
+    assert not marker.exists(), "the unapproved ClientApp never ran"
+    for site in SITES:
+        refused = [e for e in read_audit(c["tmp"] / site / "audit.jsonl")
+                   if e["event"] == "app-refused"]  # fmt: skip
+        assert refused and {e["app_sha256"] for e in refused} == {digest}, site
+        assert (c["tmp"] / site / "refused-apps" / f"{digest}.fab").is_file()
+
+
 def test_authenticated_federation_end_to_end(consortium):
     c = consortium
+    c["app_sha256"] = _package_sha256(REPO, c["tmp"] / "build")
+    _outsider_is_refused(c)
     registered = {}
     for name in SITES:  # the operator admits the three hospitals, not the rogue
         admitted = subprocess.run(
             [sys.executable, "-m", "medfed.server.cli", "coordinator", "admit", name,
-             "--certs", str(c["certs"]), "--state", str(c["tmp"] / "coordinator"),
+             "--public-key", str(c["tmp"] / "keys" / name / f"{name}.pub"),
+             "--state", str(c["tmp"] / "coordinator"),
              "--connection", "consortium"],
             capture_output=True, text=True, env=c["env"],
         )  # fmt: skip
@@ -233,11 +298,7 @@ def test_authenticated_federation_end_to_end(consortium):
     assert all(r["replied"] == SITES for r in metrics["rounds"])
     assert all(r["secure-aggregation"]["survivors"] == 3 for r in metrics["rounds"][1:])
 
-    # quorum: four hospitals required, three connected -> a clean failure naming the count
-    failing = _run(c, f"num-server-rounds=1 min-nodes=4 {tiny.replace('30.0', '4.0')}")
-    failed = json.loads((c["tmp"] / "coordinator" / "runs" / failing / "metrics.json").read_text())
-    assert failed["status"] == "failed"
-    assert "only 3 of the required 4 hospitals connected" in failed["error"]
+    _unapproved_code_never_runs(c, tiny.replace("30.0", "4.0") + " federated-stats=false")
 
     coordinator_log = read_audit(c["tmp"] / "coordinator" / "audit.jsonl")
     events = [e["event"] for e in coordinator_log]
@@ -272,7 +333,7 @@ def _refuses_plain_and_foreign_connections(c, admitted: set[str]) -> None:
     """A node without TLS, or trusting another CA, never gets in (even with a valid key)."""
     other = c["tmp"] / "other-ca"
     assert _medfed("certs", "init", "--out", str(other), "--host", "127.0.0.1").returncode == 0
-    key = c["certs"] / "hospitals" / "site-0" / "site-0.key"
+    key = c["tmp"] / "keys" / "site-0" / "site-0.key"
     base = [
         executable("flower-supernode"),
         "--superlink",

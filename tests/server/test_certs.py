@@ -4,10 +4,10 @@ import stat
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from medfed.server.certs import add_hospital, init_consortium
+from medfed.client.keys import generate_key_pair
+from medfed.server.certs import init_consortium
+from medfed.server.coordinator import admit_hospital
 from medfed.shared_models.runtime import CredentialsError
 
 
@@ -35,24 +35,41 @@ def test_private_keys_are_never_overwritten(tmp_path):
     before = (tmp_path / "ca.key").read_bytes()
     with pytest.raises(CredentialsError, match=r"ca\.pem already exists"):
         init_consortium(tmp_path, ["a"])
-    add_hospital(tmp_path, "hospital-a")
-    with pytest.raises(CredentialsError, match=r"hospital-a\.key already exists"):
-        add_hospital(tmp_path, "hospital-a")
     assert (tmp_path / "ca.key").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ca.key", "ca.pem", "coordinator.key", "coordinator.pem",
+    ], "no hospital key is made on the coordinator's side"  # fmt: skip
 
 
-def test_hospital_folder_holds_only_ca_and_its_own_keys(tmp_path):
-    init_consortium(tmp_path, ["a"])
-    folder = add_hospital(tmp_path, "hospital-b")
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "ca.pem",
-        "hospital-b.key",
-        "hospital-b.pub",
-    ]
-    key = load_ssh_private_key((folder / "hospital-b.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
-    public = load_ssh_public_key((folder / "hospital-b.pub").read_bytes())
-    assert public.public_numbers() == key.public_key().public_numbers()
-    assert _mode(folder / "hospital-b.key") == 0o600
-    with pytest.raises(CredentialsError, match="lower-case letters"):
-        add_hospital(tmp_path, "../escape")
+def test_the_operator_refuses_a_private_key(tmp_path):
+    """Admission takes the public key only: a private key handed over is refused unread."""
+    private, _ = generate_key_pair(tmp_path, "site-a")
+    with pytest.raises(CredentialsError, match="is a private key"):
+        admit_hospital(private, "site-a", tmp_path / "state", None)
+    with pytest.raises(CredentialsError, match="medfed node keygen site-b"):
+        admit_hospital(tmp_path / "site-b.pub", "site-b", tmp_path / "state", None)
+
+
+def test_only_operator_certificates_can_authenticate_a_client(tmp_path):
+    """The proxy opens the Control API to a client certificate of the CA with OU=operators:
+    an operator's certificate is exactly that; the coordinator's own is a server
+    certificate only, so it cannot be presented as a client."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from medfed.server.certs import add_operator
+
+    init_consortium(tmp_path, ["coordinator.example.org"])
+    folder = add_operator(tmp_path, "alice")
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    operator = x509.load_pem_x509_certificate((folder / "alice.pem").read_bytes())
+    operator.verify_directly_issued_by(ca)
+    units = operator.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    assert [u.value for u in units] == ["operators"]
+    usage = operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert _mode(folder / "alice.key") == 0o600
+    assert (folder / "ca.pem").read_bytes() == (tmp_path / "ca.pem").read_bytes()
+    assert not (folder / "ca.key").exists()
+    server = x509.load_pem_x509_certificate((tmp_path / "coordinator.pem").read_bytes())
+    server_usage = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(server_usage) == [ExtendedKeyUsageOID.SERVER_AUTH]

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from medfed.shared_models.runtime import CredentialsError, atomic_write
+from medfed.shared_models.runtime import CredentialsError, atomic_write, flower_env
 
 SUPERVISE = """
 import sys
-from medfed.shared_models.runtime import supervise
+from medfed.shared_models.runtime import Service, supervise
 child = [sys.executable, "-c", "import sys, time, pathlib;"
          " pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(600)", sys.argv[1]]
-sys.exit(supervise(child, env={"PATH": "/usr/bin:/bin"}))
+sys.exit(supervise([Service(child, env={"PATH": "/usr/bin:/bin"})]))
 """
 
 
@@ -75,3 +75,13 @@ def test_missing_credentials_are_named_the_same_way_by_node_and_coordinator(tmp_
     ):
         start_coordinator(CoordinatorOptions(certs=tmp_path / "certs", state=tmp_path / "state"))
     assert not (tmp_path / "state").exists(), "nothing is started or written"
+
+
+def test_flower_processes_never_inherit_flowers_internal_api_switches(monkeypatch):
+    """FLWR_INTERNAL_GRPC_CONTROL_API=1 would open Flower's legacy Control API on every
+    interface, past the proxy: no Flower process of medfed's sees it."""
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    env = flower_env()
+    assert not [k for k in env if k.startswith("FLWR_INTERNAL_")]
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
