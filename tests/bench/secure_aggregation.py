@@ -69,7 +69,15 @@ def _wait(grid, clients: int) -> None:
 
 
 def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_polls=False):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MetricRecord,
+        RecordDict,
+    )
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
@@ -79,6 +87,7 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
     from medfed.server.secure_aggregation import SecureAggregation
     from medfed.server.strategies import GivenMean
     from medfed.shared_models.config import RunConfig
+    from medfed.shared_models.protocol import SecAggAction
 
     server, client = ServerApp(), ClientApp()
 
@@ -114,9 +123,11 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
             print("stage seconds per round:", json.dumps(stages), file=sys.stderr)
 
     def secure_run(msg, context, call_next):
-        """run_simulation carries no run config: say that this run is a secure one."""
-        context.run_config["secure-aggregation"] = secure
-        return call_next(msg, context)
+        """run_simulation carries no run config: say that this run is a secure one (in a
+        context of its own: Flower's run config cannot be changed in place)."""
+        config = {**context.run_config, "secure-aggregation": secure}
+        own = Context(context.run_id, context.node_id, context.node_config, context.state, config)
+        return call_next(msg, own)
 
     @client.train(mods=[secure_run, secagg_mod.secagg_mod])
     def train(msg, context):
@@ -125,17 +136,14 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         metrics = MetricRecord({"num-examples": 10, "aggregation-weight": 10.0})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
-    @client.train("secagg_advertise")
-    def advertise(msg, context):
-        return secagg_mod.advertise(msg, context, 10.0)
-
-    @client.train("secagg_share")
-    def share(msg, context):
-        return secagg_mod.share(msg, context)
-
-    @client.train("secagg_unmask")
-    def unmask(msg, context):
-        return secagg_mod.unmask(msg, context)
+    # the hospital's SecAgg+ steps, routed as medfed's ClientApp routes them
+    for action, step in (
+        (SecAggAction.ADVERTISE, secagg_mod.advertise),
+        (SecAggAction.SHARE, secagg_mod.share),
+        (SecAggAction.UNMASK, secagg_mod.unmask),
+        (SecAggAction.ABORT, secagg_mod.abort),
+    ):
+        client.train(action)(step)
 
     return server, client
 
