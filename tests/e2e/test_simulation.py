@@ -95,7 +95,10 @@ def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_si
         assert summary["min-count"] == 10, "the site's floor is above the ask of 5"
         assert all(v == SUPPRESSED or v >= 10 for v in summary["label-histogram"]), site
         assert len(summary["intensity-histogram"]) == 16
-    assert "case_0002" not in (out / "metrics.json").read_text(), "file names stay at the site"
+    for received in ("metrics.json", "progress.log", "report.md"):  # what the coordinator holds
+        text = (out / received).read_text()
+        assert "case_0002" not in text, f"a file name reached {received}"
+        assert str(data / "site-1") not in text, f"a site path reached {received}"
     assert "## Sites before training" in (out / "report.md").read_text()
 
 
