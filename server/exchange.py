@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from medfed.shared_models.protocol import SITE_NAME, Key, Metric, Record, SiteKey
@@ -40,26 +41,58 @@ class MalformedReply(ValueError):
     """A reply that cannot be used as it is: its hospital is dropped, never the run."""
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+@dataclass(frozen=True)
+class Answer:
+    """One reply, the node it answers for and how long after sending it arrived.
+
+    The node is the destination of the message replied to, not the reply's
+    sender: when a node dies, the SuperLink itself answers for it ("Node
+    Unavailable") with its own id as the sender.
+    """
+
+    reply: Message
+    node: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Everything that came back from one push, and how long the wait lasted."""
+
+    answers: list[Answer]
+    waited: float
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Delivery:
     """Push `messages`, then pull replies until all arrived or `timeout` seconds passed.
 
     Polls after 5 ms and backs off to at most 0.5 s: a few cheap pulls for
     the SuperLink, almost no idle time for the round.
     """
-    waiting = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
+    messages = list(messages)
+    started = time.monotonic()
+    ids = list(grid.push_messages(messages))
+    destination = {
+        message_id: message.metadata.dst_node_id
+        for message_id, message in zip(ids, messages, strict=False)
+        if message_id
+    }
+    waiting = set(destination)
+    deadline = started + timeout
+    answers: list[Answer] = []
     pause = FIRST_POLL
     while waiting:
-        got = list(grid.pull_messages(waiting))
-        replies += got
+        got = [r for r in grid.pull_messages(waiting) if r.metadata.reply_to_message_id in waiting]
+        arrived = time.monotonic() - started
+        for reply in got:
+            answers.append(Answer(reply, destination[reply.metadata.reply_to_message_id], arrived))
         waiting -= {reply.metadata.reply_to_message_id for reply in got}
         left = deadline - time.monotonic()
         if not waiting or left <= 0:
             break
         time.sleep(min(pause, left))
         pause = min(pause * 1.5, LONGEST_POLL)
-    return replies
+    return Delivery(answers, time.monotonic() - started)
 
 
 # How Flower's ClientApp runner words an exception it turns into an error reply.
@@ -71,6 +104,17 @@ def short_reason(reason: str) -> str:
     unwrapped = FLOWER_EXCEPTION.sub(r"\1: \2", reason.strip())
     lines = [line.strip() for line in unwrapped.splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error")[:400]
+
+
+def error_reason(answer: Answer) -> str:
+    """Why an error reply's hospital is lost: its node is gone, or it raised an error."""
+    error = answer.reply.error
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return (
+            "node unavailable: its heartbeats stopped "
+            f"(the coordinator gave up on it {answer.seconds:.0f}s after sending)"
+        )
+    return f"error: {short_reason(error.reason)}"
 
 
 def array_bytes(messages: Iterable[Message]) -> int:
@@ -243,11 +287,11 @@ class Exchange:
         self.grid, self.timeout, self.names = grid, timeout, names
         self.on_traffic = on_traffic
 
-    def send(self, messages: list[Message]) -> list[Message]:
+    def send(self, messages: list[Message]) -> Delivery:
         """All replies that arrived within the timeout, errors included."""
-        replies = send_and_receive(self.grid, messages, self.timeout)
-        self.on_traffic(array_bytes(messages), array_bytes(replies))
-        return replies
+        delivery = send_and_receive(self.grid, messages, self.timeout)
+        self.on_traffic(array_bytes(messages), array_bytes(a.reply for a in delivery.answers))
+        return delivery
 
     def collect(
         self, messages: Iterable[Message], sent: ArrayRecord | None = None, weighted: bool = True
@@ -258,37 +302,40 @@ class Exchange:
         """
         messages = list(messages)
         result = RoundReplies(sampled=len({m.metadata.dst_node_id for m in messages}))
-        answered = set()
-        for reply in self.send(messages):
-            node = reply.metadata.src_node_id
-            answered.add(node)
+        delivery = self.send(messages)
+        for answer in delivery.answers:
+            reply, site = answer.reply, self.names(answer.node)
             if reply.has_error():
-                result.failed[self.names(node)] = f"error: {short_reason(reply.error.reason)}"
+                result.failed[site] = error_reason(answer)
                 continue
             problem = self.names.problem(reply)
             if problem:
-                result.failed[self.names(node)] = f"rejected reply: {problem}"
+                result.failed[site] = f"rejected reply: {problem}"
                 continue
             self.names.learn(reply)
+            site = self.names(answer.node)
             arrays = reply.content.array_records.get(Record.ARRAYS)
             problems = update_problems(arrays, sent) if sent is not None else []
             if problems:
-                result.failed[self.names(node)] = "rejected update: " + "; ".join(problems[:3])
+                result.failed[site] = "rejected update: " + "; ".join(problems[:3])
                 continue
             problems = metrics_problems(reply, weighted)
             if problems:
-                result.failed[self.names(node)] = "rejected reply: " + "; ".join(problems[:3])
+                result.failed[site] = "rejected reply: " + "; ".join(problems[:3])
                 continue
             result.ok.append(reply)
+        answered = {answer.node for answer in delivery.answers}
         for message in messages:
             if message.metadata.dst_node_id not in answered:
-                result.failed[self.names(message.metadata.dst_node_id)] = self.silence()
+                result.failed[self.names(message.metadata.dst_node_id)] = self.silence(
+                    delivery.waited
+                )
         keep_consistent_metrics(result, self.names)
         # Replies arrive in any order; aggregating them by site makes a float sum, and so a
         # seeded run, reproducible.
         result.ok.sort(key=lambda reply: self.names(reply.metadata.src_node_id))
         return result
 
-    def silence(self) -> str:
+    def silence(self, waited: float) -> str:
         """The failure reason of a hospital that did not answer in time."""
-        return f"no reply within {self.timeout:.0f}s (config key 'round-timeout-seconds')"
+        return f"timed out: no reply after {waited:.0f}s (config key 'round-timeout-seconds')"

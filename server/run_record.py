@@ -278,7 +278,7 @@ class RunOutputs:
         loss = metrics.get(Metric.TRAIN_LOSS)
         return (
             f"round {summary.server_round}/{summary.rounds} | sites {len(summary.replied)}"
-            f"/{len(summary.replied) + len(summary.failures)} | train-loss "
+            f"/{len(set(summary.replied) | set(summary.failures))} | train-loss "
             + (f"{loss:.4f}" if loss is not None else "   -  ")
             + f" | val {self.headline_metric} {metrics.get(self.headline_metric, float('nan')):.4f}"
             + f" | val loss {metrics.get(Metric.LOSS, float('nan')):.4f} | {summary.seconds:.1f}s"

@@ -32,12 +32,12 @@ from medfed.server.exchange import (
     QuorumError,
     RoundReplies,
     advertised_keys,
+    error_reason,
     keep_consistent_metrics,
     masked_upload_problems,
     metrics_problems,
     returned_shares,
     sealed_shares,
-    short_reason,
     update_problems,
 )
 from medfed.server.unmasking import (
@@ -410,16 +410,15 @@ class SecureAggregation:
             for node, content in contents.items()
         ]
         good: dict[str, Message] = {}
-        for reply in self.exchange.send(messages):
-            node = str(reply.metadata.src_node_id)
-            if node not in contents:
-                continue  # not a node of this exchange
-            if reply.has_error():
-                result.failed[int(node)] = f"{stage}: {short_reason(reply.error.reason)}"
+        delivery = self.exchange.send(messages)
+        for answer in delivery.answers:
+            node = str(answer.node)
+            if answer.reply.has_error():
+                result.failed[int(node)] = f"{stage}: {error_reason(answer)}"
             else:
-                good[node] = reply
+                good[node] = answer.reply
         for node in set(contents) - set(good) - {str(n) for n in result.failed}:
-            result.failed[int(node)] = f"{stage}: {self.exchange.silence()}"
+            result.failed[int(node)] = f"{stage}: {self.exchange.silence(delivery.waited)}"
         return good
 
     def _require(

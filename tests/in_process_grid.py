@@ -24,6 +24,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.client.mod.utils import make_ffn
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.client.app import TRAIN_MODS
@@ -58,7 +59,9 @@ class InProcessGrid:
 
     `drop[stage]`: nodes that never answer that stage ("advertise", "share",
     "upload", "unmask", "evaluate", "query"); `silent_from[node]`: the round
-    from which a node answers nothing at all (as if killed); `hostile[node]`:
+    from which a node answers nothing at all (as if killed); `unavailable_from[node]`:
+    the round from which the SuperLink answers for it, as Flower does for a node
+    whose heartbeats stopped (its own id as sender); `hostile[node]`:
     replaces that node's training reply; `corrupt[(stage, node)]`: rewrites
     the honest reply of that stage (a broken or malicious hospital);
     `tamper`: (receiver, sender) share ciphertexts to corrupt in transit.
@@ -81,6 +84,7 @@ class InProcessGrid:
         self.sites = {node: f"site-{i}" for i, node in enumerate(updates)}
         self.drop: dict[str, set[int]] = {}
         self.silent_from: dict[int, int] = {}
+        self.unavailable_from: dict[int, int] = {}
         self.hostile: dict[int, Callable[[Message], Message]] = {}
         self.corrupt: dict[tuple[str, int], Callable[[Message], Message]] = {}
         self.tamper: set[tuple[int, int]] = set()
@@ -101,6 +105,12 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if self._silent(message, node):
                 continue
+            if self._round(message) >= self.unavailable_from.get(node, 1 << 30):
+                reply = create_message_error_unavailable_res_message(
+                    message.metadata, "node_unavail"
+                )
+                self.outbox.append(reply)
+                continue
             stage = STAGES[message.metadata.message_type]
             try:
                 reply = self._handle(stage, message, node)
@@ -119,9 +129,13 @@ class InProcessGrid:
         self.seen += ready
         return ready
 
+    @staticmethod
+    def _round(message: Message) -> int:
+        return int(message.content[Record.CONFIG].get(Config.SERVER_ROUND, 0))
+
     def _silent(self, message: Message, node: int) -> bool:
         stage = STAGES[message.metadata.message_type]
-        server_round = int(message.content[Record.CONFIG].get(Config.SERVER_ROUND, 0))
+        server_round = self._round(message)
         killed = node in self.silent_from and server_round >= self.silent_from[node]
         return killed or node in self.drop.get(stage, set())
 

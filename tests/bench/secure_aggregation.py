@@ -115,7 +115,7 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
             elif flower_polls:
                 replies = list(grid.send_and_receive(messages))
             else:
-                replies = send_and_receive(grid, messages, 3600.0)
+                replies = [a.reply for a in send_and_receive(grid, messages, 3600.0).answers]
             arrays, _ = strategy.aggregate_train(server_round, replies)
             seconds.append(time.perf_counter() - began)
         result_path.write_text(json.dumps(seconds))

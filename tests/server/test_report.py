@@ -40,7 +40,7 @@ def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
     record.add_round(
         {"round": 1, "seconds": 2.0, "global": {"auc": 0.7, "loss": 0.8, "train-loss": 0.9},
          "sites": {"site-a": site}, "replied": ["site-a"], "failed": ["site-b"],
-         "failures": {"site-b": "no reply within 600s"}}
+         "failures": {"site-b": "timed out: no reply after 600s"}}
     )  # fmt: skip
     record.finish("completed")
     report = write_report(tmp_path).read_text()

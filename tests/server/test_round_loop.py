@@ -79,8 +79,28 @@ def test_a_silent_hospital_is_named_and_the_round_goes_on_with_the_quorum(tmp_pa
     assert np.allclose(arrays["w"].numpy(), (1.0 + 7.0 + 1.0) / 3 + 1.0 + 1.0)
     late = metrics["rounds"][2]
     assert late["replied"] == ["site-0", "site-1"]
-    assert late["failures"] == {"site-2": "no reply within 1s (config key 'round-timeout-seconds')"}
-    assert "  site-2: no reply within 1s" in progress
+    assert late["failures"] == {
+        "site-2": "timed out: no reply after 1s (config key 'round-timeout-seconds')"
+    }
+    assert "  site-2: timed out: no reply after 1s" in progress
+    assert "round 2/3 | sites 2/3" in progress
+
+
+def test_a_lost_node_is_named_once_by_its_site_not_by_the_superlink_that_answers_for_it(
+    tmp_path,
+):
+    """Flower answers for a node whose heartbeats stopped with an error reply whose sender
+    is the SuperLink itself: the failure belongs to the node the message went to."""
+    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 7.0})
+    grid.unavailable_from[303] = 2
+    arrays, metrics, progress = run(tmp_path, grid, cfg)
+    assert np.allclose(arrays["w"].numpy(), (1.0 + 7.0 + 1.0) / 3 + 1.0 + 1.0)
+    for late in metrics["rounds"][2:]:
+        assert late["replied"] == ["site-0", "site-1"]
+        assert list(late["failures"]) == ["site-2"]
+        assert late["failures"]["site-2"].startswith("node unavailable: its heartbeats stopped")
+    assert "node-1" not in json.dumps(metrics) and "node-1" not in progress
+    assert "round 2/3 | sites 2/3" in progress
 
 
 def test_quorum_lost_in_round_k_fails_naming_the_missing_hospital(tmp_path):
@@ -90,10 +110,10 @@ def test_quorum_lost_in_round_k_fails_naming_the_missing_hospital(tmp_path):
     assert isinstance(error, QuorumError)
     assert str(error) == (
         "round 2 training: 2 hospitals replied, quorum is 3 (config key 'min-nodes'); "
-        "missing: site-1 (no reply within 1s (config key 'round-timeout-seconds'))"
+        "missing: site-1 (timed out: no reply after 1s (config key 'round-timeout-seconds'))"
     )
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
-    assert "  site-1: no reply within 1s" in progress
+    assert "  site-1: timed out: no reply after 1s" in progress
 
 
 def test_a_hospital_that_raised_is_named_with_its_exception_when_the_quorum_fails(tmp_path):
@@ -184,7 +204,7 @@ def test_a_secure_round_survives_a_dropout_at_any_stage(tmp_path, stage):
     grid.drop[stage] = {404}
     arrays, metrics, _ = run(tmp_path, grid, cfg)
     assert np.allclose(arrays["w"].numpy(), 1.0, atol=1e-6)
-    assert metrics["rounds"][1]["failures"]["site-3"].startswith(f"{stage}: no reply")
+    assert metrics["rounds"][1]["failures"]["site-3"].startswith(f"{stage}: timed out: no reply after")
 
 
 def test_replies_are_aggregated_in_site_order_whatever_order_they_arrive_in():
