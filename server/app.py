@@ -17,8 +17,9 @@ from torch import nn
 
 from medfed.server.progress import PROGRESS_TAG
 from medfed.server.report import write_report
+from medfed.server.resume import ResumeError, ResumePoint, load_resume_point, resume_folder
 from medfed.server.round_loop import RoundLoop
-from medfed.server.run_record import RunOutputs, RunRecord
+from medfed.server.run_record import RunAbandoned, RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.audit import audit
@@ -56,17 +57,42 @@ def main(grid: Grid, context: Context) -> None:
     """One federated run; its folder tells the outcome however the run ends."""
     cfg = RunConfig.from_mapping(context.run_config)
     out = run_folder(cfg, context.run_id)
-    record = RunRecord(cfg, out)
+    resume = _resume_point(cfg, out)
+    record = RunRecord(cfg, out, resume.history if resume else None)
     telemetry = RoundTelemetry(context.run_id, cfg.task)
     with (out / PROGRESS_LOG).open("a", buffering=1) as progress_log:
         outputs = RunOutputs(record, telemetry, progress_log, context.run_id, cfg)
         try:
-            _run(grid, context, cfg, outputs)
+            _run(grid, context, cfg, outputs, resume)
         finally:
             outputs.progress(f"wrote {write_report(out).name} and plots/ in {out}")
 
 
-def _run(grid: Grid, context: Context, cfg: RunConfig, outputs: RunOutputs) -> None:
+def _resume_point(cfg: RunConfig, out: Path) -> ResumePoint | None:
+    """The round to carry on from (`resume-from`), checked before anything is written.
+
+    A refusal leaves the interrupted run's folder as it was; a run writing
+    elsewhere (a coordinator's new run folder) records the refusal as its failure.
+    """
+    if not cfg.resume_from:
+        return None
+    try:
+        return load_resume_point(cfg, os.environ.get(RUNS_DIR_ENV))
+    except ResumeError as err:
+        if resume_folder(cfg.resume_from, os.environ.get(RUNS_DIR_ENV)) != out.resolve():
+            RunRecord(cfg, out).finish("failed", error=str(err))
+            audit("run-finished", status="failed", error=str(err))
+        log(ERROR, "%s run failed: %s", PROGRESS_TAG, err)
+        raise
+
+
+def _run(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    outputs: RunOutputs,
+    resume: ResumePoint | None,
+) -> None:
     """Initialise the model, run every round, save the global model; record a failure."""
     outputs.progress(
         f"run {context.run_id}: {cfg.task}/{cfg.model}, {cfg.strategy}, "
@@ -78,17 +104,22 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, outputs: RunOutputs) -> N
         app_hash=_app_hash(grid),
         config=cfg.to_mapping(),
         nodes=sorted(grid.get_node_ids()),
-    )
+        **({"resumed_from": str(resume.folder), "after_round": resume.server_round}
+           if resume else {}),
+    )  # fmt: skip
     try:
-        net = _initial_network(cfg, outputs)
+        net = _initial_network(cfg, outputs, resumed=resume is not None)
         loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id)
-        load_record(net, loop.run(to_record(net)))
+        load_record(net, loop.run(to_record(net), resume))
         digest = outputs.record.save_model(net, cfg, cfg.num_server_rounds)
         outputs.record.finish("completed")
         audit("run-finished", run=context.run_id, status="completed", model_sha256=digest)
         outputs.progress(
             f"global model sha256 {digest[:16]}… saved to {outputs.record.out / GLOBAL_MODEL}"
         )
+    except RunAbandoned as err:  # closed by whoever stopped it: their record stands
+        log(ERROR, "%s %s", PROGRESS_TAG, err)
+        raise
     except Exception as err:
         outputs.record.finish("failed", error=str(err))
         audit("run-finished", run=context.run_id, status="failed", error=str(err))
@@ -97,13 +128,14 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, outputs: RunOutputs) -> N
         raise
 
 
-def _initial_network(cfg: RunConfig, outputs: RunOutputs) -> nn.Module:
-    """The seeded network, initialised from `pretrained-weights` when given."""
+def _initial_network(cfg: RunConfig, outputs: RunOutputs, resumed: bool) -> nn.Module:
+    """The seeded network, initialised from `pretrained-weights` when given (a resumed
+    run takes its weights from the checkpoint instead)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     net = TASKS[cfg.task].build_network(cfg)
-    if cfg.pretrained_weights:
+    if cfg.pretrained_weights and not resumed:
         transfer = load_pretrained(net, Path(cfg.pretrained_weights).expanduser())
         outputs.record.set_pretrained(transfer.to_json())
         for line in transfer.summary():

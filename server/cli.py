@@ -9,7 +9,9 @@ key, file or value and exit 2; only bugs print a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from medfed.client.cli import (
@@ -73,17 +75,15 @@ def _add_simulate(commands: Commands) -> None:
         metavar="KEY=VALUE",
         help="any [tool.flwr.app.config] key, e.g. -c lr=0.001 (repeatable)",
     )
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="carry on an interrupted or failed run from its last completed round "
+        "(its own settings; --rounds and -c may change the rounds and waits)",
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's full log")
-    sim.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve Prometheus metrics of the whole simulated federation on this port",
-    )
-    sim.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="address for --metrics-port (0.0.0.0 to reach it from containers)",
-    )
+    add_metrics_arguments(sim)  # the whole simulated federation's metrics
     sim.add_argument(
         "--metrics-linger",
         type=float,
@@ -156,7 +156,9 @@ def _add_coordinator_commands(commands: Commands) -> None:
         help="Flower SuperLink connection name (default: the default in your Flower config)",
     )
     admit.set_defaults(handler=_coordinator_admit)
-    pull = coordinator_commands.add_parser("pull", help="copy a finished run's folder out")
+    pull = coordinator_commands.add_parser(
+        "pull", help="copy a run's folder out (completed, failed or interrupted)"
+    )
     pull.add_argument("run_id")
     pull.add_argument("--state", type=Path, default=Path("coordinator-state"))
     pull.add_argument("--to", type=Path, required=True)
@@ -238,6 +240,12 @@ def _simulate(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if args.resume is not None:
+        from medfed.server.simulate import resumed
+
+        sim = resumed(args.resume.expanduser().resolve(), overrides)
+        extras = ("verbose", "metrics_port", "metrics_host", "metrics_linger")
+        return run(replace(sim, **{name: getattr(args, name) for name in extras}))
     sites = args.sites
     if sites is None:
         sites = len(site_folders(args.data.expanduser())) if args.data else 3
@@ -247,7 +255,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; 2 on a user error (printed as one line), 130 on Ctrl-C."""
+    """Run one command; 2 on a user error (printed as one line), 130 on Ctrl-C, 143 on
+    SIGTERM."""
     from medfed.client.data.manifest import SiteDataError
     from medfed.shared_models.config import ConfigError
 
@@ -257,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SiteDataError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM where a command catches it
         print("medfed: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(stop, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.server import proxy
+from medfed.server import proxy, run_status
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from medfed.shared_models import runtime
 from medfed.shared_models.audit import audit
-from medfed.shared_models.run_folder import MODEL_JSON, RUNS_DIR_ENV
+from medfed.shared_models.run_folder import METRICS_JSON, RUNS_DIR_ENV, read_metrics
 from medfed.shared_models.runtime import CredentialsError
 
 
@@ -92,9 +92,21 @@ def start_coordinator(options: CoordinatorOptions) -> int:
         node_authentication=certs is not None,
         control="operators' client certificates" if certs is not None else "open",
     )
-    code = runtime.supervise(services)
+    runs = state / "runs"
+    run_status.close_orphaned(_run_dirs(runs), "failed", run_status.DIED, log)
+
+    def watch() -> None:
+        run_status.close_orphaned(_run_dirs(runs), "failed", run_status.DIED, log)
+
+    code = runtime.supervise(services, watch=watch)
+    stopped = "the coordinator was stopped while the run was going on; carry it on with resume-from"
+    run_status.close_orphaned(_run_dirs(runs), "interrupted", stopped, log)
     audit("coordinator-stopped", log=log, exit_code=code)
     return code
+
+
+def _run_dirs(runs: Path) -> list[Path]:
+    return sorted(runs.iterdir()) if runs.is_dir() else []
 
 
 def _checked_certs(certs: Path | None) -> Path:
@@ -134,10 +146,15 @@ def _services(
 
 
 def pull_run(state: Path, run_id: str, destination: Path) -> Path:
-    """Copy a finished run's folder (global model, metrics, report) out of the state."""
+    """Copy a run's folder (metrics, report, checkpoints, the global model when it finished)
+    out of the state: completed, failed or interrupted, never one still going."""
     source = state / "runs" / run_id
-    if not (source / MODEL_JSON).is_file():
-        raise ValueError(f"{source}: no finished run with a global model here")
+    if not (source / METRICS_JSON).is_file():
+        raise ValueError(f"{source}: no run here (no {METRICS_JSON})")
+    run_status.close(source, "failed", run_status.DIED, state / "audit.jsonl")
+    status = (read_metrics(source) or {}).get("status")
+    if status == "running":
+        raise ValueError(f"run {run_id} is still running; pull it once it has finished")
     if destination.exists():
         raise FileExistsError(f"{destination} exists; refusing to overwrite it")
     shutil.copytree(source, destination)

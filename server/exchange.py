@@ -112,7 +112,7 @@ def error_reason(answer: Answer) -> str:
     if error.code == ErrorCode.NODE_UNAVAILABLE:
         return (
             "node unavailable: its heartbeats stopped "
-            f"(the coordinator gave up on it {answer.seconds:.0f}s after sending)"
+            f"(the coordinator gave up on it {answer.seconds:.3g}s after sending)"
         )
     return f"error: {short_reason(error.reason)}"
 
@@ -159,6 +159,38 @@ def metrics_problems(reply: Message, weighted: bool = True) -> list[str]:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def update_norm(arrays: ArrayRecord, sent: ArrayRecord) -> float:
+    """How far an update moves the model: the L2 norm of (update - sent), in float64."""
+    total = 0.0
+    for name in sent:
+        change = arrays[name].numpy().astype(np.float64) - sent[name].numpy()
+        total += float(np.dot(change.ravel(), change.ravel()))
+    return float(np.sqrt(total))
+
+
+def reject_outsized_updates(
+    result: RoundReplies, sent: ArrayRecord, factor: float, names: SiteNames
+) -> None:
+    """Move to the failures every update that changes the model more than `factor` times the
+    cohort's median change (config key 'update-norm-factor').
+
+    A scaled or boosted update (model replacement) passes every per-update
+    check; against the median of at least three it stands out. With fewer,
+    a median says nothing, and the robust strategies are the defence.
+    """
+    if len(result.ok) < 3:
+        return
+    norms = {id(r): update_norm(r.content[Record.ARRAYS], sent) for r in result.ok}
+    limit = factor * float(np.median(list(norms.values())))
+    for reply in [r for r in result.ok if norms[id(r)] > limit]:
+        result.ok.remove(reply)
+        result.failed[names(reply.metadata.src_node_id)] = (
+            f"rejected update: it changes the model by {norms[id(reply)]:.3g}, more than "
+            f"{factor:g} x the median change {limit / factor:.3g} "
+            "(config key 'update-norm-factor')"
+        )
 
 
 def keep_consistent_metrics(result: RoundReplies, names: SiteNames) -> None:
@@ -283,9 +315,11 @@ class Exchange:
         timeout: float,
         names: SiteNames,
         on_traffic: Callable[[int, int], None] = lambda sent, received: None,
+        norm_factor: float = 0.0,
     ) -> None:
         self.grid, self.timeout, self.names = grid, timeout, names
         self.on_traffic = on_traffic
+        self.norm_factor = norm_factor
 
     def send(self, messages: list[Message]) -> Delivery:
         """All replies that arrived within the timeout, errors included."""
@@ -330,6 +364,8 @@ class Exchange:
                 result.failed[self.names(message.metadata.dst_node_id)] = self.silence(
                     delivery.waited
                 )
+        if sent is not None and self.norm_factor:
+            reject_outsized_updates(result, sent, self.norm_factor, self.names)
         keep_consistent_metrics(result, self.names)
         # Replies arrive in any order; aggregating them by site makes a float sum, and so a
         # seeded run, reproducible.

@@ -18,7 +18,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from medfed.server import strategy_state
 from medfed.server.exchange import Exchange, QuorumError, RoundReplies, SiteNames
+from medfed.server.resume import ResumeError, ResumePoint
 from medfed.server.run_record import RoundSummary, RunOutputs
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.server.site_summary import request_summaries
@@ -87,29 +89,47 @@ class RoundLoop:
         self.make_strategy = make_strategy
         self.strategy: RunStrategy  # built in run(), once the connected hospitals are known
         self.names = SiteNames()
-        self.exchange = Exchange(grid, cfg.round_timeout_seconds, self.names, outputs.traffic)
+        self.exchange = Exchange(
+            grid, cfg.round_timeout_seconds, self.names, outputs.traffic, cfg.update_norm_factor
+        )
         self.training: PlainTraining | SecureAggregation = (
             SecureAggregation(self.exchange, cfg, run_id)
             if cfg.secure_aggregation
             else PlainTraining(self.exchange)
         )
 
-    def run(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Every round from the initial `arrays`; returns the final global arrays."""
+    def run(self, arrays: ArrayRecord, resume: ResumePoint | None = None) -> ArrayRecord:
+        """Every round from the initial `arrays`, or every round after `resume`'s with its
+        strategy and random state restored; returns the final global arrays."""
         cfg = self.cfg
         nodes = wait_for_nodes(
             self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.outputs.progress
         )
         self.strategy = self.make_strategy(len(nodes))
         self.outputs.privacy_settings(self.strategy)
-        if cfg.federated_stats:
-            self._site_summaries(nodes)
-        started = time.monotonic()
-        self.outputs.round_started(0)
-        self._finish(RoundOutcome(0, started, self._evaluate(0, arrays)), arrays)
-        for server_round in range(1, cfg.num_server_rounds + 1):
+        if resume is not None:
+            self._restore(resume)
+            arrays, first = resume.arrays, resume.server_round + 1
+        else:
+            if cfg.federated_stats:
+                self._site_summaries(nodes)
+            started = time.monotonic()
+            self.outputs.round_started(0)
+            self._finish(RoundOutcome(0, started, self._evaluate(0, arrays)), arrays)
+            first = 1
+        for server_round in range(first, cfg.num_server_rounds + 1):
             arrays = self._train_round(server_round, arrays)
         return arrays
+
+    def _restore(self, resume: ResumePoint) -> None:
+        try:
+            strategy_state.restore(self.strategy.flower, resume.state)
+        except strategy_state.StateMismatch as err:
+            raise ResumeError(f"resume-from {resume.folder}: {err}") from err
+        self.outputs.progress(
+            f"resumed after round {resume.server_round} of {resume.folder}: strategy state, "
+            "privacy ledger and random streams restored; secure aggregation starts fresh keys"
+        )
 
     def _train_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Sample, train, check, aggregate, evaluate and record one round."""
@@ -173,7 +193,8 @@ class RoundLoop:
             )
 
     def _finish(self, outcome: RoundOutcome, arrays: ArrayRecord) -> None:
-        self.outputs.round_finished(self._summarise(outcome), arrays)
+        state = strategy_state.capture(self.strategy.flower)
+        self.outputs.round_finished(self._summarise(outcome), arrays, state)
 
     def _summarise(self, outcome: RoundOutcome) -> RoundSummary:
         """The round's global and per-site metrics, who replied, who failed and why."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -29,27 +30,50 @@ from medfed.server.secure_aggregation import SecureStats
 from medfed.server.site_summary import format_summaries
 from medfed.server.strategies import RunStrategy
 from medfed.server.telemetry import RoundTelemetry
+from medfed.shared_models import processes
 from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Metric
-from medfed.shared_models.run_folder import CHECKPOINTS, GLOBAL_MODEL, METRICS_JSON, MODEL_JSON
+from medfed.shared_models.run_folder import (
+    CHECKPOINTS,
+    GLOBAL_MODEL,
+    METRICS_JSON,
+    MODEL_JSON,
+    checkpoint_name,
+    read_metrics,
+)
 from medfed.shared_models.runtime import atomic_write
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import state_dict_from_record
 
 
-class RunRecord:
-    """Append-as-you-go history of one federated run, mirrored to disk."""
+class RunAbandoned(RuntimeError):
+    """Someone else closed this run's record (interrupted, or found dead): stop writing."""
 
-    def __init__(self, cfg: RunConfig, out: Path) -> None:
+
+class RunRecord:
+    """Append-as-you-go history of one federated run, mirrored to disk.
+
+    The record names the process writing it (`processes.identity`), so that
+    a coordinator or `medfed simulate` can tell a run whose ServerApp died
+    from one still going, and close it; once closed by them, this process
+    never writes over their verdict.
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, history: dict[str, Any] | None = None) -> None:
         self.out = out
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Any] = {
+            **(history or {}),
             "config": cfg.to_mapping(),
             "status": "running",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "rounds": [],
+            "process": processes.identity(),
+            "writer": secrets.token_hex(8),  # this record, whoever else writes the folder
         }
+        self.data.setdefault("rounds", [])
+        for stale in ("finished", "error"):
+            self.data.pop(stale, None)
         self.flush()
 
     def set_pretrained(self, transfer: dict[str, Any]) -> None:
@@ -76,20 +100,35 @@ class RunRecord:
         self.flush()
 
     def flush(self) -> None:
-        """metrics.json as the record stands now."""
+        """metrics.json as the record stands now (RunAbandoned if another closed it)."""
+        on_disk = read_metrics(self.out)
+        if (
+            on_disk is not None
+            and on_disk.get("writer") == self.data["writer"]
+            and on_disk.get("status") != self.data["status"] == "running"
+        ):
+            raise RunAbandoned(
+                f"{self.out / METRICS_JSON} says {on_disk['status']}: "
+                f"{on_disk.get('error', '')}; this process stops writing"
+            )
         text = json.dumps(self.data, indent=2, allow_nan=True)
         atomic_write(self.out / METRICS_JSON, text.encode())
 
-    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
-        """The global arrays after `server_round`, with the config that produced them."""
-        path = self.out / CHECKPOINTS / f"round-{server_round:03d}.pt"
+    def checkpoint(
+        self, server_round: int, arrays: ArrayRecord, state: dict[str, Any] | None = None
+    ) -> str:
+        """The global arrays after `server_round`, the strategy and random state needed to
+        resume from there, and the config that produced them; returns the file's sha256
+        (kept in the round's entry of metrics.json, checked on resume)."""
+        path = self.out / CHECKPOINTS / checkpoint_name(server_round)
         payload = {
             "round": server_round,
             "config": self.data["config"],
             "arrays": state_dict_from_record(arrays),
+            "state": state or {},
         }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
-        return path
+        return hashlib.sha256(path.read_bytes()).hexdigest()
 
     def save_model(self, net: torch.nn.Module, cfg: RunConfig, server_round: int) -> str:
         """global_model.pt (full state dict) and model.json (how to rebuild it); its sha256."""
@@ -217,17 +256,21 @@ class RunOutputs:
         for site, reason in sorted(failed.items()):
             self.progress(f"  {site}: {reason}")
 
-    def round_finished(self, summary: RoundSummary, arrays: ArrayRecord) -> None:
+    def round_finished(
+        self, summary: RoundSummary, arrays: ArrayRecord, state: dict[str, Any]
+    ) -> None:
         """Record a finished round everywhere it is recorded (checkpoint before metrics.json,
-        so a round in metrics.json always has its checkpoint)."""
+        so a round in metrics.json always has its checkpoint); `state` is what a resumed
+        run needs besides the arrays (strategy_state.capture)."""
         if summary.secure and summary.secure.clipped_values:
             self.progress(
                 f"  {summary.secure.clipped_values} update values exceeded "
                 f"±{self.cfg.secagg_clipping_range:g} and were clipped "
                 "(raise 'secagg-clipping-range')"
             )
-        self.record.checkpoint(summary.server_round, arrays)
-        self.record.add_round(summary.to_json())
+        entry = summary.to_json()
+        entry["checkpoint-sha256"] = self.record.checkpoint(summary.server_round, arrays, state)
+        self.record.add_round(entry)
         self._telemetry(summary)
         audit(
             "round",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,14 +25,18 @@ from typing import Any
 
 import tomli_w
 
+from medfed.server import run_status
 from medfed.server.flower_app import app_dir
 from medfed.server.progress import RoundView
 from medfed.server.report import write_report
-from medfed.shared_models import runtime
+from medfed.server.resume import load_resume_point
+from medfed.shared_models import processes, runtime
 from medfed.shared_models.config import ConfigError, RunConfig
 from medfed.shared_models.run_folder import METRICS_JSON
 
 CONNECTION = "medfed-simulation"
+RUN_CONFIG = "run-config.toml"  # the run's settings, as `flwr run` got them (and --resume reads)
+FEDERATION = "federation.toml"  # how many hospitals simulated it, and their CPUs (--resume reads)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -48,12 +54,18 @@ class Simulation:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 0.0
+    resume: bool = False  # carry on the run in `out` from its last completed round
 
 
 def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
     """Validate everything and lay out data before any process starts."""
-    if (sim.out / "metrics.json").exists():
-        raise ConfigError(f"output folder {sim.out} already holds a run; choose another --out")
+    if sim.resume:
+        return prepare_resume(sim)
+    if (sim.out / METRICS_JSON).exists():
+        raise ConfigError(
+            f"output folder {sim.out} already holds a run; choose another --out "
+            f"(or carry it on with --resume {sim.out})"
+        )
     if sim.sites < 1:
         raise ConfigError(f"--sites {sim.sites}: expected a positive number of hospitals")
     from medfed.client.data.locate import site_folders
@@ -99,13 +111,65 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
     return cfg, data
 
 
+def prepare_resume(sim: Simulation) -> tuple[RunConfig, Path]:
+    """The interrupted run's own settings (with the overrides a resumed run may change),
+    its data, and a check of its last checkpoint, before any process starts."""
+    out = sim.out.expanduser().resolve()
+    settings = out / RUN_CONFIG
+    if not settings.is_file():
+        raise ConfigError(f"--resume {out}: no {RUN_CONFIG}: not a folder `medfed simulate` wrote")
+    run_status.close(out, "failed", run_status.DIED)  # its ServerApp is gone
+    recorded = tomllib.loads(settings.read_text())
+    cfg = RunConfig.from_mapping(
+        {**recorded, **sim.overrides, "out-dir": str(out), "resume-from": str(out)}
+    )
+    point = load_resume_point(cfg, None)
+    print(f"resuming {out} after round {point.server_round} of {cfg.num_server_rounds}")
+    return cfg, Path(cfg.data_root)
+
+
+def resumed(out: Path, overrides: dict[str, Any]) -> Simulation:
+    """The simulation of the run in `out` again, as `medfed simulate --resume` carries it on."""
+    federation = out / FEDERATION
+    if not federation.is_file():
+        raise ConfigError(f"--resume {out}: no {FEDERATION}: not a folder `medfed simulate` wrote")
+    recorded = tomllib.loads(federation.read_text())
+    return Simulation(
+        overrides=overrides,
+        sites=int(recorded["sites"]),
+        out=out,
+        data=None,
+        cpus_per_site=int(recorded["cpus-per-site"]),
+        resume=True,
+    )
+
+
 def run(sim: Simulation) -> int:
-    """Run the simulation; 0 when the run completed, 1 otherwise."""
+    """Run the simulation; 0 when the run completed, 1 otherwise.
+
+    SIGINT or SIGTERM stops every process it started, the detached ones
+    included, and marks the run interrupted (StopRequested is re-raised).
+    """
     cfg, data = prepare(sim)
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
-    run_config = out / "run-config.toml"
-    run_config.write_text(tomli_w.dumps(cfg.to_mapping()))
+    (out / RUN_CONFIG).write_text(tomli_w.dumps(cfg.to_mapping()))
+    federation = {"sites": sim.sites, "cpus-per-site": sim.cpus_per_site}
+    (out / FEDERATION).write_text(tomli_w.dumps(federation))
+    try:
+        with processes.stop_signals_raise():
+            return _run(sim, cfg, data)
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        reason = f"stopped by {signal.Signals(signum).name}; carry it on with --resume {out}"
+        if run_status.close(out, "interrupted", reason):
+            print(f"run interrupted: {reason}", file=sys.stderr)
+        raise
+
+
+def _run(sim: Simulation, cfg: RunConfig, data: Path) -> int:
+    out = cfg.out_path
+    run_config = out / RUN_CONFIG
     started = time.monotonic()
     extra_env: dict[str, str] = {}
     if sim.metrics_port is not None:
@@ -126,6 +190,7 @@ def run(sim: Simulation) -> int:
                 log_file=out / "logs" / "flower-run.log",
                 on_line=view.line,
             )
+    run_status.close(out, "failed", run_status.DIED)  # `flwr run` exits 0 even then
     code = _conclude(cfg, data, time.monotonic() - started)
     if sim.metrics_port is not None and sim.metrics_linger > 0:
         print(f"serving final metrics for {sim.metrics_linger:.0f}s more")
@@ -160,8 +225,10 @@ def simulation_superlink(
         runtime.wait_until(runtime.http_healthy(port), superlink, 60, "flower-superlink", log_file)
         yield env, port
     finally:
-        runtime.stop(superlink)
-        shutil.rmtree(home, ignore_errors=True)
+        with processes.signals_ignored():  # a second Ctrl-C must not leave workers behind
+            runtime.stop(superlink, grace=5.0)
+            processes.stop_started()  # the SuperExec, flwr-simulation and Ray's workers
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def flwr_run(
@@ -187,19 +254,33 @@ def flwr_run(
         "--run-config", str(run_config), "--federation-config", federation, "--stream",
     ]  # fmt: skip
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        log_file.open("a") as log,
-        subprocess.Popen(
+    with log_file.open("a") as log:
+        flwr = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        ) as flwr,
-    ):
-        assert flwr.stdout is not None
-        for raw in flwr.stdout:
-            line = _ANSI.sub("", raw)
-            log.write(line)
-            on_line(line)
-        if flwr.wait() != 0:
-            raise RuntimeError(f"`flwr run` exited with code {flwr.returncode}; see {log_file}")
+        )
+        try:
+            assert flwr.stdout is not None
+            for raw in flwr.stdout:
+                line = _ANSI.sub("", raw)
+                log.write(line)
+                on_line(line)
+            code = flwr.wait()
+        finally:
+            _end(flwr)  # on a stop, before the SuperLink it streams from
+    if code != 0:
+        raise RuntimeError(f"`flwr run` exited with code {code}; see {log_file}")
+
+
+def _end(process: subprocess.Popen) -> None:
+    """Terminate a child of this command's own process group, then kill it after 2 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:

@@ -134,6 +134,8 @@ def base_strategy(cfg: RunConfig) -> FedAvg:
     }
     if cfg.strategy == "fedprox":
         options["proximal_mu"] = cfg.proximal_mu
+    if cfg.strategy == "krum":
+        options["num_malicious_nodes"] = cfg.krum_byzantine
     return FLOWER_STRATEGIES[cfg.strategy](**options)
 
 

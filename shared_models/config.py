@@ -53,6 +53,8 @@ class RunConfig:
     model_depth: int = 3
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    krum_byzantine: int = 0  # krum: hospitals that may send arbitrary updates (Krum's f)
+    update_norm_factor: float = 10.0  # reject updates this many times the median change; 0: off
     secure_aggregation: bool = False  # SecAgg+ masks: the coordinator sees only the sum
     secagg_neighbours: int = 0  # SecAgg+ neighbourhood size; 0: every other hospital
     secagg_threshold: int = 0  # shares needed to unmask; 0: a strict majority of a group
@@ -89,6 +91,7 @@ class RunConfig:
     channels_last: bool = False
     data_root: str = ""
     out_dir: str = "runs/latest"
+    resume_from: str = ""  # a run folder (or run id on a coordinator) to carry on
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], validate: bool = True) -> RunConfig:
@@ -232,6 +235,12 @@ class RunConfig:
             _bad("lr", self.lr, "a positive number")
         if self.proximal_mu < 0:
             _bad("proximal_mu", self.proximal_mu, "zero or positive")
+        if self.krum_byzantine < 0 or (self.krum_byzantine and self.strategy != "krum"):
+            _bad("krum_byzantine", self.krum_byzantine, "0, or a positive count with strategy krum")
+        if not (math.isfinite(self.update_norm_factor) and self.update_norm_factor >= 0):
+            _bad("update_norm_factor", self.update_norm_factor, "0 (off) or a positive factor")
+        if 0 < self.update_norm_factor < 1:
+            _bad("update_norm_factor", self.update_norm_factor, "0 (off) or at least 1")
         if not 0 < self.fraction_train <= 1:
             _bad("fraction_train", self.fraction_train, "in (0, 1]")
         if not 0 < self.val_fraction < 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medfed.shared_models.config import RunConfig
 
@@ -31,6 +31,26 @@ PROGRESS_LOG = "progress.log"
 
 class RunFolderError(ValueError):
     """A folder is not a finished medfed run; the message names the folder."""
+
+
+def checkpoint_name(server_round: int) -> str:
+    """The file under checkpoints/ holding the state after `server_round`."""
+    return f"round-{server_round:03d}.pt"
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """metrics.json of a run folder (None when there is none yet); RunFolderError when
+    it is not a run record (unreadable, or not a JSON object)."""
+    path = run_dir / METRICS_JSON
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path}: not a readable run record ({err})") from err
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path}: not a run record (expected a JSON object)")
+    return data
 
 
 def read_model_config(run_dir: Path) -> RunConfig:

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from medfed.shared_models import processes
 from medfed.shared_models.audit import AUDIT_ENV
 
 # prometheus_client's multiprocess mode: each process writes memory-mapped files here.
@@ -148,6 +149,7 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     )
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
+    processes.tag(env)  # whatever Flower detaches from it is still found and stopped
     # Flower's own console scripts (flwr-simulation, flwr-serverapp) are found on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -213,18 +215,26 @@ class Service:
     log_file: Path | None = None  # None: its output goes to this terminal
 
 
-def supervise(services: list[Service], grace: float = 15.0) -> int:
+def supervise(
+    services: list[Service],
+    grace: float = 15.0,
+    watch: Callable[[], None] | None = None,
+    every: float = 5.0,
+) -> int:
     """Run services in the foreground until a stop is asked for or one of them ends.
 
     SIGINT or SIGTERM stops every one of them (each in its own session, with
     its children) and is a clean exit, 0. A service that ends by itself stops
     the others too (a proxy without its SuperLink is of no use), and its code
-    is returned. The handler only forwards the signal: waiting on a child
+    is returned. Either way, whatever the services detached (Flower's
+    SuperExec and app processes, in sessions of their own) is stopped too.
+    `watch` runs every `every` seconds meanwhile (a failing watch is reported,
+    never fatal). The handler only forwards the signal: waiting on a child
     inside a signal handler would deadlock with the main thread's own wait
     (subprocess's wait lock is not re-entrant). The loop escalates to SIGKILL
     after `grace` seconds.
     """
-    processes = [
+    children = [
         subprocess.Popen(s.command, env=s.env, start_new_session=True)
         if s.log_file is None
         else start(s.command, s.log_file, s.env)
@@ -234,7 +244,7 @@ def supervise(services: list[Service], grace: float = 15.0) -> int:
     asked: list[int] = []
 
     def signal_all(signum: int) -> None:
-        for process in processes:
+        for process in children:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signum)
 
@@ -246,17 +256,29 @@ def supervise(services: list[Service], grace: float = 15.0) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     first_code: int | None = None
+    watched = time.monotonic()
     while True:
-        codes = [process.poll() for process in processes]
+        codes = [process.poll() for process in children]
         if first_code is None and not asked and any(c is not None for c in codes):
             first_code = next(c for c in codes if c is not None)
             stopping_since.append(time.monotonic())
             signal_all(signal.SIGTERM)
         if all(c is not None for c in codes):
+            processes.stop_started()
             return 0 if asked else (first_code or 0)
         if stopping_since and time.monotonic() - stopping_since[0] > grace:
             signal_all(signal.SIGKILL)
+        if watch is not None and not stopping_since and time.monotonic() - watched >= every:
+            watched = time.monotonic()
+            _watch_once(watch)
         time.sleep(0.2)
+
+
+def _watch_once(watch: Callable[[], None]) -> None:
+    try:
+        watch()
+    except Exception as err:  # a watch must never take the services down with it
+        print(f"medfed: warning: {err}", file=sys.stderr)
 
 
 def fresh_metrics_dir(directory: Path) -> Path:

@@ -101,3 +101,8 @@ def readable(array: Array) -> np.ndarray | None:
 def state_dict_from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """A torch state dict of the record's arrays (used to save the global model)."""
     return OrderedDict((k, torch.from_numpy(np.array(record[k].numpy()))) for k in record)
+
+
+def record_from_state_dict(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The arrays of a saved state dict as a record, in order (the inverse of the above)."""
+    return ArrayRecord(OrderedDict((k, Array(v.detach().cpu().numpy())) for k, v in state.items()))

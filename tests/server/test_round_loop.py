@@ -204,7 +204,8 @@ def test_a_secure_round_survives_a_dropout_at_any_stage(tmp_path, stage):
     grid.drop[stage] = {404}
     arrays, metrics, _ = run(tmp_path, grid, cfg)
     assert np.allclose(arrays["w"].numpy(), 1.0, atol=1e-6)
-    assert metrics["rounds"][1]["failures"]["site-3"].startswith(f"{stage}: timed out: no reply after")
+    reason = metrics["rounds"][1]["failures"]["site-3"]
+    assert reason.startswith(f"{stage}: timed out: no reply after")
 
 
 def test_replies_are_aggregated_in_site_order_whatever_order_they_arrive_in():

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from medfed.server.run_record import RunRecord
+from medfed.server import run_status
+from medfed.server.run_record import RunAbandoned, RunRecord
+from medfed.shared_models import processes
 from medfed.shared_models.run_folder import load_global_model
 from medfed.shared_models.tasks import TASKS
 from tests.conftest import tiny_config
@@ -33,7 +38,9 @@ def test_checkpoints_and_the_model_rebuild_the_network(tmp_path):
     net = TASKS["classification"].build_network(cfg)
     record = RunRecord(cfg, tmp_path)
     arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32))})
-    path = record.checkpoint(3, arrays)
+    digest = record.checkpoint(3, arrays)
+    path = tmp_path / "checkpoints" / "round-003.pt"
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     saved = torch.load(path, weights_only=True)
     assert saved["round"] == 3 and saved["config"] == cfg.to_mapping()
     assert torch.equal(saved["arrays"]["w"], torch.arange(6, dtype=torch.float32))
@@ -43,3 +50,46 @@ def test_checkpoints_and_the_model_rebuild_the_network(tmp_path):
     assert loaded_cfg == cfg and not loaded.training
     for key, value in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+ROUND_0 = {
+    "round": 0,
+    "seconds": 0.1,
+    "global": {"auc": 0.5},
+    "sites": {},
+    "replied": ["site-0"],
+    "failed": [],
+    "failures": {},
+}
+
+
+def test_a_run_whose_process_is_gone_is_closed_and_its_writer_never_overwrites_that(tmp_path):
+    cfg = tiny_config(task="classification")
+    record = RunRecord(cfg, tmp_path)
+    record.add_round(ROUND_0)
+    assert not run_status.close(tmp_path, "failed", run_status.DIED), "its process is alive"
+
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    data["process"] = processes.identity() | {"pid": int(dead.stdout)}  # a pid now gone
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    assert run_status.close(tmp_path, "failed", run_status.DIED)
+    closed = json.loads((tmp_path / "metrics.json").read_text())
+    assert closed["status"] == "failed" and "ServerApp process ended" in closed["error"]
+    assert closed["rounds"] == [ROUND_0]
+    assert (tmp_path / "report.md").is_file()
+
+    with pytest.raises(RunAbandoned, match="says failed"):
+        record.add_round(ROUND_0 | {"round": 1})
+    after = json.loads((tmp_path / "metrics.json").read_text())
+    assert after["status"] == "failed" and len(after["rounds"]) == 1
+    assert not run_status.close(tmp_path, "interrupted", "again"), "closed once only"
+
+
+def test_a_recorded_process_is_running_only_with_its_own_boot_and_start_time():
+    me = processes.identity()
+    assert processes.is_running(me)
+    assert not processes.is_running(me | {"start": me["start"] + 1}), "a reused pid"
+    assert not processes.is_running(me | {"boot": "another-boot"}), "after a reboot"
+    assert not processes.is_running({})

@@ -1,0 +1,136 @@
+"""Continuing a run from its last completed round (`resume-from`, `medfed simulate --resume`).
+
+A resumed run is the interrupted run carried on, not a new one seeded with
+its weights: the same round numbering, one history in which every round
+appears exactly once, and the strategy's and the random streams' state as
+they were after that round (strategy_state). Only a checkpoint whose
+SHA-256 matches the one metrics.json recorded for that round is used, and
+only for the same task, network and settings: a corrupted, replaced or
+foreign checkpoint is refused with a message naming the file or the keys.
+SecAgg+ always starts with fresh keys (a new run has fresh node contexts).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from medfed.shared_models import processes
+from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.run_folder import (
+    CHECKPOINTS,
+    METRICS_JSON,
+    RunFolderError,
+    checkpoint_name,
+    read_metrics,
+)
+from medfed.shared_models.weights import record_from_state_dict
+
+# Keys a resumed run may set differently from the run it continues: how long it
+# waits, how far it goes, where it writes. Everything else must be equal.
+MAY_CHANGE = frozenset(
+    {"num-server-rounds", "round-timeout-seconds", "node-wait-seconds", "out-dir",
+     "resume-from", "data-root"}
+)  # fmt: skip
+# What carries over from the interrupted run's record besides its rounds.
+CARRIED = ("site-statistics", "pretrained", "resumed")
+
+
+class ResumeError(ConfigError):
+    """A run cannot be resumed from the folder given; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run starts: after `server_round` of the run in `folder`."""
+
+    folder: Path
+    server_round: int
+    arrays: ArrayRecord
+    state: dict[str, Any]
+    history: dict[str, Any]  # the interrupted run's record, to carry on
+
+
+def resume_folder(value: str, runs_dir: str | None) -> Path:
+    """The run folder `resume-from` names: a run id on a coordinator, else a path."""
+    if value.isdigit() and runs_dir:
+        return Path(runs_dir) / value
+    return Path(value).expanduser().resolve()
+
+
+def load_resume_point(cfg: RunConfig, runs_dir: str | None) -> ResumePoint:
+    """The last completed round of the run `cfg.resume_from` names, checked end to end."""
+    folder = resume_folder(cfg.resume_from, runs_dir)
+    try:
+        record = read_metrics(folder)
+    except RunFolderError as err:
+        raise ResumeError(f"resume-from: {err}") from err
+    if record is None:
+        raise ResumeError(f"resume-from {folder}: no {METRICS_JSON}: not a medfed run folder")
+    if record.get("status") == "running" and processes.is_running(record.get("process", {})):
+        raise ResumeError(f"resume-from {folder}: that run is still running")
+    rounds = record.get("rounds") or []
+    if not rounds:
+        raise ResumeError(f"resume-from {folder}: no completed round to resume from")
+    last = int(rounds[-1]["round"])
+    if last >= cfg.num_server_rounds:
+        raise ResumeError(
+            f"resume-from {folder}: it completed round {last} of "
+            f"{cfg.num_server_rounds}; raise 'num-server-rounds' to train further"
+        )
+    _same_settings(folder, record.get("config", {}), cfg)
+    path = folder / CHECKPOINTS / checkpoint_name(last)
+    payload = _checked_checkpoint(path, rounds[-1].get("checkpoint-sha256"), last)
+    history = {key: copy.deepcopy(record[key]) for key in CARRIED if key in record}
+    history["rounds"] = rounds
+    history["resumed"] = [
+        *history.get("resumed", []),
+        {"from": str(folder), "after-round": last, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    ]
+    arrays = record_from_state_dict(payload["arrays"])
+    return ResumePoint(folder, last, arrays, payload.get("state", {}), history)
+
+
+def _same_settings(folder: Path, recorded: dict[str, Any], cfg: RunConfig) -> None:
+    """ResumeError naming every key (beyond MAY_CHANGE) whose value differs."""
+    now = cfg.to_mapping()
+    try:
+        then = RunConfig.from_mapping(recorded).to_mapping()
+    except ConfigError as err:
+        raise ResumeError(f"resume-from {folder}: its recorded config is invalid: {err}") from err
+    keys = (now.keys() | then.keys()) - MAY_CHANGE
+    differing = sorted(k for k in keys if now.get(k) != then.get(k))
+    if differing:
+        shown = ", ".join(f"{k} = {then.get(k)!r} there, {now.get(k)!r} here" for k in differing)
+        raise ResumeError(
+            f"resume-from {folder}: that run used other settings ({shown}); a resumed "
+            f"run may only change {sorted(MAY_CHANGE - {'resume-from', 'out-dir'})}"
+        )
+
+
+def _checked_checkpoint(path: Path, recorded: str | None, server_round: int) -> dict[str, Any]:
+    """The checkpoint's content, once its SHA-256 matches the one recorded for its round."""
+    if not path.is_file():
+        raise ResumeError(f"resume-from: checkpoint {path} is missing")
+    if not recorded:
+        raise ResumeError(f"resume-from: no SHA-256 is recorded for {path}; it cannot be trusted")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != recorded:
+        raise ResumeError(
+            f"resume-from: checkpoint {path} is corrupted or was replaced "
+            f"(sha256 {digest[:16]}…, recorded {recorded[:16]}…)"
+        )
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises many kinds for a bad file
+        raise ResumeError(f"resume-from: checkpoint {path} cannot be read: {err}") from err
+    if not isinstance(payload, dict) or payload.get("round") != server_round:
+        raise ResumeError(f"resume-from: checkpoint {path} is not round {server_round}'s")
+    return payload

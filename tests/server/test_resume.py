@@ -1,0 +1,181 @@
+"""Resuming a run over the in-process grid: the resumed run ends where the uninterrupted
+one does (strategy state, privacy ledger and random streams restored), its history has
+every round once, and a checkpoint that is corrupted, foreign or missing is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from medfed.server.exchange import QuorumError
+from medfed.server.resume import ResumeError, load_resume_point
+from medfed.server.round_loop import RoundLoop
+from medfed.server.run_record import RunOutputs, RunRecord
+from medfed.server.strategies import build_strategy
+from medfed.server.telemetry import RoundTelemetry
+from medfed.shared_models.config import RunConfig
+from tests.in_process_grid import RUN_ID, InProcessGrid
+
+NODES = {101: 1.0, 202: 2.0, 303: 4.0}
+START = {"w": np.zeros(6, np.float32)}
+
+
+def config(out, **values) -> RunConfig:
+    defaults = {
+        "task": "classification",
+        "num-server-rounds": 4,
+        "min-nodes": 2,
+        "round-timeout-seconds": 0.3,
+        "node-wait-seconds": 0.3,
+        "federated-stats": False,
+        "out-dir": str(out),
+    }
+    return RunConfig.from_mapping({**defaults, **values})
+
+
+def federation(cfg: RunConfig) -> InProcessGrid:
+    updates = {n: {"w": np.linspace(-d, d, 6).astype(np.float32)} for n, d in NODES.items()}
+    return InProcessGrid(updates, dict.fromkeys(NODES, 1.0), cfg)
+
+
+def run(cfg: RunConfig, grid: InProcessGrid, resume=None):
+    """What app.main does around the loop: seeded streams, the record, the outputs."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    record = RunRecord(cfg, cfg.out_path, resume.history if resume else None)
+    outputs = RunOutputs(record, RoundTelemetry(RUN_ID, cfg.task), io.StringIO(), RUN_ID, cfg)
+    loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), RUN_ID)
+    try:
+        arrays = loop.run(ArrayRecord({k: Array(v) for k, v in START.items()}), resume)
+    except QuorumError as err:
+        record.finish("failed", error=str(err))
+        return None, json.loads((cfg.out_path / "metrics.json").read_text())
+    record.finish("completed")
+    return arrays["w"].numpy(), json.loads((cfg.out_path / "metrics.json").read_text())
+
+
+def interrupted_after_round_2(cfg: RunConfig):
+    """A run whose hospitals all fall silent in round 3: it fails with rounds 0..2 recorded."""
+    grid = federation(cfg)
+    grid.silent_from = dict.fromkeys(NODES, 3)
+    final, metrics = run(cfg, grid)
+    assert final is None and metrics["status"] == "failed"
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"strategy": "fedavg"},
+        {"strategy": "fedadam"},
+        {"strategy": "fedavgm"},
+        {"dp.mode": "server", "dp.noise-multiplier": 0.5, "dp.clipping-norm": 1.0},
+    ],
+    ids=["fedavg", "fedadam", "fedavgm", "server-dp"],
+)
+def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, settings):
+    whole = config(tmp_path / "whole", **settings)
+    expected, uninterrupted = run(whole, federation(whole))
+
+    cfg = config(tmp_path / "broken", **settings)
+    interrupted_after_round_2(cfg)
+    resumed_cfg = config(tmp_path / "broken", **settings, **{"resume-from": str(cfg.out_path)})
+    point = load_resume_point(resumed_cfg, None)
+    assert point.server_round == 2
+    final, metrics = run(resumed_cfg, federation(resumed_cfg), point)
+
+    assert np.allclose(final, expected, atol=1e-6, rtol=0)
+    assert metrics["status"] == "completed"
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3, 4]
+    assert metrics["resumed"][0]["after-round"] == 2
+    for got, want in zip(metrics["rounds"], uninterrupted["rounds"], strict=True):
+        assert got["global"] == pytest.approx(want["global"], abs=1e-9)
+
+
+def test_state_matters_fedadam_without_its_moments_would_end_elsewhere(tmp_path):
+    """The test above could pass by accident if FedAdam's state made no difference."""
+    whole = config(tmp_path / "whole", strategy="fedadam")
+    expected, _ = run(whole, federation(whole))
+    cfg = config(tmp_path / "broken", strategy="fedadam")
+    interrupted_after_round_2(cfg)
+    point = load_resume_point(config(tmp_path / "broken", strategy="fedadam",
+                                     **{"resume-from": str(cfg.out_path)}), None)  # fmt: skip
+    point.state["layers"][0]["values"].clear()  # forget m_t and v_t
+    stateless, _ = run(config(tmp_path / "broken", strategy="fedadam"), federation(cfg), point)
+    assert not np.allclose(stateless, expected, atol=1e-4)
+
+
+def test_the_privacy_ledger_carries_over(tmp_path):
+    dp = {"dp.mode": "server", "dp.noise-multiplier": 0.5}
+    whole = config(tmp_path / "whole", **dp)
+    _, uninterrupted = run(whole, federation(whole))
+    cfg = config(tmp_path / "broken", **dp)
+    interrupted_after_round_2(cfg)
+    again = config(tmp_path / "broken", **dp, **{"resume-from": str(cfg.out_path)})
+    _, metrics = run(again, federation(again), load_resume_point(again, None))
+    spent = [r["global"]["dp-epsilon"] for r in metrics["rounds"][1:]]
+    assert spent == pytest.approx([r["global"]["dp-epsilon"] for r in uninterrupted["rounds"][1:]])
+    assert spent[3] > spent[1], "epsilon keeps growing after the resume"
+
+
+def _interrupted(tmp_path, **settings) -> RunConfig:
+    cfg = config(tmp_path / "run", **settings)
+    interrupted_after_round_2(cfg)
+    return config(tmp_path / "run", **settings, **{"resume-from": str(cfg.out_path)})
+
+
+def test_a_corrupted_checkpoint_is_refused_naming_it(tmp_path):
+    cfg = _interrupted(tmp_path)
+    checkpoint = cfg.out_path / "checkpoints" / "round-002.pt"
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match=r"round-002\.pt is corrupted or was replaced"):
+        load_resume_point(cfg, None)
+
+
+def test_a_missing_checkpoint_is_refused(tmp_path):
+    cfg = _interrupted(tmp_path)
+    (cfg.out_path / "checkpoints" / "round-002.pt").unlink()
+    with pytest.raises(ResumeError, match=r"round-002\.pt is missing"):
+        load_resume_point(cfg, None)
+
+
+def test_other_settings_are_refused_naming_each_key(tmp_path):
+    _interrupted(tmp_path)
+    other = config(tmp_path / "run", lr=0.1, strategy="fedadam",
+                   **{"resume-from": str(tmp_path / "run")})  # fmt: skip
+    with pytest.raises(ResumeError) as refused:
+        load_resume_point(other, None)
+    assert "lr = 0.003 there, 0.1 here" in str(refused.value)
+    assert "strategy = 'fedavg' there, 'fedadam' here" in str(refused.value)
+
+
+def test_a_finished_run_or_an_empty_folder_is_refused(tmp_path):
+    cfg = config(tmp_path / "done", **{"num-server-rounds": 2})
+    run(cfg, federation(cfg))
+    again = config(tmp_path / "done", **{"num-server-rounds": 2, "resume-from": str(cfg.out_path)})
+    with pytest.raises(ResumeError, match="completed round 2 of 2; raise 'num-server-rounds'"):
+        load_resume_point(again, None)
+    longer = config(tmp_path / "done", **{"num-server-rounds": 3, "resume-from": str(cfg.out_path)})
+    assert load_resume_point(longer, None).server_round == 2
+    empty = config(tmp_path / "x", **{"resume-from": str(tmp_path / "nothing")})
+    with pytest.raises(ResumeError, match=r"no metrics\.json: not a medfed run folder"):
+        load_resume_point(empty, None)
+
+
+def test_a_run_still_running_is_refused(tmp_path):
+    cfg = _interrupted(tmp_path)
+    metrics = json.loads((cfg.out_path / "metrics.json").read_text())
+    metrics["status"] = "running"  # and its process (this one) is alive
+    (cfg.out_path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ResumeError, match="that run is still running"):
+        load_resume_point(cfg, None)
