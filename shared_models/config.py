@@ -29,6 +29,8 @@ PRECISIONS = ("fp32", "bf16")
 INTENSITIES = ("auto", "ct-window", "percentile", "scale", "zscore", "none")
 FITS = ("resize", "pad-crop")
 FREEZES = ("none", "backbone")
+# The most a site may be asked to decode for one image (a 2048x2048x1024 float volume is 16 GiB).
+MAX_IMAGE_MEGABYTES = 16384
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,7 @@ class RunConfig:
     ct_window: str = "-1000,1000"
     spacing: str = ""  # e.g. "1.0,1.0": resample to this pixel spacing (mm)
     fit: str = "resize"  # resize | pad-crop
+    max_image_megabytes: int = 1024  # an image whose header declares more is skipped unread
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
@@ -228,6 +231,8 @@ class RunConfig:
             )
         if self.model_width < 1:
             _bad("model_width", self.model_width, "a positive integer")
+        if not 1 <= self.max_image_megabytes <= MAX_IMAGE_MEGABYTES:
+            _bad("max_image_megabytes", self.max_image_megabytes, f"1..{MAX_IMAGE_MEGABYTES}")
 
     def _validate_training(self) -> None:
         """Optimisation, sampling, waits and the GAN / regression settings."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medfed.client.data.header import Declared, npz_headers
 
 MANIFEST_JSON = "dataset.json"
 MANIFEST_CSV = "manifest.csv"
@@ -65,10 +68,17 @@ def find_manifest(root: Path) -> Path:
     raise SiteDataError(f"{root}: no {MANIFEST_JSON}, {MANIFEST_CSV} or MedMNIST .npz found")
 
 
-def read_manifest(root: Path, label_kind: str, num_classes: int) -> Manifest:
-    """Read whichever manifest the site has; `label_kind` is "mask", "class" or "value"."""
+def read_manifest(
+    root: Path, label_kind: str, num_classes: int, max_megabytes: int = 1024
+) -> Manifest:
+    """Read whichever manifest the site has; `label_kind` is "mask", "class" or "value".
+
+    `max_megabytes` bounds one image of a .npz archive, from its header, before
+    the archive is loaded (config key 'max-image-megabytes').
+    """
     source = find_manifest(root)
     if source.suffix == ".npz":
+        _check_npz_headers(source, max_megabytes)
         return _read_npz(source, num_classes)
     raw = _read_json(source) if source.suffix == ".json" else _read_csv(source)
     manifest = Manifest(source, {s: [] for s in SPLITS}, raw["labels"], raw["modality"])
@@ -127,12 +137,37 @@ def _read_csv(source: Path) -> dict[str, Any]:
     return {"splits": splits, "labels": None, "modality": None}
 
 
+def _check_npz_headers(source: Path, max_megabytes: int) -> None:
+    """Refuse an archive whose headers declare an image over the limit, or more data than
+    the archive's directory says it holds, before NumPy allocates a single array."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            sizes = {i.filename.removesuffix(".npy"): i.file_size for i in archive.infolist()}
+        headers = dict(npz_headers(source))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise SiteDataError(f"{source}: not a readable .npz archive ({err})") from None
+    for name, claim in headers.items():
+        held = math.prod(claim.shape) * claim.itemsize
+        if held > sizes[name]:
+            raise SiteDataError(
+                f"{source}: array '{name}' declares shape {claim.describe()} "
+                f"({held} bytes) but holds {sizes[name]} bytes"
+            )
+        one = Declared(claim.shape[1:], claim.itemsize)
+        if name.endswith("_images") and one.megabytes > max_megabytes:
+            raise SiteDataError(
+                f"{source}: array '{name}' declares images of shape {one.describe()}, "
+                f"{one.megabytes:.4g} MB each decoded: over the limit "
+                f"(config key 'max-image-megabytes' = {max_megabytes})"
+            )
+
+
 def _read_npz(source: Path, num_classes: int) -> Manifest:
     """MedMNIST layout: {train,val,test}_{images,labels} arrays in one file."""
     try:
         archive = np.load(source)
         arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise SiteDataError(f"{source}: not a readable .npz archive ({err})") from None
     if "train_images" not in arrays or "train_labels" not in arrays:
         raise SiteDataError(f"{source}: needs arrays 'train_images' and 'train_labels'")

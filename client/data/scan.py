@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from monai.transforms import EnsureChannelFirst, LoadImage
 
+from medfed.client.data.header import size_problem
 from medfed.client.data.manifest import Problem
 from medfed.client.data.transforms import READERS
+from medfed.shared_models.config import RunConfig
 from medfed.shared_models.runtime import atomic_write
 
 SCAN_VERSION = 1
@@ -34,6 +36,7 @@ class ScanSpec:
     num_classes: int
     spatial_dims: int
     in_channels: int
+    max_megabytes: int = RunConfig.max_image_megabytes  # larger declared images: not read
 
 
 def spatial_shape(shape: tuple[int, ...], spatial_dims: int) -> tuple[int, ...] | None:
@@ -106,6 +109,10 @@ class Scanner:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def _inspect(self, entry: dict[str, Any]) -> dict[str, Any]:
+        for key in ("image", "label"):
+            too_large = self._too_large(entry.get(key))
+            if too_large:
+                return {"problem": f"{key} too large: {too_large}"}
         try:
             image = self._load(entry["image"])
         except Exception as err:  # any reader failure makes this one file unusable
@@ -142,6 +149,13 @@ class Scanner:
         if spec.label_kind == "value":
             info["label"] = float(entry["label"])
             return {"info": info}
+        return self._inspect_mask(entry, shape, info)
+
+    def _inspect_mask(
+        self, entry: dict[str, Any], shape: tuple[int, ...], info: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A segmentation entry's mask: same shape as its image, values among the classes."""
+        spec = self.spec
         try:
             label = self._load(entry["label"])
         except Exception as err:  # a broken mask makes its pair unusable
@@ -163,6 +177,12 @@ class Scanner:
             }
         info["label-values"] = [int(v) for v in present]
         return {"info": info}
+
+    def _too_large(self, source: Any) -> str | None:
+        """Why a file would decode to more than the limit, from its header (None if not)."""
+        if not isinstance(source, str):
+            return None  # a class index, a value, or an array already in memory
+        return size_problem(source, self.spec.max_megabytes)
 
     def _load(self, source: Any) -> torch.Tensor:
         if isinstance(source, np.ndarray):

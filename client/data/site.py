@@ -61,7 +61,7 @@ def scan_site(
     """
     root = root.expanduser().resolve()
     task = TASKS[cfg.task]
-    manifest = read_manifest(root, task.label_kind, len(cfg.classes))
+    manifest = read_manifest(root, task.label_kind, len(cfg.classes), cfg.max_image_megabytes)
     if manifest.labels is not None:
         labels = manifest.labels
         declared = (
@@ -74,7 +74,13 @@ def scan_site(
                 f"{manifest.source}: labels {labels} do not match the run's classes "
                 f"{list(cfg.classes)} (config key 'class-names')"
             )
-    spec = ScanSpec(task.label_kind, len(cfg.classes), task.spatial_dims, cfg.in_channels)
+    spec = ScanSpec(
+        task.label_kind,
+        len(cfg.classes),
+        task.spatial_dims,
+        cfg.in_channels,
+        cfg.max_image_megabytes,
+    )
     everything = [e for split in ("train", "val", "test") for e in manifest.splits[split]]
     usable, problems, facts = Scanner(spec, cache_dir).scan(everything)
     kept = {id(e) for e in usable}
