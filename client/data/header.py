@@ -45,6 +45,7 @@ class Declared:
         return math.prod(self.shape) * max(self.itemsize, DECODED_ITEMSIZE) / 2**20
 
     def describe(self) -> str:
+        """The shape as an error message shows it: `65535x65535x65535`."""
         return "x".join(str(n) for n in self.shape)
 
 
