@@ -9,11 +9,13 @@ naming the key, instead of deep inside a training step on one hospital.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from medfed.shared_models.protocol import SECAGG_MAX_PARTICIPANTS
 from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS, Encoding
 
 # Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step).
@@ -31,6 +33,49 @@ FITS = ("resize", "pad-crop")
 FREEZES = ("none", "backbone")
 # The most a site may be asked to decode for one image (a 2048x2048x1024 float volume is 16 GiB).
 MAX_IMAGE_MEGABYTES = 16384
+# Pixels per side of the network's input, by spatial rank: a 2048² slice or a 512³ volume
+# is already more than a hospital GPU holds in a batch.
+MAX_IMAGE_SIZE = {2: 2048, 3: 512}
+WEEK_SECONDS = 7 * 24 * 3600.0
+# Inclusive ranges of the integer settings. Past them a value is a typo or an attempt to
+# exhaust a node's memory or time, never a setting; the checks below add the rules
+# that tie settings together.
+INT_RANGES = {
+    "num_server_rounds": (1, 100_000),
+    "local_epochs": (1, 10_000),
+    "batch_size": (1, 4096),
+    "in_channels": (1, 64),
+    "model_width": (1, 1024),
+    "model_depth": (1, 6),
+    "latent_size": (1, 4096),
+    "min_nodes": (1, SECAGG_MAX_PARTICIPANTS),
+    "stats_min_count": (1, 1_000_000),
+    "secagg_neighbours": (0, SECAGG_MAX_PARTICIPANTS),
+    "secagg_threshold": (0, SECAGG_MAX_PARTICIPANTS),
+    "secagg_quantization_bits": (MIN_BITS, MAX_BITS),
+    "seed": (0, 2**32 - 1),  # NumPy's seed range
+    "max_image_megabytes": (1, MAX_IMAGE_MEGABYTES),
+    "krum_byzantine": (0, SECAGG_MAX_PARTICIPANTS),
+}
+# Ranges of the float settings: (low, high, whether low itself is allowed). Every float
+# must also be finite.
+FLOAT_RANGES = {
+    "lr": (0.0, 10.0, False),
+    "proximal_mu": (0.0, 1000.0, True),
+    "secagg_clipping_range": (0.0, 1e6, False),
+    "secagg_max_weight": (1.0, 2.0**24, True),
+    "dp_noise_multiplier": (0.0, 1000.0, True),
+    "dp_clipping_norm": (0.0, 1e6, False),
+    "fraction_train": (0.0, 1.0, False),
+    "gan_augment_ratio": (0.0, 100.0, True),
+    "target_scale": (0.0, 1e9, False),
+    "node_wait_seconds": (0.0, WEEK_SECONDS, False),
+    "round_timeout_seconds": (0.0, WEEK_SECONDS, False),
+    "update_norm_factor": (0.0, 1e6, True),
+}
+MAX_CLASSES = 1000
+MAX_SPACING_MM = 100.0
+MODALITY = re.compile(r"[A-Za-z0-9]{1,16}")  # DICOM's (0008,0060) is at most 16 characters
 
 
 class ConfigError(ValueError):
@@ -135,6 +180,7 @@ class RunConfig:
         """Check ranges and names; raise ConfigError naming the first bad key."""
         self._resolve_task_defaults()
         self._validate_choices()
+        self._validate_ranges()
         self._validate_preprocessing()
         self._validate_sizes()
         self._validate_training()
@@ -186,81 +232,78 @@ class RunConfig:
                 f"at least {wanted} distinct comma-separated name(s)",
             )
 
+    def _validate_ranges(self) -> None:
+        """Every number within its range (INT_RANGES, FLOAT_RANGES), floats finite."""
+        for attr, (low, high) in INT_RANGES.items():
+            if not low <= getattr(self, attr) <= high:
+                _bad(attr, getattr(self, attr), f"an integer in {low}..{high}")
+        for attr, (low, high, closed) in FLOAT_RANGES.items():
+            value = getattr(self, attr)
+            above_low = value >= low if closed else value > low
+            if not (math.isfinite(value) and above_low and value <= high):
+                _bad(attr, value, f"a number in {'[' if closed else '('}{low!r}, {high!r}]")
+
     def _validate_preprocessing(self) -> None:
-        """The CT window and the resampling spacing."""
+        """The modality code, the CT window and the resampling spacing."""
         from medfed.shared_models.tasks import TASKS
 
+        if self.modality != "auto" and not MODALITY.fullmatch(self.modality):
+            _bad("modality", self.modality, "auto, or a DICOM modality code such as CT or MR")
         try:
             low, high = self.ct_window_range
         except ValueError:
             low, high = 0.0, 0.0
-        if not low < high:
-            _bad("ct_window", self.ct_window, "two numbers 'low,high' with low < high")
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            _bad("ct_window", self.ct_window, "two finite numbers 'low,high' with low < high")
         if self.spacing:
             try:
                 spacing = self.pixel_spacing
             except ValueError:
                 spacing = ()
-            if len(spacing) != TASKS[self.task].spatial_dims or min(spacing) <= 0:
-                _bad("spacing", self.spacing, "positive spacings, one per spatial axis")
+            if len(spacing) != TASKS[self.task].spatial_dims or not all(
+                0 < v <= MAX_SPACING_MM for v in spacing
+            ):
+                _bad(
+                    "spacing",
+                    self.spacing,
+                    f"spacings in (0, {MAX_SPACING_MM:g}] mm, one per spatial axis",
+                )
 
     def _validate_sizes(self) -> None:
-        """Counts, image and patch sizes, and the network's depth and width."""
-        for key in (
-            "num_server_rounds",
-            "local_epochs",
-            "batch_size",
-            "min_nodes",
-            "in_channels",
-            "stats_min_count",
-        ):
-            if getattr(self, key) < 1:
-                _bad(key, getattr(self, key), "a positive integer")
-        if not 1 <= self.model_depth <= 6:
-            _bad("model_depth", self.model_depth, "between 1 and 6")
+        """Image and patch sizes against the network's depth, the number of classes."""
+        from medfed.shared_models.tasks import TASKS
+
         divisor = 2**self.model_depth
-        if self.image_size < 16 or self.image_size % divisor:
+        largest = MAX_IMAGE_SIZE[TASKS[self.task].spatial_dims]
+        if not 16 <= self.image_size <= largest or self.image_size % divisor:
             _bad(
-                "image_size", self.image_size, f">= 16 and divisible by 2**model-depth ({divisor})"
+                "image_size",
+                self.image_size,
+                f"16..{largest} for this task, divisible by 2**model-depth ({divisor})",
             )
-        if self.patch_size and (self.patch_size > self.image_size or self.patch_size % divisor):
+        if self.patch_size and not (
+            0 < self.patch_size <= self.image_size and self.patch_size % divisor == 0
+        ):
             _bad(
                 "patch_size",
                 self.patch_size,
                 f"0, or at most image-size and divisible by 2**model-depth ({divisor})",
             )
-        if self.model_width < 1:
-            _bad("model_width", self.model_width, "a positive integer")
-        if not 1 <= self.max_image_megabytes <= MAX_IMAGE_MEGABYTES:
-            _bad("max_image_megabytes", self.max_image_megabytes, f"1..{MAX_IMAGE_MEGABYTES}")
+        if len(self.classes) > MAX_CLASSES:
+            _bad("class_names", f"{len(self.classes)} names", f"at most {MAX_CLASSES} classes")
 
     def _validate_training(self) -> None:
-        """Optimisation, sampling, waits and the GAN / regression settings."""
-        if not self.lr > 0:
-            _bad("lr", self.lr, "a positive number")
-        if self.proximal_mu < 0:
-            _bad("proximal_mu", self.proximal_mu, "zero or positive")
-        if self.krum_byzantine < 0 or (self.krum_byzantine and self.strategy != "krum"):
-            _bad("krum_byzantine", self.krum_byzantine, "0, or a positive count with strategy krum")
-        if not (math.isfinite(self.update_norm_factor) and self.update_norm_factor >= 0):
-            _bad("update_norm_factor", self.update_norm_factor, "0 (off) or a positive factor")
+        """Sampling, the GAN settings and the update checks (numeric ranges: FLOAT_RANGES)."""
+        if self.krum_byzantine and self.strategy != "krum":
+            _bad("krum_byzantine", self.krum_byzantine, "0 unless strategy is krum")
         if 0 < self.update_norm_factor < 1:
             _bad("update_norm_factor", self.update_norm_factor, "0 (off) or at least 1")
-        if not 0 < self.fraction_train <= 1:
-            _bad("fraction_train", self.fraction_train, "in (0, 1]")
         if not 0 < self.val_fraction < 1:
             _bad("val_fraction", self.val_fraction, "in (0, 1)")
-        for key in ("node_wait_seconds", "round_timeout_seconds"):
-            if not getattr(self, key) > 0:
-                _bad(key, getattr(self, key), "a positive number of seconds")
-        if self.gan_augment_ratio < 0:
-            _bad("gan_augment_ratio", self.gan_augment_ratio, "zero or positive")
         if self.gan_augment_ratio > 0 and not self.gan_model:
             _bad("gan_model", self.gan_model, "a gan run folder when gan-augment-ratio > 0")
         if self.gan_augment_ratio > 0 and self.task != "classification":
             _bad("gan_augment_ratio", self.gan_augment_ratio, "0 unless task is classification")
-        if not self.target_scale > 0:
-            _bad("target_scale", self.target_scale, "a positive number")
 
     def _validate_privacy(self) -> None:
         if self.secure_aggregation and self.strategy in ROBUST_STRATEGIES:
@@ -271,20 +314,10 @@ class RunConfig:
                 "secure-aggregation = true: it needs each hospital's update, which "
                 "secure aggregation hides from the coordinator",
             )
-        if self.secagg_neighbours < 0 or self.secagg_neighbours == 1:
+        if self.secagg_neighbours == 1:
             _bad("secagg_neighbours", self.secagg_neighbours, "0 (everyone) or at least 2")
-        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+        if self.secagg_threshold == 1:
             _bad("secagg_threshold", self.secagg_threshold, "0 (strict majority) or at least 2")
-        if not (math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0):
-            _bad("secagg_clipping_range", self.secagg_clipping_range, "a positive number")
-        if not (math.isfinite(self.secagg_max_weight) and 1 <= self.secagg_max_weight <= 2**24):
-            _bad("secagg_max_weight", self.secagg_max_weight, "a number of examples in 1..2**24")
-        if not MIN_BITS <= self.secagg_quantization_bits <= MAX_BITS:
-            _bad(
-                "secagg_quantization_bits",
-                self.secagg_quantization_bits,
-                f"{MIN_BITS}..{MAX_BITS} (the sum must fit 32 bits)",
-            )
         if self.dp_mode not in DP_MODES:
             _bad("dp_mode", self.dp_mode, f"one of {', '.join(DP_MODES)}")
         if self.dp_mode == "server" and self.secure_aggregation:
@@ -296,10 +329,6 @@ class RunConfig:
             )
         if self.dp_mode != "off" and self.strategy in ROBUST_STRATEGIES:
             _bad("dp_mode", self.dp_mode, f"'off' with strategy {self.strategy}")
-        if not self.dp_noise_multiplier >= 0:
-            _bad("dp_noise_multiplier", self.dp_noise_multiplier, "zero or positive")
-        if not self.dp_clipping_norm > 0:
-            _bad("dp_clipping_norm", self.dp_clipping_norm, "a positive number")
         if not 0 < self.dp_delta < 1:
             _bad("dp_delta", self.dp_delta, "in (0, 1)")
 

@@ -1,10 +1,19 @@
+import math
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 from flwr.common.config import flatten_dict
 
-from medfed.shared_models.config import TASK_NAMES, ConfigError, RunConfig
+from medfed.shared_models.config import (
+    FLOAT_RANGES,
+    INT_RANGES,
+    TASK_NAMES,
+    ConfigError,
+    RunConfig,
+    config_key,
+)
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -77,3 +86,45 @@ def test_task_names_are_the_registered_tasks():
     from medfed.shared_models.tasks import TASKS
 
     assert set(TASK_NAMES) == set(TASKS)
+
+
+@pytest.mark.parametrize("attr", sorted(INT_RANGES))
+def test_every_integer_setting_has_an_upper_bound_named_in_its_error(attr):
+    low, high = INT_RANGES[attr]
+    key = config_key(attr)
+    with pytest.raises(ConfigError, match=rf"'{key}' = {high + 1}: .*{low}\.\.{high}"):
+        RunConfig.from_mapping({key: high + 1})
+    below = low - 2  # not low - 1: 0 stands for the task's default in-channels and width
+    with pytest.raises(ConfigError, match=rf"'{key}' = {below}: "):
+        RunConfig.from_mapping({key: below})
+
+
+@pytest.mark.parametrize("attr", sorted(FLOAT_RANGES))
+@pytest.mark.parametrize("bad", ["above", "inf", "nan"])
+def test_every_float_setting_is_finite_and_bounded(attr, bad):
+    high = FLOAT_RANGES[attr][1]
+    value = {"above": high * 2 + 1, "inf": math.inf, "nan": math.nan}[bad]
+    key = config_key(attr)
+    named = re.escape(f"'{key}' = {value!r}: expected a number in ")
+    with pytest.raises(ConfigError, match=named + r"[\[(].*" + re.escape(f"{high!r}]")):
+        RunConfig.from_mapping({key: value})
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"image-size": 4096}, "'image-size' = 4096: expected 16..2048"),
+        ({"task": "segmentation3d", "image-size": 1024}, "'image-size' = 1024: expected 16..512"),
+        ({"patch-size": -8}, "'patch-size' = -8"),
+        ({"seed": -1}, "'seed' = -1"),
+        ({"seed": 2**32}, f"'seed' = {2**32}"),
+        ({"spacing": "inf,1"}, "'spacing' = 'inf,1'"),
+        ({"spacing": "1000,1"}, "'spacing' = '1000,1'"),
+        ({"ct-window": "-inf,0"}, "'ct-window' = '-inf,0'"),
+        ({"modality": "C T"}, "'modality' = 'C T'"),
+        ({"class-names": ",".join(f"c{i}" for i in range(1001))}, "'class-names' = '1001 names'"),
+    ],
+)
+def test_sizes_and_strings_have_bounds(values, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        RunConfig.from_mapping(values)
