@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medfed.client.data.manifest import MANIFEST_CSV, MANIFEST_JSON, SiteDataError
+from medfed.client.data.manifest import (
+    MANIFEST_CSV,
+    MANIFEST_JSON,
+    SiteDataError,
+    find_manifest,
+)
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import NodeConfig
@@ -38,14 +43,22 @@ def site_cache_dir(node_config: Mapping[str, Any], site_path: Path) -> Path:
 
 
 def site_folders(root: Path) -> list[Path]:
-    """Sub-folders of `root` holding a site manifest, in natural order (site-2 < site-10)."""
+    """The site folders of a federation root, in natural order (site-2 < site-10).
+
+    Every sub-folder is a hospital (hidden ones, such as `.cache`, aside): one
+    that is empty or holds no manifest is an error naming it, never a site
+    silently left out of the federation.
+    """
     if not root.is_dir():
         raise SiteDataError(f"data root {root} does not exist or is not a folder")
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and ((p / MANIFEST_JSON).exists() or (p / MANIFEST_CSV).exists())
-    ]
+    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for folder in found:
+        find_manifest(folder)  # raises, naming the folder and what it lacks
+    if not found:
+        raise SiteDataError(
+            f"data root {root} holds no site folders (one sub-folder per hospital, each "
+            f"with a {MANIFEST_JSON}, {MANIFEST_CSV} or MedMNIST .npz)"
+        )
     return sorted(
         found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
     )

@@ -61,3 +61,14 @@ def test_data_synth_writes_sites(tmp_path, capsys):
     )
     assert (tmp_path / "site-1" / "dataset.json").exists()
     assert "site-1" in capsys.readouterr().out
+
+
+def test_an_empty_site_folder_under_data_is_named(tmp_path):
+    site = tmp_path / "data" / "site-0"
+    site.mkdir(parents=True)
+    (site / "dataset.json").write_text('{"task": "classification", "training": []}')
+    (tmp_path / "data" / "site-1").mkdir()
+    result = _medfed("simulate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "site-1 is empty" in result.stderr
+    assert "Traceback" not in result.stderr
