@@ -30,6 +30,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.client import telemetry
 from medfed.client.data.manifest import SiteDataError
+from medfed.client.node_settings import NodeConfigError
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.filters import count_floor_mod, dp_clipping_mod, small_count_mod
 from medfed.client.privacy.secagg_hospital import SecAggRefused, UpdateRefused
@@ -102,6 +103,8 @@ def error_report(err: Exception) -> tuple[int, str]:
     """
     if isinstance(err, SiteDataError):
         return ErrorCode.SITE_DATA, "site data unusable; the node's log says why"
+    if isinstance(err, NodeConfigError):  # its value may be a path: it stays in the log
+        return ErrorCode.CONFIG, "node config refused; the node's log says why"
     if isinstance(err, ConfigError):
         return ErrorCode.CONFIG, f"run config refused: {err}"
     if isinstance(err, SecAggRefused):

@@ -32,8 +32,9 @@ from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_na
 from medfed.client.data.site import SiteDataset, load_site
 from medfed.client.data.site_summary import site_summary
 from medfed.client.gan import generated_items
+from medfed.client.node_settings import NodeSettings
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey
+from medfed.shared_models.protocol import Config, Metric, Record, SiteKey
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
@@ -58,17 +59,18 @@ class NodeSite:
 
     def __init__(self, context: Context) -> None:
         self.cfg = RunConfig.from_mapping(context.run_config)
-        node = context.node_config
+        node = NodeSettings.from_mapping(context.node_config)
         path = resolve_site_path(node, self.cfg)
         self.cache = site_cache_dir(node, path)
         self.data: SiteDataset = load_site(
             path, self.cfg, name=site_name(node, path), cache_dir=self.cache
         )
         self._log_skipped()
-        self.device: torch.device = pick_device(str(node.get(NodeConfig.DEVICE, self.cfg.device)))
-        workers = node.get(NodeConfig.LOADER_WORKERS)
-        simulated = NodeConfig.PARTITION_ID in node  # simulated nodes share this machine's cores
-        self.workers = int(workers) if workers is not None else (0 if simulated else None)
+        self.device: torch.device = pick_device(node.device or self.cfg.device)
+        simulated = node.partition is not None  # simulated nodes share this machine's cores
+        self.workers = node.loader_workers
+        if self.workers is None and simulated:
+            self.workers = 0
         self.task = TASKS[self.cfg.task]
 
     @property

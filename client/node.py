@@ -17,9 +17,20 @@ from pathlib import Path
 
 from medfed.client import approval
 from medfed.client.data.check import check_site, print_report
+from medfed.client.node_settings import NodeConfigError, NodeSettings
 from medfed.shared_models import runtime
 from medfed.shared_models.audit import audit
-from medfed.shared_models.protocol import SITE_NAME, NodeConfig
+from medfed.shared_models.protocol import NodeConfig
+
+MAX_PORT = 65535
+# The `medfed node start` option behind each node-config key it sets.
+OPTIONS = {
+    NodeConfig.DATA_PATH: "--data",
+    NodeConfig.SITE_NAME: "--name",
+    NodeConfig.DEVICE: "--device",
+    NodeConfig.CACHE_DIR: "--state",
+    NodeConfig.MIN_COUNT: "--min-count",
+}
 
 
 @dataclass(frozen=True)
@@ -41,15 +52,27 @@ class NodeOptions:
     min_count: int = 10  # the site's floor: no smaller count of images is ever revealed
 
 
-def node_config(options: NodeOptions, cache: Path) -> str:
-    """Flower's `--node-config` string; values are quoted as TOML values."""
-    values = {
+def node_config_values(options: NodeOptions, cache: Path) -> dict[str, str | int]:
+    """The node config the SuperNode is started with, checked by the rules its ClientApp
+    reads it with (NodeSettings): a bad option fails here, before anything starts."""
+    values: dict[str, str | int] = {
         NodeConfig.DATA_PATH: str(options.data.resolve()),
         NodeConfig.SITE_NAME: options.name,
         NodeConfig.DEVICE: options.device,
         NodeConfig.CACHE_DIR: str(cache),
         NodeConfig.MIN_COUNT: options.min_count,
     }
+    for key, value in values.items():
+        try:
+            NodeSettings.from_mapping({key: value})
+        except NodeConfigError as err:
+            raise NodeConfigError(f"{OPTIONS[key]}: {err}") from None
+    return values
+
+
+def node_config(options: NodeOptions, cache: Path) -> str:
+    """Flower's `--node-config` string; values are quoted as TOML values."""
+    values = node_config_values(options, cache)
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
@@ -99,13 +122,9 @@ def start_node(options: NodeOptions) -> int:
             "no --ca given: a node only connects over TLS (or pass --insecure for a local test)"
         )
     runtime.require_files([(options.ca, "--ca"), (options.key, "--key")])
-    if options.min_count < 1:
-        raise ValueError(f"--min-count {options.min_count}: expected a positive number of images")
-    if not SITE_NAME.fullmatch(options.name):
-        raise ValueError(
-            f"--name {options.name!r}: a site name is a short label (letters, digits, "
-            "'.', '-', '_'; at most 64), shown in every report"
-        )
+    config = node_config(options, options.state / "cache")
+    if not 1 <= options.runtime_port <= MAX_PORT:
+        raise NodeConfigError(f"--runtime-port {options.runtime_port}: expected 1..{MAX_PORT}")
     report = check_site(options.data, options.task)
     print_report(report)
     if not report["usable"]:
@@ -121,7 +140,6 @@ def start_node(options: NodeOptions) -> int:
     state, log = options.state, options.state / "audit.jsonl"
     env = runtime.service_env(state, log, (options.metrics_port, options.metrics_host))
     _run_only_approved_apps(env, state, options.name)
-    config = node_config(options, state / "cache")
     audit(
         "node-started",
         log=log,

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from medfed.client.data.manifest import (
     MANIFEST_CSV,
@@ -21,9 +19,9 @@ from medfed.client.data.manifest import (
     SiteDataError,
     find_manifest,
 )
+from medfed.client.node_settings import NodeSettings
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import NodeConfig
 
 
 def medfed_cache() -> Path:
@@ -31,13 +29,13 @@ def medfed_cache() -> Path:
     return Path(os.environ.get("MEDFED_CACHE", Path.home() / ".cache" / "medfed"))
 
 
-def site_cache_dir(node_config: Mapping[str, Any], site_path: Path) -> Path:
+def site_cache_dir(node: NodeSettings, site_path: Path) -> Path:
     """Where this node caches scans and preprocessed images (node config `cache-dir`).
 
     Outside the site folder by default: hospital data folders are often read-only.
     """
-    if NodeConfig.CACHE_DIR in node_config:
-        return Path(str(node_config[NodeConfig.CACHE_DIR])).expanduser()
+    if node.cache_dir is not None:
+        return node.cache_dir
     key = hashlib.sha256(str(site_path.resolve()).encode()).hexdigest()[:16]
     return medfed_cache() / "sites" / f"{site_path.name}-{key}"
 
@@ -64,17 +62,16 @@ def site_folders(root: Path) -> list[Path]:
     )
 
 
-def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
+def resolve_site_path(node: NodeSettings, cfg: RunConfig) -> Path:
     """The site folder this node trains on (see the module docstring)."""
-    if NodeConfig.DATA_PATH in node_config:
-        return Path(str(node_config[NodeConfig.DATA_PATH])).expanduser()
-    if NodeConfig.PARTITION_ID not in node_config:
+    if node.data_path is not None:
+        return node.data_path
+    if node.partition is None:
         raise SiteDataError(
             "node config has no 'data-path': start the node with "
             "--node-config \"data-path='/path/to/site'\""
         )
-    partition = int(node_config[NodeConfig.PARTITION_ID])
-    partitions = int(node_config[NodeConfig.NUM_PARTITIONS])
+    partition, partitions = node.partition
     if cfg.data_root:
         sites = site_folders(Path(cfg.data_root).expanduser())
         if len(sites) < partitions:
@@ -87,6 +84,6 @@ def resolve_site_path(node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
     return generate_site(cfg.task, partition, cache / f"site-{partition}", seed=cfg.seed)
 
 
-def site_name(node_config: Mapping[str, Any], path: Path) -> str:
+def site_name(node: NodeSettings, path: Path) -> str:
     """A low-cardinality label for reports and metrics: never a patient or file name."""
-    return str(node_config.get(NodeConfig.SITE_NAME, path.name))
+    return node.site_name or path.name

@@ -23,23 +23,20 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from medfed.client.node_settings import NodeSettings
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import (
     SUPPRESSED,
     Config,
     Metric,
-    NodeConfig,
     Record,
     Statistic,
 )
 
-# The floor of a node started without one (and of simulated nodes).
-DEFAULT_FLOOR = 10
-
 
 def site_floor(context: Context) -> int:
-    """The smallest count of images this node ever reveals."""
-    return max(1, int(context.node_config.get(NodeConfig.MIN_COUNT, DEFAULT_FLOOR)))
+    """The smallest count of images this node ever reveals (node config `min-count`)."""
+    return NodeSettings.from_mapping(context.node_config).min_count
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

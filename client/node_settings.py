@@ -1,0 +1,112 @@
+"""A SuperNode's `--node-config`, read once and checked, with errors naming the key.
+
+Flower hands the ClientApp the node config as given on the SuperNode's
+command line: any TOML value under any key. A string where a count belongs,
+or a device torch does not know, used to surface as a bare ValueError or a
+torch RuntimeError in the middle of a round. `medfed node start` checks its
+options with the same rules before it starts a SuperNode.
+
+A value here may be a path, so these errors stay at the site: the
+coordinator sees only a generic code (client/app.py, `error_report`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.shared_models.config import ConfigError
+from medfed.shared_models.protocol import SECAGG_MAX_PARTICIPANTS, SITE_NAME, NodeConfig
+
+# The floor of a node started without one (and of simulated nodes).
+DEFAULT_FLOOR = 10
+MAX_FLOOR = 1_000_000
+MAX_LOADER_WORKERS = 64
+MAX_PATH_CHARACTERS = 4096
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII: str.isdigit() also takes '²', which int() refuses
+
+
+class NodeConfigError(ConfigError):
+    """A node-config value medfed cannot use; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What medfed reads from a node's config (None: not given)."""
+
+    data_path: Path | None = None
+    site_name: str | None = None
+    device: str | None = None
+    cache_dir: Path | None = None
+    loader_workers: int | None = None
+    min_count: int = DEFAULT_FLOOR  # the site's floor: no smaller count of images leaves it
+    partition: tuple[int, int] | None = None  # simulation: (partition id, partitions)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> NodeSettings:
+        """Read the known keys (others are Flower's or the operator's, and left alone)."""
+        name = _text(values, NodeConfig.SITE_NAME)
+        if name is not None and not SITE_NAME.fullmatch(name):
+            _bad(NodeConfig.SITE_NAME, name, "a short label: letters, digits, '.-_', at most 64")
+        device = _text(values, NodeConfig.DEVICE)
+        if device is not None and not DEVICE.fullmatch(device):
+            _bad(NodeConfig.DEVICE, device, "auto, cpu, cuda or cuda:N")
+        min_count = _integer(values, NodeConfig.MIN_COUNT, 1, MAX_FLOOR)
+        return cls(
+            data_path=_path(values, NodeConfig.DATA_PATH),
+            site_name=name,
+            device=device,
+            cache_dir=_path(values, NodeConfig.CACHE_DIR),
+            loader_workers=_integer(values, NodeConfig.LOADER_WORKERS, 0, MAX_LOADER_WORKERS),
+            min_count=DEFAULT_FLOOR if min_count is None else min_count,
+            partition=_partition(values),
+        )
+
+
+def _partition(values: Mapping[str, Any]) -> tuple[int, int] | None:
+    """Flower's simulation sets both keys; one without the other is not a simulation."""
+    if NodeConfig.PARTITION_ID not in values and NodeConfig.NUM_PARTITIONS not in values:
+        return None
+    count = _integer(values, NodeConfig.NUM_PARTITIONS, 1, SECAGG_MAX_PARTICIPANTS)
+    if count is None:
+        _bad(NodeConfig.NUM_PARTITIONS, None, f"set with '{NodeConfig.PARTITION_ID}'")
+    index = _integer(values, NodeConfig.PARTITION_ID, 0, count - 1)
+    if index is None:
+        _bad(NodeConfig.PARTITION_ID, None, f"set with '{NodeConfig.NUM_PARTITIONS}'")
+    return index, count
+
+
+def _text(values: Mapping[str, Any], key: str) -> str | None:
+    value = values.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        _bad(key, value, "a non-empty string")
+    if len(value) > MAX_PATH_CHARACTERS:
+        _bad(key, f"{value[:40]}...", f"at most {MAX_PATH_CHARACTERS} characters")
+    return value.strip()
+
+
+def _path(values: Mapping[str, Any], key: str) -> Path | None:
+    text = _text(values, key)
+    return Path(text).expanduser() if text is not None else None
+
+
+def _integer(values: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = values.get(key)
+    if value is None:
+        return None
+    number = value
+    if isinstance(value, str) and DIGITS.fullmatch(value.strip()):
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        _bad(key, value, f"an integer in {low}..{high}")
+    return number
+
+
+def _bad(key: str, value: Any, expected: str) -> None:
+    raise NodeConfigError(f"node config key '{key}' = {value!r}: expected {expected}")
