@@ -34,8 +34,10 @@ def site_config(root: Path, task: str | None) -> RunConfig:
     if manifest.suffix == ".json":
         try:
             declared = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             declared = {}  # scan_site reports the broken file with its position
+        if not isinstance(declared, dict):
+            declared = {}  # scan_site reports a top level that is not an object
     task = task or declared.get("task")
     if task is None:
         raise ConfigError(

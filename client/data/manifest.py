@@ -121,7 +121,14 @@ def _read_json(source: Path) -> dict[str, Any]:
 
 
 def _read_csv(source: Path) -> dict[str, Any]:
-    with source.open(newline="") as handle:
+    try:
+        return _parse_csv(source)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise SiteDataError(f"{source}: not a readable UTF-8 CSV file ({err})") from None
+
+
+def _parse_csv(source: Path) -> dict[str, Any]:
+    with source.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
             raise SiteDataError(f"{source}: needs the columns 'image' and 'label'")
@@ -176,25 +183,40 @@ def _read_npz(source: Path, num_classes: int) -> Manifest:
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
         if images is None or labels is None:
             continue
-        if len(images) != len(labels):
-            raise SiteDataError(
-                f"{source}: {split}_images has {len(images)} items but "
-                f"{split}_labels has {len(labels)}"
-            )
+        _check_npz_split(source, split, images, labels)
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-            value = int(np.asarray(label).reshape(-1)[0])
+            value = np.asarray(label).reshape(-1)[0]  # multi-label archives: the first label
+            where = f"{source.name} {split}[{index}]"
+            if not (np.isfinite(value) and float(value).is_integer()):
+                manifest.problems.append(Problem(where, f"label {value!r} is not a class index"))
+                continue
             if not 0 <= value < num_classes:
                 manifest.problems.append(
-                    Problem(
-                        f"{source.name} {split}[{index}]",
-                        f"label {value} outside 0..{num_classes - 1}",
-                    )
+                    Problem(where, f"label {int(value)} outside 0..{num_classes - 1}")
                 )
                 continue
             manifest.splits[split].append(
-                {"image": np.asarray(image), "label": value, "where": f"{split}[{index}]"}
+                {"image": np.asarray(image), "label": int(value), "where": f"{split}[{index}]"}
             )
     return manifest
+
+
+def _check_npz_split(source: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Numeric images (N, H, W[, C]) or volumes, and one row of numeric labels per image."""
+    if images.dtype.kind not in "biuf" or not 3 <= images.ndim <= 5:
+        raise SiteDataError(
+            f"{source}: {split}_images is {images.dtype}{images.shape}; expected numbers "
+            "shaped (images, height, width[, channels or depth])"
+        )
+    if labels.dtype.kind not in "biuf" or labels.ndim not in (1, 2) or 0 in labels.shape[1:]:
+        raise SiteDataError(
+            f"{source}: {split}_labels is {labels.dtype}{labels.shape}; expected numbers "
+            "shaped (images,) or (images, labels)"
+        )
+    if len(images) != len(labels):
+        raise SiteDataError(
+            f"{source}: {split}_images has {len(images)} items but {split}_labels has {len(labels)}"
+        )
 
 
 def _resolve(
