@@ -53,3 +53,30 @@ config_values = st.one_of(
 metric_values = st.one_of(
     INT64, st.floats(), st.lists(INT64, max_size=3), st.lists(st.floats(), max_size=3)
 )
+
+
+def _npy(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """An .npy header declaring `shape` of `descr`, and no data."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+# Bytes a hostile party may put in an Array: noise, a zip or pickle opening, or an .npy
+# header declaring far more (or other) values than follow it.
+hostile_bytes = st.one_of(
+    st.binary(max_size=64),
+    st.binary(max_size=64).map(lambda b: b"PK\x03\x04" + b),
+    st.binary(max_size=64).map(lambda b: b"\x80\x04" + b),
+    st.tuples(
+        st.lists(st.integers(0, 10**12), max_size=3).map(tuple),
+        st.sampled_from(["<f4", "<f8", "<i8", "|O", "<U4", "|V8"]),
+        st.binary(max_size=16),
+    ).map(lambda t: _npy(t[0], t[1]) + t[2]),
+)
