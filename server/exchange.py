@@ -10,6 +10,7 @@ masked uploads and for the unmasked aggregate of a secure round alike.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
@@ -148,17 +149,23 @@ def metrics_problems(reply: Message, weighted: bool = True) -> list[str]:
     problems = []
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
-        if not all(_is_number(v) and np.isfinite(v) for v in values):
+        if not all(_finite_number(v) for v in values):
             problems.append(f"metric '{key}' is not a finite number")
     if weighted:
         weight = metrics.get(Metric.WEIGHT)
-        if not (_is_number(weight) and np.isfinite(weight) and weight > 0):
-            problems.append(f"'{Metric.WEIGHT}' is {weight!r}, not a positive number")
+        if not (_finite_number(weight) and weight > 0):
+            problems.append(f"'{Metric.WEIGHT}' is {str(weight)[:40]}, not a positive number")
     return problems
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _finite_number(value: object) -> bool:
+    """A finite float, or an int within int64: what the wire carries and NumPy averages
+    (Flower takes an int of any size in process, where np.isfinite raises on it)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def update_norm(arrays: ArrayRecord, sent: ArrayRecord) -> float:
