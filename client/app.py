@@ -34,6 +34,7 @@ from medfed.client.node_settings import NodeConfigError
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.filters import count_floor_mod, dp_clipping_mod, small_count_mod
 from medfed.client.privacy.secagg_hospital import SecAggRefused, UpdateRefused
+from medfed.client.round_request import MalformedRequest
 from medfed.shared_models.audit import audit
 from medfed.shared_models.config import ConfigError
 from medfed.shared_models.protocol import (
@@ -107,6 +108,8 @@ def error_report(err: Exception) -> tuple[int, str]:
         return ErrorCode.CONFIG, "node config refused; the node's log says why"
     if isinstance(err, ConfigError):
         return ErrorCode.CONFIG, f"run config refused: {err}"
+    if isinstance(err, MalformedRequest):  # it names what the coordinator itself sent
+        return ErrorCode.MALFORMED_REQUEST, f"malformed request refused: {err}"
     if isinstance(err, SecAggRefused):
         return ErrorCode.SECAGG_REFUSED, f"secure aggregation refused: {err}"
     if isinstance(err, UpdateRefused):

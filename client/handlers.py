@@ -33,8 +33,9 @@ from medfed.client.data.site import SiteDataset, load_site
 from medfed.client.data.site_summary import site_summary
 from medfed.client.gan import generated_items
 from medfed.client.node_settings import NodeSettings
+from medfed.client.round_request import MalformedRequest, round_settings
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Config, Metric, Record, SiteKey
+from medfed.shared_models.protocol import Metric, Record, SiteKey
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
@@ -93,10 +94,16 @@ class NodeSite:
         """The example count; 1 under differential privacy, whose noise assumes equal weights."""
         return 1.0 if self.cfg.dp_mode != "off" else float(len(self.data.train))
 
-    def network(self, arrays: ArrayRecord) -> nn.Module:
-        """The run's network holding the received weights."""
+    def network(self, msg: Message) -> nn.Module:
+        """The run's network holding the weights the message carries."""
+        arrays = msg.content.array_records.get(Record.ARRAYS)
+        if arrays is None:
+            raise MalformedRequest(f"the message has no '{Record.ARRAYS}' record")
         net = self.task.build_network(self.cfg)
-        load_record(net, arrays)
+        try:
+            load_record(net, arrays)
+        except ValueError as err:  # names and shapes the coordinator sent: no site data
+            raise MalformedRequest(str(err)) from None
         return net
 
     def loader(
@@ -174,13 +181,13 @@ def batch_progress(site: str, server_round: int, batches: int) -> Iterator[Calla
 
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the received global weights (FedProx's proximal term when asked)."""
+    request = round_settings(msg)
+    server_round = request.server_round
     site = NodeSite(context)
-    net = site.network(msg.content[Record.ARRAYS])
-    config = msg.content[Record.CONFIG]
-    server_round = int(config.get(Config.SERVER_ROUND, 0))
+    net = site.network(msg)
     extra = generated_items(site.data, site.cfg, server_round) if site.cfg.gan_augment_ratio else []
     loader = site.loader(site.data.train, train=True, server_round=server_round, extra=extra)
-    mu = float(config.get(Config.PROXIMAL_MU, 0.0))
+    mu = request.proximal_mu
     clock = TrainingClock(site.device)
     with batch_progress(site.name, server_round, len(loader) * site.cfg.local_epochs) as step:
         loss = site.task.train(net, loader, site.cfg, site.device, proximal_mu=mu, on_batch=step)
@@ -200,8 +207,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received global model on this site's held-out split."""
+    round_settings(msg)  # a malformed request is refused before the site is opened
     site = NodeSite(context)
-    net = site.network(msg.content[Record.ARRAYS])
+    net = site.network(msg)
     metrics = site.task.evaluate(
         net, site.loader(site.data.val, train=False), site.cfg, site.device
     )

@@ -106,6 +106,7 @@ class ErrorCode:
     CONFIG = 102  # the run's config is not valid
     SECAGG_REFUSED = 103  # a secure-aggregation step the hospital refuses
     UPDATE_REFUSED = 104  # an update the hospital will not send (e.g. not finite)
+    MALFORMED_REQUEST = 105  # a message from the coordinator the hospital cannot act on
 
 
 class NodeConfig:

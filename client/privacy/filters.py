@@ -24,7 +24,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.client.node_settings import NodeSettings
-from medfed.shared_models.config import RunConfig
+from medfed.client.round_request import integer, request_config
+from medfed.shared_models.config import INT_RANGES, RunConfig
 from medfed.shared_models.protocol import (
     SUPPRESSED,
     Config,
@@ -32,6 +33,8 @@ from medfed.shared_models.protocol import (
     Record,
     Statistic,
 )
+
+MAX_STATS_MIN_COUNT = INT_RANGES["stats_min_count"][1]
 
 
 def site_floor(context: Context) -> int:
@@ -92,10 +95,11 @@ def hide_small(counts: list[int], min_count: int) -> list[int]:
 
 def small_count_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Suppress the small counts of the summary the query handler produced, below the
-    larger of the site's floor and the coordinator's request."""
+    larger of the site's floor and the coordinator's request (read first: a malformed
+    request is refused before the site is summarised)."""
+    asked = integer(request_config(msg), Config.STATS_MIN_COUNT, 1, MAX_STATS_MIN_COUNT)
     reply = call_next(msg, context)
     if not reply.has_error():
-        asked = int(msg.content[Record.CONFIG][Config.STATS_MIN_COUNT])
         suppress_small_counts(reply.content[Record.METRICS], max(site_floor(context), asked))
     return reply
 

@@ -230,6 +230,8 @@ class HospitalSecAgg:
     def receive_shares(self, server_round: int, sealed: Mapping[str, bytes]) -> None:
         """Open the neighbours' ciphertexts; a tampered or misrouted one names the sender."""
         self._check_round(server_round)
+        if "neighbours" not in self.state:
+            raise SecAggRefused("no shares were made this round: the share step comes first")
         me = str(self.state["node"])
         unknown = sorted(set(sealed) - set(self.state["neighbours"]))
         if unknown:

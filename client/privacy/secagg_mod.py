@@ -29,8 +29,14 @@ from medfed.client.privacy.secagg_hospital import (
     ShareRequest,
     UpdateRefused,
 )
+from medfed.client.round_request import (
+    MalformedRequest,
+    node_names,
+    request_config,
+    server_round,
+)
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Config, Key, Metric, Record, SiteKey
+from medfed.shared_models.protocol import Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg.quantize import Encoding
 from medfed.shared_models.secagg.vector import flatten
 
@@ -45,7 +51,7 @@ def _state(context: Context) -> HospitalSecAgg:
 
 
 def _round(msg: Message) -> int:
-    return int(msg.content[Record.CONFIG][Config.SERVER_ROUND])
+    return server_round(request_config(msg))
 
 
 def _start(context: Context, server_round: int, slot: str) -> dict[str, bytes]:
@@ -84,8 +90,15 @@ def _share(context: Context, config: Mapping, secagg: Mapping) -> ConfigRecord:
 
 def share(msg: Message, context: Context) -> Message:
     """The share exchange of a round that was not prepared during the previous one."""
-    sealed = _share(context, msg.content[Record.CONFIG], msg.content[Record.SECAGG])
+    sealed = _share(context, request_config(msg), _secagg(msg))
     return Message(content=RecordDict({Record.SECAGG: sealed}), reply_to=msg)
+
+
+def _secagg(msg: Message) -> Mapping:
+    record = msg.content.config_records.get(Record.SECAGG)
+    if record is None:
+        raise MalformedRequest(f"the message has no '{Record.SECAGG}' record")
+    return record
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -162,9 +175,9 @@ def abort(msg: Message, context: Context) -> Message:
 def unmask(msg: Message, context: Context) -> Message:
     """One share per neighbour as the round's outcome requires, then forget the round;
     with the next round's plan attached, also that round's encrypted shares."""
-    config: Mapping = msg.content[Record.CONFIG]
+    config = request_config(msg)
     shares = _state(context).unmask(
-        _round(msg), list(config[Key.SURVIVORS]), list(config[Key.DROPPED])
+        _round(msg), node_names(config, Key.SURVIVORS), node_names(config, Key.DROPPED)
     )
     _forget(context, STATE_KEY)
     content = RecordDict({Record.SECAGG: ConfigRecord(shares)})
@@ -176,7 +189,7 @@ def unmask(msg: Message, context: Context) -> Message:
             content[Record.NEXT_SEALED] = _share(
                 context, msg.content[Record.NEXT_CONFIG], msg.content[Record.NEXT_SECAGG]
             )
-        except (SecAggRefused, ValueError) as err:  # this round's shares still go back
+        except (SecAggRefused, ValueError, KeyError) as err:  # this round's shares still go back
             log(WARNING, "[medfed] not preparing the next secure round: %s", err)
             _forget(context, STATE_KEY)
     else:

@@ -1,0 +1,29 @@
+"""A malformed message from the coordinator is refused with its own code, naming the key."""
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from medfed.shared_models.audit import AUDIT_ENV
+from medfed.shared_models.protocol import Config, ErrorCode, NodeConfig
+from tests.client.test_privacy_mods import RUN_ID, SHAPES, incoming
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "named"),
+    [
+        ("train", {Config.SERVER_ROUND: "one"}, "'server-round' = 'one'"),
+        ("train", {Config.PROXIMAL_MU: float("nan")}, "'proximal-mu' = nan"),
+        ("evaluate", {Config.SERVER_ROUND: -1}, "'server-round' = -1"),
+        ("query", {}, "'stats-min-count' = None"),
+    ],
+)
+def test_a_malformed_request_is_refused_naming_the_key(tmp_path, monkeypatch, kind, config, named):
+    from medfed.client.app import app
+
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    ctx = Context(RUN_ID, 5, {NodeConfig.DATA_PATH: str(tmp_path)}, RecordDict(), {})
+    arrays = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    reply = app(incoming(kind, config, arrays if kind != "query" else None), ctx)
+    assert reply.has_error() and reply.error.code == ErrorCode.MALFORMED_REQUEST
+    assert named in reply.error.reason
