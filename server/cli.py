@@ -243,6 +243,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume is not None:
         from medfed.server.simulate import resumed
 
+        fixed = [f"--{name}" for name in ("out", "data", "sites") if getattr(args, name)]
+        if fixed:
+            raise ConfigError(f"--resume carries a run on with its own {', '.join(fixed)}")
+
         sim = resumed(args.resume.expanduser().resolve(), overrides)
         extras = ("verbose", "metrics_port", "metrics_host", "metrics_linger")
         return run(replace(sim, **{name: getattr(args, name) for name in extras}))

@@ -99,8 +99,12 @@ def start_coordinator(options: CoordinatorOptions) -> int:
         run_status.close_orphaned(_run_dirs(runs), "failed", run_status.DIED, log)
 
     code = runtime.supervise(services, watch=watch)
-    stopped = "the coordinator was stopped while the run was going on; carry it on with resume-from"
-    run_status.close_orphaned(_run_dirs(runs), "interrupted", stopped, log)
+    if code == 0:
+        status, reason = "interrupted", "the coordinator was stopped while the run was going on"
+    else:
+        status, reason = "failed", f"the coordinator's SuperLink or proxy ended (code {code})"
+    reason += "; carry it on with resume-from"
+    run_status.close_orphaned(_run_dirs(runs), status, reason, log)
     audit("coordinator-stopped", log=log, exit_code=code)
     return code
 

@@ -57,43 +57,62 @@ class Simulation:
     resume: bool = False  # carry on the run in `out` from its last completed round
 
 
+MAX_SITES = 1000  # simulated hospitals on one machine (one Ray actor slot each)
+# A synthetic site needs a few images for both its splits (synthetic.sites draws >= 8).
+IMAGES_PER_SITE = (8, 100_000)
+
+
 def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
-    """Validate everything and lay out data before any process starts."""
+    """Validate everything, then lay out data, before any process starts."""
     if sim.resume:
         return prepare_resume(sim)
-    if (sim.out / METRICS_JSON).exists():
-        raise ConfigError(
-            f"output folder {sim.out} already holds a run; choose another --out "
-            f"(or carry it on with --resume {sim.out})"
-        )
-    if sim.sites < 1:
-        raise ConfigError(f"--sites {sim.sites}: expected a positive number of hospitals")
+    cfg = _checked_settings(sim)
     from medfed.client.data.locate import site_folders
+    from medfed.client.data.site import load_site
     from medfed.client.synthetic import generate_federation
 
-    overrides = dict(sim.overrides)
-    overrides.setdefault("min-nodes", min(2, sim.sites))
     if sim.data is not None:
-        data = sim.data.expanduser().resolve()
+        data = Path(cfg.data_root)
         found = site_folders(data)
         if len(found) < sim.sites:
             raise ConfigError(
-                f"--data {data}: {len(found)} site folders with a dataset.json "
-                f"or manifest.csv, but --sites is {sim.sites}"
+                f"--data {data}: {len(found)} site folders, but --sites is {sim.sites}"
             )
-        cfg = RunConfig.from_mapping(
-            {**overrides, "data-root": str(data), "out-dir": str(sim.out.resolve())}
-        )
     else:
-        cfg = RunConfig.from_mapping({**overrides, "out-dir": str(sim.out.resolve())})
-        data = sim.out.resolve() / "data"
+        data = cfg.out_path / "data"
         print(f"generating {sim.sites} synthetic hospitals ({cfg.task}) in {data}")
         generate_federation(
             cfg.task, sim.sites, data, seed=cfg.seed, images_per_site=sim.images_per_site
         )
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "data-root": str(data)})
-    from medfed.client.data.site import load_site
+    for folder in site_folders(data)[: sim.sites]:
+        load_site(folder, cfg)  # every hospital's data is checked before anything starts
+    return cfg, data
 
+
+def _checked_settings(sim: Simulation) -> RunConfig:
+    """The run's config, with every check that needs no data done first: the output
+    folder, the number of hospitals and images, the quorum, the initial weights."""
+    if (sim.out / METRICS_JSON).exists():
+        raise ConfigError(
+            f"output folder {sim.out} already holds a run; choose another --out "
+            f"(or carry it on with --resume {sim.out})"
+        )
+    if not 1 <= sim.sites <= MAX_SITES:
+        raise ConfigError(f"--sites {sim.sites}: expected 1..{MAX_SITES} hospitals")
+    low, high = IMAGES_PER_SITE
+    if sim.images_per_site is not None and not low <= sim.images_per_site <= high:
+        raise ConfigError(f"--images-per-site {sim.images_per_site}: expected {low}..{high}")
+    overrides = {**sim.overrides, "out-dir": str(sim.out.resolve())}
+    overrides.setdefault("min-nodes", min(2, sim.sites))
+    if sim.data is not None:
+        overrides["data-root"] = str(sim.data.expanduser().resolve())
+    cfg = RunConfig.from_mapping(overrides)
+    if cfg.min_nodes > sim.sites:
+        raise ConfigError(
+            f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
+            f"{sim.sites} simulated hospitals"
+        )
     if cfg.pretrained_weights:  # fail before anything starts, with the same report
         from medfed.shared_models.pretrained import load_pretrained
         from medfed.shared_models.tasks import TASKS
@@ -101,14 +120,7 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
         path = Path(cfg.pretrained_weights).expanduser().resolve()
         load_pretrained(TASKS[cfg.task].build_network(cfg), path)
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "pretrained-weights": str(path)})
-    for folder in site_folders(data)[: sim.sites]:
-        load_site(folder, cfg)  # every hospital's data is checked before anything starts
-    if cfg.min_nodes > sim.sites:
-        raise ConfigError(
-            f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
-            f"{sim.sites} simulated hospitals"
-        )
-    return cfg, data
+    return cfg
 
 
 def prepare_resume(sim: Simulation) -> tuple[RunConfig, Path]:

@@ -105,7 +105,7 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if self._silent(message, node):
                 continue
-            if self._round(message) >= self.unavailable_from.get(node, 1 << 30):
+            if self.round_of(message) >= self.unavailable_from.get(node, 1 << 30):
                 reply = create_message_error_unavailable_res_message(
                     message.metadata, "node_unavail"
                 )
@@ -130,12 +130,12 @@ class InProcessGrid:
         return ready
 
     @staticmethod
-    def _round(message: Message) -> int:
+    def round_of(message: Message) -> int:
         return int(message.content[Record.CONFIG].get(Config.SERVER_ROUND, 0))
 
     def _silent(self, message: Message, node: int) -> bool:
         stage = STAGES[message.metadata.message_type]
-        server_round = self._round(message)
+        server_round = self.round_of(message)
         killed = node in self.silent_from and server_round >= self.silent_from[node]
         return killed or node in self.drop.get(stage, set())
 

@@ -265,8 +265,7 @@ def test_authenticated_federation_end_to_end(consortium):
         )  # fmt: skip
         assert admitted.returncode == 0, admitted.stdout + admitted.stderr
         registered[name] = admitted.stdout.split()[-1]
-    for name in SITES:
-        _start_node(c, name, c["sites"] / name)
+    c["nodes"] = {name: _start_node(c, name, c["sites"] / name) for name in SITES}
     rogue = _start_node(c, "rogue", c["sites"] / "site-0")
     _wait(lambda: len(_online(c)) == 3, 120, "three hospitals online")
 
@@ -327,6 +326,115 @@ def test_authenticated_federation_end_to_end(consortium):
     ]:
         text = path.read_text()
         assert "imagesTr" not in text and ".nii" not in text, f"{path} names image files"
+
+    _a_lost_hospital_is_named_once_and_rejoins(c, tiny)
+    failed_run = _a_killed_serverapp_is_recorded_failed_and_can_be_pulled(c, tiny)
+    _resumed_then_stopped(c, tiny, failed_run)
+
+
+def _tree(root: int) -> set[int]:
+    """`root` and every live descendant (Flower's detached services and app processes too)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
+        if fields and fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    tree = {root}
+    while below := {pid for pid, parent in parents.items() if parent in tree} - tree:
+        tree |= below
+    return tree & set(parents)
+
+
+def _run_folder(c, run_id) -> Path:
+    return c["tmp"] / "coordinator" / "runs" / str(run_id)
+
+
+def _metrics(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"rounds": [], "status": "starting"}
+
+
+def _start_run(c, config: str) -> tuple[str, Path]:
+    run_id = _flwr(c["env"], "run", str(REPO), "consortium", "--run-config", config)["run-id"]
+    return run_id, _run_folder(c, run_id)
+
+
+def _a_lost_hospital_is_named_once_and_rejoins(c, tiny: str) -> None:
+    """SIGKILL of a whole hospital node in round 2: the round finishes with the others and
+    names the lost hospital once, by site, as unavailable; restarted, it trains again."""
+    _, folder = _start_run(c, f"num-server-rounds=4 min-nodes=2 federated-stats=false {tiny}")
+    _wait(lambda: len(_metrics(folder)["rounds"]) >= 2, 120, "round 1")  # round 2 is sent
+    node = c["nodes"]["site-2"]
+    for pid in _tree(node.pid):  # the hospital's machine goes down
+        os.kill(pid, signal.SIGKILL)
+    node.wait()
+    progress = folder / "progress.log"
+    _wait(lambda: "site-2: node unavailable" in progress.read_text(), 150, "the loss noticed")
+    c["nodes"]["site-2"] = _start_node(c, "site-2", c["sites"] / "site-2")
+    _wait(lambda: _metrics(folder)["status"] != "running", 300, "the run")
+    metrics = _metrics(folder)
+    assert metrics["status"] == "completed", metrics.get("error")
+    lost = metrics["rounds"][2]
+    assert list(lost["failures"]) == ["site-2"], lost["failures"]
+    assert lost["failures"]["site-2"].startswith("node unavailable: its heartbeats stopped")
+    assert lost["replied"] == ["site-0", "site-1"]
+    assert "node-1" not in json.dumps(metrics), "never the SuperLink's own id"
+    assert "round 2/4 | sites 2/3" in progress.read_text()
+    rejoined = [r["round"] for r in metrics["rounds"][3:] if "site-2" in r["replied"]]
+    assert rejoined, "the restarted hospital trains again in a later round"
+
+
+def _a_killed_serverapp_is_recorded_failed_and_can_be_pulled(c, tiny: str) -> str:
+    """SIGKILL of a run's ServerApp process: the coordinator closes the record (failed, with
+    the reason, audited, reported) and the folder, checkpoints included, can be pulled.
+    Returns the run id."""
+    run_id, folder = _start_run(c, f"num-server-rounds=20 min-nodes=2 federated-stats=false {tiny}")
+    _wait(lambda: len(_metrics(folder)["rounds"]) >= 1, 120, "round 0")
+    os.kill(_metrics(folder)["process"]["pid"], signal.SIGKILL)
+    _wait(lambda: _metrics(folder)["status"] != "running", 30, "the coordinator to notice")
+    metrics = _metrics(folder)
+    assert metrics["status"] == "failed" and "ServerApp process ended" in metrics["error"]
+    assert "Status: **failed**" in (folder / "report.md").read_text()
+    finished = [e for e in read_audit(c["tmp"] / "coordinator" / "audit.jsonl")
+                if e["event"] == "run-finished" and e["run"] == int(run_id)]  # fmt: skip
+    assert [e["status"] for e in finished] == ["failed"]
+    pulled = c["tmp"] / "pulled-failed"
+    copied = _medfed("coordinator", "pull", str(run_id), "--state",
+                     str(c["tmp"] / "coordinator"), "--to", str(pulled))  # fmt: skip
+    assert copied.returncode == 0, copied.stderr
+    assert (pulled / "checkpoints" / "round-000.pt").is_file()
+    return run_id
+
+
+def _resumed_then_stopped(c, tiny: str, failed_run: str) -> None:
+    """The failed run carried on by run id; then SIGTERM to `medfed coordinator start` and
+    `medfed node start` mid-run: within 15 s nothing they started is left (SuperExec and
+    app processes in sessions of their own included), and the run says interrupted."""
+    config = f"num-server-rounds=20 min-nodes=2 federated-stats=false {tiny}"
+    _, folder = _start_run(c, f"{config} resume-from='{failed_run}'")
+    _wait(lambda: len(_metrics(folder)["rounds"]) >= 2, 120, "the first resumed round")
+    coordinator, nodes = c["processes"][0], list(c["nodes"].values())
+    started = set().union(*(_tree(p.pid) for p in [coordinator, *nodes]))
+    assert len(started) > 2 * (1 + len(nodes)), "each command started Flower processes"
+    asked = time.monotonic()
+    for process in [coordinator, *nodes]:
+        os.kill(process.pid, signal.SIGTERM)
+    while time.monotonic() - asked < 15 and started & _tree(1):
+        time.sleep(0.2)
+    assert not started & _tree(1), f"left {time.monotonic() - asked:.0f}s after SIGTERM"
+    assert all(p.wait(timeout=5) == 0 for p in [coordinator, *nodes]), "a clean stop"
+    metrics = _metrics(folder)
+    assert metrics["status"] == "interrupted" and "coordinator was stopped" in metrics["error"]
+    assert metrics["resumed"][0]["after-round"] == 0 and metrics["rounds"][0]["round"] == 0
+    assert [r["round"] for r in metrics["rounds"]] == list(range(len(metrics["rounds"])))
+    events = [e["event"] for e in read_audit(c["tmp"] / "coordinator" / "audit.jsonl")]
+    assert events[-1] == "coordinator-stopped"
 
 
 def _refuses_plain_and_foreign_connections(c, admitted: set[str]) -> None:

@@ -19,6 +19,11 @@ def _medfed(*args):
         (["--strategy", "fedsgd"], "'strategy' = 'fedsgd'"),
         (["--rounds", "0"], "'num-server-rounds' = 0"),
         (["-c", "lr=-1"], "'lr' = -1"),
+        (["--sites", "2", "-c", "min-nodes=3"], "'min-nodes' = 3: more than the 2 simulated"),
+        (["--images-per-site", "0"], "--images-per-site 0: expected 8..100000"),
+        (["--sites", "0"], "--sites 0: expected 1..1000 hospitals"),
+        (["-c", "image-size=100000"], "'image-size' = 100000"),
+        (["--resume", "nowhere"], "--resume carries a run on with its own --out"),
     ],
 )
 def test_bad_simulate_arguments_fail_cleanly(tmp_path, args, named):
@@ -27,6 +32,11 @@ def test_bad_simulate_arguments_fail_cleanly(tmp_path, args, named):
     assert named in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists(), "nothing is started or written on bad input"
+
+
+def test_resume_names_a_folder_simulate_did_not_write(tmp_path):
+    result = _medfed("simulate", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "no federation.toml" in result.stderr
 
 
 def test_bad_data_folder_names_the_file(tmp_path):

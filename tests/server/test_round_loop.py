@@ -276,3 +276,73 @@ def test_malformed_metrics_drop_their_hospital_not_the_run(tmp_path, stage, corr
         ["site-0", "site-2"] if stage == "upload" else ["site-0", "site-1", "site-2"]
     )
     assert isinstance(arrays, ArrayRecord)
+
+
+HONEST = {101: 1.0, 202: 1.2, 303: 0.8}  # three honest hospitals' (varied) updates
+ATTACKER = 404
+
+
+def poisoned_grid(**config):
+    """Three honest hospitals and one that sends NaNs in round 1, then its update x100."""
+    grid, cfg = grid_of({**HONEST, ATTACKER: 1.0}, **{"num-server-rounds": 2, **config})
+
+    def attack(message: Message) -> Message:
+        start = message.content["arrays"]["w"].numpy()
+        if InProcessGrid.round_of(message) == 1:
+            update = np.full(6, np.nan, np.float32)
+        else:
+            update = start + 100 * np.ones(6, np.float32)
+        return grid.training_reply(message, ATTACKER, {"w": update})
+
+    grid.hostile[ATTACKER] = attack
+    return grid, cfg
+
+
+def honest_only(tmp_path, **config) -> np.ndarray:
+    grid, cfg = grid_of(HONEST, **{"num-server-rounds": 2, **config})
+    arrays, _, _ = run(tmp_path / "honest", grid, cfg)
+    return arrays["w"].numpy()
+
+
+def test_nan_then_a_scaled_update_are_rejected_naming_the_hospital(tmp_path):
+    grid, cfg = poisoned_grid()
+    arrays, metrics, _ = run(tmp_path, grid, cfg)
+    assert np.all(np.isfinite(arrays["w"].numpy()))
+    assert np.allclose(arrays["w"].numpy(), honest_only(tmp_path), atol=1e-6)
+    first, second = (metrics["rounds"][r]["failures"]["site-3"] for r in (1, 2))
+    assert first == "rejected update: 'w' contains NaN or infinite values"
+    assert second.startswith("rejected update: it changes the model by 245, more than 10 x")
+    assert "(config key 'update-norm-factor')" in second
+
+
+def test_without_the_norm_check_the_scaled_update_drags_a_plain_mean(tmp_path):
+    """The attack is real: FedAvg with the check off ends far from the honest result."""
+    grid, cfg = poisoned_grid(**{"update-norm-factor": 0.0})
+    arrays, _, _ = run(tmp_path, grid, cfg)
+    assert np.abs(arrays["w"].numpy() - honest_only(tmp_path)).max() > 20
+
+
+@pytest.mark.parametrize(
+    "robust", [{"strategy": "fedmedian"}, {"strategy": "krum", "krum-byzantine": 1}]
+)
+def test_robust_strategies_bound_the_scaled_update_without_the_norm_check(tmp_path, robust):
+    grid, cfg = poisoned_grid(**{"update-norm-factor": 0.0, **robust})
+    arrays, metrics, _ = run(tmp_path, grid, cfg)
+    honest = honest_only(tmp_path)
+    spread = 2 * (max(HONEST.values()) - min(HONEST.values()))  # two rounds of honest spread
+    assert np.abs(arrays["w"].numpy() - honest).max() <= spread
+    assert metrics["rounds"][2]["replied"] == ["site-0", "site-1", "site-2", "site-3"]
+
+
+def test_a_scaled_update_needs_a_cohort_to_stand_out_from():
+    """With two updates the median says nothing: the check is left to the robust strategies."""
+    from medfed.server.exchange import RoundReplies, reject_outsized_updates
+
+    start = {"w": np.zeros(6, np.float32)}
+    grid = InProcessGrid({1: {"w": np.ones(6, np.float32)}, 2: {"w": np.ones(6, np.float32)}},
+                         {1: 1.0, 2: 1.0}, run_config())  # fmt: skip
+    messages = train_messages([1, 2], start)
+    grid.push_messages(messages)
+    replies = RoundReplies(ok=grid.pull_messages([m.metadata.message_id for m in messages]))
+    reject_outsized_updates(replies, messages[0].content["arrays"], 10.0, SiteNames())
+    assert len(replies.ok) == 2 and not replies.failed
