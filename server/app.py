@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from functools import partial
 from logging import ERROR
 from pathlib import Path
@@ -17,7 +18,14 @@ from torch import nn
 
 from medfed.server.progress import PROGRESS_TAG
 from medfed.server.report import write_report
-from medfed.server.resume import ResumeError, ResumePoint, load_resume_point, resume_folder
+from medfed.server.resume import (
+    ResumeError,
+    ResumePoint,
+    check_network,
+    load_resume_point,
+    mark_continued,
+    resume_folder,
+)
 from medfed.server.round_loop import RoundLoop
 from medfed.server.run_record import RunAbandoned, RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
@@ -25,7 +33,13 @@ from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.audit import audit
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.pretrained import load_pretrained
-from medfed.shared_models.run_folder import GLOBAL_MODEL, PROGRESS_LOG, RUNS_DIR_ENV
+from medfed.shared_models.run_folder import (
+    CHECKPOINTS,
+    GLOBAL_MODEL,
+    PROGRESS_LOG,
+    RUNS_DIR_ENV,
+    checkpoint_name,
+)
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
@@ -77,7 +91,14 @@ def _resume_point(cfg: RunConfig, out: Path) -> ResumePoint | None:
     if not cfg.resume_from:
         return None
     try:
-        return load_resume_point(cfg, os.environ.get(RUNS_DIR_ENV))
+        point = load_resume_point(cfg, os.environ.get(RUNS_DIR_ENV))
+        check_network(cfg, point)
+        if point.folder != out.resolve():  # carried on elsewhere: once, and self-contained
+            mark_continued(point.folder, out)
+            name = checkpoint_name(point.server_round)
+            (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(point.folder / CHECKPOINTS / name, out / CHECKPOINTS / name)
+        return point
     except ResumeError as err:
         if resume_folder(cfg.resume_from, os.environ.get(RUNS_DIR_ENV)) != out.resolve():
             RunRecord(cfg, out).finish("failed", error=str(err))

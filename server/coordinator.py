@@ -151,17 +151,18 @@ def _services(
 
 def pull_run(state: Path, run_id: str, destination: Path) -> Path:
     """Copy a run's folder (metrics, report, checkpoints, the global model when it finished)
-    out of the state: completed, failed or interrupted, never one still going."""
+    out of the state: completed, failed or interrupted, never one still going. Reads only:
+    closing a dead run's record is the coordinator's job."""
     source = state / "runs" / run_id
-    if not (source / METRICS_JSON).is_file():
+    record = read_metrics(source) if source.is_dir() else None
+    if record is None:
         raise ValueError(f"{source}: no run here (no {METRICS_JSON})")
-    run_status.close(source, "failed", run_status.DIED, state / "audit.jsonl")
-    status = (read_metrics(source) or {}).get("status")
-    if status == "running":
+    if record.get("status") == "running" and run_status.orphaned_record(source) is None:
         raise ValueError(f"run {run_id} is still running; pull it once it has finished")
     if destination.exists():
         raise FileExistsError(f"{destination} exists; refusing to overwrite it")
     shutil.copytree(source, destination)
+    run_status.close(destination, "failed", run_status.DIED)  # the copy tells the truth
     return destination
 
 

@@ -188,9 +188,16 @@ def reject_outsized_updates(
     a median says nothing, and the robust strategies are the defence.
     """
     if len(result.ok) < 3:
+        result.notes.append(
+            f"update-norm check skipped: {len(result.ok)} usable update(s), it needs 3 to compare"
+        )
         return
     norms = {id(r): update_norm(r.content[Record.ARRAYS], sent) for r in result.ok}
-    limit = factor * float(np.median(list(norms.values())))
+    median = float(np.median(list(norms.values())))
+    if median == 0:  # half the cohort sent the model back unchanged: nothing to scale by
+        result.notes.append("update-norm check skipped: the median update changes nothing")
+        return
+    limit = factor * median
     for reply in [r for r in result.ok if norms[id(r)] > limit]:
         result.ok.remove(reply)
         result.failed[names(reply.metadata.src_node_id)] = (
@@ -311,6 +318,7 @@ class RoundReplies:
     failed: dict[str, str] = field(default_factory=dict)  # site -> reason
     sampled: int = 0
     secure: SecureStats | None = None  # how a secure round went
+    notes: list[str] = field(default_factory=list)  # checks that could not run, and why
 
 
 class Exchange:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,15 @@ from medfed.shared_models import processes
 from medfed.shared_models.config import ConfigError, RunConfig
 from medfed.shared_models.run_folder import (
     CHECKPOINTS,
+    CONTINUED_IN,
     METRICS_JSON,
+    RELEASED_ROUND,
     RunFolderError,
     checkpoint_name,
     read_metrics,
 )
-from medfed.shared_models.weights import record_from_state_dict
+from medfed.shared_models.runtime import atomic_write
+from medfed.shared_models.weights import incompatibilities, net_template, record_from_state_dict
 
 # Keys a resumed run may set differently from the run it continues: how long it
 # waits, how far it goes, where it writes. Everything else must be equal.
@@ -40,7 +44,7 @@ MAY_CHANGE = frozenset(
      "resume-from", "data-root"}
 )  # fmt: skip
 # What carries over from the interrupted run's record besides its rounds.
-CARRIED = ("site-statistics", "pretrained", "resumed")
+CARRIED = ("site-statistics", "pretrained", "resumed", RELEASED_ROUND)
 
 
 class ResumeError(ConfigError):
@@ -56,6 +60,9 @@ class ResumePoint:
     arrays: ArrayRecord
     state: dict[str, Any]
     history: dict[str, Any]  # the interrupted run's record, to carry on
+    # Noisy (DP) models the interrupted run released after its last checkpoint: counted
+    # in the privacy ledger, and the resumed run's noise drawn fresh (never the same twice).
+    lost_releases: int = 0
 
 
 def resume_folder(value: str, runs_dir: str | None) -> Path:
@@ -68,41 +75,85 @@ def resume_folder(value: str, runs_dir: str | None) -> Path:
 def load_resume_point(cfg: RunConfig, runs_dir: str | None) -> ResumePoint:
     """The last completed round of the run `cfg.resume_from` names, checked end to end."""
     folder = resume_folder(cfg.resume_from, runs_dir)
-    try:
-        record = read_metrics(folder)
-    except RunFolderError as err:
-        raise ResumeError(f"resume-from: {err}") from err
-    if record is None:
-        raise ResumeError(f"resume-from {folder}: no {METRICS_JSON}: not a medfed run folder")
-    if record.get("status") == "running" and processes.is_running(record.get("process", {})):
-        raise ResumeError(f"resume-from {folder}: that run is still running")
-    rounds = record.get("rounds") or []
-    if not rounds:
-        raise ResumeError(f"resume-from {folder}: no completed round to resume from")
-    last = int(rounds[-1]["round"])
+    record = _resumable_record(folder)
+    rounds = record["rounds"]
+    last = rounds[-1]["round"]
     if last >= cfg.num_server_rounds:
         raise ResumeError(
             f"resume-from {folder}: it completed round {last} of "
             f"{cfg.num_server_rounds}; raise 'num-server-rounds' to train further"
         )
-    _same_settings(folder, record.get("config", {}), cfg)
+    _same_settings(folder, record.get("config"), cfg)
     path = folder / CHECKPOINTS / checkpoint_name(last)
     payload = _checked_checkpoint(path, rounds[-1].get("checkpoint-sha256"), last)
+    arrays = _arrays_in(payload.get("arrays"), path)
     history = {key: copy.deepcopy(record[key]) for key in CARRIED if key in record}
     history["rounds"] = rounds
     history["resumed"] = [
         *history.get("resumed", []),
         {"from": str(folder), "after-round": last, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     ]
-    arrays = record_from_state_dict(payload["arrays"])
-    return ResumePoint(folder, last, arrays, payload.get("state", {}), history)
+    released = record.get(RELEASED_ROUND)
+    lost = max(0, released - last) if isinstance(released, int) and cfg.dp_mode != "off" else 0
+    return ResumePoint(folder, last, arrays, payload.get("state", {}), history, lost_releases=lost)
 
 
-def _same_settings(folder: Path, recorded: dict[str, Any], cfg: RunConfig) -> None:
+def _resumable_record(folder: Path) -> dict[str, Any]:
+    """The interrupted run's record, once it is one that can be carried on here."""
+    try:
+        record = read_metrics(folder)
+    except RunFolderError as err:
+        raise ResumeError(f"resume-from: {err}") from err
+    if record is None:
+        raise ResumeError(f"resume-from {folder}: no {METRICS_JSON}: not a medfed run folder")
+    if record.get("status") == "running" and processes.liveness(record.get("process")) != "dead":
+        raise ResumeError(f"resume-from {folder}: that run is still running (or may be)")
+    if record.get(CONTINUED_IN):
+        raise ResumeError(
+            f"resume-from {folder}: already carried on in {record[CONTINUED_IN]}; resume from "
+            "that run instead (two continuations of one run would release two models from "
+            "the same state)"
+        )
+    rounds = record.get("rounds")
+    if not isinstance(rounds, list) or not rounds:
+        raise ResumeError(f"resume-from {folder}: no completed round to resume from")
+    numbers = [r.get("round") if isinstance(r, dict) else None for r in rounds]
+    if numbers != list(range(len(rounds))):
+        raise ResumeError(f"resume-from {folder}: its rounds are not 0..{len(rounds) - 1}")
+    return record
+
+
+def mark_continued(folder: Path, out: Path) -> None:
+    """Note in the interrupted run's record where it is carried on (refusing a second)."""
+    record = read_metrics(folder) or {}
+    record[CONTINUED_IN] = str(out)
+    atomic_write(folder / METRICS_JSON, json.dumps(record, indent=2, allow_nan=True).encode())
+
+
+def _arrays_in(state: object, path: Path) -> ArrayRecord:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ResumeError(f"resume-from: checkpoint {path} holds no arrays")
+    return record_from_state_dict(state)
+
+
+def check_network(cfg: RunConfig, point: ResumePoint) -> None:
+    """ResumeError unless the checkpoint's arrays fit this run's network name for name
+    (before any hospital is sent them)."""
+    from medfed.shared_models.tasks import TASKS
+
+    problems = incompatibilities(point.arrays, net_template(TASKS[cfg.task].build_network(cfg)))
+    if problems:
+        raise ResumeError(
+            f"resume-from {point.folder}: checkpoint of round {point.server_round} does not "
+            "fit this run's network: " + "; ".join(problems[:3])
+        )
+
+
+def _same_settings(folder: Path, recorded: object, cfg: RunConfig) -> None:
     """ResumeError naming every key (beyond MAY_CHANGE) whose value differs."""
     now = cfg.to_mapping()
     try:
-        then = RunConfig.from_mapping(recorded).to_mapping()
+        then = RunConfig.from_mapping(recorded if isinstance(recorded, dict) else {}).to_mapping()
     except ConfigError as err:
         raise ResumeError(f"resume-from {folder}: its recorded config is invalid: {err}") from err
     keys = (now.keys() | then.keys()) - MAY_CHANGE

@@ -105,7 +105,9 @@ class RoundLoop:
         nodes = wait_for_nodes(
             self.grid, cfg.min_nodes, cfg.node_wait_seconds, self.outputs.progress
         )
-        self.strategy = self.make_strategy(len(nodes))
+        # a resumed run's privacy accountant keeps the population it was built for
+        recorded = strategy_state.population(resume.state) if resume else None
+        self.strategy = self.make_strategy(recorded or len(nodes))
         self.outputs.privacy_settings(self.strategy)
         if resume is not None:
             self._restore(resume)
@@ -123,12 +125,18 @@ class RoundLoop:
 
     def _restore(self, resume: ResumePoint) -> None:
         try:
-            strategy_state.restore(self.strategy.flower, resume.state)
+            strategy_state.restore(self.strategy.flower, resume.state, resume.lost_releases)
         except strategy_state.StateMismatch as err:
             raise ResumeError(f"resume-from {resume.folder}: {err}") from err
+        streams = "random streams restored"
+        if resume.lost_releases:
+            streams = (
+                f"{resume.lost_releases} noisy model(s) released after that round counted in "
+                "the privacy ledger, fresh random streams (never the same noise twice)"
+            )
         self.outputs.progress(
             f"resumed after round {resume.server_round} of {resume.folder}: strategy state, "
-            "privacy ledger and random streams restored; secure aggregation starts fresh keys"
+            f"privacy ledger, {streams}; secure aggregation starts fresh keys"
         )
 
     def _train_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -143,10 +151,14 @@ class RoundLoop:
         )
         trained = self.training.collect(server_round, messages, arrays)
         self.outputs.failures(trained.failed)
+        for note in trained.notes:
+            self.outputs.progress(f"  {note}")
         self._require_quorum(trained, "training", server_round)
         aggregation_started = time.monotonic()
         new_arrays, train_metrics = self.strategy.flower.aggregate_train(server_round, trained.ok)
         self.outputs.aggregated(time.monotonic() - aggregation_started)
+        if self.cfg.dp_mode != "off" and new_arrays is not None:
+            self.outputs.record.released(server_round)  # before evaluation sends it out
         if new_arrays is None:
             accountant = (
                 f" (the privacy accountant needs all {trained.sampled} sampled hospitals)"

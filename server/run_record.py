@@ -39,6 +39,7 @@ from medfed.shared_models.run_folder import (
     GLOBAL_MODEL,
     METRICS_JSON,
     MODEL_JSON,
+    RELEASED_ROUND,
     checkpoint_name,
     read_metrics,
 )
@@ -84,6 +85,12 @@ class RunRecord:
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
         """The sites' summaries, as they sent them (small counts suppressed)."""
         self.data["site-statistics"] = stats
+        self.flush()
+
+    def released(self, server_round: int) -> None:
+        """A noisy (DP) aggregate of `server_round` is about to leave the coordinator: a
+        resumed run must count it even if the round never completes (server.resume)."""
+        self.data[RELEASED_ROUND] = server_round
         self.flush()
 
     def add_round(self, entry: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from medfed.server import run_status
 from medfed.server.flower_app import app_dir
 from medfed.server.progress import RoundView
 from medfed.server.report import write_report
-from medfed.server.resume import load_resume_point
+from medfed.server.resume import check_network, load_resume_point
 from medfed.shared_models import processes, runtime
 from medfed.shared_models.config import ConfigError, RunConfig
 from medfed.shared_models.run_folder import METRICS_JSON
@@ -136,6 +136,7 @@ def prepare_resume(sim: Simulation) -> tuple[RunConfig, Path]:
         {**recorded, **sim.overrides, "out-dir": str(out), "resume-from": str(out)}
     )
     point = load_resume_point(cfg, None)
+    check_network(cfg, point)
     print(f"resuming {out} after round {point.server_round} of {cfg.num_server_rounds}")
     return cfg, Path(cfg.data_root)
 
@@ -174,8 +175,9 @@ def run(sim: Simulation) -> int:
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         reason = f"stopped by {signal.Signals(signum).name}; carry it on with --resume {out}"
-        if run_status.close(out, "interrupted", reason):
-            print(f"run interrupted: {reason}", file=sys.stderr)
+        with processes.signals_ignored():
+            if run_status.close(out, "interrupted", reason):
+                print(f"run interrupted: {reason}", file=sys.stderr)
         raise
 
 
@@ -238,8 +240,10 @@ def simulation_superlink(
         yield env, port
     finally:
         with processes.signals_ignored():  # a second Ctrl-C must not leave workers behind
+            # the SuperLink, its SuperExec, flwr-simulation and Ray's workers at once: the
+            # ServerApp ends by its own signal, not failing over a vanished SuperLink
+            processes.stop_started()
             runtime.stop(superlink, grace=5.0)
-            processes.stop_started()  # the SuperExec, flwr-simulation and Ray's workers
             shutil.rmtree(home, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ reads back: nothing in a checkpoint is unpickled as code.
 from __future__ import annotations
 
 import json
+import os
 import random
 from typing import Any
 
@@ -57,8 +58,15 @@ def capture(strategy: Strategy) -> dict[str, Any]:
     }
 
 
-def restore(strategy: Strategy, state: dict[str, Any]) -> None:
-    """Put `capture`'s output back into a freshly built strategy of the same kind."""
+def restore(strategy: Strategy, state: dict[str, Any], lost_releases: int = 0) -> None:
+    """Put `capture`'s output back into a freshly built strategy of the same kind.
+
+    `lost_releases`: noisy models released after the checkpoint was taken.
+    They are added to the privacy ledger, and the random streams are then
+    drawn afresh instead of restored: restoring them would add the very same
+    noise to a second release of that round, and two releases with one noise
+    reveal the difference of the updates behind them.
+    """
     chain = layers(strategy)
     saved = state.get("layers", [])
     kinds = [type(layer).__name__ for layer in chain]
@@ -71,15 +79,35 @@ def restore(strategy: Strategy, state: dict[str, Any]) -> None:
             if name not in STATE_ATTRIBUTES:
                 raise StateMismatch(f"unknown strategy state {name!r}")
             setattr(layer, name, _restored(value))
+    _restore_ledger(strategy, state.get("accountant", ""), lost_releases)
+    if lost_releases:
+        random.seed()  # from the operating system's entropy
+        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+        torch.seed()
+    else:
+        _set_random_state(state["random"])
+
+
+def population(state: dict[str, Any]) -> int | None:
+    """The hospital count the checkpoint's privacy accountant was built for (None: none)."""
+    if not state.get("accountant"):
+        return None
+    return int(json.loads(state["accountant"])["config"]["population_size"])
+
+
+def _restore_ledger(strategy: Strategy, saved: str, lost_releases: int) -> None:
     accountant = _accountant(strategy)
-    if (accountant is None) != (not state.get("accountant")):
+    if (accountant is None) != (not saved):
         raise StateMismatch("the checkpoint's privacy accounting differs from this run's")
-    if accountant is not None:
-        try:
-            accountant.load_state_dict(json.loads(state["accountant"]))
-        except (ValueError, TypeError, KeyError) as err:
-            raise StateMismatch(f"the privacy accountant's ledger does not fit: {err}") from err
-    _set_random_state(state["random"])
+    if accountant is None:
+        return
+    ledger = json.loads(saved)
+    if lost_releases and ledger.get("compositions"):
+        ledger["compositions"][-1]["count"] += lost_releases  # the same event, released again
+    try:
+        accountant.load_state_dict(ledger)
+    except (ValueError, TypeError, KeyError) as err:
+        raise StateMismatch(f"the privacy accountant's ledger does not fit: {err}") from err
 
 
 def _accountant(strategy: Strategy) -> Any:

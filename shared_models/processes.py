@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,11 +51,6 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def _alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")  # zombies are already dead
-
-
 def _carries(pid: int, marker: bytes) -> bool:
     try:
         environ = (PROC / str(pid) / "environ").read_bytes()
@@ -63,68 +59,102 @@ def _carries(pid: int, marker: bytes) -> bool:
     return marker in environ.split(b"\0")
 
 
-def started_by(command_tag: str = COMMAND_TAG) -> set[int]:
-    """Live processes carrying `command_tag`, and every live descendant of them."""
+def started_by(
+    command_tag: str = COMMAND_TAG, spare: frozenset[int] = frozenset()
+) -> dict[int, int]:
+    """Live processes carrying `command_tag`, and every live descendant of them, by pid with
+    their start time (a pid alone may be reused); `spare`'s pids are left out."""
     marker = f"{TAG_ENV}={command_tag}".encode()
     parents: dict[int, int] = {}
+    starts: dict[int, int] = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
             parents[int(entry.name)] = int(fields[1])
-    found = {pid for pid in parents if _carries(pid, marker)}
-    grew = True
-    while grew:
-        below = {pid for pid, parent in parents.items() if parent in found} - found
+            starts[int(entry.name)] = int(fields[19])
+    found = {pid for pid in parents if _carries(pid, marker)} - spare
+    while below := {pid for pid, parent in parents.items() if parent in found} - found - spare:
         found |= below
-        grew = bool(below)
-    return found - {os.getpid()}
+    found.discard(os.getpid())
+    return {pid: starts[pid] for pid in found}
 
 
-def stop_started(command_tag: str = COMMAND_TAG, grace: float = 5.0) -> set[int]:
-    """SIGTERM everything `command_tag` started, SIGKILL what is left after `grace` seconds.
-
-    Returns the pids still alive at the end (none, unless another user owns them).
-    """
-    targets = started_by(command_tag)
+def stop_started(
+    command_tag: str = COMMAND_TAG, grace: float = 5.0, spare: frozenset[int] = frozenset()
+) -> set[int]:
+    """SIGTERM everything `command_tag` started (but `spare`), SIGKILL what is left after
+    `grace` seconds. Returns the pids still alive at the end (none, unless another user
+    owns them)."""
+    targets = started_by(command_tag, spare)
     _signal(targets, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        targets = {pid for pid in targets | started_by(command_tag) if _alive(pid)}
+        targets = {**targets, **started_by(command_tag, spare)}
+        targets = {pid: start for pid, start in targets.items() if _still(pid, start)}
         if not targets:
             return set()
         time.sleep(0.1)
-    _signal(targets | started_by(command_tag), signal.SIGKILL)
+    _signal(targets, signal.SIGKILL)
     time.sleep(0.2)
-    return {pid for pid in targets if _alive(pid)}
+    return {pid for pid, start in targets.items() if _still(pid, start)}
 
 
-def _signal(pids: set[int], signum: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
+def _still(pid: int, start: int) -> bool:
+    """Whether `pid` is alive and still the process that started at `start`."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X") and int(fields[19]) == start
 
 
-def _boot_id() -> str:
+def _signal(targets: dict[int, int], signum: int) -> None:
+    for pid, start in targets.items():
+        if _still(pid, start):  # never a process that took over a freed pid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+
+def _read(path: Path) -> str:
     try:
-        return (PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+        return path.read_text().strip()
     except OSError:
-        return "unknown"
+        return ""
 
 
 def identity(pid: int | None = None) -> dict[str, Any]:
-    """Who a process is, beyond its pid: the boot it runs in and its start time."""
+    """Who a process is, beyond its pid: the host, boot and pid namespace it runs in,
+    and its start time."""
     pid = os.getpid() if pid is None else pid
     fields = _stat(pid)
-    return {"pid": pid, "boot": _boot_id(), "start": int(fields[19]) if fields else -1}
+    try:
+        namespace = os.readlink(PROC / "self" / "ns" / "pid")
+    except OSError:
+        namespace = ""
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot": _read(PROC / "sys" / "kernel" / "random" / "boot_id"),
+        "namespace": namespace,
+        "start": int(fields[19]) if fields else -1,
+    }
 
 
-def is_running(recorded: dict[str, Any]) -> bool:
-    """Whether the process `identity` recorded is still the one running (same boot and
-    start time: a reboot or a reused pid is not it)."""
-    pid = recorded.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
-        return False
-    now = identity(pid)
-    return now["boot"] == recorded.get("boot") and now["start"] == recorded.get("start")
+def liveness(recorded: object) -> str:
+    """ "alive", "dead" or "unknown" for the process `identity` recorded.
+
+    Dead only when this process can tell: the same host and pid namespace
+    (another container or machine sees other pids), and either another boot
+    or no process with that pid and start time. Anything else is unknown,
+    and nothing is ever closed on an unknown.
+    """
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("pid"), int):
+        return "unknown"
+    here = identity()
+    if not here["boot"] or recorded.get("host") != here["host"]:
+        return "unknown"
+    if recorded.get("boot") != here["boot"]:
+        return "dead"  # the machine restarted since
+    if not here["namespace"] or recorded.get("namespace") != here["namespace"]:
+        return "unknown"
+    start = recorded.get("start")
+    return "alive" if isinstance(start, int) and _still(recorded["pid"], start) else "dead"
 
 
 @contextlib.contextmanager

@@ -27,6 +27,10 @@ CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 PREDICTIONS_PNG = "predictions.png"
 PROGRESS_LOG = "progress.log"
+# metrics.json keys of a run's continuity: the last round whose noisy (DP) aggregate left
+# the coordinator, and the folder where the run was carried on (server.resume).
+RELEASED_ROUND = "released-round"
+CONTINUED_IN = "continued-in"
 
 
 class RunFolderError(ValueError):

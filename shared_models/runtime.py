@@ -229,10 +229,10 @@ def supervise(
     is returned. Either way, whatever the services detached (Flower's
     SuperExec and app processes, in sessions of their own) is stopped too.
     `watch` runs every `every` seconds meanwhile (a failing watch is reported,
-    never fatal). The handler only forwards the signal: waiting on a child
-    inside a signal handler would deadlock with the main thread's own wait
-    (subprocess's wait lock is not re-entrant). The loop escalates to SIGKILL
-    after `grace` seconds.
+    never fatal). The handler only notes the signal: the loop stops what the
+    services started first, then the services (waiting on a child inside a
+    signal handler would deadlock with the main thread's own wait), and
+    escalates to SIGKILL after `grace` seconds.
     """
     children = [
         subprocess.Popen(s.command, env=s.env, start_new_session=True)
@@ -242,26 +242,29 @@ def supervise(
     ]
     stopping_since: list[float] = []  # when the stop began (asked for, or a service ended)
     asked: list[int] = []
+    services_pids = frozenset(child.pid for child in children)
 
     def signal_all(signum: int) -> None:
         for process in children:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signum)
 
-    def forward(signum: int, frame: object) -> None:
+    def stop(signum: int, frame: object) -> None:
         asked.append(signum)
-        stopping_since.append(time.monotonic())
-        signal_all(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     first_code: int | None = None
     watched = time.monotonic()
     while True:
         codes = [process.poll() for process in children]
-        if first_code is None and not asked and any(c is not None for c in codes):
-            first_code = next(c for c in codes if c is not None)
+        ending = bool(asked) or any(c is not None for c in codes)
+        if ending and not stopping_since:
+            first_code = None if asked else next(c for c in codes if c is not None)
             stopping_since.append(time.monotonic())
+            # What the services started goes first (app processes end as stopped, not as
+            # failed by a vanished SuperLink), then the services themselves.
+            processes.stop_started(spare=services_pids, grace=grace / 3)
             signal_all(signal.SIGTERM)
         if all(c is not None for c in codes):
             processes.stop_started()

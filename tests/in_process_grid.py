@@ -59,7 +59,8 @@ class InProcessGrid:
 
     `drop[stage]`: nodes that never answer that stage ("advertise", "share",
     "upload", "unmask", "evaluate", "query"); `silent_from[node]`: the round
-    from which a node answers nothing at all (as if killed); `unavailable_from[node]`:
+    from which a node answers nothing at all (as if killed); `stage_silent_from[stage]`:
+    the round from which no node answers that stage; `unavailable_from[node]`:
     the round from which the SuperLink answers for it, as Flower does for a node
     whose heartbeats stopped (its own id as sender); `hostile[node]`:
     replaces that node's training reply; `corrupt[(stage, node)]`: rewrites
@@ -84,11 +85,13 @@ class InProcessGrid:
         self.sites = {node: f"site-{i}" for i, node in enumerate(updates)}
         self.drop: dict[str, set[int]] = {}
         self.silent_from: dict[int, int] = {}
+        self.stage_silent_from: dict[str, int] = {}  # stage -> round from which nobody answers
         self.unavailable_from: dict[int, int] = {}
         self.hostile: dict[int, Callable[[Message], Message]] = {}
         self.corrupt: dict[tuple[str, int], Callable[[Message], Message]] = {}
         self.tamper: set[tuple[int, int]] = set()
         self.seen: list[Message] = []  # every reply the coordinator received
+        self.pushed: list[Message] = []  # every message the coordinator sent
         self.outbox: list[Message] = []
         self.secrets: dict[int, list[bytes]] = {node: [] for node in updates}
         self.train = make_ffn(self._scripted_training, TRAIN_MODS)
@@ -100,6 +103,7 @@ class InProcessGrid:
         """Handle each message at once; its reply waits to be pulled (ids as Flower sets them)."""
         ids = []
         for message in messages:
+            self.pushed.append(message)
             message.metadata.__dict__["_message_id"] = str(uuid4())
             ids.append(message.metadata.message_id)
             node = message.metadata.dst_node_id
@@ -137,6 +141,7 @@ class InProcessGrid:
         stage = STAGES[message.metadata.message_type]
         server_round = self.round_of(message)
         killed = node in self.silent_from and server_round >= self.silent_from[node]
+        killed = killed or server_round >= self.stage_silent_from.get(stage, 1 << 30)
         return killed or node in self.drop.get(stage, set())
 
     def _handle(self, stage: str, message: Message, node: int) -> Message:

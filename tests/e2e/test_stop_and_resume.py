@@ -28,8 +28,11 @@ RUN = ["--task", "classification", "--sites", "2", "--images-per-site", "16", "-
 
 
 def _simulate(out: Path, *args: str) -> subprocess.Popen:
+    """`medfed simulate` of the small federation into `out` (`args` add to RUN), or with
+    `args` = ("--resume",) the run in `out` carried on."""
     log = (out.parent / f"{out.name}-{len(list(out.parent.glob('*.log')))}.log").open("w")
-    command = [sys.executable, "-m", "medfed.server.cli", "simulate", "--out", str(out), *args]
+    where = ["--resume", str(out)] if args == ("--resume",) else ["--out", str(out), *RUN, *args]
+    command = [sys.executable, "-m", "medfed.server.cli", "simulate", *where]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -79,7 +82,7 @@ def _tree(root: int) -> tuple[set[int], set[int]]:
 
 
 def _stop_after_round(out: Path, server_round: int, signum: int, *args: str) -> None:
-    process = _simulate(out, *RUN, *args)
+    process = _simulate(out, *args)
     try:
         _wait_for_round(out, server_round, process)
         started, sessions = _tree(process.pid)
@@ -109,7 +112,7 @@ def test_sigint_then_sigterm_stop_every_process_and_the_run_says_interrupted(tmp
     _stop_after_round(out, 2, signal.SIGINT, "--rounds", "40")
     interrupted_at = _metrics(out)["rounds"][-1]["round"]
     # the interrupted run carries on where it stopped, and a supervisor's SIGTERM stops it too
-    _stop_after_round(out, interrupted_at + 2, signal.SIGTERM, "--resume", str(out))
+    _stop_after_round(out, interrupted_at + 2, signal.SIGTERM, "--resume")
     rounds = [r["round"] for r in _metrics(out)["rounds"]]
     assert rounds == list(range(rounds[-1] + 1)) and rounds[-1] > interrupted_at
 
@@ -117,7 +120,7 @@ def test_sigint_then_sigterm_stop_every_process_and_the_run_says_interrupted(tmp
 def test_a_killed_serverapp_is_recorded_failed_and_the_resumed_run_ends_like_an_unbroken_one(
     tmp_path,
 ):
-    settings = [*RUN, "--rounds", "4", "--strategy", "fedadam"]
+    settings = ["--rounds", "4", "--strategy", "fedadam"]
     whole = tmp_path / "whole"
     assert _simulate(whole, *settings).wait(timeout=300) == 0
     expected = torch.load(whole / "global_model.pt", weights_only=True)
@@ -131,7 +134,7 @@ def test_a_killed_serverapp_is_recorded_failed_and_the_resumed_run_ends_like_an_
     assert killed["status"] == "failed" and "ServerApp process ended" in killed["error"]
     assert not (out / "global_model.pt").exists()
 
-    assert _simulate(out, "--resume", str(out)).wait(timeout=300) == 0
+    assert _simulate(out, "--resume").wait(timeout=300) == 0
     resumed = _metrics(out)
     assert resumed["status"] == "completed"
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3, 4]

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from medfed.server.exchange import QuorumError
-from medfed.server.resume import ResumeError, load_resume_point
+from medfed.server.resume import ResumeError, load_resume_point, mark_continued
 from medfed.server.round_loop import RoundLoop
 from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
@@ -78,8 +78,9 @@ def interrupted_after_round_2(cfg: RunConfig):
         {"strategy": "fedadam"},
         {"strategy": "fedavgm"},
         {"dp.mode": "server", "dp.noise-multiplier": 0.5, "dp.clipping-norm": 1.0},
+        {"strategy": "fedadam", "secure-aggregation": True},
     ],
-    ids=["fedavg", "fedadam", "fedavgm", "server-dp"],
+    ids=["fedavg", "fedadam", "fedavgm", "server-dp", "secure-fedadam"],
 )
 def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, settings):
     whole = config(tmp_path / "whole", **settings)
@@ -179,3 +180,61 @@ def test_a_run_still_running_is_refused(tmp_path):
     (cfg.out_path / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ResumeError, match="that run is still running"):
         load_resume_point(cfg, None)
+
+
+DP = {"dp.mode": "server", "dp.noise-multiplier": 0.5}
+
+
+def released(grid: InProcessGrid, server_round: int) -> np.ndarray:
+    """The model the coordinator sent out for evaluation after `server_round`'s aggregation."""
+    sent = [m for m in grid.pushed if m.metadata.message_type == "evaluate"
+            and InProcessGrid.round_of(m) == server_round]  # fmt: skip
+    return sent[0].content["arrays"]["w"].numpy()
+
+
+def test_a_noisy_model_released_after_the_last_checkpoint_is_counted_and_never_renoised(
+    tmp_path,
+):
+    """Round 3's noisy aggregate went out for evaluation, then the run failed before the
+    round was recorded: the resumed round 3 draws fresh noise and the ledger counts both."""
+    whole = config(tmp_path / "whole", **DP)
+    _, uninterrupted = run(whole, federation(whole))
+
+    cfg = config(tmp_path / "broken", **DP)
+    grid = federation(cfg)
+    grid.stage_silent_from["evaluate"] = 3  # the hospitals are lost during its evaluation
+    final, metrics = run(cfg, grid)
+    assert final is None and metrics["released-round"] == 3
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+
+    again = config(tmp_path / "broken", **DP, **{"resume-from": str(cfg.out_path)})
+    point = load_resume_point(again, None)
+    assert point.lost_releases == 1
+    resumed_grid = federation(again)
+    _, resumed = run(again, resumed_grid, point)
+    assert not np.allclose(released(resumed_grid, 3), released(grid, 3)), "fresh noise"
+    spent = [r["global"]["dp-epsilon"] for r in resumed["rounds"][1:]]
+    expected = [r["global"]["dp-epsilon"] for r in uninterrupted["rounds"][1:]]
+    assert spent[:2] == pytest.approx(expected[:2])
+    assert spent[2] == pytest.approx(expected[3]), "round 3 counts the lost release too"
+
+
+def test_a_run_is_carried_on_once(tmp_path):
+    cfg = _interrupted(tmp_path)
+    first = config(tmp_path / "first", **{"resume-from": str(cfg.out_path)})
+    point = load_resume_point(first, None)
+    mark_continued(point.folder, first.out_path)
+    with pytest.raises(ResumeError, match=r"already carried on in .*first; resume from that"):
+        load_resume_point(config(tmp_path / "second", **{"resume-from": str(cfg.out_path)}), None)
+
+
+def test_the_accountant_keeps_its_population_when_the_quorum_connects_first(tmp_path):
+    """On resume the quorum (2) may be connected before the third hospital: the privacy
+    accountant is still built for the population it was built for (3)."""
+    cfg = _interrupted(tmp_path, **DP)
+    grid = federation(cfg)
+    everyone = list(NODES)
+    answers = iter([everyone[:2]])
+    grid.get_node_ids = lambda: next(answers, everyone)
+    final, metrics = run(cfg, grid, load_resume_point(cfg, None))
+    assert metrics["status"] == "completed" and final is not None

@@ -346,3 +346,20 @@ def test_a_scaled_update_needs_a_cohort_to_stand_out_from():
     replies = RoundReplies(ok=grid.pull_messages([m.metadata.message_id for m in messages]))
     reject_outsized_updates(replies, messages[0].content["arrays"], 10.0, SiteNames())
     assert len(replies.ok) == 2 and not replies.failed
+
+
+def test_a_cohort_of_unchanged_models_never_gets_the_honest_update_rejected(tmp_path):
+    """Two of three hospitals send the model back unchanged: a median of zero scales
+    nothing, so the check stands aside (and says so) instead of rejecting the third."""
+    grid, cfg = grid_of({101: 0.0, 202: 0.0, 303: 3.0}, **{"num-server-rounds": 1})
+    arrays, metrics, progress = run(tmp_path, grid, cfg)
+    assert metrics["rounds"][1]["failures"] == {}
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    assert "update-norm check skipped: the median update changes nothing" in progress
+
+
+def test_with_fewer_than_three_updates_the_norm_check_says_it_stood_aside(tmp_path):
+    grid, cfg = grid_of({101: 1.0, 202: 50.0}, **{"num-server-rounds": 1})
+    _, metrics, progress = run(tmp_path, grid, cfg)
+    assert metrics["rounds"][1]["failures"] == {}
+    assert "update-norm check skipped: 2 usable update(s), it needs 3 to compare" in progress

@@ -70,9 +70,7 @@ def test_a_run_whose_process_is_gone_is_closed_and_its_writer_never_overwrites_t
     assert not run_status.close(tmp_path, "failed", run_status.DIED), "its process is alive"
 
     data = json.loads((tmp_path / "metrics.json").read_text())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    data["process"] = processes.identity() | {"pid": int(dead.stdout)}  # a pid now gone
+    data["process"] = _dead_identity()  # a pid now gone
     (tmp_path / "metrics.json").write_text(json.dumps(data))
     assert run_status.close(tmp_path, "failed", run_status.DIED)
     closed = json.loads((tmp_path / "metrics.json").read_text())
@@ -87,9 +85,34 @@ def test_a_run_whose_process_is_gone_is_closed_and_its_writer_never_overwrites_t
     assert not run_status.close(tmp_path, "interrupted", "again"), "closed once only"
 
 
-def test_a_recorded_process_is_running_only_with_its_own_boot_and_start_time():
+def test_a_recorded_process_is_dead_only_when_this_machine_can_tell():
     me = processes.identity()
-    assert processes.is_running(me)
-    assert not processes.is_running(me | {"start": me["start"] + 1}), "a reused pid"
-    assert not processes.is_running(me | {"boot": "another-boot"}), "after a reboot"
-    assert not processes.is_running({})
+    assert processes.liveness(me) == "alive"
+    assert processes.liveness(me | {"start": me["start"] + 1}) == "dead", "a reused pid"
+    assert processes.liveness(me | {"boot": "another-boot"}) == "dead", "after a reboot"
+    # another container or machine sees other pids: never closed on a guess
+    assert processes.liveness(me | {"pid": 999_999, "namespace": "pid:[1]"}) == "unknown"
+    assert processes.liveness(me | {"pid": 999_999, "host": "elsewhere"}) == "unknown"
+    for broken in ({}, "x", None, {"pid": "7"}, [1, 2]):
+        assert processes.liveness(broken) == "unknown"
+
+
+@pytest.mark.parametrize("process", ["x", None, [1], {"pid": "12"}])
+def test_a_malformed_record_never_blocks_closing_the_others(tmp_path, process):
+    cfg = tiny_config(task="classification")
+    broken, dead = tmp_path / "1", tmp_path / "2"
+    RunRecord(cfg, broken)
+    RunRecord(cfg, dead)
+    for folder, value in ((broken, process), (dead, _dead_identity())):
+        data = json.loads((folder / "metrics.json").read_text())
+        data["process"] = value
+        (folder / "metrics.json").write_text(json.dumps(data))
+    closed = run_status.close_orphaned([broken, dead], "failed", run_status.DIED, None)
+    assert closed == [dead]
+    assert json.loads((broken / "metrics.json").read_text())["status"] == "running"
+
+
+def _dead_identity() -> dict:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return processes.identity() | {"pid": int(dead.stdout)}
