@@ -400,7 +400,8 @@ def _a_killed_serverapp_is_recorded_failed_and_can_be_pulled(c, tiny: str) -> st
     _wait(lambda: _metrics(folder)["status"] != "running", 30, "the coordinator to notice")
     metrics = _metrics(folder)
     assert metrics["status"] == "failed" and "ServerApp process ended" in metrics["error"]
-    assert "Status: **failed**" in (folder / "report.md").read_text()
+    report = folder / "report.md"  # written just after metrics.json
+    _wait(lambda: report.is_file() and "Status: **failed**" in report.read_text(), 30, "report")
     finished = [e for e in read_audit(c["tmp"] / "coordinator" / "audit.jsonl")
                 if e["event"] == "run-finished" and e["run"] == int(run_id)]  # fmt: skip
     assert [e["status"] for e in finished] == ["failed"]
