@@ -83,18 +83,18 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _resume_point(cfg: RunConfig, out: Path) -> ResumePoint | None:
-    """The round to carry on from (`resume-from`), checked before anything is written.
+    """The round to carry on from (`resume-from`), checked before any record is written.
 
-    A refusal leaves the interrupted run's folder as it was; a run writing
-    elsewhere (a coordinator's new run folder) records the refusal as its failure.
+    A refusal here leaves the interrupted run's folder as it was; a run
+    writing elsewhere (a coordinator's new run folder) records the refusal as
+    its failure. The new folder gets a copy of the checkpoint it starts from.
     """
     if not cfg.resume_from:
         return None
     try:
         point = load_resume_point(cfg, os.environ.get(RUNS_DIR_ENV))
         check_network(cfg, point)
-        if point.folder != out.resolve():  # carried on elsewhere: once, and self-contained
-            mark_continued(point.folder, out)
+        if point.folder != out.resolve():  # carried on elsewhere: self-contained
             name = checkpoint_name(point.server_round)
             (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             shutil.copy2(point.folder / CHECKPOINTS / name, out / CHECKPOINTS / name)
@@ -129,6 +129,8 @@ def _run(
            if resume else {}),
     )  # fmt: skip
     try:
+        if resume is not None and resume.folder != outputs.record.out.resolve():
+            mark_continued(resume.folder, outputs.record.out)  # once its own record exists
         net = _initial_network(cfg, outputs, resumed=resume is not None)
         loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id)
         load_record(net, loop.run(to_record(net), resume))

@@ -21,7 +21,7 @@ from medfed.server import proxy, run_status
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from medfed.shared_models import runtime
 from medfed.shared_models.audit import audit
-from medfed.shared_models.run_folder import METRICS_JSON, RUNS_DIR_ENV, read_metrics
+from medfed.shared_models.run_folder import METRICS_JSON, RUNS_DIR_ENV, WRITER_LOCK, read_metrics
 from medfed.shared_models.runtime import CredentialsError
 
 
@@ -157,12 +157,15 @@ def pull_run(state: Path, run_id: str, destination: Path) -> Path:
     record = read_metrics(source) if source.is_dir() else None
     if record is None:
         raise ValueError(f"{source}: no run here (no {METRICS_JSON})")
-    if record.get("status") == "running" and run_status.orphaned_record(source) is None:
+    orphaned = record.get("status") == "running" and run_status.is_orphaned(source)
+    if record.get("status") == "running" and not orphaned:
         raise ValueError(f"run {run_id} is still running; pull it once it has finished")
     if destination.exists():
         raise FileExistsError(f"{destination} exists; refusing to overwrite it")
-    shutil.copytree(source, destination)
-    run_status.close(destination, "failed", run_status.DIED)  # the copy tells the truth
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(WRITER_LOCK))
+    if orphaned:  # the copy tells the truth; the coordinator closes the run itself
+        copied = run_status.closed_record(record, "failed", run_status.DIED)
+        (destination / METRICS_JSON).write_text(json.dumps(copied, indent=2, allow_nan=True))
     return destination
 
 

@@ -3,7 +3,9 @@
 A resumed run is the interrupted run carried on, not a new one seeded with
 its weights: the same round numbering, one history in which every round
 appears exactly once, and the strategy's and the random streams' state as
-they were after that round (strategy_state). Only a checkpoint whose
+they were after that round (strategy_state; under DP, noisy models released
+after that checkpoint are counted and the random streams drawn afresh
+instead). A run is carried on elsewhere once at most. Only a checkpoint whose
 SHA-256 matches the one metrics.json recorded for that round is used, and
 only for the same task, network and settings: a corrupted, replaced or
 foreign checkpoint is refused with a message naming the file or the keys.
@@ -23,16 +25,17 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from medfed.shared_models import processes
+from medfed.server import run_status
 from medfed.shared_models.config import ConfigError, RunConfig
 from medfed.shared_models.run_folder import (
     CHECKPOINTS,
     CONTINUED_IN,
     METRICS_JSON,
-    RELEASED_ROUND,
+    UNCHECKPOINTED_RELEASES,
     RunFolderError,
     checkpoint_name,
     read_metrics,
+    writer_gone,
 )
 from medfed.shared_models.runtime import atomic_write
 from medfed.shared_models.weights import incompatibilities, net_template, record_from_state_dict
@@ -44,7 +47,7 @@ MAY_CHANGE = frozenset(
      "resume-from", "data-root"}
 )  # fmt: skip
 # What carries over from the interrupted run's record besides its rounds.
-CARRIED = ("site-statistics", "pretrained", "resumed", RELEASED_ROUND)
+CARRIED = ("site-statistics", "pretrained", "resumed", UNCHECKPOINTED_RELEASES)
 
 
 class ResumeError(ConfigError):
@@ -93,8 +96,8 @@ def load_resume_point(cfg: RunConfig, runs_dir: str | None) -> ResumePoint:
         *history.get("resumed", []),
         {"from": str(folder), "after-round": last, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     ]
-    released = record.get(RELEASED_ROUND)
-    lost = max(0, released - last) if isinstance(released, int) and cfg.dp_mode != "off" else 0
+    released = record.get(UNCHECKPOINTED_RELEASES)
+    lost = released if isinstance(released, int) and released > 0 and cfg.dp_mode != "off" else 0
     return ResumePoint(folder, last, arrays, payload.get("state", {}), history, lost_releases=lost)
 
 
@@ -106,8 +109,8 @@ def _resumable_record(folder: Path) -> dict[str, Any]:
         raise ResumeError(f"resume-from: {err}") from err
     if record is None:
         raise ResumeError(f"resume-from {folder}: no {METRICS_JSON}: not a medfed run folder")
-    if record.get("status") == "running" and processes.liveness(record.get("process")) != "dead":
-        raise ResumeError(f"resume-from {folder}: that run is still running (or may be)")
+    if record.get("status") == "running" and not run_status.is_orphaned(folder):
+        raise ResumeError(f"resume-from {folder}: that run is still running")
     if record.get(CONTINUED_IN):
         raise ResumeError(
             f"resume-from {folder}: already carried on in {record[CONTINUED_IN]}; resume from "
@@ -124,10 +127,18 @@ def _resumable_record(folder: Path) -> dict[str, Any]:
 
 
 def mark_continued(folder: Path, out: Path) -> None:
-    """Note in the interrupted run's record where it is carried on (refusing a second)."""
-    record = read_metrics(folder) or {}
-    record[CONTINUED_IN] = str(out)
-    atomic_write(folder / METRICS_JSON, json.dumps(record, indent=2, allow_nan=True).encode())
+    """Note in the interrupted run's record where it is carried on; ResumeError when it
+    already is, or came back to life. Done under the folder's writer lock, so two
+    resumes (or a resume and the coordinator closing the run) never interleave."""
+    with writer_gone(folder) as gone:
+        if gone is False:
+            raise ResumeError(f"resume-from {folder}: that run is running again")
+        record = read_metrics(folder) or {}
+        if record.get(CONTINUED_IN):
+            raise ResumeError(f"resume-from {folder}: already carried on in {record[CONTINUED_IN]}")
+        record[CONTINUED_IN] = str(out)
+        text = json.dumps(record, indent=2, allow_nan=True)
+        atomic_write(folder / METRICS_JSON, text.encode())
 
 
 def _arrays_in(state: object, path: Path) -> ArrayRecord:

@@ -130,13 +130,14 @@ class RoundLoop:
             raise ResumeError(f"resume-from {resume.folder}: {err}") from err
         streams = "random streams restored"
         if resume.lost_releases:
+            counted = " (counted in the privacy ledger)" if self.strategy.accounted else ""
             streams = (
-                f"{resume.lost_releases} noisy model(s) released after that round counted in "
-                "the privacy ledger, fresh random streams (never the same noise twice)"
+                f"{resume.lost_releases} noisy model(s) released after that round{counted}, "
+                "fresh random streams (never the same noise twice)"
             )
         self.outputs.progress(
-            f"resumed after round {resume.server_round} of {resume.folder}: strategy state, "
-            f"privacy ledger, {streams}; secure aggregation starts fresh keys"
+            f"resumed after round {resume.server_round} of {resume.folder}: strategy state "
+            f"restored, {streams}; secure aggregation starts fresh keys"
         )
 
     def _train_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -158,7 +159,7 @@ class RoundLoop:
         new_arrays, train_metrics = self.strategy.flower.aggregate_train(server_round, trained.ok)
         self.outputs.aggregated(time.monotonic() - aggregation_started)
         if self.cfg.dp_mode != "off" and new_arrays is not None:
-            self.outputs.record.released(server_round)  # before evaluation sends it out
+            self.outputs.record.released()  # before evaluation sends it out
         if new_arrays is None:
             accountant = (
                 f" (the privacy accountant needs all {trained.sampled} sampled hospitals)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ from medfed.shared_models.run_folder import (
     GLOBAL_MODEL,
     METRICS_JSON,
     MODEL_JSON,
-    RELEASED_ROUND,
+    UNCHECKPOINTED_RELEASES,
     checkpoint_name,
+    hold_writer_lock,
     read_metrics,
 )
 from medfed.shared_models.runtime import atomic_write
@@ -64,6 +66,7 @@ class RunRecord:
     def __init__(self, cfg: RunConfig, out: Path, history: dict[str, Any] | None = None) -> None:
         self.out = out
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        self.lock: int | None = hold_writer_lock(out)  # released when the record finishes
         self.data: dict[str, Any] = {
             **(history or {}),
             "config": cfg.to_mapping(),
@@ -87,14 +90,16 @@ class RunRecord:
         self.data["site-statistics"] = stats
         self.flush()
 
-    def released(self, server_round: int) -> None:
-        """A noisy (DP) aggregate of `server_round` is about to leave the coordinator: a
-        resumed run must count it even if the round never completes (server.resume)."""
-        self.data[RELEASED_ROUND] = server_round
+    def released(self) -> None:
+        """A noisy (DP) aggregate is about to leave the coordinator: until a checkpoint
+        holds the ledger that counts it, a resumed run must count it (server.resume)."""
+        self.data[UNCHECKPOINTED_RELEASES] = self.data.get(UNCHECKPOINTED_RELEASES, 0) + 1
         self.flush()
 
     def add_round(self, entry: dict[str, Any]) -> None:
-        """One finished round's entry (RoundSummary.to_json)."""
+        """One finished round's entry (RoundSummary.to_json), written after its checkpoint
+        (whose ledger counts every release so far)."""
+        self.data[UNCHECKPOINTED_RELEASES] = 0
         self.data["rounds"].append(entry)
         self.flush()
 
@@ -105,6 +110,9 @@ class RunRecord:
         if error:
             self.data["error"] = error
         self.flush()
+        if self.lock is not None:
+            os.close(self.lock)  # the outcome is on disk: another may take the folder over
+            self.lock = None
 
     def flush(self) -> None:
         """metrics.json as the record stands now (RunAbandoned if another closed it)."""

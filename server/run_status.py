@@ -4,8 +4,10 @@ A ServerApp killed with SIGKILL, or lost with its host, leaves metrics.json
 saying "running" forever, and Flower's `flwr run --stream` even exits 0. The
 process that started it (`medfed simulate`) or the coordinator that hosts it
 (`medfed coordinator start`, every few seconds and again when it starts)
-notices that the process recorded in the run folder is gone and closes the
-record: status, reason, audit entry and report, as the ServerApp would have.
+notices that the process writing the run is gone (it no longer holds the
+folder's writer lock, which the kernel releases with it, in any container) and
+closes the record: status, reason, audit entry and report, as the ServerApp
+would have.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from typing import Any
 from medfed.server.report import write_report
 from medfed.shared_models import processes
 from medfed.shared_models.audit import audit
-from medfed.shared_models.run_folder import METRICS_JSON, RunFolderError, read_metrics
+from medfed.shared_models.run_folder import (
+    METRICS_JSON,
+    RunFolderError,
+    read_metrics,
+    writer_gone,
+)
 from medfed.shared_models.runtime import atomic_write
 
 DIED = (
@@ -28,33 +35,52 @@ DIED = (
 )
 
 
-def orphaned_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run's record when it says running but its ServerApp is provably gone, else None
-    (finished, alive, on another host or namespace, or not a record at all)."""
+def _running_record(run_dir: Path) -> dict[str, Any] | None:
     try:
         data = read_metrics(run_dir)
     except RunFolderError:
         return None
-    if data is None or data.get("status") != "running":
-        return None
-    return data if processes.liveness(data.get("process")) == "dead" else None
+    return data if data is not None and data.get("status") == "running" else None
+
+
+def _gone(data: dict[str, Any], lock_says: bool | None) -> bool:
+    """The writer's lock decides; a folder without one (an older medfed) falls back on the
+    recorded process, closed only when this machine can tell it is dead."""
+    if lock_says is not None:
+        return lock_says
+    return processes.liveness(data.get("process")) == "dead"
+
+
+def is_orphaned(run_dir: Path) -> bool:
+    """Whether the run's record says running while the process writing it is gone."""
+    with writer_gone(run_dir) as lock_says:
+        data = _running_record(run_dir)
+        return data is not None and _gone(data, lock_says)
+
+
+def closed_record(data: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    """`data` as the record of a run that ended `status` for `reason`."""
+    return {
+        **data,
+        "status": status,
+        "error": reason,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def close(run_dir: Path, status: str, reason: str, log: Path | None = None) -> bool:
     """Mark an orphaned run `status` with `reason`, audit it and write its report.
 
     Returns False (and changes nothing) when the run is not orphaned. The
-    record is written only if the one read is still the one on disk (its
-    writer unchanged): a ServerApp that has just taken the folder over wins.
+    writer's lock is held while the record is rewritten, so a ServerApp
+    taking the folder over (a run resumed in place) waits for it.
     """
-    data = orphaned_record(run_dir)
-    if data is None:
-        return False
-    data.update(status=status, error=reason, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    current = read_metrics(run_dir) or {}
-    if current.get("writer") != data.get("writer") or current.get("status") != "running":
-        return False
-    atomic_write(run_dir / METRICS_JSON, json.dumps(data, indent=2, allow_nan=True).encode())
+    with writer_gone(run_dir) as lock_says:
+        data = _running_record(run_dir)
+        if data is None or not _gone(data, lock_says):
+            return False
+        text = json.dumps(closed_record(data, status, reason), indent=2, allow_nan=True)
+        atomic_write(run_dir / METRICS_JSON, text.encode())
     run = int(run_dir.name) if run_dir.name.isdigit() else str(run_dir)
     audit("run-finished", log=log, run=run, status=status, error=reason)
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 # The attributes Flower's strategies change between rounds (FedOpt: m_t, v_t; FedAvgM:
 # momentum_vector; adaptive DP clipping: clipping_norm). Arrays sent each round are
@@ -101,13 +102,18 @@ def _restore_ledger(strategy: Strategy, saved: str, lost_releases: int) -> None:
         raise StateMismatch("the checkpoint's privacy accounting differs from this run's")
     if accountant is None:
         return
-    ledger = json.loads(saved)
-    if lost_releases and ledger.get("compositions"):
-        ledger["compositions"][-1]["count"] += lost_releases  # the same event, released again
     try:
-        accountant.load_state_dict(ledger)
+        accountant.load_state_dict(json.loads(saved))
     except (ValueError, TypeError, KeyError) as err:
         raise StateMismatch(f"the privacy accountant's ledger does not fit: {err}") from err
+    if lost_releases:  # released as Flower's DP wrapper composes a round's release
+        wrapper = next(layer for layer in layers(strategy) if vars(layer).get("accountant"))
+        event = GaussianPrivacyEvent(
+            noise_multiplier=wrapper.noise_multiplier,
+            sample_size=wrapper.num_sampled_clients,
+            population_size=accountant.config.population_size,
+        )
+        accountant.compose(event, lost_releases)
 
 
 def _accountant(strategy: Strategy) -> Any:

@@ -147,7 +147,7 @@ def liveness(recorded: object) -> str:
     if not isinstance(recorded, dict) or not isinstance(recorded.get("pid"), int):
         return "unknown"
     here = identity()
-    if not here["boot"] or recorded.get("host") != here["host"]:
+    if not (here["boot"] and recorded.get("boot")) or recorded.get("host") != here["host"]:
         return "unknown"
     if recorded.get("boot") != here["boot"]:
         return "dead"  # the machine restarted since

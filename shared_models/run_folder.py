@@ -7,7 +7,11 @@ both sides take its file names from here.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +31,16 @@ CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 PREDICTIONS_PNG = "predictions.png"
 PROGRESS_LOG = "progress.log"
-# metrics.json keys of a run's continuity: the last round whose noisy (DP) aggregate left
-# the coordinator, and the folder where the run was carried on (server.resume).
-RELEASED_ROUND = "released-round"
+# metrics.json keys of a run's continuity: how many noisy (DP) aggregates left the
+# coordinator since the last checkpoint (whose privacy ledger lacks them), and the folder
+# where the run was carried on (server.resume).
+UNCHECKPOINTED_RELEASES = "releases-since-checkpoint"
 CONTINUED_IN = "continued-in"
+
+
+# Held (flock) by the process writing a run for as long as it lives: the kernel releases
+# it when that process dies, in whatever container or pid namespace it ran.
+WRITER_LOCK = ".writer.lock"
 
 
 class RunFolderError(ValueError):
@@ -75,3 +85,32 @@ def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     net = TASKS[cfg.task].build_network(cfg)
     net.load_state_dict(torch.load(run_dir / GLOBAL_MODEL, weights_only=True))
     return cfg, net.eval()
+
+
+def hold_writer_lock(run_dir: Path) -> int:
+    """Take the run's writer lock for the life of this process (waits while a closer
+    holds it for an instant); returns the descriptor, which must stay open."""
+    fd = os.open(run_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+@contextmanager
+def writer_gone(run_dir: Path) -> Iterator[bool | None]:
+    """Whether the process that wrote the run is gone: True (and no new writer can start
+    until the block ends), False while it lives, None when the folder has no lock
+    (written by an older medfed)."""
+    try:
+        fd = os.open(run_dir / WRITER_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from functools import partial
 
@@ -21,6 +22,7 @@ from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.run_folder import hold_writer_lock
 from tests.in_process_grid import RUN_ID, InProcessGrid
 
 NODES = {101: 1.0, 202: 2.0, 303: 4.0}
@@ -176,10 +178,15 @@ def test_a_finished_run_or_an_empty_folder_is_refused(tmp_path):
 def test_a_run_still_running_is_refused(tmp_path):
     cfg = _interrupted(tmp_path)
     metrics = json.loads((cfg.out_path / "metrics.json").read_text())
-    metrics["status"] = "running"  # and its process (this one) is alive
+    metrics["status"] = "running"
     (cfg.out_path / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ResumeError, match="that run is still running"):
-        load_resume_point(cfg, None)
+    writer = hold_writer_lock(cfg.out_path)  # as the live ServerApp holds it
+    try:
+        with pytest.raises(ResumeError, match="that run is still running"):
+            load_resume_point(cfg, None)
+    finally:
+        os.close(writer)
+    assert load_resume_point(cfg, None).server_round == 2, "once its writer is gone"
 
 
 DP = {"dp.mode": "server", "dp.noise-multiplier": 0.5}
@@ -192,31 +199,52 @@ def released(grid: InProcessGrid, server_round: int) -> np.ndarray:
     return sent[0].content["arrays"]["w"].numpy()
 
 
+def epsilons(metrics: dict) -> list[float]:
+    return [r["global"]["dp-epsilon"] for r in metrics["rounds"][1:]]
+
+
+@pytest.mark.parametrize("lost_round", [1, 3])
 def test_a_noisy_model_released_after_the_last_checkpoint_is_counted_and_never_renoised(
-    tmp_path,
+    tmp_path, lost_round
 ):
-    """Round 3's noisy aggregate went out for evaluation, then the run failed before the
-    round was recorded: the resumed round 3 draws fresh noise and the ledger counts both."""
-    whole = config(tmp_path / "whole", **DP)
-    _, uninterrupted = run(whole, federation(whole))
+    """Round k's noisy aggregate went out for evaluation, then the run failed before the
+    round was recorded: the resumed round k draws fresh noise and the ledger counts both
+    (also when the last checkpoint is round 0's, whose ledger is still empty)."""
+    whole = config(tmp_path / "whole", **DP, **{"num-server-rounds": 6})
+    _, reference = run(whole, federation(whole))  # epsilon after 1..6 releases
 
     cfg = config(tmp_path / "broken", **DP)
     grid = federation(cfg)
-    grid.stage_silent_from["evaluate"] = 3  # the hospitals are lost during its evaluation
+    grid.stage_silent_from["evaluate"] = lost_round  # hospitals lost during its evaluation
     final, metrics = run(cfg, grid)
-    assert final is None and metrics["released-round"] == 3
-    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert final is None and metrics["releases-since-checkpoint"] == 1
+    assert [r["round"] for r in metrics["rounds"]] == list(range(lost_round))
 
     again = config(tmp_path / "broken", **DP, **{"resume-from": str(cfg.out_path)})
     point = load_resume_point(again, None)
     assert point.lost_releases == 1
     resumed_grid = federation(again)
     _, resumed = run(again, resumed_grid, point)
-    assert not np.allclose(released(resumed_grid, 3), released(grid, 3)), "fresh noise"
-    spent = [r["global"]["dp-epsilon"] for r in resumed["rounds"][1:]]
-    expected = [r["global"]["dp-epsilon"] for r in uninterrupted["rounds"][1:]]
-    assert spent[:2] == pytest.approx(expected[:2])
-    assert spent[2] == pytest.approx(expected[3]), "round 3 counts the lost release too"
+    assert not np.allclose(released(resumed_grid, lost_round), released(grid, lost_round))
+    expected = epsilons(reference)
+    assert epsilons(resumed)[lost_round - 1] == pytest.approx(expected[lost_round])
+
+
+def test_releases_lost_by_a_resumed_run_are_counted_when_it_is_resumed_again(tmp_path):
+    whole = config(tmp_path / "whole", **DP, **{"num-server-rounds": 6})
+    _, reference = run(whole, federation(whole))
+    cfg = config(tmp_path / "broken", **DP)
+    for attempt in range(2):  # the run, then its first resume, die in round 3's evaluation
+        grid = federation(cfg)
+        grid.stage_silent_from["evaluate"] = 3
+        point = load_resume_point(cfg, None) if attempt else None
+        _, metrics = run(cfg, grid, point)
+        assert metrics["releases-since-checkpoint"] == attempt + 1
+        cfg = config(tmp_path / "broken", **DP, **{"resume-from": str(cfg.out_path)})
+    point = load_resume_point(cfg, None)
+    assert point.lost_releases == 2
+    _, resumed = run(cfg, federation(cfg), point)
+    assert epsilons(resumed)[2] == pytest.approx(epsilons(reference)[4]), "5 releases by round 3"
 
 
 def test_a_run_is_carried_on_once(tmp_path):

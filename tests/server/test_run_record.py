@@ -63,26 +63,61 @@ ROUND_0 = {
 }
 
 
-def test_a_run_whose_process_is_gone_is_closed_and_its_writer_never_overwrites_that(tmp_path):
-    cfg = tiny_config(task="classification")
-    record = RunRecord(cfg, tmp_path)
-    record.add_round(ROUND_0)
-    assert not run_status.close(tmp_path, "failed", run_status.DIED), "its process is alive"
+WRITER = """
+import sys, time
+from pathlib import Path
+from medfed.server.run_record import RunRecord
+from medfed.shared_models.config import RunConfig
+record = RunRecord(RunConfig.from_mapping({"task": "classification"}), Path(sys.argv[1]))
+record.add_round(dict(eval(sys.argv[2])))
+print("ready", flush=True)
+time.sleep(600)
+"""
 
-    data = json.loads((tmp_path / "metrics.json").read_text())
-    data["process"] = _dead_identity()  # a pid now gone
-    (tmp_path / "metrics.json").write_text(json.dumps(data))
+
+def test_a_run_whose_writer_was_killed_is_closed_once_with_its_history(tmp_path):
+    """The writer holds the folder's lock while it lives, in whatever pid namespace; the
+    kernel releases it when the process is SIGKILLed."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), repr(ROUND_0)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        assert not run_status.close(tmp_path, "failed", run_status.DIED), "its writer lives"
+        assert not run_status.is_orphaned(tmp_path)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert run_status.is_orphaned(tmp_path)
     assert run_status.close(tmp_path, "failed", run_status.DIED)
     closed = json.loads((tmp_path / "metrics.json").read_text())
     assert closed["status"] == "failed" and "ServerApp process ended" in closed["error"]
     assert closed["rounds"] == [ROUND_0]
     assert (tmp_path / "report.md").is_file()
+    assert not run_status.close(tmp_path, "interrupted", "again"), "closed once only"
 
-    with pytest.raises(RunAbandoned, match="says failed"):
+
+def test_a_writer_never_overwrites_a_verdict_someone_else_recorded(tmp_path):
+    record = RunRecord(tiny_config(task="classification"), tmp_path)
+    record.add_round(ROUND_0)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    data.update(status="interrupted", error="stopped by SIGTERM")
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    with pytest.raises(RunAbandoned, match="says interrupted"):
         record.add_round(ROUND_0 | {"round": 1})
     after = json.loads((tmp_path / "metrics.json").read_text())
-    assert after["status"] == "failed" and len(after["rounds"]) == 1
-    assert not run_status.close(tmp_path, "interrupted", "again"), "closed once only"
+    assert after["status"] == "interrupted" and len(after["rounds"]) == 1
+
+
+def test_a_folder_without_a_writer_lock_falls_back_on_the_recorded_process(tmp_path):
+    """Runs written by an older medfed: closed only when this machine can tell."""
+    for name, process in (("alive", processes.identity()), ("dead", _dead_identity()),
+                          ("elsewhere", processes.identity() | {"host": "other"})):  # fmt: skip
+        (tmp_path / name).mkdir()
+        record = {"status": "running", "process": process, "rounds": [ROUND_0],
+                  "config": tiny_config(task="classification").to_mapping()}  # fmt: skip
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+    closed = run_status.close_orphaned(sorted(tmp_path.iterdir()), "failed", "gone", None)
+    assert closed == [tmp_path / "dead"]
 
 
 def test_a_recorded_process_is_dead_only_when_this_machine_can_tell():
@@ -99,17 +134,16 @@ def test_a_recorded_process_is_dead_only_when_this_machine_can_tell():
 
 @pytest.mark.parametrize("process", ["x", None, [1], {"pid": "12"}])
 def test_a_malformed_record_never_blocks_closing_the_others(tmp_path, process):
-    cfg = tiny_config(task="classification")
-    broken, dead = tmp_path / "1", tmp_path / "2"
-    RunRecord(cfg, broken)
-    RunRecord(cfg, dead)
-    for folder, value in ((broken, process), (dead, _dead_identity())):
-        data = json.loads((folder / "metrics.json").read_text())
-        data["process"] = value
-        (folder / "metrics.json").write_text(json.dumps(data))
-    closed = run_status.close_orphaned([broken, dead], "failed", run_status.DIED, None)
-    assert closed == [dead]
-    assert json.loads((broken / "metrics.json").read_text())["status"] == "running"
+    for name, value in (("1", process), ("2", _dead_identity())):
+        (tmp_path / name).mkdir()
+        record = {"status": "running", "process": value, "rounds": [],
+                  "config": tiny_config(task="classification").to_mapping()}  # fmt: skip
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "metrics.json").write_text("[not a record")
+    closed = run_status.close_orphaned(sorted(tmp_path.iterdir()), "failed", "gone", None)
+    assert closed == [tmp_path / "2"]
+    assert json.loads((tmp_path / "1" / "metrics.json").read_text())["status"] == "running"
 
 
 def _dead_identity() -> dict:
