@@ -122,7 +122,7 @@ def readable(array: Array) -> np.ndarray | None:
     if (
         dtype.hasobject
         or dtype.itemsize == 0
-        or count * dtype.itemsize != handle.getbuffer().nbytes - handle.tell()
+        or count * dtype.itemsize != len(array.data) - handle.tell()  # getbuffer() copies
     ):
         return None
     values = np.frombuffer(array.data, dtype=dtype, count=count, offset=handle.tell())
