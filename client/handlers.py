@@ -26,7 +26,7 @@ from monai.data import DataLoader
 from torch import nn
 from tqdm import tqdm
 
-from medfed.client import telemetry
+from medfed.client import local_layers, telemetry
 from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
 from medfed.client.data.site import SiteDataset, load_site
@@ -60,6 +60,7 @@ class NodeSite:
 
     def __init__(self, context: Context) -> None:
         self.cfg = RunConfig.from_mapping(context.run_config)
+        self.context = context
         node = NodeSettings.from_mapping(context.node_config)
         path = resolve_site_path(node, self.cfg)
         self.cache = site_cache_dir(node, path)
@@ -95,15 +96,18 @@ class NodeSite:
         return 1.0 if self.cfg.dp_mode != "off" else float(len(self.data.train))
 
     def network(self, msg: Message) -> nn.Module:
-        """The run's network holding the weights the message carries."""
+        """The run's network holding the weights the message carries (under FedBN with
+        this site's own normalisation layers)."""
         arrays = msg.content.array_records.get(Record.ARRAYS)
         if arrays is None:
             raise MalformedRequest(f"the message has no '{Record.ARRAYS}' record")
         net = self.task.build_network(self.cfg)
         try:
-            load_record(net, arrays)
+            load_record(net, arrays, self.cfg.keeps_norms_local)
         except ValueError as err:  # names and shapes the coordinator sent: no site data
             raise MalformedRequest(str(err)) from None
+        if self.cfg.keeps_norms_local:
+            local_layers.restore(net, self.context, self.cache)
         return net
 
     def loader(
@@ -202,7 +206,10 @@ def train(msg: Message, context: Context) -> Message:
         Metric.WEIGHT: site.aggregation_weight(),
         Metric.SKIPPED_FILES: len(site.data.problems),
     }
-    return site.reply(msg, metrics, to_record(net.cpu()))
+    local = site.cfg.keeps_norms_local
+    if local:
+        local_layers.keep(net, context, site.cache)
+    return site.reply(msg, metrics, to_record(net.cpu(), local))
 
 
 def evaluate(msg: Message, context: Context) -> Message:

@@ -133,7 +133,8 @@ def _run(
             mark_continued(resume.folder, outputs.record.out)  # once its own record exists
         net = _initial_network(cfg, outputs, resumed=resume is not None)
         loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id)
-        load_record(net, loop.run(to_record(net), resume))
+        local = cfg.keeps_norms_local
+        load_record(net, loop.run(to_record(net, local), resume), local)
         digest = outputs.record.save_model(net, cfg, cfg.num_server_rounds)
         outputs.record.finish("completed")
         audit("run-finished", run=context.run_id, status="completed", model_sha256=digest)

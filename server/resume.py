@@ -152,7 +152,8 @@ def check_network(cfg: RunConfig, point: ResumePoint) -> None:
     (before any hospital is sent them)."""
     from medfed.shared_models.tasks import TASKS
 
-    problems = incompatibilities(point.arrays, net_template(TASKS[cfg.task].build_network(cfg)))
+    template = net_template(TASKS[cfg.task].build_network(cfg), cfg.keeps_norms_local)
+    problems = incompatibilities(point.arrays, template)
     if problems:
         raise ResumeError(
             f"resume-from {point.folder}: checkpoint of round {point.server_round} does not "

@@ -47,7 +47,7 @@ from medfed.shared_models.run_folder import (
 )
 from medfed.shared_models.runtime import atomic_write
 from medfed.shared_models.tasks import TASKS
-from medfed.shared_models.weights import state_dict_from_record
+from medfed.shared_models.weights import norm_keys, state_dict_from_record
 
 
 class RunAbandoned(RuntimeError):
@@ -158,6 +158,8 @@ class RunRecord:
             "sha256": digest,
             "config": cfg.to_mapping(),
         }
+        if cfg.keeps_norms_local:  # FedBN: these hold initial values here; each site has its own
+            meta["kept-at-hospitals"] = norm_keys(net)
         atomic_write(self.out / MODEL_JSON, json.dumps(meta, indent=2).encode())
         return digest
 

@@ -48,6 +48,9 @@ FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "fedavgm": FedAvgM,
+    # FedBN (Li et al., 2021) is FedAvg at the coordinator: the normalisation layers
+    # are never sent (shared_models.weights, local_norms), so what it averages is the rest.
+    "fedbn": FedAvg,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,

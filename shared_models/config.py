@@ -18,8 +18,9 @@ from typing import Any
 from medfed.shared_models.protocol import SECAGG_MAX_PARTICIPANTS
 from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS, Encoding
 
-# Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step).
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step; FedBN
+# averages all but the normalisation layers, which stay at each hospital).
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedbn")
 # Robust strategies look at every update one by one: no secure aggregation.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
@@ -31,6 +32,11 @@ PRECISIONS = ("fp32", "bf16")
 INTENSITIES = ("auto", "ct-window", "percentile", "scale", "zscore", "none")
 FITS = ("resize", "pad-crop")
 FREEZES = ("none", "backbone")
+# Normalisation of the CPU-sized networks (MONAI's defaults are instance norm without
+# affine terms: nothing to keep local, so FedBN needs "batch"). The other networks
+# come with their own (BatchNorm; GroupNorm in SegResNet).
+NORMS = ("instance", "batch")
+NORM_CONFIGURABLE = ("smallcnn", "unet")
 # The most a site may be asked to decode for one image (a 2048x2048x1024 float volume is 16 GiB).
 MAX_IMAGE_MEGABYTES = 16384
 # Pixels per side of the network's input, by spatial rank: a 2048² slice or a 512³ volume
@@ -98,6 +104,7 @@ class RunConfig:
     class_names: str = ""  # comma-separated; empty: the task's default classes
     model_width: int = 0  # 0: the task's default (16; 8 for volumes)
     model_depth: int = 3
+    norm: str = "instance"  # smallcnn and unet: instance | batch (FedBN needs batch)
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     krum_byzantine: int = 0  # krum: hospitals that may send arbitrary updates (Krum's f)
@@ -217,11 +224,13 @@ class RunConfig:
             ("fit", FITS),
             ("precision", PRECISIONS),
             ("freeze", FREEZES),
+            ("norm", NORMS),
         ):
             if getattr(self, attr) not in allowed:
                 _bad(attr, getattr(self, attr), f"one of {', '.join(allowed)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             _bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        self._validate_norm()
         if self.freeze == "backbone" and task.label_kind == "mask":
             _bad("freeze", self.freeze, "'none' for segmentation (no separable head)")
         wanted = 1 if task.label_kind == "value" else 2
@@ -230,6 +239,18 @@ class RunConfig:
                 "class_names",
                 self.class_names,
                 f"at least {wanted} distinct comma-separated name(s)",
+            )
+
+    def _validate_norm(self) -> None:
+        """`norm` applies to the CPU-sized networks only; FedBN needs layers to keep."""
+        if self.norm != "instance" and self.model not in NORM_CONFIGURABLE:
+            _bad("norm", self.norm, f"'instance' for model {self.model} (it has its own)")
+        if self.strategy == "fedbn" and self.model in NORM_CONFIGURABLE and self.norm != "batch":
+            _bad(
+                "norm",
+                self.norm,
+                f"'batch' with strategy fedbn: {self.model} with instance norm has no "
+                "normalisation weights or statistics for the hospitals to keep",
             )
 
     def _validate_ranges(self) -> None:
@@ -331,6 +352,11 @@ class RunConfig:
             _bad("dp_mode", self.dp_mode, f"'off' with strategy {self.strategy}")
         if not 0 < self.dp_delta < 1:
             _bad("dp_delta", self.dp_delta, "in (0, 1)")
+
+    @property
+    def keeps_norms_local(self) -> bool:
+        """FedBN: normalisation layers never leave a hospital and are never averaged."""
+        return self.strategy == "fedbn"
 
     @property
     def classes(self) -> tuple[str, ...]:

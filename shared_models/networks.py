@@ -55,6 +55,7 @@ def build_backbone(cfg: RunConfig, outputs: int) -> nn.Module:
         channels=channels,
         strides=(2,) * cfg.model_depth,
         num_res_units=1,
+        norm=cfg.norm,
     )
 
 

@@ -2,7 +2,10 @@
 
 Only floating-point entries travel. Integer buffers (BatchNorm's
 `num_batches_tracked`) are counters, not weights: Flower's weighted mean
-would turn them into floats, so each site keeps its own.
+would turn them into floats, so each site keeps its own. Under FedBN
+(`local_norms=True`) the normalisation layers stay at the sites as well:
+their statistics and affine terms describe one hospital's scanners, and
+averaging them is what FedBN shows hurts on non-IID features.
 """
 
 from __future__ import annotations
@@ -25,30 +28,49 @@ NPY_HEADERS = {
 }
 
 
-def exchanged_keys(net: nn.Module) -> list[str]:
+# Layers whose parameters and buffers normalise activations (BatchNorm and InstanceNorm
+# derive from _NormBase): what FedBN keeps at each hospital.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_keys(net: nn.Module) -> list[str]:
+    """The state-dict keys of the network's normalisation layers, in order."""
+    prefixes = tuple(
+        f"{name}." for name, module in net.named_modules() if isinstance(module, NORM_LAYERS)
+    )
+    return [k for k in net.state_dict() if prefixes and k.startswith(prefixes)]
+
+
+def exchanged_keys(net: nn.Module, local_norms: bool = False) -> list[str]:
     """The state-dict keys that are averaged across hospitals, in order."""
-    return [k for k, v in net.state_dict().items() if torch.is_floating_point(v)]
+    local = set(norm_keys(net)) if local_norms else set()
+    return [
+        k for k, v in net.state_dict().items() if torch.is_floating_point(v) and k not in local
+    ]
 
 
-def exchanged_arrays(net: nn.Module) -> OrderedDict[str, np.ndarray]:
+def exchanged_arrays(net: nn.Module, local_norms: bool = False) -> OrderedDict[str, np.ndarray]:
     """The exchanged part of the network's weights as NumPy arrays (copies), in order."""
     state = net.state_dict()
-    return OrderedDict((k, state[k].detach().cpu().numpy().copy()) for k in exchanged_keys(net))
+    return OrderedDict(
+        (k, state[k].detach().cpu().numpy().copy()) for k in exchanged_keys(net, local_norms)
+    )
 
 
-def to_record(net: nn.Module) -> ArrayRecord:
+def to_record(net: nn.Module, local_norms: bool = False) -> ArrayRecord:
     """The exchanged part of the network's weights, as float32-preserving arrays."""
-    return ArrayRecord(OrderedDict((k, Array(v)) for k, v in exchanged_arrays(net).items()))
+    arrays = exchanged_arrays(net, local_norms)
+    return ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
 
 
 # The names and shapes of the exchanged arrays, in order.
 Template = Mapping[str, tuple[int, ...]]
 
 
-def net_template(net: nn.Module) -> dict[str, tuple[int, ...]]:
+def net_template(net: nn.Module, local_norms: bool = False) -> dict[str, tuple[int, ...]]:
     """The names and shapes of the arrays `net` exchanges."""
     state = net.state_dict()
-    return {key: tuple(state[key].shape) for key in exchanged_keys(net)}
+    return {key: tuple(state[key].shape) for key in exchanged_keys(net, local_norms)}
 
 
 def record_template(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
@@ -56,9 +78,9 @@ def record_template(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {key: tuple(array.shape) for key, array in record.items()}
 
 
-def load_record(net: nn.Module, record: ArrayRecord) -> None:
+def load_record(net: nn.Module, record: ArrayRecord, local_norms: bool = False) -> None:
     """Copy received weights into `net`; keys and shapes must match exactly."""
-    problems = incompatibilities(record, net_template(net))
+    problems = incompatibilities(record, net_template(net, local_norms))
     if problems:
         raise ValueError("received weights do not fit the model: " + "; ".join(problems[:5]))
     state = {k: torch.from_numpy(np.array(record[k].numpy())) for k in record}

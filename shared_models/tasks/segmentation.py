@@ -25,6 +25,7 @@ def build_unet(cfg: RunConfig, spatial_dims: int) -> nn.Module:
         channels=channels,
         strides=(2,) * cfg.model_depth,
         num_res_units=1,
+        norm=cfg.norm,
     )
 
 

@@ -29,6 +29,14 @@ def test_pyproject_defaults_are_the_schema_defaults():
     assert (resolved.task, resolved.model) == ("segmentation", "unet")
 
 
+def test_fedbn_takes_the_networks_that_bring_their_own_norm_layers():
+    for model in ("densenet121", "resnet18"):
+        cfg = RunConfig.from_mapping({"task": "classification", "model": model, "strategy": "fedbn"})
+        assert cfg.keeps_norms_local
+    assert RunConfig.from_mapping({"strategy": "fedbn", "norm": "batch"}).keeps_norms_local
+    assert not RunConfig.from_mapping({"norm": "batch"}).keeps_norms_local
+
+
 def test_task_defaults_fill_model_and_classes():
     cfg = RunConfig.from_mapping({"task": "classification"})
     assert cfg.model == "smallcnn"
@@ -48,6 +56,9 @@ def test_task_defaults_fill_model_and_classes():
         ({"val-fraction": 1.0}, "'val-fraction' = 1.0"),
         ({"class-names": "tumour"}, "'class-names' = 'tumour'"),
         ({"rounds": 3}, "unknown config key 'rounds'"),
+        ({"norm": "group"}, "'norm' = 'group'"),
+        ({"strategy": "fedbn"}, "'norm' = 'instance': expected 'batch' with strategy fedbn"),
+        ({"task": "classification", "model": "densenet121", "norm": "batch"}, "'norm' = 'batch'"),
     ],
 )
 def test_bad_values_name_key_and_value(values, named):

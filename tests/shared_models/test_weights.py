@@ -11,6 +11,7 @@ from medfed.shared_models.weights import (
     incompatibilities,
     load_record,
     net_template,
+    norm_keys,
     record_template,
     to_record,
 )
@@ -40,6 +41,30 @@ def test_integer_buffers_are_not_exchanged():
     assert not set(counters) & set(record.keys())
     assert list(record.keys()) == exchanged_keys(net)
     assert all(record[k].numpy().dtype == np.float32 for k in record)
+
+
+@pytest.mark.parametrize(
+    ("task", "overrides", "layer"),
+    [
+        ("classification", {"model": "densenet121"}, torch.nn.BatchNorm2d),
+        ("classification", {"norm": "batch"}, torch.nn.BatchNorm2d),
+        ("segmentation", {"norm": "batch"}, torch.nn.BatchNorm2d),
+        ("segmentation3d", {"model": "segresnet", "model_width": 8}, torch.nn.GroupNorm),
+    ],
+)
+def test_fedbn_keeps_every_normalisation_layer_and_nothing_else(task, overrides, layer):
+    net = TASKS[task].build_network(tiny_config(task=task, **overrides))
+    layers = {name for name, m in net.named_modules() if isinstance(m, layer)}
+    local = set(norm_keys(net))
+    assert layers and {k.rsplit(".", 1)[0] for k in local} == layers
+    sent = set(to_record(net, local_norms=True).keys())
+    assert sent == set(exchanged_keys(net)) - local
+    assert set(net_template(net, local_norms=True)) == sent
+
+
+def test_instance_norm_without_affine_has_nothing_to_keep():
+    net = TASKS["segmentation"].build_network(tiny_config())
+    assert norm_keys(net) == []
 
 
 def test_incompatible_updates_are_named():
