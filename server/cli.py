@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_gan_commands(commands)
     _add_simulate(commands)
+    _add_bench(commands)
     _add_certs_commands(commands)
     _add_coordinator_commands(commands)
     _add_operator_commands(commands)
@@ -92,6 +93,61 @@ def _add_simulate(commands: Commands) -> None:
         help="keep serving metrics this long after the run (a last scrape)",
     )
     sim.set_defaults(handler=_simulate)
+
+
+def _add_bench(commands: Commands) -> None:
+    bench = command_group(commands, "bench", "measure medfed against its baselines")
+    quality = bench.add_parser(
+        "quality", help="pooled vs local vs federated (FedAvg, FedProx, FedAdam, FedBN, secure)"
+    )
+    quality.add_argument("--task", required=True, help="segmentation | segmentation3d | "
+                         "classification | regression")  # fmt: skip
+    quality.add_argument("--sites", type=int, default=3, help="hospitals (default 3)")
+    quality.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    quality.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    quality.add_argument("--data", type=Path, help="folder of site folders; default: synthetic")
+    quality.add_argument("--images-per-site", type=int, help="synthetic data only")
+    quality.add_argument("--methods", help="comma-separated subset (default: all)")
+    quality.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    quality.add_argument(
+        "--run-config", "-c", action="append", default=[], metavar="KEY=VALUE",
+        help="a run-config key every method shares, e.g. -c local-epochs=1 (repeatable)",
+    )  # fmt: skip
+    quality.set_defaults(handler=_bench_quality)
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from medfed.client.data.locate import site_folders
+    from medfed.client.local_training import train_and_evaluate
+    from medfed.client.synthetic import generate_federation
+    from medfed.server.quality_bench import METHODS, Hospitals, QualityBench, run_bench
+
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    bench = QualityBench(
+        task=args.task,
+        out=args.out,
+        sites=args.sites,
+        rounds=args.rounds,
+        seeds=args.seeds,
+        data=args.data,
+        images_per_site=args.images_per_site,
+        methods=methods,
+        overrides=_overrides(args.run_config),
+    )
+    return run_bench(bench, Hospitals(generate_federation, site_folders, train_and_evaluate))
+
+
+def _overrides(items: list[str]) -> dict[str, object]:
+    """-c KEY=VALUE items as run-config overrides."""
+    from medfed.shared_models.config import ConfigError
+
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--run-config {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def _add_certs_commands(commands: Commands) -> None:
@@ -225,12 +281,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from medfed.shared_models.config import ConfigError
     from medfed.shared_models.runtime import options_from
 
-    overrides: dict[str, object] = {}
-    for item in args.run_config:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--run-config {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = value.strip()
+    overrides = _overrides(args.run_config)
     for flag, key in (
         ("task", "task"),
         ("model", "model"),

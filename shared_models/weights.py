@@ -44,9 +44,7 @@ def norm_keys(net: nn.Module) -> list[str]:
 def exchanged_keys(net: nn.Module, local_norms: bool = False) -> list[str]:
     """The state-dict keys that are averaged across hospitals, in order."""
     local = set(norm_keys(net)) if local_norms else set()
-    return [
-        k for k, v in net.state_dict().items() if torch.is_floating_point(v) and k not in local
-    ]
+    return [k for k, v in net.state_dict().items() if torch.is_floating_point(v) and k not in local]
 
 
 def exchanged_arrays(net: nn.Module, local_norms: bool = False) -> OrderedDict[str, np.ndarray]:

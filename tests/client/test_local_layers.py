@@ -66,9 +66,7 @@ def test_each_site_keeps_its_own_layers_across_rounds_and_restarts(
         # the second round started from the first round's statistics, not from scratch
         assert all(int(v) == 2 * int(first[k]) for k, v in second.items() if "num_batches" in k)
         kept[site] = second
-        on_disk = torch.load(
-            local_layers.layers_file(tmp_path / site, RUN_ID), weights_only=True
-        )
+        on_disk = torch.load(local_layers.layers_file(tmp_path / site, RUN_ID), weights_only=True)
         assert all(torch.equal(on_disk[k], v) for k, v in second.items())
     means = [k for k in kept["site-0"] if k.endswith("running_mean")]
     assert any(not torch.allclose(kept["site-0"][k], kept["site-1"][k]) for k in means)

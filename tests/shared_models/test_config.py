@@ -31,7 +31,8 @@ def test_pyproject_defaults_are_the_schema_defaults():
 
 def test_fedbn_takes_the_networks_that_bring_their_own_norm_layers():
     for model in ("densenet121", "resnet18"):
-        cfg = RunConfig.from_mapping({"task": "classification", "model": model, "strategy": "fedbn"})
+        values = {"task": "classification", "model": model, "strategy": "fedbn"}
+        cfg = RunConfig.from_mapping(values)
         assert cfg.keeps_norms_local
     assert RunConfig.from_mapping({"strategy": "fedbn", "norm": "batch"}).keeps_norms_local
     assert not RunConfig.from_mapping({"norm": "batch"}).keeps_norms_local

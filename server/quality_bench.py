@@ -1,0 +1,197 @@
+"""`medfed bench quality`: pooled vs local vs federated on the same sites, seeds and budget.
+
+A consortium federates on evidence: does the federated model come close to one
+trained on pooled data, and does it beat what each hospital trains alone? With
+the same data, seeds, learning rate and total epochs (rounds x local epochs),
+this trains every method and scores each on every site's validation split:
+
+- pooled: every site's training split in one loop (the upper reference);
+- local: each site alone, scored on its own and on every other site's split;
+- federated: FedAvg, FedProx, FedAdam, FedBN and FedAvg with secure
+  aggregation, each a real `medfed simulate` run.
+
+Each run keeps its folder under OUT/runs, so a bench stopped or failed half-way
+carries on where it stopped when started again with the same --out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from medfed.server.quality_table import QualityResults, write_outputs
+from medfed.server.simulate import Simulation
+from medfed.server.simulate import run as simulate
+from medfed.shared_models.config import NORM_CONFIGURABLE, ConfigError, RunConfig
+from medfed.shared_models.protocol import SECAGG_MIN_PARTICIPANTS
+from medfed.shared_models.run_folder import METRICS_JSON
+from medfed.shared_models.runtime import atomic_write
+
+FEDERATED = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox"},
+    "fedadam": {"strategy": "fedadam"},
+    "fedbn": {"strategy": "fedbn"},
+    "fedavg-secure": {"strategy": "fedavg", "secure-aggregation": True},
+}
+METHODS = ("pooled", "local", *FEDERATED)
+TASKS = ("segmentation", "segmentation3d", "classification", "regression")
+RESULT_JSON = "result.json"
+
+
+@dataclass(frozen=True)
+class Hospitals:
+    """The hospital-side pieces the bench drives. The command line wires them in: the
+    coordinator's modules never import the hospital's (docs/architecture.md)."""
+
+    generate: Callable[..., list[Path]]  # client.synthetic.generate_federation
+    folders: Callable[[Path], list[Path]]  # client.data.locate.site_folders
+    # client.local_training.train_and_evaluate(train_on, evaluate_on, cfg, epochs)
+    train_and_evaluate: Callable[[list[Path], list[Path], RunConfig, int], dict]
+
+
+@dataclass(frozen=True)
+class QualityBench:
+    """One `medfed bench quality` call."""
+
+    task: str
+    out: Path
+    sites: int = 3
+    rounds: int = 10
+    seeds: int = 3
+    data: Path | None = None
+    images_per_site: int | None = None
+    methods: tuple[str, ...] = METHODS
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def run_bench(bench: QualityBench, hospitals: Hospitals) -> int:
+    """Every method for every seed; 0 when all completed (the table is written either way)."""
+    _check(bench)
+    sites = _site_folders(bench, hospitals)
+    jobs = [(method, seed) for seed in range(bench.seeds) for method in bench.methods]
+    results = QualityResults(task=bench.task, sites=[p.name for p in sites], config=_base(bench))
+    with tqdm(total=len(jobs), desc="quality bench", unit="run") as bar:
+        for method, seed in jobs:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            cfg = _config(bench, sites[0].parent, seed, method)
+            started = time.monotonic()
+            outcome = _run_once(bench, hospitals, sites, method, cfg)
+            outcome.setdefault("seconds", round(time.monotonic() - started, 1))
+            results.add(method, seed, outcome)
+            if outcome.get("status") != "completed":
+                bar.write(f"{method} seed {seed}: {outcome.get('error', 'failed')}")
+            bar.update()
+    for path in write_outputs(results, bench.out):
+        print(f"wrote {path}")
+    print(results.markdown())
+    return 0 if results.complete() else 1
+
+
+def _check(bench: QualityBench) -> None:
+    if bench.task not in TASKS:
+        raise ConfigError(f"--task {bench.task}: the quality bench covers {', '.join(TASKS)}")
+    unknown = [m for m in bench.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods {','.join(unknown)}: expected some of {','.join(METHODS)}")
+    if not 1 <= bench.seeds <= 100:
+        raise ConfigError(f"--seeds {bench.seeds}: expected 1..100")
+    if bench.sites < 2:
+        raise ConfigError(f"--sites {bench.sites}: a federation needs at least 2 hospitals")
+    if "fedavg-secure" in bench.methods and bench.sites < SECAGG_MIN_PARTICIPANTS:
+        raise ConfigError(
+            f"--sites {bench.sites}: fedavg-secure needs at least {SECAGG_MIN_PARTICIPANTS} "
+            "hospitals (with fewer, one learns another's update from the sum); leave it out "
+            "of --methods"
+        )
+
+
+def _site_folders(bench: QualityBench, hospitals: Hospitals) -> list[Path]:
+    """The sites of --data, or a synthetic non-IID federation generated once under OUT/data."""
+    if bench.data is not None:
+        found = hospitals.folders(bench.data.expanduser().resolve())
+        if len(found) < bench.sites:
+            raise ConfigError(
+                f"--data {bench.data}: {len(found)} site folders, --sites {bench.sites}"
+            )
+        return found[: bench.sites]
+    data = bench.out.resolve() / "data"
+    if not data.is_dir():
+        print(f"generating {bench.sites} synthetic hospitals ({bench.task}) in {data}")
+        hospitals.generate(bench.task, bench.sites, data, images_per_site=bench.images_per_site)
+    return hospitals.folders(data)[: bench.sites]
+
+
+def _base(bench: QualityBench) -> dict[str, Any]:
+    """Settings every method shares. The same network for all: batch norm where the
+    network lets one choose, since FedBN needs normalisation layers to keep local."""
+    values: dict[str, Any] = {
+        "task": bench.task,
+        "num-server-rounds": bench.rounds,
+        "min-nodes": bench.sites,  # every hospital in every round: the same budget as pooled
+        "federated-stats": False,
+        **bench.overrides,
+    }
+    model = RunConfig.from_mapping(values).model
+    if model in NORM_CONFIGURABLE:
+        values.setdefault("norm", "batch")
+    return values
+
+
+def _config(bench: QualityBench, data: Path, seed: int, method: str) -> RunConfig:
+    values = {**_base(bench), **FEDERATED.get(method, {}), "seed": seed, "data-root": str(data)}
+    return RunConfig.from_mapping(values)
+
+
+def _run_once(
+    bench: QualityBench, hospitals: Hospitals, sites: list[Path], method: str, cfg: RunConfig
+) -> dict[str, Any]:
+    """One method at one seed: its per-site metrics, reused from its folder when done."""
+    folder = bench.out.resolve() / "runs" / f"{method}-seed{cfg.seed}"
+    if method in FEDERATED:
+        return _federated(folder, cfg, len(sites))
+    done = folder / RESULT_JSON
+    if done.is_file():
+        return json.loads(done.read_text())
+    epochs = cfg.num_server_rounds * cfg.local_epochs  # the federation's total local epochs
+    started = time.monotonic()
+    if method == "pooled":
+        outcome: dict[str, Any] = {"sites": hospitals.train_and_evaluate(sites, sites, cfg, epochs)}
+    else:
+        cross = {p.name: hospitals.train_and_evaluate([p], sites, cfg, epochs) for p in sites}
+        outcome = {"sites": {name: cross[name][name] for name in cross}, "cross": cross}
+    outcome.update(status="completed", seconds=round(time.monotonic() - started, 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(done, json.dumps(outcome, indent=1).encode())
+    return outcome
+
+
+def _federated(folder: Path, cfg: RunConfig, sites: int) -> dict[str, Any]:
+    """A real `medfed simulate` run; its last round's per-site evaluation."""
+    metrics_path = folder / METRICS_JSON
+    if metrics_path.is_file() and json.loads(metrics_path.read_text())["status"] != "completed":
+        shutil.rmtree(folder)  # an earlier bench stopped inside this run: run it again
+    if not metrics_path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        data = Path(cfg.data_root)
+        sim = Simulation(overrides=cfg.to_mapping(), sites=sites, out=folder, data=data)
+        with (folder / "bench.log").open("a") as log, redirect_stdout(log), redirect_stderr(log):
+            try:
+                simulate(sim)
+            except Exception as err:  # one failed method must not lose the others
+                print(f"failed: {err}")
+                return {"status": "failed", "error": str(err)}
+    result = json.loads(metrics_path.read_text())
+    if result["status"] != "completed":
+        return {"status": result["status"], "error": result.get("error", "see its folder")}
+    last = result["rounds"][-1]
+    seconds = sum(r.get("seconds", 0.0) for r in result["rounds"])
+    return {"status": "completed", "sites": last["sites"], "round-seconds": round(seconds, 1)}
