@@ -34,9 +34,16 @@ def loader_workers(device: torch.device, requested: int | None = None) -> int:
     return min(8 if device.type == "cuda" else 4, cpus // 2)
 
 
-def transform_cache_dir(cache_dir: Path, cfg: RunConfig, site: SiteDataset) -> Path:
-    """One cache folder per preprocessing recipe: change a setting, get a fresh cache."""
+def transform_cache_dir(cache_dir: Path, cfg: RunConfig, site: SiteDataset, train: bool) -> Path:
+    """One cache folder per preprocessing recipe: change a setting, get a fresh cache.
+
+    Training and evaluation pipelines cache different stages (up to the first random
+    transform, or the whole pipeline), so each has its own folder: an image that is
+    in the training split under one seed and in the validation split under another
+    must not be served the other pipeline's cached stage.
+    """
     recipe = {
+        "pipeline": "train" if train else "evaluate",
         "task": cfg.task, "image-size": cfg.image_size, "in-channels": cfg.in_channels,
         "modality": site.modality, "intensity": intensity_mode(cfg, site.modality),
         "ct-window": cfg.ct_window, "spacing": cfg.spacing, "fit": cfg.fit,
@@ -78,7 +85,7 @@ def make_loader(
         dataset = PersistentDataset(
             items,
             transform,
-            cache_dir=transform_cache_dir(cache_dir, cfg, site),
+            cache_dir=transform_cache_dir(cache_dir, cfg, site, train),
             hash_func=_entry_hash,
         )
     else:

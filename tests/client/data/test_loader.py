@@ -32,14 +32,14 @@ def test_persistent_cache_is_written_reused_and_invalidated(tmp_path, seg_sites)
         b["image"]
         for b in make_loader(site, site.val, cfg, train=False, device=CPU, cache_dir=cache)
     ]
-    files = sorted((transform_cache_dir(cache, cfg, site)).glob("*.pt"))
+    files = sorted((transform_cache_dir(cache, cfg, site, False)).glob("*.pt"))
     assert len(files) == len(site.val)
     again = [
         b["image"]
         for b in make_loader(site, site.val, cfg, train=False, device=CPU, cache_dir=cache)
     ]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert sorted(transform_cache_dir(cache, cfg, site).glob("*.pt")) == files
+    assert sorted(transform_cache_dir(cache, cfg, site, False).glob("*.pt")) == files
 
     edited = site_dir / site.val[0]["where"]
     nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), edited)
@@ -49,7 +49,24 @@ def test_persistent_cache_is_written_reused_and_invalidated(tmp_path, seg_sites)
     )["image"]
     assert float(changed[0].abs().sum()) == 0.0, "an edited file is not served from the cache"
     bigger = tiny_config(image_size=64)
-    assert transform_cache_dir(cache, bigger, site) != transform_cache_dir(cache, cfg, site)
+    assert transform_cache_dir(cache, bigger, site, False) != transform_cache_dir(
+        cache, cfg, site, False
+    )
+
+
+def test_an_image_cached_for_training_is_evaluated_through_the_whole_pipeline(tmp_path, cls_sites):
+    """Under another seed an image moves between splits; the cache of one pipeline
+    (the stage before the first random transform) never stands for the other's output."""
+    cfg, cache = tiny_config(task="classification"), tmp_path / "cache"
+    site = load_site(cls_sites / "site-0", cfg, cache_dir=cache)
+    items = site.train[:4]
+    for _ in make_loader(site, items, cfg, train=True, device=CPU, cache_dir=cache):
+        pass
+    batch = next(iter(make_loader(site, items, cfg, train=False, device=CPU, cache_dir=cache)))
+    assert set(batch) == {"image", "label"}
+    assert transform_cache_dir(cache, cfg, site, True) != transform_cache_dir(
+        cache, cfg, site, False
+    )
 
 
 def test_each_round_draws_new_batches_reproducibly(seg_sites):
