@@ -4,13 +4,16 @@
     python -m tests.bench.secure_aggregation --with-training [--rounds 4]
 
 Every case is the same simulated federation (Flower's simulation engine, Ray,
-one CPU per hospital) in a fresh process, timed over rounds 2..R (round 1
-also starts the workers) and, as the issue measured, over rounds 1-2.
-Hospitals do no training (they
-return the received weights scaled by 1.0001), so the round time is the cost
-of the federation itself: messages, masking, aggregation. Memory is the
-machine's peak in use above the idle level while the case runs (Ray's
-workers and object store included). Writes a Markdown table to stdout.
+one CPU per hospital) in a fresh process, timed over rounds 2..R (the steady
+state: round 1 also starts the workers) and, as the issue measured, over
+rounds 1-2. Hospitals do no training (they return the received weights scaled
+by 1.0001), so the round time is the cost of the federation itself: messages,
+masking, aggregation. Each secure mode is compared with the plain path of its
+own API: medfed's SecAgg+ with medfed's plain exchange, Flower's SecAgg+
+(`DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`) with Flower's
+`DefaultWorkflow()`, so the legacy API's own cost is not charged to secure
+aggregation. Memory is the peak PSS of the case's process tree (Ray's workers
+included; tests/bench/memory.py). Writes a Markdown table to stdout.
 """
 
 from __future__ import annotations
@@ -23,16 +26,19 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from tests.bench.memory import GIB, PeakTreeMemory
+
 MODELS = {"7m": "DenseNet121 (2D)", "60m": "ResNet-152 (2D)"}
 # flower-plain: FedAvg over Flower's Grid.send_and_receive (it sleeps 0.1 s between
 # pulls in simulation); plain: the same over medfed's exchange (polls from 5 ms up),
-# which medfed's rounds use; medfed: SecAgg+; flower: Flower's legacy SecAgg+.
-MODES = ("flower-plain", "plain", "medfed", "flower")
-GIB = 2**30
+# which medfed's rounds use; medfed: SecAgg+; flower-legacy: Flower's legacy API
+# (DefaultWorkflow, strategy callbacks), plain; flower: the same with SecAggPlusWorkflow.
+MODES = ("flower-plain", "plain", "flower-legacy", "medfed", "flower")
 
 
 def model_arrays(name: str) -> dict[str, np.ndarray]:
@@ -53,7 +59,13 @@ def run_case(mode: str, model: str, clients: int, rounds: int, result_path: Path
     from flwr.simulation import run_simulation
 
     start = model_arrays(model)
-    apps = {"flower-plain": _flower_plain, "plain": _plain, "medfed": _medfed, "flower": _flower}
+    apps = {
+        "flower-plain": _flower_plain,
+        "plain": _plain,
+        "flower-legacy": partial(_flower, secure=False),
+        "medfed": _medfed,
+        "flower": _flower,
+    }
     server, client = apps[mode](start, clients, rounds, result_path)
     run_simulation(
         server_app=server,
@@ -160,8 +172,9 @@ def _medfed(start, clients, rounds, result_path):
     return _message_api_apps(start, clients, rounds, result_path, secure=True)
 
 
-def _flower(start, clients, rounds, result_path):
-    """Flower's own SecAgg+ (legacy API), same threshold and neighbourhood as medfed's."""
+def _flower(start, clients, rounds, result_path, secure: bool = True):
+    """Flower's own SecAgg+ (legacy API), same threshold and neighbourhood as medfed's;
+    with `secure=False` the same API's plain rounds (DefaultWorkflow's own fit workflow)."""
     from flwr.client import ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.common import ndarrays_to_parameters
@@ -203,30 +216,24 @@ def _flower(start, clients, rounds, result_path):
         legacy = LegacyContext(
             context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
         )
-        workflow = DefaultWorkflow(
-            fit_workflow=SecAggPlusWorkflow(
-                num_shares=clients, reconstruction_threshold=clients // 2 + 1
-            )
-        )
+        secagg = SecAggPlusWorkflow(num_shares=clients, reconstruction_threshold=clients // 2 + 1)
+        workflow = DefaultWorkflow(fit_workflow=secagg) if secure else DefaultWorkflow()
         _wait(grid, clients)
         workflow(grid, legacy)
         result_path.write_text(json.dumps(strategy.seconds))
 
-    client = ClientApp(client_fn=lambda context: Returning().to_client(), mods=[secaggplus_mod])
+    mods = [secaggplus_mod] if secure else []
+    client = ClientApp(client_fn=lambda context: Returning().to_client(), mods=mods)
     return server, client
 
 
-def _memory_in_use() -> int:
-    values = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, value = line.split(":")
-        values[key] = int(value.split()[0]) * 1024
-    return values["MemTotal"] - values["MemAvailable"]
+def _available() -> int:
+    meminfo = Path("/proc/meminfo").read_text()
+    return int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
 
 
 def measure(mode: str, model: str, clients: int, rounds: int) -> dict:
-    """Run one case in a child process; sample memory; stop it if the machine runs low."""
-    idle = _memory_in_use()
+    """Run one case in a child process; its tree's peak PSS; stop it if the machine runs low."""
     with tempfile.TemporaryDirectory() as folder:
         result_path = Path(folder) / "seconds.json"
         child = subprocess.Popen(
@@ -234,36 +241,22 @@ def measure(mode: str, model: str, clients: int, rounds: int) -> dict:
              str(result_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
-        peak, low_memory = 0, False
-        stop = threading.Event()
+        low_memory = threading.Event()
 
-        def sample() -> None:
-            nonlocal peak, low_memory
-            while not stop.is_set():
-                used = _memory_in_use()
-                peak = max(peak, used)
-                available = (
-                    int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0])
-                    * 1024
-                )
-                if available < 1.5 * GIB:
-                    low_memory = True
+        def guard() -> None:
+            while child.poll() is None:
+                if _available() < 1.5 * GIB:
+                    low_memory.set()
                     os.killpg(child.pid, 9)
                     return
-                time.sleep(0.05)
+                time.sleep(0.1)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, stderr = child.communicate()
-        stop.set()
-        sampler.join()
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True
-        )
-        if low_memory:
-            return {
-                "error": f"stopped: over {(peak - idle) / GIB:.1f} GiB, machine memory exhausted"
-            }
+        threading.Thread(target=guard, daemon=True).start()
+        with PeakTreeMemory(child.pid) as memory:
+            _, stderr = child.communicate()
+        memory.kill_leftovers()
+        if low_memory.is_set():
+            return {"error": f"stopped at {memory.peak / GIB:.1f} GiB: machine memory exhausted"}
         if child.returncode != 0 or not result_path.exists():
             return {"error": stderr.decode()[-400:]}
         seconds = json.loads(result_path.read_text())
@@ -271,7 +264,7 @@ def measure(mode: str, model: str, clients: int, rounds: int) -> dict:
     return {
         "seconds": float(np.mean(seconds[1:])),
         "first_two": float(np.mean(seconds[:2])),
-        "peak_gib": (peak - idle) / GIB,
+        "peak_gib": memory.peak / GIB,
     }
 
 
@@ -349,13 +342,13 @@ def table(results: list[dict]) -> str:
         return f"{got / base:.2f}×" if got and base else "-"
 
     lines = [
-        "| model | hospitals | plain, Flower polls | plain, medfed polls "
-        "| medfed SecAgg+ (× medfed plain) | Flower SecAgg+ (× Flower plain) "
-        "| rounds 1-2: medfed / Flower | peak GiB: plain F / plain m / medfed / Flower |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | hospitals | plain, Flower polls | plain, medfed polls | plain, Flower legacy "
+        "| medfed SecAgg+ (× medfed plain) | Flower SecAgg+ (× Flower legacy plain) "
+        "| rounds 1-2: medfed / Flower | peak GiB: " + " / ".join(MODES) + " |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
-        plain = [f"{value(row, m):.2f}" if value(row, m) else "-" for m in MODES[:2]]
+        plain = [f"{value(row, m):.2f}" if value(row, m) else "-" for m in MODES[:3]]
         memory = " / ".join(
             f"{value(row, m, 'peak_gib'):.1f}" if value(row, m, "peak_gib") else "-" for m in MODES
         )
@@ -364,8 +357,8 @@ def table(results: list[dict]) -> str:
             str(row["clients"]),
             *plain,
             ratio(row, "medfed", "plain"),
-            ratio(row, "flower", "flower-plain"),
-            f"{times(row, 'medfed', 'plain')} / {times(row, 'flower', 'flower-plain')}",
+            ratio(row, "flower", "flower-legacy"),
+            f"{times(row, 'medfed', 'plain')} / {times(row, 'flower', 'flower-legacy')}",
             memory,
         ]
         lines.append("| " + " | ".join(cells) + " |")
