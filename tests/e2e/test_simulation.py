@@ -6,6 +6,7 @@ Every process is started on 127.0.0.1 and stopped by pid by the code under test.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -138,3 +139,32 @@ def test_plain_flwr_run_with_embedded_defaults_and_fedprox(tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "cache" / "synthetic").iterdir()) == [
         "classification-seed0"
     ]
+
+
+def test_fedbn_with_secure_aggregation_keeps_each_sites_norm_layers(tmp_path, cls_sites):
+    """FedBN under SecAgg+: the run completes, the masked vector leaves the normalisation
+    layers out, each hospital ends with statistics of its own on its disk, and the
+    coordinator's model holds only initial values there."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "medfed.server.cli", "simulate", "--data", str(cls_sites),
+         "--sites", "3", "--rounds", "2", "--out", str(out), *TINY_RUN, "-c",
+         "task=classification", "-c", "strategy=fedbn", "-c", "norm=batch", "-c",
+         "secure-aggregation=true", "-c", "federated-stats=false"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MEDFED_CACHE": str(cache)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(r["secure-aggregation"]["survivors"] == 3 for r in metrics["rounds"][1:])
+    kept = sorted((cache / "sites").glob("*/fedbn/run-*.pt"))
+    assert len(kept) == 3, kept
+    layers = [torch.load(path, weights_only=True) for path in kept]
+    means = [k for k in layers[0] if k.endswith("running_mean")]
+    counters = [k for k in layers[0] if k.endswith("num_batches_tracked")]
+    assert means and counters and all(int(lay[counters[0]]) > 0 for lay in layers)
+    assert not torch.allclose(layers[0][means[0]], layers[1][means[0]])
+    model = json.loads((out / "model.json").read_text())
+    assert set(model["kept-at-hospitals"]) == set(layers[0])
+    _, net = load_global_model(out)
+    state = net.state_dict()
+    assert all(torch.equal(state[k], torch.zeros_like(state[k])) for k in means)
