@@ -38,7 +38,8 @@ from medfed.shared_models.runtime import atomic_write
 FEDERATED = {
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox"},
-    "fedadam": {"strategy": "fedadam"},
+    # Flower's default eta (0.1) moves every weight by ~0.1 a round: it diverges here
+    "fedadam": {"strategy": "fedadam", "server-lr": 0.01},
     "fedbn": {"strategy": "fedbn"},
     "fedavg-secure": {"strategy": "fedavg", "secure-aggregation": True},
 }
@@ -174,11 +175,25 @@ def _run_once(
     return outcome
 
 
+def _same_settings(folder: Path, recorded: dict[str, Any], cfg: RunConfig) -> None:
+    """ConfigError unless the finished run in `folder` used this bench's settings."""
+    then = RunConfig.from_mapping(recorded).to_mapping()
+    now = cfg.to_mapping()
+    differing = sorted(k for k in now if k != "out-dir" and now[k] != then.get(k))
+    if differing:
+        shown = ", ".join(f"{k} = {then.get(k)!r} there, {now[k]!r} here" for k in differing)
+        raise ConfigError(f"{folder} holds a run with other settings ({shown}): use another --out")
+
+
 def _federated(folder: Path, cfg: RunConfig, sites: int) -> dict[str, Any]:
     """A real `medfed simulate` run; its last round's per-site evaluation."""
     metrics_path = folder / METRICS_JSON
-    if metrics_path.is_file() and json.loads(metrics_path.read_text())["status"] != "completed":
-        shutil.rmtree(folder)  # an earlier bench stopped inside this run: run it again
+    if metrics_path.is_file():
+        recorded = json.loads(metrics_path.read_text())
+        if recorded["status"] != "completed":
+            shutil.rmtree(folder)  # an earlier bench stopped inside this run: run it again
+        else:
+            _same_settings(folder, recorded["config"], cfg)
     if not metrics_path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         data = Path(cfg.data_root)

@@ -139,6 +139,8 @@ def base_strategy(cfg: RunConfig) -> FedAvg:
         options["proximal_mu"] = cfg.proximal_mu
     if cfg.strategy == "krum":
         options["num_malicious_nodes"] = cfg.krum_byzantine
+    if cfg.server_lr:
+        options["server_learning_rate" if cfg.strategy == "fedavgm" else "eta"] = cfg.server_lr
     return FLOWER_STRATEGIES[cfg.strategy](**options)
 
 

@@ -24,6 +24,8 @@ MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fed
 # Robust strategies look at every update one by one: no secure aggregation.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
+# Strategies that take a step of their own after the mean (Flower's eta; FedAvgM's rate).
+SERVER_STEP_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # The imaging tasks (shared_models.tasks.TASKS, which imports torch, has one of each).
 TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan")
 DP_MODES = ("off", "client", "server")
@@ -68,6 +70,7 @@ INT_RANGES = {
 FLOAT_RANGES = {
     "lr": (0.0, 10.0, False),
     "proximal_mu": (0.0, 1000.0, True),
+    "server_lr": (0.0, 10.0, True),
     "secagg_clipping_range": (0.0, 1e6, False),
     "secagg_max_weight": (1.0, 2.0**24, True),
     "dp_noise_multiplier": (0.0, 1000.0, True),
@@ -107,6 +110,7 @@ class RunConfig:
     norm: str = "instance"  # smallcnn and unet: instance | batch (FedBN needs batch)
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    server_lr: float = 0.0  # fedadam/fedyogi/fedadagrad/fedavgm step; 0: Flower's default
     krum_byzantine: int = 0  # krum: hospitals that may send arbitrary updates (Krum's f)
     update_norm_factor: float = 10.0  # reject updates this many times the median change; 0: off
     secure_aggregation: bool = False  # SecAgg+ masks: the coordinator sees only the sum
@@ -315,6 +319,12 @@ class RunConfig:
 
     def _validate_training(self) -> None:
         """Sampling, the GAN settings and the update checks (numeric ranges: FLOAT_RANGES)."""
+        if self.server_lr and self.strategy not in SERVER_STEP_STRATEGIES:
+            _bad(
+                "server_lr",
+                self.server_lr,
+                f"0 unless strategy is {'/'.join(SERVER_STEP_STRATEGIES)}",
+            )
         if self.krum_byzantine and self.strategy != "krum":
             _bad("krum_byzantine", self.krum_byzantine, "0 unless strategy is krum")
         if 0 < self.update_norm_factor < 1:

@@ -157,3 +157,14 @@ def test_secure_aggregation_with_accounted_dp_keeps_flowers_accountant():
     expected_noise = 1.0 * 1.0 / 3
     assert abs((result - mean).std() / expected_noise - 1) < 0.02
     assert federation.epsilon() > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "default"),
+    [("fedadam", "eta", 0.1), ("fedyogi", "eta", 0.01), ("fedavgm", "server_learning_rate", 1.0)],
+)
+def test_server_lr_sets_the_strategys_own_step(name, attribute, default):
+    flower = build_strategy(RunConfig.from_mapping({"strategy": name}), 3).flower
+    assert getattr(flower, attribute) == default  # 0: Flower's default stands
+    tuned = RunConfig.from_mapping({"strategy": name, "server-lr": 0.003})
+    assert getattr(build_strategy(tuned, 3).flower, attribute) == 0.003

@@ -58,6 +58,7 @@ def test_task_defaults_fill_model_and_classes():
         ({"class-names": "tumour"}, "'class-names' = 'tumour'"),
         ({"rounds": 3}, "unknown config key 'rounds'"),
         ({"norm": "group"}, "'norm' = 'group'"),
+        ({"server-lr": 0.01}, "'server-lr' = 0.01: expected 0 unless strategy is fedadam"),
         ({"strategy": "fedbn"}, "'norm' = 'instance': expected 'batch' with strategy fedbn"),
         ({"task": "classification", "model": "densenet121", "norm": "batch"}, "'norm' = 'batch'"),
     ],
