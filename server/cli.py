@@ -69,6 +69,12 @@ def _add_simulate(commands: Commands) -> None:
         help="CPU cores reserved per simulated hospital (sets concurrency)",
     )
     sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the hospitals as actors on this existing Ray cluster ('auto': RAY_ADDRESS, "
+        "else the last `ray start` here; default 'local': a private Ray, stopped with the run)",
+    )
+    sim.add_argument(
         "--run-config",
         "-c",
         action="append",
@@ -277,6 +283,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from medfed.client.data.locate import site_folders
+    from medfed.server.ray_cluster import LOCAL
     from medfed.server.simulate import Simulation, run
     from medfed.shared_models.config import ConfigError
     from medfed.shared_models.runtime import options_from
@@ -300,13 +307,21 @@ def _simulate(args: argparse.Namespace) -> int:
 
         sim = resumed(args.resume.expanduser().resolve(), overrides)
         extras = ("verbose", "metrics_port", "metrics_host", "metrics_linger")
-        return run(replace(sim, **{name: getattr(args, name) for name in extras}))
+        changed = {name: getattr(args, name) for name in extras}
+        if args.ray_address is not None:  # the cluster moved, or `local` to run here
+            changed["ray_address"] = args.ray_address
+        return run(replace(sim, **changed))
     sites = args.sites
     if sites is None:
         sites = len(site_folders(args.data.expanduser())) if args.data else 3
     task = overrides.get("task", "segmentation")
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}"
-    return run(options_from(Simulation, args, overrides=overrides, sites=sites, out=out))
+    ray_address = args.ray_address or LOCAL
+    return run(
+        options_from(
+            Simulation, args, overrides=overrides, sites=sites, out=out, ray_address=ray_address
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ It runs the real thing, not a shortcut: a SuperLink in simulation mode on a
 free 127.0.0.1 port and `flwr run` of this app, so the ServerApp and
 ClientApp are exactly those that run in deployment. The SuperLink and its
 Ray workers are stopped by pid when the run ends, fails or is interrupted.
+With `--ray-address` the hospitals run as actors on an existing Ray cluster
+instead (server/ray_cluster.py), which outlives the run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import tomli_w
 
-from medfed.server import run_status
+from medfed.server import ray_cluster, run_status
 from medfed.server.flower_app import app_dir
 from medfed.server.progress import RoundView
 from medfed.server.report import write_report
@@ -36,7 +38,7 @@ from medfed.shared_models.run_folder import METRICS_JSON
 
 CONNECTION = "medfed-simulation"
 RUN_CONFIG = "run-config.toml"  # the run's settings, as `flwr run` got them (and --resume reads)
-FEDERATION = "federation.toml"  # how many hospitals simulated it, and their CPUs (--resume reads)
+FEDERATION = "federation.toml"  # how many hospitals, their CPUs, which Ray (--resume reads)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -55,9 +57,10 @@ class Simulation:
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 0.0
     resume: bool = False  # carry on the run in `out` from its last completed round
+    ray_address: str = ray_cluster.LOCAL  # or an existing cluster: HOST:PORT, auto
 
 
-MAX_SITES = 1000  # simulated hospitals on one machine (one Ray actor slot each)
+MAX_SITES = 1000  # simulated hospitals (one Ray actor slot each)
 # A synthetic site needs a few images for both its splits (synthetic.sites draws >= 8).
 IMAGES_PER_SITE = (8, 100_000)
 
@@ -142,7 +145,9 @@ def prepare_resume(sim: Simulation) -> tuple[RunConfig, Path]:
 
 
 def resumed(out: Path, overrides: dict[str, Any]) -> Simulation:
-    """The simulation of the run in `out` again, as `medfed simulate --resume` carries it on."""
+    """The simulation of the run in `out` again, as `medfed simulate --resume` carries it on:
+    the same hospitals, CPUs and Ray (runs recorded before clusters were supported ran on
+    a private one)."""
     federation = out / FEDERATION
     if not federation.is_file():
         raise ConfigError(f"--resume {out}: no {FEDERATION}: not a folder `medfed simulate` wrote")
@@ -154,6 +159,7 @@ def resumed(out: Path, overrides: dict[str, Any]) -> Simulation:
         data=None,
         cpus_per_site=int(recorded["cpus-per-site"]),
         resume=True,
+        ray_address=str(recorded.get("ray-address", ray_cluster.LOCAL)),
     )
 
 
@@ -162,16 +168,22 @@ def run(sim: Simulation) -> int:
 
     SIGINT or SIGTERM stops every process it started, the detached ones
     included, and marks the run interrupted (StopRequested is re-raised).
+    A Ray cluster it joined is not one of them.
     """
+    ray_address = ray_cluster.resolve(sim.ray_address)  # first: nothing is written on a miss
     cfg, data = prepare(sim)
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG).write_text(tomli_w.dumps(cfg.to_mapping()))
-    federation = {"sites": sim.sites, "cpus-per-site": sim.cpus_per_site}
+    federation = {
+        "sites": sim.sites,
+        "cpus-per-site": sim.cpus_per_site,
+        "ray-address": sim.ray_address,  # as given: `auto` is looked up again on --resume
+    }
     (out / FEDERATION).write_text(tomli_w.dumps(federation))
     try:
         with processes.stop_signals_raise():
-            return _run(sim, cfg, data)
+            return _run(sim, cfg, data, ray_address)
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         reason = f"stopped by {signal.Signals(signum).name}; carry it on with --resume {out}"
@@ -181,7 +193,7 @@ def run(sim: Simulation) -> int:
         raise
 
 
-def _run(sim: Simulation, cfg: RunConfig, data: Path) -> int:
+def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
     out = cfg.out_path
     run_config = out / RUN_CONFIG
     started = time.monotonic()
@@ -190,10 +202,11 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path) -> int:
         metrics_dir = out / "logs" / "prometheus"
         runtime.export_metrics(metrics_dir, sim.metrics_port, sim.metrics_host, extra_env)
         print(f"metrics: http://{sim.metrics_host}:{sim.metrics_port}/metrics")
-    with simulation_superlink(out / "logs", extra_env) as (env, port):
+    with simulation_superlink(out / "logs", extra_env, ray_address) as (env, port):
+        where = "" if ray_address == ray_cluster.LOCAL else f", Ray cluster at {ray_address}"
         print(
             f"federation: {sim.sites} hospitals, {cfg.task}/{cfg.model}, {cfg.strategy}, "
-            f"{cfg.num_server_rounds} rounds (simulation SuperLink on 127.0.0.1:{port})"
+            f"{cfg.num_server_rounds} rounds (simulation SuperLink on 127.0.0.1:{port}{where})"
         )
         with RoundView(sim.verbose) as view:
             flwr_run(
@@ -214,9 +227,10 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path) -> int:
 
 @contextmanager
 def simulation_superlink(
-    logs: Path, extra_env: dict[str, str] | None = None
+    logs: Path, extra_env: dict[str, str] | None = None, ray_address: str = ray_cluster.LOCAL
 ) -> Iterator[tuple[dict[str, str], int]]:
-    """A SuperLink in simulation mode on a free port, with a private FLWR_HOME.
+    """A SuperLink in simulation mode on a free port, with a private FLWR_HOME, whose
+    runs put their hospitals on `ray_address` (from `ray_cluster.resolve`).
 
     Yields the environment for `flwr` commands (its connection is the default)
     and the port; the SuperLink and its workers are stopped by pid on exit.
@@ -228,6 +242,7 @@ def simulation_superlink(
         tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
     )
     env = {**runtime.flower_env(home), **(extra_env or {})}
+    env[ray_cluster.ADDRESS_ENV] = ray_address  # flwr-simulation's ray.init() reads it
     log_file = logs / "superlink.log"
     command = [
         runtime.executable("flower-superlink"), "--insecure", "--simulation",

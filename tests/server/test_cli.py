@@ -24,6 +24,7 @@ def _medfed(*args):
         (["--sites", "0"], "--sites 0: expected 1..1000 hospitals"),
         (["-c", "image-size=100000"], "'image-size' = 100000"),
         (["--resume", "nowhere"], "--resume carries a run on with its own --out"),
+        (["--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: no Ray cluster answers"),
     ],
 )
 def test_bad_simulate_arguments_fail_cleanly(tmp_path, args, named):
