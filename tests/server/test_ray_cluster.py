@@ -10,6 +10,7 @@ import pytest
 import tomli_w
 
 from medfed.server import ray_cluster
+from medfed.server.cli import main
 from medfed.server.simulate import FEDERATION, resumed
 from medfed.shared_models.config import ConfigError
 from medfed.shared_models.runtime import free_port
@@ -58,3 +59,15 @@ def test_resume_joins_the_cluster_the_run_was_simulated_on(tmp_path):
     assert resumed(tmp_path, {}).ray_address == "10.0.0.5:6379"
     (tmp_path / FEDERATION).write_text(tomli_w.dumps({"sites": 2, "cpus-per-site": 1}))
     assert resumed(tmp_path, {}).ray_address == "local", "runs recorded before: private Ray"
+
+
+def test_resume_checks_the_recorded_cluster_unless_told_another(tmp_path, capsys):
+    recorded, moved = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    (tmp_path / FEDERATION).write_text(
+        tomli_w.dumps({"sites": 2, "cpus-per-site": 1, "ray-address": recorded})
+    )
+    assert main(["simulate", "--resume", str(tmp_path)]) == 2
+    assert f"--ray-address {recorded}: no Ray cluster answers" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(tmp_path), "--ray-address", moved]) == 2
+    assert f"--ray-address {moved}: no Ray cluster answers" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FEDERATION], "nothing written"
