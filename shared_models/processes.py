@@ -26,6 +26,7 @@ TAG_ENV = "MEDFED_PROCESS_TAG"
 # This command's tag: fresh per medfed process, so a command never stops its parent's work.
 COMMAND_TAG = f"{os.getpid()}-{secrets.token_hex(6)}"
 PROC = Path("/proc")
+KILLED_WAIT = 5.0  # seconds a SIGKILLed process may take to release its memory and files
 
 
 class StopRequested(KeyboardInterrupt):
@@ -83,7 +84,11 @@ def stop_started(
 ) -> set[int]:
     """SIGTERM everything `command_tag` started (but `spare`), SIGKILL what is left after
     `grace` seconds. Returns the pids still alive at the end (none, unless another user
-    owns them)."""
+    owns them).
+
+    A killed process is waited for until it is gone: until then it still holds its
+    files, and so its locks (a run folder's writer lock says whether its ServerApp lives).
+    """
     targets = started_by(command_tag, spare)
     _signal(targets, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -94,14 +99,31 @@ def stop_started(
             return set()
         time.sleep(0.1)
     _signal(targets, signal.SIGKILL)
-    time.sleep(0.2)
-    return {pid for pid, start in targets.items() if _still(pid, start)}
+    deadline = time.monotonic() + KILLED_WAIT
+    while alive := {pid for pid, start in targets.items() if _still(pid, start)}:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return alive
 
 
 def _still(pid: int, start: int) -> bool:
-    """Whether `pid` is alive and still the process that started at `start`."""
+    """Whether `pid` is alive and still the process that started at `start`.
+
+    A process whose main thread has ended is a zombie while its other threads are
+    still exiting, and those still hold its files, and so its locks (a run
+    folder's writer lock says whether its ServerApp lives): it is gone only once
+    its main thread is its last.
+    """
     fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X") and int(fields[19]) == start
+    if fields is None or fields[0] == "X" or int(fields[19]) != start:
+        return False
+    if fields[0] != "Z":
+        return True
+    try:
+        return len(os.listdir(PROC / str(pid) / "task")) > 1
+    except OSError:
+        return False
 
 
 def _signal(targets: dict[int, int], signum: int) -> None:
