@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,11 @@ class Cluster:
     tag: str  # carried by every process of the cluster (and by nothing medfed starts)
     folder: Path
     nodes: dict[str, bool] = field(default_factory=dict)  # Ray's node ids: alive
+    started: dict[int, int] = field(default_factory=dict)  # its daemons when it started
+
+    def forget_audit(self) -> None:
+        for node in NODES:
+            (self.folder / node / "audit.jsonl").unlink(missing_ok=True)
 
     def trained(self, node: str) -> set[tuple[str, int]]:
         """(site, round) of every training the node's Ray workers audited."""
@@ -108,7 +114,7 @@ def _ray_start(cluster: Path, node: str, tag: str, *args: str) -> None:
     assert started.returncode == 0, started.stdout + started.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     # Short: Ray's unix sockets live under the temp dir, and a socket path is at most 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="mf-ray-"))
@@ -125,22 +131,36 @@ def cluster() -> Iterator[Cluster]:
             assert time.monotonic() < deadline, "the second node never joined"
             time.sleep(1)
         assert state["free-cpus"] == len(NODES)
-        ready.nodes = state["nodes"]
+        ready.nodes, ready.started = state["nodes"], ready.daemons()
+        assert len(ready.started) == 3, "a GCS and two raylets"
         yield ready
     finally:
         processes.stop_started(tag, grace=3.0)
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _simulate(cluster: Cluster, out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "medfed.server.cli", "simulate",
+            "--ray-address", cluster.address, "--out", str(out), *TINY_RUN, *args]  # fmt: skip
+
+
+def _assert_intact(cluster: Cluster, out: Path) -> None:
+    """The cluster is as it was: the same GCS and raylets, both nodes alive, the run's
+    actors gone (their CPUs free again); nothing of the run's is left running."""
+    assert cluster.daemons() == cluster.started
+    deadline = time.monotonic() + 30
+    while (after := cluster.state())["free-cpus"] < len(NODES) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert after["nodes"] == cluster.nodes and all(after["nodes"].values())
+    assert after["free-cpus"] == len(NODES)
+    found = subprocess.run(["pgrep", "-f", str(out / "run-config.toml")], capture_output=True)
+    assert found.stdout.strip() == b""
+
+
 def test_hospitals_run_on_both_nodes_of_a_cluster_that_outlives_the_run(tmp_path, cluster):
-    daemons = cluster.daemons()
-    assert len(daemons) == 3, "a GCS and two raylets"
+    cluster.forget_audit()
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "medfed.server.cli", "simulate", "--ray-address", cluster.address,
-         "--out", str(out), *TINY_RUN],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = subprocess.run(_simulate(cluster, out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Ray cluster at {cluster.address}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -153,16 +173,21 @@ def test_hospitals_run_on_both_nodes_of_a_cluster_that_outlives_the_run(tmp_path
     assert head and worker, (head, worker)
     assert head | worker == {(site, r) for site in ("site-0", "site-1") for r in (1, 2)}
     assert not head & worker, "each training ran once"
-
-    # The cluster is as it was: the same GCS and raylets, both nodes alive, the run's
-    # actors gone (their CPUs free again), nothing of medfed's left running.
-    assert cluster.daemons() == daemons
-    deadline = time.monotonic() + 30
-    while (after := cluster.state())["free-cpus"] < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert after["nodes"] == cluster.nodes and all(after["nodes"].values())
-    assert after["free-cpus"] == 2
-    found = subprocess.run(["pgrep", "-f", str(out / "run-config.toml")], capture_output=True)
-    assert found.stdout.strip() == b""
+    _assert_intact(cluster, out)
     recorded = tomllib.loads((out / "federation.toml").read_text())
     assert recorded["ray-address"] == cluster.address, "--resume joins the same cluster"
+
+
+def test_a_stopped_run_is_interrupted_and_the_cluster_stays(tmp_path, cluster):
+    out = tmp_path / "run"
+    log = (tmp_path / "simulate.log").open("w")
+    run = subprocess.Popen(_simulate(cluster, out), stdout=log, stderr=log)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "round-000.pt").exists():  # the hospitals are at work
+        assert run.poll() is None and time.monotonic() < deadline, "round 0 never finished"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted", metrics.get("error")
+    _assert_intact(cluster, out)
