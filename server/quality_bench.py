@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from medfed.shared_models.config import NORM_CONFIGURABLE, ConfigError, RunConfi
 from medfed.shared_models.protocol import SECAGG_MIN_PARTICIPANTS
 from medfed.shared_models.run_folder import METRICS_JSON
 from medfed.shared_models.runtime import atomic_write
+from medfed.shared_models.tasks import TASKS
 
 FEDERATED = {
     "fedavg": {"strategy": "fedavg"},
@@ -44,8 +46,12 @@ FEDERATED = {
     "fedavg-secure": {"strategy": "fedavg", "secure-aggregation": True},
 }
 METHODS = ("pooled", "local", *FEDERATED)
-TASKS = ("segmentation", "segmentation3d", "classification", "regression")
+BENCH_TASKS = ("segmentation", "segmentation3d", "classification", "regression")
 RESULT_JSON = "result.json"
+TIME = "%Y-%m-%dT%H:%M:%S%z"  # metrics.json's started / finished
+# What each method sets itself: -c may not change them.
+SET_BY_THE_BENCH = ("task", "strategy", "secure-aggregation", "num-server-rounds", "seed",
+                    "data-root", "out-dir", "resume-from")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,14 @@ def run_bench(bench: QualityBench, hospitals: Hospitals) -> int:
 
 
 def _check(bench: QualityBench) -> None:
-    if bench.task not in TASKS:
-        raise ConfigError(f"--task {bench.task}: the quality bench covers {', '.join(TASKS)}")
+    if bench.task not in BENCH_TASKS:
+        raise ConfigError(f"--task {bench.task}: the quality bench covers {', '.join(BENCH_TASKS)}")
     unknown = [m for m in bench.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods {','.join(unknown)}: expected some of {','.join(METHODS)}")
+    fixed = [key for key in bench.overrides if key in SET_BY_THE_BENCH]
+    if fixed:
+        raise ConfigError(f"-c {fixed[0]}: set by the bench itself (--task, --rounds, each method)")
     if not 1 <= bench.seeds <= 100:
         raise ConfigError(f"--seeds {bench.seeds}: expected 1..100")
     if bench.sites < 2:
@@ -141,14 +150,16 @@ def _base(bench: QualityBench) -> dict[str, Any]:
         "federated-stats": False,
         **bench.overrides,
     }
-    model = RunConfig.from_mapping(values).model
+    model = values.get("model") or TASKS[bench.task].models[0]
     if model in NORM_CONFIGURABLE:
         values.setdefault("norm", "batch")
     return values
 
 
 def _config(bench: QualityBench, data: Path, seed: int, method: str) -> RunConfig:
-    values = {**_base(bench), **FEDERATED.get(method, {}), "seed": seed, "data-root": str(data)}
+    """The method's settings; what -c sets (e.g. server-lr) wins over the method's defaults."""
+    own = {k: v for k, v in FEDERATED.get(method, {}).items() if k not in bench.overrides}
+    values = {**_base(bench), **own, "seed": seed, "data-root": str(data)}
     return RunConfig.from_mapping(values)
 
 
@@ -208,5 +219,11 @@ def _federated(folder: Path, cfg: RunConfig, sites: int) -> dict[str, Any]:
     if result["status"] != "completed":
         return {"status": result["status"], "error": result.get("error", "see its folder")}
     last = result["rounds"][-1]
-    seconds = sum(r.get("seconds", 0.0) for r in result["rounds"])
-    return {"status": "completed", "sites": last["sites"], "round-seconds": round(seconds, 1)}
+    rounds = sum(r.get("seconds", 0.0) for r in result["rounds"])
+    ran = datetime.strptime(result["finished"], TIME) - datetime.strptime(result["started"], TIME)
+    return {
+        "status": "completed",
+        "sites": last["sites"],
+        "seconds": round(ran.total_seconds(), 1),  # the ServerApp's run, as the record says
+        "round-seconds": round(rounds, 1),
+    }

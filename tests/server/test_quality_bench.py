@@ -53,9 +53,22 @@ def test_pooled_and_local_baselines_fill_the_table_and_are_reused(cls_sites, tmp
         ({"sites": 1}, "--sites 1"),
         ({"sites": 2, "methods": ("fedavg-secure",)}, "fedavg-secure needs at least 3"),
         ({"sites": 5}, "3 site folders, --sites 5"),
+        ({"overrides": {"strategy": "krum"}}, "-c strategy: set by the bench itself"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_option(cls_sites, tmp_path, given, named):
     hospitals = Hospitals(generate_federation, site_folders, train_and_evaluate)
     with pytest.raises(ConfigError, match=named):
         run_bench(_bench(tmp_path, cls_sites, **given), hospitals)
+
+
+def test_a_method_takes_its_own_settings_unless_the_command_line_sets_them(cls_sites, tmp_path):
+    from medfed.server.quality_bench import _config
+
+    bench = _bench(tmp_path, cls_sites)
+    fedadam = _config(bench, cls_sites, 1, "fedadam")
+    assert (fedadam.strategy, fedadam.server_lr, fedadam.seed) == ("fedadam", 0.01, 1)
+    secure = _config(bench, cls_sites, 0, "fedavg-secure")
+    assert secure.secure_aggregation and secure.strategy == "fedavg"
+    tuned = _bench(tmp_path, cls_sites, overrides={**TINY, "server-lr": 0.001})
+    assert _config(tuned, cls_sites, 0, "fedadam").server_lr == 0.001
