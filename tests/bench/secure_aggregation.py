@@ -237,9 +237,10 @@ def measure(mode: str, model: str, clients: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         result_path = Path(folder) / "seconds.json"
         child = subprocess.Popen(
-            [sys.executable, __file__, "--case", mode, model, str(clients), str(rounds),
-             str(result_path)],
+            [sys.executable, "-m", "tests.bench.secure_aggregation", "--case", mode, model,
+             str(clients), str(rounds), str(result_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
         low_memory = threading.Event()
 
