@@ -62,6 +62,45 @@ class Delivery:
 
     answers: list[Answer]
     waited: float
+    sent_at: float  # Unix time of the push: the nodes' logs share this clock
+
+
+@dataclass(frozen=True)
+class ExchangeTiming:
+    """When one exchange went out and how long each hospital's answer took to be seen.
+
+    A deployed round's time goes mostly to waits no single process sees: the
+    SuperNode picking the message up, a fresh ClientApp process, the reply
+    travelling back. Recording the push time and each arrival per round
+    (metrics.json `exchanges`) lets an operator tell a slow hospital from a
+    slow round, and the round-latency benchmark line the nodes' logs up with it.
+    """
+
+    message: str  # the message type sent
+    sent_at: float  # Unix time of the push
+    waited: float  # seconds until the last reply arrived or the timeout
+    answered: dict[int, float]  # node -> seconds from the push until its reply was pulled
+
+    @classmethod
+    def of(cls, messages: list[Message], delivery: Delivery) -> ExchangeTiming:
+        """The timing of `delivery`, the answers to `messages`."""
+        kinds = sorted({m.metadata.message_type for m in messages})
+        return cls(
+            message=",".join(kinds),
+            sent_at=delivery.sent_at,
+            waited=delivery.waited,
+            answered={answer.node: answer.seconds for answer in delivery.answers},
+        )
+
+    def to_json(self, names: SiteNames) -> dict[str, object]:
+        """The entry in a round's `exchanges`, hospitals by site name."""
+        replies = {names(node): round(seconds, 3) for node, seconds in self.answered.items()}
+        return {
+            "message": self.message,
+            "sent-at": round(self.sent_at, 3),
+            "seconds": round(self.waited, 3),
+            "replies": dict(sorted(replies.items())),
+        }
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Delivery:
@@ -71,7 +110,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     the SuperLink, almost no idle time for the round.
     """
     messages = list(messages)
-    started = time.monotonic()
+    sent_at, started = time.time(), time.monotonic()
     ids = list(grid.push_messages(messages))
     destination = {
         message_id: message.metadata.dst_node_id
@@ -93,7 +132,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
             break
         time.sleep(min(pause, left))
         pause = min(pause * 1.5, LONGEST_POLL)
-    return Delivery(answers, time.monotonic() - started)
+    return Delivery(answers, time.monotonic() - started, sent_at)
 
 
 # How Flower's ClientApp runner words an exception it turns into an error reply.
@@ -339,11 +378,13 @@ class Exchange:
         self.grid, self.timeout, self.names = grid, timeout, names
         self.on_traffic = on_traffic
         self.norm_factor = norm_factor
+        self.timings: list[ExchangeTiming] = []  # since the round loop last cleared them
 
     def send(self, messages: list[Message]) -> Delivery:
         """All replies that arrived within the timeout, errors included."""
         delivery = send_and_receive(self.grid, messages, self.timeout)
         self.on_traffic(array_bytes(messages), array_bytes(a.reply for a in delivery.answers))
+        self.timings.append(ExchangeTiming.of(messages, delivery))
         return delivery
 
     def collect(

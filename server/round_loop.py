@@ -115,13 +115,18 @@ class RoundLoop:
         else:
             if cfg.federated_stats:
                 self._site_summaries(nodes)
-            started = time.monotonic()
+            started = self._round_clock()
             self.outputs.round_started(0)
             self._finish(RoundOutcome(0, started, self._evaluate(0, arrays)), arrays)
             first = 1
         for server_round in range(first, cfg.num_server_rounds + 1):
             arrays = self._train_round(server_round, arrays)
         return arrays
+
+    def _round_clock(self) -> float:
+        """A round's start: its exchanges' timings are recorded from here on."""
+        self.exchange.timings.clear()
+        return time.monotonic()
 
     def _restore(self, resume: ResumePoint) -> None:
         try:
@@ -142,7 +147,7 @@ class RoundLoop:
 
     def _train_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Sample, train, check, aggregate, evaluate and record one round."""
-        started = time.monotonic()
+        started = self._round_clock()
         self.outputs.round_started(server_round)
         wait_for_nodes(
             self.grid, self.cfg.min_nodes, self.cfg.node_wait_seconds, self.outputs.progress
@@ -243,4 +248,5 @@ class RoundLoop:
             connected=len(list(self.grid.get_node_ids())),
             secure=trained.secure if trained else None,
             epsilon=epsilon,
+            exchanges=[timing.to_json(self.names) for timing in self.exchange.timings],
         )

@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any, TextIO
@@ -180,6 +180,8 @@ class RoundSummary:
     connected: int
     secure: SecureStats | None = None
     epsilon: float | None = None
+    # when each exchange went out and each hospital's reply arrived (ExchangeTiming)
+    exchanges: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The round's entry in metrics.json."""
@@ -191,6 +193,7 @@ class RoundSummary:
             "replied": self.replied,
             "failed": sorted(self.failures),
             "failures": self.failures,
+            "exchanges": self.exchanges,
         }
         if self.server_round:
             entry["secure-aggregation"] = self.secure.to_json() if self.secure else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from functools import partial
 
 import numpy as np
@@ -84,6 +85,27 @@ def test_a_silent_hospital_is_named_and_the_round_goes_on_with_the_quorum(tmp_pa
     }
     assert "  site-2: timed out: no reply after 1s" in progress
     assert "round 2/3 | sites 2/3" in progress
+
+
+def test_each_round_records_when_its_exchanges_went_out_and_each_reply_arrived(tmp_path):
+    """metrics.json `exchanges`: push time (Unix, the nodes' clock) and each hospital's
+    arrival, by site; a silent hospital has no arrival and the wait lasts the timeout."""
+    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 7.0})
+    grid.silent_from[303] = 2
+    before = time.time()
+    _, metrics, _ = run(tmp_path, grid, cfg)
+    after = time.time()
+    rounds = [r["exchanges"] for r in metrics["rounds"]]
+    assert [[e["message"] for e in r] for r in rounds] == [
+        ["evaluate"],
+        *[["train", "evaluate"]] * 3,
+    ]
+    assert all(list(e["replies"]) == ["site-0", "site-1", "site-2"] for e in rounds[1])
+    late = rounds[2][0]
+    assert list(late["replies"]) == ["site-0", "site-1"] and late["seconds"] >= 0.99
+    sent = [e["sent-at"] for r in rounds for e in r]
+    assert sent == sorted(sent) and before <= sent[0] and sent[-1] <= after
+    assert all(0 <= s <= e["seconds"] for r in rounds for e in r for s in e["replies"].values())
 
 
 def test_a_lost_node_is_named_once_by_its_site_not_by_the_superlink_that_answers_for_it(
