@@ -232,3 +232,20 @@ def package_sha256(app: Path, work: Path) -> str:
                            capture_output=True, text=True)  # fmt: skip
     assert built.returncode == 0, built.stdout + built.stderr
     return hashlib.sha256(next(work.glob("*.fab")).read_bytes()).hexdigest()
+
+
+def tree(root: int) -> set[int]:
+    """`root` and every live descendant (Flower's detached services and app processes too)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
+        if fields and fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found = {root}
+    while below := {pid for pid, parent in parents.items() if parent in found} - found:
+        found |= below
+    return found & set(parents)

@@ -35,6 +35,7 @@ from tests.deployment import (
     spawn,
     start_node,
     stop_all,
+    tree,
     wait,
 )
 
@@ -173,23 +174,6 @@ def test_authenticated_federation_end_to_end(consortium):
     _resumed_then_stopped(c, tiny, failed_run)
 
 
-def _tree(root: int) -> set[int]:
-    """`root` and every live descendant (Flower's detached services and app processes too)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
-        if fields and fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-    tree = {root}
-    while below := {pid for pid, parent in parents.items() if parent in tree} - tree:
-        tree |= below
-    return tree & set(parents)
-
-
 def _run_folder(c, run_id) -> Path:
     return c["tmp"] / "coordinator" / "runs" / str(run_id)
 
@@ -212,7 +196,7 @@ def _a_lost_hospital_is_named_once_and_rejoins(c, tiny: str) -> None:
     _, folder = _start_run(c, f"num-server-rounds=4 min-nodes=2 federated-stats=false {tiny}")
     wait(lambda: len(_metrics(folder)["rounds"]) >= 2, 120, "round 1")  # round 2 is sent
     node = c["nodes"]["site-2"]
-    for pid in _tree(node.pid):  # the hospital's machine goes down
+    for pid in tree(node.pid):  # the hospital's machine goes down
         os.kill(pid, signal.SIGKILL)
     node.wait()
     progress = folder / "progress.log"
@@ -262,14 +246,14 @@ def _resumed_then_stopped(c, tiny: str, failed_run: str) -> None:
     _, folder = _start_run(c, f"{config} resume-from='{failed_run}'")
     wait(lambda: len(_metrics(folder)["rounds"]) >= 2, 120, "the first resumed round")
     coordinator, nodes = c["processes"][0], list(c["nodes"].values())
-    started = set().union(*(_tree(p.pid) for p in [coordinator, *nodes]))
+    started = set().union(*(tree(p.pid) for p in [coordinator, *nodes]))
     assert len(started) > 2 * (1 + len(nodes)), "each command started Flower processes"
     asked = time.monotonic()
     for process in [coordinator, *nodes]:
         os.kill(process.pid, signal.SIGTERM)
-    while time.monotonic() - asked < 15 and started & _tree(1):
+    while time.monotonic() - asked < 15 and started & tree(1):
         time.sleep(0.2)
-    assert not started & _tree(1), f"left {time.monotonic() - asked:.0f}s after SIGTERM"
+    assert not started & tree(1), f"left {time.monotonic() - asked:.0f}s after SIGTERM"
     assert all(p.wait(timeout=5) == 0 for p in [coordinator, *nodes]), "a clean stop"
     metrics = _metrics(folder)
     assert metrics["status"] == "interrupted" and "coordinator was stopped" in metrics["error"]

@@ -1,0 +1,324 @@
+"""Deployed round latency: where a round's time goes between real processes over TLS.
+
+`python -m tests.bench.deployed_round [--rounds 6] [--repeats 1] [--out DIR]`
+
+A coordinator (SuperLink behind its proxy) and 3 hospital nodes (SuperNodes)
+on 127.0.0.1, TLS and node authentication on, as tests/e2e/test_deployment.py
+starts them. Each case runs a plain and a secure-aggregation run whose
+training is near zero (32² images, 20 per site, the smallest U-Net, one
+epoch), so a round is the federation's own latency. Cases:
+
+- `flower-default`: each node's SuperExec looks for a new ClientApp task every
+  1 s (Flower's default of `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`), and pulls or
+  pushes at most 2 message objects at a time (`FLWR_PRIVATE_MAX_CONCURRENT_OBJ_*`);
+- `task-poll`: the SuperExec looks every `--task-poll` seconds (medfed's node default);
+- `task-poll+transfers`: and `--transfers` objects at a time (Flower marks these
+  variables private: an internal setting, not a supported option).
+
+The rest of what a node does between messages is fixed in Flower 1.42 (see
+docs/benchmarks.md). Per round (rounds 2..N, steady state) the breakdown comes
+from the coordinator's metrics.json `exchanges` (when each message went out,
+when each reply was pulled) and the nodes' log lines, stamped with the time
+they were written: per exchange and site, the SuperNode picking the message
+up, downloading it, the ClientApp process starting, the ClientApp running
+(imports, training, reply), the reply's upload and the coordinator noticing
+it. Each case's figures are ratios against the other case and mode measured
+in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from medfed.client.synthetic import generate_federation
+from tests.bench.runs import print_table, save_results
+from tests.deployment import (
+    REPO,
+    Consortium,
+    admit,
+    consortium,
+    online,
+    package_sha256,
+    run,
+    start_node,
+    stop_all,
+    tree,
+    wait,
+)
+
+SITES = ["site-0", "site-1", "site-2"]
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # flwr/supercore/superexec/run_superexec.py
+TRANSFER_ENVS = ("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES")
+FLOWER_DEFAULTS = {POLL_ENV: "1.0", **dict.fromkeys(TRANSFER_ENVS, "2")}  # Flower 1.42
+TINY = (
+    "image-size=32 model-width=4 model-depth=2 batch-size=8 local-epochs=1 "
+    "federated-stats=false min-nodes=3 node-wait-seconds=60.0"
+)
+MODES = {"plain": "", "secure": "secure-aggregation=true"}
+# Where one site's answer to one message spends its time, in order (see `site_segments`).
+SEGMENTS = {
+    "pick-up": "SuperNode picks the message up (3 s sleep when idle)",
+    "download": "message download",
+    "process-start": "SuperExec poll + ClientApp process start (beyond the download)",
+    "clientapp": "ClientApp: imports, handler, reply (+ node's 0.5 s reply poll)",
+    "upload": "reply upload",
+    "notice": "coordinator notices the reply (medfed's polls)",
+}
+EXTRA = {
+    "slowest": "waiting for the slowest site",
+    "coordinator": "coordinator between exchanges (checks, aggregation)",
+}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+EVENTS = {
+    "receiving": re.compile(r"Receiving: (\S+) message"),
+    "received": re.compile(r"Received successfully"),
+    "started": re.compile(r"Start `flwr-clientapp` process"),
+    "sending": re.compile(r"Sending: (\S+) message"),
+    "sent": re.compile(r"Sent successfully"),
+}
+Event = tuple[float, str, str]  # (Unix time, event, message type)
+
+
+def node_events(log: Path) -> list[Event]:
+    """The SuperNode's and its ClientApps' message events, from a stamped log."""
+    events = []
+    for line in log.read_text(errors="replace").splitlines():
+        stamp, _, text = line.partition(" ")
+        text = ANSI.sub("", text)
+        for what, pattern in EVENTS.items():
+            if found := pattern.search(text):
+                events.append((float(stamp), what, found.group(1) if found.groups() else ""))
+    return events
+
+
+def _first(events: list[Event], what: str, after: float, kind: str = "") -> float | None:
+    return next((t for t, w, k in events if w == what and t >= after and k == kind), None)
+
+
+def site_segments(
+    events: list[Event], message: str, sent_at: float, seconds: float
+) -> dict[str, float] | None:
+    """One site's answer to one message, split at its log events (None: not in the log).
+
+    They add up to `seconds`, the time from the push until the coordinator
+    pulled the reply. The SuperExec may start the ClientApp process while the
+    SuperNode is still downloading the message (the task exists before its
+    content): the process start counts only for what it adds after the download.
+    """
+    picked = _first(events, "receiving", sent_at, message)
+    received = _first(events, "received", picked) if picked else None
+    started = _first(events, "started", picked) if picked else None
+    if picked is None or received is None or started is None:
+        return None
+    ready = max(received, started)
+    sending = _first(events, "sending", ready, message)
+    sent = _first(events, "sent", sending) if sending else None
+    if sending is None or sent is None:
+        return None
+    return {
+        "pick-up": picked - sent_at,
+        "download": received - picked,
+        "process-start": ready - received,
+        "clientapp": sending - ready,
+        "upload": sent - sending,
+        "notice": sent_at + seconds - sent,
+    }
+
+
+def round_breakdown(entry: dict[str, Any], events: dict[str, list[Event]]) -> dict[str, float]:
+    """Seconds of one round by segment (site means per exchange, summed over its exchanges);
+    with `slowest` and `coordinator` they add up to the round's seconds."""
+    totals: dict[str, float] = defaultdict(float)
+    waited = 0.0
+    for exchange in entry["exchanges"]:
+        replies = exchange["replies"]
+        parts = [
+            site_segments(events[site], exchange["message"], exchange["sent-at"], seconds)
+            for site, seconds in replies.items()
+        ]
+        if None in parts or not parts:
+            raise SystemExit(f"{exchange['message']} at {exchange['sent-at']}: not in node logs")
+        for key in SEGMENTS:
+            totals[key] += statistics.fmean(p[key] for p in parts if p)
+        totals["slowest"] += exchange["seconds"] - statistics.fmean(replies.values())
+        waited += exchange["seconds"]
+    totals["coordinator"] = entry["seconds"] - waited
+    trained = [s["train-seconds"] for s in entry["sites"].values() if "train-seconds" in s]
+    totals["training"] = statistics.fmean(trained) if trained else 0.0
+    totals["exchanges"] = len(entry["exchanges"])
+    return dict(totals)
+
+
+def analyse(metrics: dict[str, Any], events: dict[str, list[Event]]) -> dict[str, Any]:
+    """Steady-state seconds per round (rounds 2..N) and their mean breakdown."""
+    rounds = metrics["rounds"]
+    steady = [r for r in rounds if r["round"] >= 2]
+    seconds = [r["seconds"] for r in steady]
+    parts = [round_breakdown(r, events) for r in steady]
+    starts = {r["round"]: r["exchanges"][0]["sent-at"] for r in rounds}
+    between = [starts[r["round"] + 1] - starts[r["round"]] - r["seconds"]
+               for r in steady if r["round"] + 1 in starts]  # fmt: skip
+    return {
+        "status": metrics["status"],
+        "rounds": [r["seconds"] for r in rounds],
+        "mean": statistics.fmean(seconds),
+        "median": statistics.median(seconds),
+        "breakdown": {key: statistics.fmean(p[key] for p in parts) for key in parts[0]},
+        "between-rounds": statistics.fmean(between) if between else 0.0,
+    }
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU seconds the live `pids` have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def idle_cpu(nodes: list[subprocess.Popen], seconds: float) -> float:
+    """CPU share of one core the idle nodes use (SuperNode and SuperExec polling)."""
+    pids = set().union(*(tree(node.pid) for node in nodes))
+    before = cpu_seconds(pids)
+    time.sleep(seconds)
+    return (cpu_seconds(pids) - before) / seconds / len(nodes)
+
+
+def import_seconds() -> float:
+    """Median of 3 fresh processes importing what a training ClientApp imports."""
+    code = "import medfed.client.app, medfed.client.handlers"
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run_case(c: Consortium, case: str, settings: dict[str, str], rounds: int) -> dict[str, Any]:
+    """Start the nodes with Flower's environment `settings`, run each mode, stop the nodes."""
+    env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1"}
+    nodes = [start_node(c, s, c["sites"] / s, env=env, stamped=True) for s in SITES]
+    try:
+        wait(lambda: len(online(c)) == len(SITES), 120, "three hospitals online")
+        results: dict[str, Any] = {"settings": settings}
+        for mode, extra in MODES.items():
+            run_id = run(c, f"num-server-rounds={rounds} {TINY} {extra}", timeout=900)
+            folder = c["tmp"] / "coordinator" / "runs" / str(run_id)
+            metrics = json.loads((folder / "metrics.json").read_text())
+            if metrics["status"] != "completed":
+                raise SystemExit(f"{case} {mode}: run {metrics['status']}: {metrics.get('error')}")
+            events = {site: node_events(c["tmp"] / f"{site}.log") for site in SITES}
+            results[mode] = analyse(metrics, events)
+            print(f"{case} {mode}: {results[mode]['mean']:.2f} s/round", flush=True)
+        results["idle-cpu-per-node"] = idle_cpu(nodes, 15.0)
+        return results
+    finally:
+        stop_all(nodes)
+        wait(lambda: not online(c), 120, "the nodes to leave")
+
+
+def cases(poll: str, transfers: str) -> dict[str, dict[str, str]]:
+    """Each case's Flower settings in the nodes' environment."""
+    return {
+        "flower-default": FLOWER_DEFAULTS,
+        "task-poll": {**FLOWER_DEFAULTS, POLL_ENV: poll},
+        "task-poll+transfers": {POLL_ENV: poll, **dict.fromkeys(TRANSFER_ENVS, transfers)},
+    }
+
+
+def measure(work: Path, rounds: int, repeats: int, settings: dict[str, dict[str, str]]) -> dict:
+    """Every case, `repeats` times in turn, on one coordinator."""
+    sites = work / "sites"
+    generate_federation("segmentation", 3, sites, seed=1, images_per_site=20, image_size=32)
+    results: dict[str, Any] = {"cases": defaultdict(list)}
+    with consortium(work, sites, SITES) as c:
+        c["app_sha256"] = package_sha256(REPO, work / "build")
+        for site in SITES:
+            admit(c, site)
+        for _ in range(repeats):
+            for case, environment in settings.items():
+                results["cases"][case].append(run_case(c, case, environment, rounds))
+    results["clientapp-import-seconds"] = import_seconds()
+    return results
+
+
+def _cell(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
+def report(results: dict[str, Any]) -> None:
+    """The before/after table (each cell: one value per repeat) and the ratios."""
+    by_case = results["cases"]
+    columns = {"seconds per round": 66}
+    names = [f"{mode} {case}" for mode in MODES for case in by_case]
+    columns.update({name: max(len(name), 14) for name in names})
+    keys = [("mean", "s/round, mean (rounds 2..N)"), ("median", "s/round, median")]
+    keys += [(k, f"  {label}") for k, label in {**SEGMENTS, **EXTRA}.items()]
+    keys += [("training", "    of the ClientApp: training (train-seconds)")]
+    keys += [("between-rounds", "between rounds (records, checkpoint; not in s/round)")]
+    rows = []
+    for key, label in keys:
+        row = [label]
+        for mode in MODES:
+            for case in by_case:
+                row.append(_cell([_value(r[mode], key) for r in by_case[case]]))
+        rows.append(row)
+    print_table(columns, rows)
+    default = by_case["flower-default"]
+    for case, tuned in by_case.items():
+        for mode in MODES if case != "flower-default" else []:
+            ratio = [t[mode]["mean"] / d[mode]["mean"] for d, t in zip(default, tuned, strict=True)]
+            print(f"{mode}: {case} / flower-default = {_cell(ratio)}")
+    for case in by_case:
+        ratio = [r["secure"]["mean"] / r["plain"]["mean"] for r in by_case[case]]
+        print(f"{case}: secure / plain = {_cell(ratio)}")
+    for case in by_case:
+        cpu = [100 * r["idle-cpu-per-node"] for r in by_case[case]]
+        print(f"{case}: idle node CPU = {_cell(cpu)} % of one core")
+    imports = results["clientapp-import-seconds"]
+    print(f"a fresh process importing a training ClientApp: {imports:.2f} s")
+
+
+def _value(result: dict[str, Any], key: str) -> float:
+    return result[key] if key in ("mean", "median", "between-rounds") else result["breakdown"][key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per run (steady: 2..N)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the cases this often")
+    parser.add_argument("--task-poll", default="0.1", help=f"{POLL_ENV} of the tuned cases")
+    parser.add_argument("--transfers", default="8", help="concurrent object pulls and pushes")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-deployed-round"))
+    parser.add_argument("--keep", action="store_true", help="keep the logs and runs in OUT/work")
+    args = parser.parse_args()
+    settings = cases(args.task_poll, args.transfers)
+    if args.keep:
+        results = measure((args.out / "work").resolve(), args.rounds, args.repeats, settings)
+    else:
+        with tempfile.TemporaryDirectory(prefix="medfed-round-") as work:
+            results = measure(Path(work), args.rounds, args.repeats, settings)
+    report(results)
+    print(f"results: {save_results(args.out, 'deployed_round.json', results)}")
+
+
+if __name__ == "__main__":
+    main()
