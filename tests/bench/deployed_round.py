@@ -48,9 +48,9 @@ from tests.deployment import (
     Consortium,
     admit,
     consortium,
+    flwr,
     online,
     package_sha256,
-    run,
     start_node,
     stop_all,
     tree,
@@ -212,27 +212,48 @@ def import_seconds() -> float:
     return statistics.median(times)
 
 
-def run_case(c: Consortium, case: str, settings: dict[str, str], rounds: int) -> dict[str, Any]:
-    """Start the nodes with Flower's environment `settings`, run each mode, stop the nodes."""
+def run_quietly(c: Consortium, config: str) -> tuple[str, dict[str, Any]]:
+    """`flwr run` with `config`; its id and metrics.json once the run's record is closed.
+
+    It waits on the record, not on `flwr ls`: a `flwr` process a second would
+    take CPU from the processes this benchmark times, on a 2-core machine.
+    """
+    run_id = str(flwr(c["env"], "run", str(REPO), "consortium", "--run-config", config)["run-id"])
+    record = c["tmp"] / "coordinator" / "runs" / run_id / "metrics.json"
+
+    def closed() -> dict[str, Any] | None:
+        try:
+            metrics = json.loads(record.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return metrics if metrics["status"] != "running" else None
+
+    wait(lambda: closed() is not None, 900, f"run {run_id}")
+    return run_id, closed() or {}
+
+
+def run_case(c: Consortium, label: str, settings: dict[str, str], rounds: int) -> dict[str, Any]:
+    """Start the nodes with Flower's environment `settings`, run each mode, stop the nodes;
+    their logs are kept as SITE-LABEL.log."""
     env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1"}
     nodes = [start_node(c, s, c["sites"] / s, env=env, stamped=True) for s in SITES]
     try:
         wait(lambda: len(online(c)) == len(SITES), 120, "three hospitals online")
         results: dict[str, Any] = {"settings": settings}
         for mode, extra in MODES.items():
-            run_id = run(c, f"num-server-rounds={rounds} {TINY} {extra}", timeout=900)
-            folder = c["tmp"] / "coordinator" / "runs" / str(run_id)
-            metrics = json.loads((folder / "metrics.json").read_text())
+            run_id, metrics = run_quietly(c, f"num-server-rounds={rounds} {TINY} {extra}")
             if metrics["status"] != "completed":
-                raise SystemExit(f"{case} {mode}: run {metrics['status']}: {metrics.get('error')}")
+                raise SystemExit(f"{label} {mode}: run {metrics['status']}: {metrics.get('error')}")
             events = {site: node_events(c["tmp"] / f"{site}.log") for site in SITES}
-            results[mode] = analyse(metrics, events)
-            print(f"{case} {mode}: {results[mode]['mean']:.2f} s/round", flush=True)
+            results[mode] = {"run-id": run_id, **analyse(metrics, events)}
+            print(f"{label} {mode}: {results[mode]['mean']:.2f} s/round", flush=True)
         results["idle-cpu-per-node"] = idle_cpu(nodes, 15.0)
         return results
     finally:
         stop_all(nodes)
         wait(lambda: not online(c), 120, "the nodes to leave")
+        for site in SITES:
+            (c["tmp"] / f"{site}.log").rename(c["tmp"] / f"{site}-{label}.log")
 
 
 def cases(poll: str, transfers: str) -> dict[str, dict[str, str]]:
@@ -253,9 +274,10 @@ def measure(work: Path, rounds: int, repeats: int, settings: dict[str, dict[str,
         c["app_sha256"] = package_sha256(REPO, work / "build")
         for site in SITES:
             admit(c, site)
-        for _ in range(repeats):
+        for repeat in range(1, repeats + 1):
             for case, environment in settings.items():
-                results["cases"][case].append(run_case(c, case, environment, rounds))
+                label = f"{case}-{repeat}"
+                results["cases"][case].append(run_case(c, label, environment, rounds))
     results["clientapp-import-seconds"] = import_seconds()
     return results
 
@@ -282,9 +304,9 @@ def report(results: dict[str, Any]) -> None:
                 row.append(_cell([_value(r[mode], key) for r in by_case[case]]))
         rows.append(row)
     print_table(columns, rows)
-    default = by_case["flower-default"]
+    default = by_case.get("flower-default", [])
     for case, tuned in by_case.items():
-        for mode in MODES if case != "flower-default" else []:
+        for mode in MODES if default and case != "flower-default" else []:
             ratio = [t[mode]["mean"] / d[mode]["mean"] for d, t in zip(default, tuned, strict=True)]
             print(f"{mode}: {case} / flower-default = {_cell(ratio)}")
     for case in by_case:
@@ -307,10 +329,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate the cases this often")
     parser.add_argument("--task-poll", default="0.1", help=f"{POLL_ENV} of the tuned cases")
     parser.add_argument("--transfers", default="8", help="concurrent object pulls and pushes")
+    parser.add_argument("--cases", nargs="+", default=list(cases("", "")), help="which cases")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-deployed-round"))
     parser.add_argument("--keep", action="store_true", help="keep the logs and runs in OUT/work")
     args = parser.parse_args()
-    settings = cases(args.task_poll, args.transfers)
+    settings = {k: v for k, v in cases(args.task_poll, args.transfers).items() if k in args.cases}
     if args.keep:
         results = measure((args.out / "work").resolve(), args.rounds, args.repeats, settings)
     else:
