@@ -4,10 +4,12 @@ import re
 from pathlib import Path
 
 import pytest
+from flwr.supercore.superexec import run_superexec
 
 from medfed.client.app import error_report
-from medfed.client.node import NodeOptions, start_node
+from medfed.client.node import TASK_POLL_ENV, NodeOptions, start_node
 from medfed.client.node_settings import DEFAULT_FLOOR, NodeConfigError, NodeSettings
+from medfed.shared_models import runtime
 from medfed.shared_models.protocol import ErrorCode
 
 
@@ -85,3 +87,21 @@ def test_node_start_refuses_bad_options_before_anything_starts(tmp_path, change,
     with pytest.raises(NodeConfigError, match=re.escape(named)):
         start_node(options)
     assert not (tmp_path / "state").exists()
+
+
+def test_node_start_has_its_superexec_look_for_tasks_every_tenth_of_a_second(
+    tmp_path, monkeypatch, seg_sites
+):
+    """Every message waits for this poll before its ClientApp starts (Flower: 1 s); an
+    operator's own setting wins, and Flower reads the variable medfed sets."""
+    started: list[runtime.Service] = []
+    monkeypatch.setattr(runtime, "supervise", lambda services, **_: started.extend(services) or 0)
+    monkeypatch.delenv(TASK_POLL_ENV, raising=False)
+    options = NodeOptions("127.0.0.1:9092", None, None, seg_sites / "site-0", "site-0",
+                          insecure=True, state=tmp_path / "state")  # fmt: skip
+    assert start_node(options) == 0
+    monkeypatch.setenv(TASK_POLL_ENV, "0.5")
+    assert start_node(options) == 0
+    assert [service.env[TASK_POLL_ENV] for service in started] == ["0.1", "0.5"]
+    monkeypatch.setenv(TASK_POLL_ENV, started[0].env[TASK_POLL_ENV])
+    assert run_superexec._get_task_poll_interval() == 0.1
