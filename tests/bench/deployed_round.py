@@ -1,6 +1,7 @@
 """Deployed round latency: where a round's time goes between real processes over TLS.
 
-`python -m tests.bench.deployed_round [--rounds 6] [--repeats 1] [--out DIR]`
+`python -m tests.bench.deployed_round [--rounds 6] [--repeats 1] [--cases ...] [--out DIR]`
+(`--rounds 0`: only each case's idle CPU per node)
 
 A coordinator (SuperLink behind its proxy) and 3 hospital nodes (SuperNodes)
 on 127.0.0.1, TLS and node authentication on, as tests/e2e/test_deployment.py
@@ -21,9 +22,9 @@ from the coordinator's metrics.json `exchanges` (when each message went out,
 when each reply was pulled) and the nodes' log lines, stamped with the time
 they were written: per exchange and site, the SuperNode picking the message
 up, downloading it, the ClientApp process starting, the ClientApp running
-(imports, training, reply), the reply's upload and the coordinator noticing
-it. Each case's figures are ratios against the other case and mode measured
-in the same invocation.
+(imports, training, reply), the reply's upload and the coordinator pulling
+it. Each case's figures are ratios against the other cases and mode measured
+in the same invocation; `--repeats` alternates the cases.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from medfed.client.node import TASK_POLL_ENV, TASK_POLL_SECONDS
 from medfed.client.synthetic import generate_federation
 from tests.bench.runs import print_table, save_results
 from tests.deployment import (
@@ -58,7 +60,7 @@ from tests.deployment import (
 )
 
 SITES = ["site-0", "site-1", "site-2"]
-POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # flwr/supercore/superexec/run_superexec.py
+POLL_ENV = TASK_POLL_ENV  # flwr/supercore/superexec/run_superexec.py
 TRANSFER_ENVS = ("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES")
 FLOWER_DEFAULTS = {POLL_ENV: "1.0", **dict.fromkeys(TRANSFER_ENVS, "2")}  # Flower 1.42
 TINY = (
@@ -66,6 +68,7 @@ TINY = (
     "federated-stats=false min-nodes=3 node-wait-seconds=60.0"
 )
 MODES = {"plain": "", "secure": "secure-aggregation=true"}
+IDLE_SECONDS = 30.0
 # Where one site's answer to one message spends its time, in order (see `site_segments`).
 SEGMENTS = {
     "pick-up": "SuperNode picks the message up (3 s sleep when idle)",
@@ -73,7 +76,7 @@ SEGMENTS = {
     "process-start": "SuperExec poll + ClientApp process start (beyond the download)",
     "clientapp": "ClientApp: imports, handler, reply (+ node's 0.5 s reply poll)",
     "upload": "reply upload",
-    "notice": "coordinator notices the reply (medfed's polls)",
+    "notice": "coordinator pulls the reply (medfed's polls + its download)",
 }
 EXTRA = {
     "slowest": "waiting for the slowest site",
@@ -194,7 +197,9 @@ def cpu_seconds(pids: set[int]) -> float:
 
 
 def idle_cpu(nodes: list[subprocess.Popen], seconds: float) -> float:
-    """CPU share of one core the idle nodes use (SuperNode and SuperExec polling)."""
+    """CPU share of one core an idle node uses (SuperNode and SuperExec polling), measured
+    after 5 s for the last ClientApp processes to end."""
+    time.sleep(5.0)
     pids = set().union(*(tree(node.pid) for node in nodes))
     before = cpu_seconds(pids)
     time.sleep(seconds)
@@ -240,14 +245,14 @@ def run_case(c: Consortium, label: str, settings: dict[str, str], rounds: int) -
     try:
         wait(lambda: len(online(c)) == len(SITES), 120, "three hospitals online")
         results: dict[str, Any] = {"settings": settings}
-        for mode, extra in MODES.items():
+        for mode, extra in MODES.items() if rounds else []:
             run_id, metrics = run_quietly(c, f"num-server-rounds={rounds} {TINY} {extra}")
             if metrics["status"] != "completed":
                 raise SystemExit(f"{label} {mode}: run {metrics['status']}: {metrics.get('error')}")
             events = {site: node_events(c["tmp"] / f"{site}.log") for site in SITES}
             results[mode] = {"run-id": run_id, **analyse(metrics, events)}
             print(f"{label} {mode}: {results[mode]['mean']:.2f} s/round", flush=True)
-        results["idle-cpu-per-node"] = idle_cpu(nodes, 15.0)
+        results["idle-cpu-per-node"] = idle_cpu(nodes, IDLE_SECONDS)
         return results
     finally:
         stop_all(nodes)
@@ -289,6 +294,9 @@ def _cell(values: list[float]) -> str:
 def report(results: dict[str, Any]) -> None:
     """The before/after table (each cell: one value per repeat) and the ratios."""
     by_case = results["cases"]
+    if not all(mode in r for mode in MODES for rs in by_case.values() for r in rs):
+        idle_report(results)
+        return
     columns = {"seconds per round": 66}
     names = [f"{mode} {case}" for mode in MODES for case in by_case]
     columns.update({name: max(len(name), 14) for name in names})
@@ -312,8 +320,13 @@ def report(results: dict[str, Any]) -> None:
     for case in by_case:
         ratio = [r["secure"]["mean"] / r["plain"]["mean"] for r in by_case[case]]
         print(f"{case}: secure / plain = {_cell(ratio)}")
-    for case in by_case:
-        cpu = [100 * r["idle-cpu-per-node"] for r in by_case[case]]
+    idle_report(results)
+
+
+def idle_report(results: dict[str, Any]) -> None:
+    """Each case's idle CPU per node and what a ClientApp process imports."""
+    for case, repeats in results["cases"].items():
+        cpu = [100 * r["idle-cpu-per-node"] for r in repeats]
         print(f"{case}: idle node CPU = {_cell(cpu)} % of one core")
     imports = results["clientapp-import-seconds"]
     print(f"a fresh process importing a training ClientApp: {imports:.2f} s")
@@ -325,9 +338,13 @@ def _value(result: dict[str, Any], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per run (steady: 2..N)")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="rounds per run (steady: 2..N; 0: idle CPU only)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="alternate the cases this often")
-    parser.add_argument("--task-poll", default="0.1", help=f"{POLL_ENV} of the tuned cases")
+    parser.add_argument(
+        "--task-poll", default=TASK_POLL_SECONDS, help=f"{POLL_ENV} of the tuned cases"
+    )
     parser.add_argument("--transfers", default="8", help="concurrent object pulls and pushes")
     parser.add_argument("--cases", nargs="+", default=list(cases("", "")), help="which cases")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-deployed-round"))
