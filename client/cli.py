@@ -55,6 +55,27 @@ def add_data_commands(commands: Commands) -> None:
     check.set_defaults(handler=_check)
 
 
+def add_predict_command(commands: Commands) -> None:
+    """`medfed predict`: a finished run's model applied to new studies."""
+    predict = commands.add_parser(
+        "predict", help="apply a run's global model to new studies (masks, DICOM SEG, CSV)"
+    )
+    predict.add_argument("--model", type=Path, required=True, help="a finished run folder")
+    predict.add_argument(
+        "--input",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="NIfTI, DICOM (file or series folder), PNG/JPEG files, folders of them, "
+        "or site folders (dataset.json / manifest.csv)",
+    )
+    predict.add_argument("--out", type=Path, required=True, help="where results are written")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--batch-size", type=int, default=4, help="studies per network call")
+    predict.set_defaults(handler=_predict)
+
+
 def add_gan_commands(commands: Commands) -> None:
     """`medfed gan sample`."""
     gan_commands = command_group(commands, "gan", "use a federated GAN")
@@ -117,6 +138,13 @@ def add_node_commands(commands: Commands) -> None:
         "--insecure", action="store_true", help="no TLS, no authentication: local tests only"
     )
     start.set_defaults(handler=_node_start)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medfed.client.predict import PredictOptions, run_predict
+    from medfed.shared_models.runtime import options_from
+
+    return run_predict(options_from(PredictOptions, args))
 
 
 def _sample(args: argparse.Namespace) -> int:

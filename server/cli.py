@@ -19,6 +19,7 @@ from medfed.client.cli import (
     add_data_commands,
     add_gan_commands,
     add_node_commands,
+    add_predict_command,
     command_group,
 )
 from medfed.shared_models.runtime import add_metrics_arguments
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_data_commands(commands)
     add_gan_commands(commands)
+    add_predict_command(commands)
     _add_simulate(commands)
     _add_bench(commands)
     _add_certs_commands(commands)

@@ -45,6 +45,10 @@ READERS = ["NibabelReader", "PydicomReader", "PILReader", "NumpyReader"]
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
+# Orientationd's axis labels, given explicitly: MONAI 1.6 warns that its default will
+# follow the image's own space; medfed's images are always RAS-labelled.
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
 # Per-modality intensity defaults: CT has absolute units (HU) worth keeping as
 # a window. MR and radiographs have arbitrary, scanner-dependent units, so they
 # are scaled by robust percentiles (min-max scaling, "scale", lets one hot
@@ -101,28 +105,7 @@ def site_transforms(
     task = TASKS[cfg.task]
     masks = task.label_kind == "mask"
     keys = ["image", "label"] if masks else ["image"]
-    modes = ("bilinear", "nearest") if masks else ("bilinear",)
-    size = (cfg.image_size,) * task.spatial_dims
-    if array_channel_dim is None:
-        steps: list[Any] = [
-            LoadImaged(keys=keys, reader=READERS, image_only=True),
-            EnsureChannelFirstd(keys=keys),
-        ]
-    else:
-        steps = [
-            EnsureTyped(keys="image", data_type="tensor"),
-            EnsureChannelFirstd(keys="image", channel_dim=array_channel_dim),
-        ]
-    steps.append(ConformSpatiald(keys, task.spatial_dims, cfg.in_channels))
-    if task.spatial_dims == 3 and array_channel_dim is None:
-        steps.append(Orientationd(keys=keys, axcodes="RAS"))
-    if cfg.spacing:
-        steps.append(Spacingd(keys=keys, pixdim=cfg.pixel_spacing, mode=modes))
-    steps.append(_intensity(cfg, modality))
-    if cfg.fit == "pad-crop":
-        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
-    else:
-        steps.append(Resized(keys=keys, spatial_size=size, mode=modes))
+    steps = preprocessing(cfg, modality, keys, array_channel_dim)
     if train and cfg.patch_size and cfg.patch_size < cfg.image_size:
         steps.append(
             RandSpatialCropd(
@@ -140,6 +123,38 @@ def site_transforms(
     # images (GAN augmentation) collate with real ones.
     steps.append(SelectItemsd(keys=["image", "label"]))
     return Compose(steps)
+
+
+def preprocessing(
+    cfg: RunConfig, modality: str, keys: list[str], array_channel_dim: str | int | None = None
+) -> list[MapTransform]:
+    """The deterministic steps, from a file to the network's input size: what training,
+    evaluation and `medfed predict` share (spatial steps are invertible, so a prediction
+    can be put back in the input's own geometry)."""
+    task = TASKS[cfg.task]
+    modes = ("bilinear", "nearest")[: len(keys)]
+    size = (cfg.image_size,) * task.spatial_dims
+    if array_channel_dim is None:
+        steps: list[Any] = [
+            LoadImaged(keys=keys, reader=READERS, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+        ]
+    else:
+        steps = [
+            EnsureTyped(keys="image", data_type="tensor"),
+            EnsureChannelFirstd(keys="image", channel_dim=array_channel_dim),
+        ]
+    steps.append(ConformSpatiald(keys, task.spatial_dims, cfg.in_channels))
+    if task.spatial_dims == 3 and array_channel_dim is None:
+        steps.append(Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS))
+    if cfg.spacing:
+        steps.append(Spacingd(keys=keys, pixdim=cfg.pixel_spacing, mode=modes))
+    steps.append(_intensity(cfg, modality))
+    if cfg.fit == "pad-crop":
+        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
+    else:
+        steps.append(Resized(keys=keys, spatial_size=size, mode=modes))
+    return steps
 
 
 def _intensity(cfg: RunConfig, modality: str) -> MapTransform:

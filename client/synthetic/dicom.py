@@ -34,10 +34,10 @@ def write_dicom(
     modality: str,
     spacing: tuple[float, float],
     position_z: float = 0.0,
-    series_uid: str | None = None,
     instance: int = 1,
     rescale: tuple[float, float] = (1.0, 0.0),
     uid_seed: str | None = None,
+    slice_thickness: float = 1.0,
 ) -> Path:
     """One 2D slice; `pixels` are stored values (int16/uint16), rows x columns.
 
@@ -48,22 +48,29 @@ def write_dicom(
     def uid(role: str) -> str:
         return generate_uid(entropy_srcs=[uid_seed, role]) if uid_seed else generate_uid()
 
+    instance_uid = uid(f"instance-{instance}" if instance > 1 else "instance")
     sop_class = SOP_CLASS.get(modality, SecondaryCaptureImageStorage)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = uid("instance")
+    meta.MediaStorageSOPInstanceUID = instance_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
     ds.StudyInstanceUID = uid("study")
-    ds.SeriesInstanceUID = series_uid or uid("series")
-    ds.PatientID = "SYNTHETIC"
+    ds.SeriesInstanceUID = uid("series")
+    ds.FrameOfReferenceUID = uid("frame")
+    ds.PatientID, ds.PatientName = "SYNTHETIC", "Synthetic^Patient"
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+    ds.ReferringPhysicianName, ds.Manufacturer = "", "medfed-synthetic"
+    ds.SeriesNumber = 1
     ds.InstanceNumber = instance
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
     ds.ImagePositionPatient = [0.0, 0.0, float(position_z)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceThickness = slice_thickness
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     signed = pixels.dtype.kind == "i"
@@ -81,7 +88,7 @@ def write_series(
 ) -> Path:
     """A (slices, rows, columns) volume as one file per slice, one series."""
     folder.mkdir(parents=True, exist_ok=True)
-    uid = generate_uid()
+    series_seed = generate_uid()  # one study, series and frame of reference for every slice
     for k, plane in enumerate(volume):
         write_dicom(
             folder / f"slice-{k:04d}.dcm",
@@ -89,8 +96,9 @@ def write_series(
             modality,
             spacing[:2],
             position_z=k * spacing[2],
-            series_uid=uid,
             instance=k + 1,
+            uid_seed=series_seed,
+            slice_thickness=spacing[2],
         )
     return folder
 

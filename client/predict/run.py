@@ -1,0 +1,147 @@
+"""`medfed predict`: read studies, run the global model, write results a viewer or a script opens.
+
+Outputs in `--out`: segmentation masks as NIfTI in each input's own geometry
+(masks/), a DICOM SEG for DICOM input (seg/), a PNG overlay per case
+(overlays/), predictions.csv for image-level tasks, and predictions.json
+listing every input written or skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medfed.client.data.transforms import resolve_modality
+from medfed.client.handlers import pick_device
+from medfed.client.predict.dicom_seg import write_dicom_seg
+from medfed.client.predict.inputs import collect_cases
+from medfed.client.predict.pipeline import Prediction, Predictor
+from medfed.client.predict.writers import (
+    mask_in_input_shape,
+    write_nifti_mask,
+    write_overlay,
+    write_table,
+)
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.run_folder import load_global_model
+from medfed.shared_models.tasks import TASKS
+
+SUMMARY = "predictions.json"
+TABLE = "predictions.csv"
+
+
+@dataclass
+class PredictOptions:
+    model: Path  # a finished run folder
+    input: list[Path]
+    out: Path
+    device: str = "auto"
+    batch_size: int = 4
+
+
+def run_predict(options: PredictOptions) -> int:
+    """Predict every input; 0 when at least one was written, 1 when none could be."""
+    if options.batch_size < 1:
+        raise ValueError(f"--batch-size {options.batch_size}: expected a positive number")
+    cfg, net = load_global_model(options.model.expanduser())
+    if cfg.task == "gan":
+        raise ValueError(f"{options.model}: a gan run generates images: use `medfed gan sample`")
+    device = pick_device(options.device)
+    skipped: dict[str, str] = {}
+    cases = collect_cases(options.input, cfg, skipped)
+    options.out.mkdir(parents=True, exist_ok=True)
+    written: list[dict[str, Any]] = []
+    by_modality: dict[str, list[dict[str, Any]]] = {}
+    for case in cases:
+        by_modality.setdefault(resolve_modality(cfg, case.pop("modality")), []).append(case)
+    with tqdm(total=len(cases), desc="predict", unit="study") as progress:
+        for modality, group in by_modality.items():
+            predictor = Predictor(cfg, net, modality, device)
+            done = 0
+            for prediction in predictor.predict(group, options.batch_size, skipped):
+                written.append(_write(prediction, cfg, options.out))
+                done += 1
+                progress.update()
+            progress.update(len(group) - done)  # the skipped ones
+    if written and TASKS[cfg.task].label_kind != "mask":
+        write_table([w["row"] for w in written], options.out / TABLE)
+    _summarise(options, cfg, written, skipped)
+    return 0 if written else 1
+
+
+def _write(prediction: Prediction, cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """One study's files (segmentation) or table row (image-level tasks)."""
+    case = prediction.case
+    kind = TASKS[cfg.task].label_kind
+    record: dict[str, Any] = {"input": case["input"], "name": case["name"]}
+    if kind == "mask":
+        output = prediction.output
+        mask = output.argmax(dim=0).numpy().astype(np.uint8)
+        mask = mask_in_input_shape(mask, tuple(prediction.image.meta["spatial_shape"]))
+        affine = _affine4(np.asarray(output.affine))
+        record["mask"] = str(
+            write_nifti_mask(mask, affine, out / "masks" / f"{case['name']}.nii.gz")
+        )
+        if case["dicom"]:
+            seg = out / "seg" / f"{case['name']}.dcm"
+            seg.parent.mkdir(parents=True, exist_ok=True)
+            record["dicom-seg"] = str(
+                write_dicom_seg(mask, affine, Path(case["input"]), list(cfg.classes), seg)
+            )
+        overlay = out / "overlays" / f"{case['name']}.png"
+        record["overlay"] = str(
+            write_overlay(prediction.image, prediction.preview, cfg.classes, overlay)
+        )
+        record["voxels"] = {
+            name: int((mask == k).sum()) for k, name in enumerate(cfg.classes) if k > 0
+        }
+    else:
+        record["row"] = _row(prediction, cfg, kind)
+    return record
+
+
+def _row(prediction: Prediction, cfg: RunConfig, kind: str) -> dict[str, Any]:
+    values = prediction.output.view(-1).tolist()
+    row: dict[str, Any] = {"input": prediction.case["input"]}
+    if kind == "value":  # the run's value name says what it measures, unit included
+        row.update({"quantity": cfg.classes[0], "value": round(values[0], 6)})
+        return row
+    row["predicted"] = cfg.classes[int(np.argmax(values))]
+    row.update(
+        {f"probability-{name}": round(p, 6) for name, p in zip(cfg.classes, values, strict=True)}
+    )
+    return row
+
+
+def _affine4(affine: np.ndarray) -> np.ndarray:
+    """A 2D reader's 3x3 affine as NIfTI's 4x4 (the slice at z = 0)."""
+    if affine.shape == (4, 4):
+        return affine
+    full = np.eye(4)
+    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+    return full
+
+
+def _summarise(
+    options: PredictOptions, cfg: RunConfig, written: list[dict[str, Any]], skipped: dict[str, str]
+) -> None:
+    """predictions.json, and what was written or skipped, on the console."""
+    summary = {
+        "model": str(options.model),
+        "task": cfg.task,
+        "classes": list(cfg.classes),
+        "written": [{k: v for k, v in w.items() if k != "row"} for w in written],
+        "skipped": [{"input": path, "reason": why} for path, why in skipped.items()],
+    }
+    (options.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"predicted {len(written)} studies into {options.out}", end="")
+    print(f" ({TABLE})" if written and TASKS[cfg.task].label_kind != "mask" else "")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable inputs (listed in {SUMMARY}):")
+        for path, why in skipped.items():
+            print(f"  {path}: {why}")

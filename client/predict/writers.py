@@ -1,0 +1,67 @@
+"""What `medfed predict` writes: masks as NIfTI, PNG overlays, one CSV of image-level results."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import torch
+
+from medfed.client.data.check import middle_slice
+
+
+def mask_in_input_shape(mask: np.ndarray, original_shape: tuple[int, ...]) -> np.ndarray:
+    """The mask with the singleton axes the reader dropped put back (a 2D slice stored as
+    H x W x 1 gets an H x W x 1 mask)."""
+    if mask.shape != original_shape and mask.size == int(np.prod(original_shape)):
+        return mask.reshape(original_shape)
+    return mask
+
+
+def write_nifti_mask(mask: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """A label volume (uint8) with the input's affine, so viewers overlay it on the study."""
+    image = nib.Nifti1Image(mask.astype(np.uint8), np.asarray(affine, dtype=float))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
+def write_overlay(image: torch.Tensor, mask: torch.Tensor, classes: list[str], path: Path) -> Path:
+    """The (middle slice of the) preprocessed image with the predicted classes outlined.
+
+    Drawn at the network's resolution: the overlay is a quick look, the NIfTI and
+    SEG files are the result.
+    """
+    picture = middle_slice(image[0].as_tensor() if hasattr(image, "as_tensor") else image[0]).T
+    outline = middle_slice(mask).T
+    fig, axis = plt.subplots(figsize=(3.2, 3.4))
+    axis.imshow(picture, cmap="gray")
+    if outline.max() > 0:
+        levels = [k + 0.5 for k in range(len(classes) - 1)]
+        axis.contour(outline, levels=levels, cmap="autumn", linewidths=0.9)
+    axis.set_title(path.stem, fontsize=7)
+    axis.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    """predictions.csv: one row per image, columns in the order of the first row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -1,0 +1,155 @@
+"""`medfed predict`: results in each input's own geometry, DICOM SEG, tables, skipped inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from medfed.client.synthetic.dicom import write_series
+from medfed.server.cli import main
+from tests.trained_models import trained_run, untrained_run
+
+# Voxel axes permuted and flipped, anisotropic spacing (0.8, 1.5, 2.5 mm), an offset.
+SPACING = (0.8, 1.5, 2.5)
+OBLIQUE = np.array([[0, -1.5, 0, 10], [0, 0, 2.5, -5], [0.8, 0, 0, 3], [0, 0, 0, 1.0]])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
+
+
+def brain3d_run(root: Path, channels: int) -> Path:
+    """A 3D U-Net trained on one synthetic site (4 MRI channels, or their grey mean)."""
+    config = {"image-size": 32, "model-width": 8, "model-depth": 2, "in-channels": channels}
+    trained_run(root, "segmentation3d", epochs=40, images=20, **config)
+    return root
+
+
+@pytest.fixture(scope="module")
+def brain3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return brain3d_run(tmp_path_factory.mktemp("brain3d"), channels=4)
+
+
+def held_out_cases(root: Path, count: int = 3) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(image, whole-lesion mask, name) of the site's last cases, resampled from 1 mm to
+    (0.8, 1.5, 2.5) mm voxels: the same anatomy on a 40 x 21 x 13 grid."""
+    site = root / "data" / "site-0"
+    entries = json.loads((site / "dataset.json").read_text())["training"][-count:]
+    zoom = [1 / s for s in SPACING]
+    cases = []
+    for entry in entries:
+        image = nib.load(site / entry["image"]).get_fdata().astype(np.float32)
+        lesion = np.asarray(nib.load(site / entry["label"]).dataobj) > 0
+        image = ndimage.zoom(image, [*zoom, 1], order=1)
+        cases.append((image, ndimage.zoom(lesion, zoom, order=0), Path(entry["image"]).name))
+    return cases
+
+
+def test_mask_has_the_input_geometry_and_finds_the_lesion(brain3d, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cases = held_out_cases(brain3d)
+    for image, _, name in cases:
+        nib.save(nib.Nifti1Image(image, OBLIQUE), inputs / name)
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "out"
+    argv = ["predict", "--model", str(brain3d / "run"), "--input", str(inputs),
+            str(tmp_path / "missing.nii.gz"), "--out", str(out), "--batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    for image, lesion, name in cases:
+        mask = nib.load(out / "masks" / name)
+        assert mask.shape == image.shape[:3] == (40, 21, 13)
+        np.testing.assert_allclose(mask.affine, OBLIQUE, atol=1e-6)
+        assert dice(np.asarray(mask.dataobj) > 0, lesion) > 0.7, name
+        assert (out / "overlays" / name.replace(".nii.gz", ".png")).is_file()
+    summary = json.loads((out / "predictions.json").read_text())
+    assert len(summary["written"]) == len(cases)
+    skipped = {Path(s["input"]).name: s["reason"] for s in summary["skipped"]}
+    assert set(skipped) == {"broken.nii.gz", "missing.nii.gz"}
+    assert skipped["missing.nii.gz"] == "no such file or folder"
+
+
+def test_dicom_series_gets_a_seg_referencing_its_instances(tmp_path):
+    grey = brain3d_run(tmp_path / "grey", channels=1)
+    image = held_out_cases(grey, count=1)[0][0].mean(axis=-1)
+    # slices along the third voxel axis, rows along the second, columns along the first
+    stored = (np.transpose(image, (2, 1, 0)) * 1000).astype(np.int16)
+    series = write_series(tmp_path / "series", stored, "MR", (1.5, 0.8, 2.5))
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(grey / "run"), "--input", str(series),
+                 "--out", str(out)]) == 0  # fmt: skip
+    seg = hd.seg.segread(out / "seg" / "series.dcm")
+    sources = sorted((pydicom.dcmread(p) for p in series.iterdir()), key=lambda d: d.InstanceNumber)
+    uids = [d.SOPInstanceUID for d in sources]
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert sorted(r.ReferencedSOPInstanceUID for r in referenced) == sorted(uids)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["necrotic-core", "edema", "enhancing"]
+    frames = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    mask = nib.load(out / "masks" / "series.nii.gz")
+    assert mask.shape == (40, 21, 13)
+    volume = np.asarray(mask.dataobj)
+    assert volume.any()  # each instance's frame is the mask's slice through it
+    np.testing.assert_array_equal(frames, np.transpose(volume, (2, 1, 0)))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_image_level_results_are_one_row_per_image(tmp_path, task):
+    cfg, run = untrained_run(tmp_path / "run", task=task, **{"image-size": 32, "model-depth": 2})
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(inputs / f"x{k}.png")
+    (inputs / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(run), "--input", str(inputs), "--out", str(out)]) == 0
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(Path(r["input"]).name for r in rows) == [f"x{k}.png" for k in range(5)]
+    for row in rows:
+        if task == "regression":
+            assert row["quantity"] == cfg.classes[0]
+            assert np.isfinite(float(row["value"]))
+            continue
+        probabilities = [float(row[f"probability-{name}"]) for name in cfg.classes]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert row["predicted"] == cfg.classes[int(np.argmax(probabilities))]
+    skipped = json.loads((out / "predictions.json").read_text())["skipped"]
+    assert [Path(s["input"]).name for s in skipped] == ["truncated.png"]
+
+
+def test_a_site_folder_is_read_through_its_manifest(tmp_path, seg_sites):
+    _, run = untrained_run(tmp_path / "run", task="segmentation", **{"image-size": 32,
+                           "model-width": 4, "model-depth": 2})  # fmt: skip
+    site = seg_sites / "site-0"
+    listed = json.loads((site / "dataset.json").read_text())["training"]
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(run), "--input", str(site), "--out", str(out)]) == 0
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert masks == sorted(f"imagesTr__{Path(e['image']).name.split('.')[0]}.nii.gz"
+                           for e in listed)  # fmt: skip
+    first = listed[0]["image"]
+    source = nib.load(site / first) if first.endswith((".nii", ".nii.gz")) else None
+    if source is not None:
+        mask = nib.load(out / "masks" / f"imagesTr__{Path(first).name.split('.')[0]}.nii.gz")
+        assert mask.shape == source.shape
+
+
+def test_refuses_what_is_not_a_run_or_cannot_predict(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path), "--input", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "no model.json" in capsys.readouterr().err
+    _, gan = untrained_run(tmp_path / "gan", task="gan", **{"image-size": 32, "model-depth": 2})
+    assert main(["predict", "--model", str(gan), "--input", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "medfed gan sample" in capsys.readouterr().err
