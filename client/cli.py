@@ -82,7 +82,9 @@ def add_gan_commands(commands: Commands) -> None:
     sample = gan_commands.add_parser("sample", help="write generated images of one class")
     sample.add_argument("--model", type=Path, required=True, help="a gan run folder")
     sample.add_argument("--n", type=int, default=16, help="how many images")
-    sample.add_argument("--class", dest="class_name", required=True, help="class name")
+    sample.add_argument(
+        "--class", dest="class_name", required=True, help="class name or index, e.g. covid or 2"
+    )
     sample.add_argument("--out", type=Path, required=True)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=_sample)

@@ -53,10 +53,22 @@ def generated_items(site: SiteDataset, cfg: RunConfig, server_round: int) -> lis
     return [{"image": image, "label": label} for image, label in zip(images, labels, strict=True)]
 
 
+def class_index(classes: tuple[str, ...], given: str) -> int:
+    """The index of a class given by its name or by its index (a name wins: classes may be
+    named by digits); a ValueError listing the valid classes otherwise."""
+    if given in classes:
+        return classes.index(given)
+    if given.strip().isdigit() and int(given) < len(classes):
+        return int(given)
+    valid = ", ".join(f"{i} {name}" for i, name in enumerate(classes))
+    raise ValueError(f"--class {given!r}: not one of the gan's classes ({valid})")
+
+
 def sample_images(
     run_dir: Path, count: int, class_name: str, out: Path, seed: int = 0
 ) -> list[Path]:
-    """`count` PNG images of `class_name` from a gan run, plus grid.png of them all."""
+    """`count` PNG images of one class (its name or index) from a gan run, plus grid.png of
+    them all; the files are named after the class."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,9 +77,8 @@ def sample_images(
     from PIL import Image
 
     gan_cfg, gan = load_generator(run_dir)
-    if class_name not in gan_cfg.classes:
-        raise ValueError(f"--class {class_name!r}: the gan knows {', '.join(gan_cfg.classes)}")
-    label = gan_cfg.classes.index(class_name)
+    label = class_index(gan_cfg.classes, class_name)
+    class_name = gan_cfg.classes[label]
     with torch.no_grad():
         images = gan.generate(torch.full((count,), label), torch.Generator().manual_seed(seed))[
             :, 0

@@ -58,5 +58,34 @@ def test_sample_writes_pngs_of_the_asked_class_and_a_grid(gan_run, tmp_path):
     assert [p.name for p in paths] == ["covid-0000.png", "covid-0001.png", "covid-0002.png"]
     assert Image.open(paths[0]).size == (32, 32)
     assert (tmp_path / "out" / "grid.png").is_file()
-    with pytest.raises(ValueError, match="the gan knows normal, pneumonia, covid"):
+    with pytest.raises(ValueError, match=r"\(0 normal, 1 pneumonia, 2 covid\)"):
         sample_images(gan_run, 1, "tumour", tmp_path / "other")
+
+
+def test_sample_takes_the_class_index_too(gan_run, tmp_path):
+    by_index = sample_images(gan_run, 2, "1", tmp_path / "index", seed=3)
+    by_name = sample_images(gan_run, 2, "pneumonia", tmp_path / "name", seed=3)
+    assert [p.name for p in by_index] == ["pneumonia-0000.png", "pneumonia-0001.png"]
+    for index, name in zip(by_index, by_name, strict=True):
+        assert Image.open(index).tobytes() == Image.open(name).tobytes()
+
+
+@pytest.mark.parametrize("given", ["3", "-1", "Covid", ""])
+def test_an_unknown_class_lists_the_valid_ones_with_their_indices(gan_run, tmp_path, given):
+    with pytest.raises(ValueError, match=r"not one of the gan's classes \(0 normal, 1 pneumonia"):
+        sample_images(gan_run, 1, given, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gan_sample_command_takes_an_index_and_names_a_bad_one(gan_run, tmp_path, capsys):
+    from medfed.server.cli import main
+
+    out = tmp_path / "out"
+    assert main(["gan", "sample", "--model", str(gan_run), "--class", "2", "--n", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert (out / "covid-0000.png").is_file()
+    assert main(["gan", "sample", "--model", str(gan_run), "--class", "7",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "--class '7': not one of the gan's classes (0 normal, 1 pneumonia, 2 covid)" in (
+        capsys.readouterr().err
+    )
