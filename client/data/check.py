@@ -7,8 +7,10 @@ writes data_report.json and samples.png next to a readable summary.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +19,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from medfed.client.data.manifest import SiteDataError, find_manifest
+from medfed.client.data.manifest import SiteDataError, find_manifest, read_rows
 from medfed.client.data.site import SiteDataset, scan_site
 from medfed.client.data.transforms import intensity_mode, site_transforms
-from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.config import TASK_NAMES, ConfigError, RunConfig
 from medfed.shared_models.tasks import TASKS
 
 REPORT = "data_report.json"
 SAMPLES = "samples.png"
 
 
-def site_config(root: Path, task: str | None) -> RunConfig:
-    """The task and classes a site declares (dataset.json), overridable by --task."""
+def site_config(root: Path, task: str | None) -> tuple[RunConfig, str | None]:
+    """The task and classes a site declares (dataset.json), overridable by --task; with a
+    line saying so when the task was inferred from the labels instead."""
     declared: dict[str, Any] = {}
     manifest = find_manifest(root)
     if manifest.suffix == ".json":
@@ -39,16 +42,61 @@ def site_config(root: Path, task: str | None) -> RunConfig:
         if not isinstance(declared, dict):
             declared = {}  # scan_site reports a top level that is not an object
     task = task or declared.get("task")
+    inferred = None
     if task is None:
-        raise ConfigError(
-            f"{root}: cannot tell the task (no 'task' in dataset.json); "
-            "pass --task segmentation|classification"
-        )
+        task, inferred = infer_task(root, manifest)
     values: dict[str, Any] = {"task": task}
     labels = declared.get("labels")
     if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
         values["class-names"] = ",".join(str(labels[k]) for k in sorted(labels, key=int))
-    return RunConfig.from_mapping(values)
+    return RunConfig.from_mapping(values), inferred
+
+
+def infer_task(root: Path, manifest: Path) -> tuple[str, str]:
+    """Classification when every label is an integer, regression when every label is a
+    number and some are not integers (what a CSV manifest of X-rays holds), with the line
+    that says so; ConfigError naming the site otherwise."""
+    rows = [] if manifest.suffix == ".npz" else list(_labels(read_rows(manifest)))
+    numbers = [_number(label) for label in rows]
+    if rows and None not in numbers:
+        integers = all(isinstance(n, int) for n in numbers)
+        task = "classification" if integers else "regression"
+        kind = "integer" if integers else "non-integer"
+        line = (
+            f"task {task}: inferred from the {kind} labels in {manifest.name} (--task overrides it)"
+        )
+        return task, line
+    if manifest.suffix == ".npz":
+        reason = f"{manifest.name} names none"
+    elif not rows:
+        reason = f"{manifest.name} names none and holds no labels to infer it from"
+    else:
+        first = rows[numbers.index(None)]
+        reason = f"{manifest.name} names none and its labels are not all numbers: {first!r}"
+    raise ConfigError(
+        f"{root}: cannot tell the task ({reason}); pass --task {'|'.join(TASK_NAMES)}"
+    )
+
+
+def _labels(raw: dict[str, Any]) -> Iterator[Any]:
+    for rows in raw["splits"].values():
+        for _, row in rows:
+            if isinstance(row, dict) and "label" in row:
+                yield row["label"]
+
+
+def _number(label: Any) -> int | float | None:
+    """An integer or a finite number as a manifest writes it (JSON number or CSV text)."""
+    if isinstance(label, str):
+        for kind in (int, float):
+            try:
+                label = kind(label.strip())
+                break
+            except ValueError:
+                continue
+    if isinstance(label, bool) or not isinstance(label, int | float):
+        return None
+    return label if isinstance(label, int) or math.isfinite(label) else None
 
 
 def check_site(root: Path, task: str | None = None) -> dict[str, Any]:
@@ -56,7 +104,9 @@ def check_site(root: Path, task: str | None = None) -> dict[str, Any]:
     root = root.expanduser().resolve()
     report: dict[str, Any] = {"site": str(root), "usable": False, "blocking": []}
     try:
-        cfg = site_config(root, task)
+        cfg, inferred = site_config(root, task)
+        if inferred:
+            report["inferred"] = inferred
         site = scan_site(root, cfg)
     except (SiteDataError, ConfigError) as err:
         report["blocking"].append(str(err))
@@ -125,6 +175,8 @@ def _counts(values: Any) -> dict[str, int]:
 def print_report(report: dict[str, Any]) -> None:
     """The report as a hospital reads it: counts, labels, shapes, problems, the verdict."""
     print(f"site: {report['site']}")
+    if "inferred" in report:
+        print(f"  {report['inferred']}")
     if "counts" in report:
         c = report["counts"]
         print(
@@ -156,7 +208,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 def save_samples(root: Path, report: dict[str, Any], path: Path, count: int = 8) -> None:
     """A grid of usable images as the network will see them, with their labels."""
-    cfg = site_config(root, report["task"])
+    cfg, _ = site_config(root, report["task"])
     site = scan_site(root, cfg)
     entries = (site.train + site.val)[:count]
     if not entries:

@@ -80,7 +80,7 @@ def read_manifest(
     if source.suffix == ".npz":
         _check_npz_headers(source, max_megabytes)
         return _read_npz(source, num_classes)
-    raw = _read_json(source) if source.suffix == ".json" else _read_csv(source)
+    raw = read_rows(source)
     manifest = Manifest(source, {s: [] for s in SPLITS}, raw["labels"], raw["modality"])
     for split, rows in raw["splits"].items():
         for index, row in rows:
@@ -89,6 +89,12 @@ def read_manifest(
             if entry is not None:
                 manifest.splits[split].append(entry)
     return manifest
+
+
+def read_rows(source: Path) -> dict[str, Any]:
+    """A dataset.json or manifest.csv as written, before any path is resolved: its rows per
+    split (as (index, row) pairs), its declared labels and modality."""
+    return _read_json(source) if source.suffix == ".json" else _read_csv(source)
 
 
 def _read_json(source: Path) -> dict[str, Any]:

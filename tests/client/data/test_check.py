@@ -70,3 +70,56 @@ def test_check_offers_every_task(tmp_path):
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["task"] == "regression" and report["modality"] == "DX"
     assert "label-range" in report
+
+
+def _csv_site(folder, labels):
+    """A CSV-manifest site of small PNG X-rays (image,label columns, no task named)."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["image,label"]
+    for i, label in enumerate(labels):
+        pixels = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"x{i}.png")
+        rows.append(f"images/x{i}.png,{label}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_check_infers_classification_from_integer_csv_labels(tmp_path, capsys):
+    from medfed.client.data.check import run_check
+
+    site = _csv_site(tmp_path / "site", [0, 1, 2, 1, 0, 2, 1, 0])
+    assert run_check(site, None, tmp_path / "out") == 0
+    printed = capsys.readouterr().out
+    line = "task classification: inferred from the integer labels in manifest.csv"
+    assert printed.count(line) == 1
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["usable"] and report["task"] == "classification"
+    assert sum(report["label-histogram"].values()) == 8
+
+
+def test_check_infers_regression_from_decimal_csv_labels(tmp_path, capsys):
+    from medfed.client.data.check import check_site, print_report
+
+    site = _csv_site(tmp_path / "site", [12.5, 30, 47.25, 60, 81.0, 99.5])
+    report = check_site(site)
+    print_report(report)
+    assert "task regression: inferred from the non-integer labels" in capsys.readouterr().out
+    assert report["usable"] and report["task"] == "regression"
+    assert report["label-range"][0] == 12.5 and report["label-range"][2] == 99.5
+
+
+def test_check_still_names_labels_it_cannot_infer_a_task_from(tmp_path):
+    from medfed.client.data.check import check_site
+
+    site = _csv_site(tmp_path / "site", [0, 1, "covid", 1])
+    report = check_site(site)
+    assert not report["usable"]
+    assert report["blocking"] == [
+        f"{site}: cannot tell the task (manifest.csv names none and its labels are not all "
+        "numbers: 'covid'); pass --task segmentation|segmentation3d|classification|regression|gan"
+    ]
+    assert check_site(site, "classification")["counts"]["skipped"] == 1  # --task still decides
