@@ -94,8 +94,9 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
 
 
 def _checked_settings(sim: Simulation) -> RunConfig:
-    """The run's config, with every check that needs no data done first: the output
-    folder, the number of hospitals and images, the quorum, the initial weights."""
+    """The run's config, with every check that needs no images done first: the output
+    folder, the number of hospitals and images, the quorum, the classes, the initial
+    weights."""
     if (sim.out / METRICS_JSON).exists():
         raise ConfigError(
             f"output folder {sim.out} already holds a run; choose another --out "
@@ -116,6 +117,8 @@ def _checked_settings(sim: Simulation) -> RunConfig:
             f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
             f"{sim.sites} simulated hospitals"
         )
+    if sim.data is not None and not str(sim.overrides.get("class-names", "")).strip():
+        cfg = _classes_from_sites(cfg, sim.sites)
     if cfg.pretrained_weights:  # fail before anything starts, with the same report
         from medfed.shared_models.pretrained import load_pretrained
         from medfed.shared_models.tasks import TASKS
@@ -123,6 +126,25 @@ def _checked_settings(sim: Simulation) -> RunConfig:
         path = Path(cfg.pretrained_weights).expanduser().resolve()
         load_pretrained(TASKS[cfg.task].build_network(cfg), path)
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "pretrained-weights": str(path)})
+    return cfg
+
+
+def _classes_from_sites(cfg: RunConfig, sites: int) -> RunConfig:
+    """`cfg` with the classes its hospitals' dataset.json declare alike, said in one line
+    (as the run records them: the ServerApp builds the network from them); `cfg` itself
+    where no site declares any. The run named none: -c class-names would win."""
+    from medfed.client.data.classes import sites_classes
+    from medfed.client.data.locate import site_folders
+
+    classes = sites_classes(site_folders(Path(cfg.data_root))[:sites])
+    if classes is None:
+        return cfg
+    names = ", ".join(classes)
+    try:
+        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "class-names": ",".join(classes)})
+    except ConfigError as err:
+        raise ConfigError(f"classes from the sites' dataset.json ({names}): {err}") from None
+    print(f"classes from the sites' dataset.json: {names}")
     return cfg
 
 

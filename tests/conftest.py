@@ -7,8 +7,12 @@ working tree: `make install` (or `make test`) reinstalls it.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 import medfed.server
@@ -50,6 +54,25 @@ TINY = {"image-size": 32, "model-width": 4, "model-depth": 2, "batch-size": 8}
 def tiny_config(**overrides: object) -> RunConfig:
     values = {**TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}}
     return RunConfig.from_mapping(values)
+
+
+BRAIN = {"0": "background", "1": "brain"}  # labels of sites that are not the default ones
+
+
+def relabelled_sites(seg_sites: Path, root: Path, labels_per_site: list[dict[str, str]]) -> Path:
+    """Copies of the synthetic segmentation sites whose dataset.json declare other labels
+    (masks folded onto as many values as the labels name)."""
+    for index, labels in enumerate(labels_per_site):
+        site = root / f"site-{index}"
+        shutil.copytree(seg_sites / f"site-{index}", site)
+        manifest = json.loads((site / "dataset.json").read_text())
+        manifest["labels"] = labels
+        (site / "dataset.json").write_text(json.dumps(manifest))
+        for path in (site / "labelsTr").iterdir():
+            mask = nib.load(path)
+            folded = np.minimum(np.asarray(mask.dataobj), len(labels) - 1).astype(np.uint8)
+            nib.save(nib.Nifti1Image(folded, mask.affine), path)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from medfed.client.data.manifest import SiteDataError, find_manifest, read_rows
+from medfed.client.data.manifest import (
+    SiteDataError,
+    declared_classes,
+    find_manifest,
+    read_rows,
+)
 from medfed.client.data.site import SiteDataset, scan_site
 from medfed.client.data.transforms import intensity_mode, site_transforms
 from medfed.shared_models.config import TASK_NAMES, ConfigError, RunConfig
@@ -46,9 +51,9 @@ def site_config(root: Path, task: str | None) -> tuple[RunConfig, str | None]:
     if task is None:
         task, inferred = infer_task(root, manifest)
     values: dict[str, Any] = {"task": task}
-    labels = declared.get("labels")
-    if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
-        values["class-names"] = ",".join(str(labels[k]) for k in sorted(labels, key=int))
+    classes = declared_classes(declared.get("labels"))
+    if classes:
+        values["class-names"] = ",".join(classes)
     return RunConfig.from_mapping(values), inferred
 
 

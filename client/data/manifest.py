@@ -51,6 +51,14 @@ class Manifest:
     problems: list[Problem] = field(default_factory=list)
 
 
+def declared_classes(labels: Any) -> list[str] | None:
+    """The class names a dataset.json 'labels' object declares, in index order; None when
+    it declares none or is not keyed by indices ({"0": "background", "1": ...})."""
+    if not isinstance(labels, dict) or not labels or not all(str(k).isdigit() for k in labels):
+        return None
+    return [str(labels[k]) for k in sorted(labels, key=int)]
+
+
 def find_manifest(root: Path) -> Path:
     """The site's manifest: dataset.json, else manifest.csv, else its one .npz archive."""
     if not root.is_dir():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medfed.client.data.manifest import Problem, SiteDataError, read_manifest
+from medfed.client.data.manifest import Problem, SiteDataError, declared_classes, read_manifest
 from medfed.client.data.scan import Scanner, ScanSpec
 from medfed.client.data.transforms import resolve_modality
 from medfed.shared_models.config import RunConfig
@@ -62,18 +62,11 @@ def scan_site(
     root = root.expanduser().resolve()
     task = TASKS[cfg.task]
     manifest = read_manifest(root, task.label_kind, len(cfg.classes), cfg.max_image_megabytes)
-    if manifest.labels is not None:
-        labels = manifest.labels
-        declared = (
-            [labels[k] for k in sorted(labels, key=int)]
-            if all(str(k).isdigit() for k in labels)
-            else None
+    if manifest.labels is not None and declared_classes(manifest.labels) != list(cfg.classes):
+        raise SiteDataError(
+            f"{manifest.source}: labels {manifest.labels} do not match the run's classes "
+            f"{list(cfg.classes)} (config key 'class-names')"
         )
-        if declared != list(cfg.classes):
-            raise SiteDataError(
-                f"{manifest.source}: labels {labels} do not match the run's classes "
-                f"{list(cfg.classes)} (config key 'class-names')"
-            )
     spec = ScanSpec(
         task.label_kind,
         len(cfg.classes),

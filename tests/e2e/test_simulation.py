@@ -17,6 +17,7 @@ import torch
 from medfed.server.simulate import flwr_run, simulation_superlink
 from medfed.shared_models.protocol import SUPPRESSED
 from medfed.shared_models.run_folder import load_global_model
+from tests.conftest import BRAIN, relabelled_sites
 
 pytestmark = pytest.mark.e2e
 
@@ -68,6 +69,26 @@ def test_simulated_federation_learns_and_leaves_a_complete_run_folder(tmp_path):
     for key, value in checkpoint["arrays"].items():
         assert torch.equal(value, net.state_dict()[key])
     assert _no_stray_processes(str(out / "run-config.toml"))
+
+
+def test_classes_from_the_sites_are_the_runs_own(tmp_path, seg_sites):
+    """Sites labelled background/brain and no class-names: the run takes the sites' two
+    classes, records them and trains a network with two outputs."""
+    data = relabelled_sites(seg_sites, tmp_path / "data", [BRAIN, BRAIN])
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "medfed.server.cli", "simulate", "--data", str(data),
+         "--rounds", "1", "--out", str(out), *TINY_RUN],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "classes from the sites' dataset.json: background, brain" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["class-names"] == "background,brain"
+    assert "dice-brain" in metrics["rounds"][-1]["global"]
+    cfg, net = load_global_model(out)  # model.json
+    assert cfg.classes == ("background", "brain")
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
 
 
 def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_sites):
