@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.networks import build
 
 Batch = dict[str, Any]
 
@@ -34,9 +35,14 @@ class Task(ABC):
     default_image_size: ClassVar[int] = 64  # pixels (voxels) per side fed to the network
     default_modality: ClassVar[str]  # DICOM modality code assumed when a site declares none
 
-    @abstractmethod
     def build_network(self, cfg: RunConfig) -> nn.Module:
         """The network named by `cfg.model`, sized by the config."""
+        return build(self.network_spec(cfg))
+
+    def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
+        """The network as a MONAI bundle config item (`_target_` and its arguments): what
+        `build_network` builds, and what an exported bundle's `network_def` holds."""
+        raise ValueError(f"task '{self.name}' has no network a MONAI bundle can describe")
 
     @abstractmethod
     def build_loss(self, cfg: RunConfig) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import BACKBONES, build_backbone, head_prefix
+from medfed.shared_models.networks import BACKBONES, backbone_spec, head_prefix
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
@@ -27,8 +28,8 @@ class ClassificationTask(Task):
     spatial_dims = 2
     default_modality = "CR"
 
-    def build_network(self, cfg: RunConfig) -> nn.Module:
-        return build_backbone(cfg, outputs=len(cfg.classes))
+    def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
+        return backbone_spec(cfg, outputs=len(cfg.classes))
 
     def head(self, cfg: RunConfig) -> str:
         return head_prefix(cfg.model)

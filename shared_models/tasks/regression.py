@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import BACKBONES, build_backbone, head_prefix
+from medfed.shared_models.networks import BACKBONES, backbone_spec, head_prefix
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
@@ -44,8 +45,8 @@ class RegressionTask(Task):
     def label_bin(self, label: float, cfg: RunConfig) -> int:
         return min(4, max(0, int(label // (cfg.target_scale / 2))))
 
-    def build_network(self, cfg: RunConfig) -> nn.Module:
-        return build_backbone(cfg, outputs=1)
+    def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
+        return backbone_spec(cfg, outputs=1)
 
     def head(self, cfg: RunConfig) -> str:
         return head_prefix(cfg.model)

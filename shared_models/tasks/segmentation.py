@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
-from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.networks import build, spec
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
 def build_unet(cfg: RunConfig, spatial_dims: int) -> nn.Module:
     """MONAI's residual UNet, `model-depth` levels from `model-width` channels (2D or 3D)."""
-    channels = tuple(cfg.model_width * 2**i for i in range(cfg.model_depth + 1))
-    return UNet(
+    return build(unet_spec(cfg, spatial_dims))
+
+
+def unet_spec(cfg: RunConfig, spatial_dims: int) -> dict[str, Any]:
+    """`build_unet`'s network as a MONAI bundle config item."""
+    return spec(
+        "UNet",
         spatial_dims=spatial_dims,
         in_channels=cfg.in_channels,
         out_channels=len(cfg.classes),
-        channels=channels,
-        strides=(2,) * cfg.model_depth,
+        channels=[cfg.model_width * 2**i for i in range(cfg.model_depth + 1)],
+        strides=[2] * cfg.model_depth,
         num_res_units=1,
         norm=cfg.norm,
     )
@@ -41,8 +47,8 @@ class SegmentationTask(Task):
     spatial_dims = 2
     default_modality = "MR"
 
-    def build_network(self, cfg: RunConfig) -> nn.Module:
-        return build_unet(cfg, spatial_dims=2)
+    def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
+        return unet_spec(cfg, spatial_dims=self.spatial_dims)
 
     def build_loss(self, cfg: RunConfig) -> nn.Module:
         return DiceCELoss(to_onehot_y=True, softmax=True)

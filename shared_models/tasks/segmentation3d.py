@@ -9,17 +9,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.nets import SegResNet
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.networks import spec
 from medfed.shared_models.tasks.base import Batch, autocast
-from medfed.shared_models.tasks.segmentation import SegmentationTask, build_unet
+from medfed.shared_models.tasks.segmentation import SegmentationTask
 
 
 class Segmentation3DTask(SegmentationTask):
@@ -34,14 +35,14 @@ class Segmentation3DTask(SegmentationTask):
     default_image_size = 32
     spatial_dims = 3
 
-    def build_network(self, cfg: RunConfig) -> nn.Module:
+    def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
         if cfg.model == "segresnet":
-            return SegResNet(
-                spatial_dims=3, init_filters=cfg.model_width, in_channels=cfg.in_channels,
-                out_channels=len(cfg.classes), blocks_down=(1, 2, 2, 4)[: cfg.model_depth + 1],
-                blocks_up=(1,) * cfg.model_depth,
+            return spec(
+                "SegResNet", spatial_dims=3, init_filters=cfg.model_width,
+                in_channels=cfg.in_channels, out_channels=len(cfg.classes),
+                blocks_down=[1, 2, 2, 4][: cfg.model_depth + 1], blocks_up=[1] * cfg.model_depth,
             )  # fmt: skip
-        return build_unet(cfg, spatial_dims=3)
+        return super().network_spec(cfg)
 
     def evaluate(
         self, net: nn.Module, batches: Iterable[Batch], cfg: RunConfig, device: torch.device
