@@ -29,6 +29,9 @@ SERVER_STEP_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # The imaging tasks (shared_models.tasks.TASKS, which imports torch, has one of each).
 TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan")
 DP_MODES = ("off", "client", "server")
+# Cross-site evaluation at the end of a run: the global model at every site (the final
+# round's evaluation, no extra message), and with "all" each site's last local model too.
+CROSS_SITE_MODES = ("off", "global", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 INTENSITIES = ("auto", "ct-window", "percentile", "scale", "zscore", "none")
@@ -151,6 +154,7 @@ class RunConfig:
     data_root: str = ""
     out_dir: str = "runs/latest"
     resume_from: str = ""  # a run folder (or run id on a coordinator) to carry on
+    cross_site: str = "global"  # off | global | all (each site's last local model too)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], validate: bool = True) -> RunConfig:
@@ -229,6 +233,7 @@ class RunConfig:
             ("precision", PRECISIONS),
             ("freeze", FREEZES),
             ("norm", NORMS),
+            ("cross_site", CROSS_SITE_MODES),
         ):
             if getattr(self, attr) not in allowed:
                 _bad(attr, getattr(self, attr), f"one of {', '.join(allowed)}")
@@ -362,6 +367,29 @@ class RunConfig:
             _bad("dp_mode", self.dp_mode, f"'off' with strategy {self.strategy}")
         if not 0 < self.dp_delta < 1:
             _bad("dp_delta", self.dp_delta, "in (0, 1)")
+        self._validate_cross_site()
+
+    def _validate_cross_site(self) -> None:
+        """Cross-site "all" sends each hospital's un-aggregated local model to the other
+        hospitals: secure aggregation and DP exist so that no such model leaves the sum."""
+        if self.cross_site != "all":
+            return
+        protections = [
+            name
+            for name, on in (
+                ("secure-aggregation = true", self.secure_aggregation),
+                (f"dp.mode = '{self.dp_mode}'", self.dp_mode != "off"),
+            )
+            if on
+        ]
+        if protections:
+            _bad(
+                "cross_site",
+                self.cross_site,
+                f"'global' or 'off' with {' and '.join(protections)}: 'all' sends each "
+                "hospital's un-aggregated local model to the other hospitals, which would "
+                f"defeat {'them' if len(protections) > 1 else 'it'}",
+            )
 
     @property
     def keeps_norms_local(self) -> bool:

@@ -141,3 +141,35 @@ def test_every_float_setting_is_finite_and_bounded(attr, bad):
 def test_sizes_and_strings_have_bounds(values, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         RunConfig.from_mapping(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "protection"),
+    [
+        ({"secure-aggregation": True, "min-nodes": 3}, "secure-aggregation = true"),
+        ({"dp.mode": "client"}, "dp.mode = 'client'"),
+        ({"dp.mode": "server"}, "dp.mode = 'server'"),
+    ],
+)
+def test_cross_site_all_is_refused_under_secure_aggregation_or_dp(values, protection):
+    """'all' would send each hospital's un-aggregated local model to the other hospitals."""
+    expected = f"'cross-site' = 'all': expected 'global' or 'off' with {protection}: "
+    with pytest.raises(ConfigError, match=re.escape(expected) + ".*would defeat it"):
+        RunConfig.from_mapping({**values, "cross-site": "all"})
+    assert RunConfig.from_mapping({**values, "cross-site": "global"}).cross_site == "global"
+
+
+def test_cross_site_all_names_both_protections_it_would_defeat():
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("secure-aggregation = true and dp.mode = 'client'") + ".*defeat them",
+    ):
+        RunConfig.from_mapping(
+            {"secure-aggregation": True, "dp.mode": "client", "cross-site": "all"}
+        )
+
+
+def test_cross_site_takes_its_three_modes_only():
+    assert RunConfig.from_mapping({"cross-site": "all"}).cross_site == "all"
+    with pytest.raises(ConfigError, match="'cross-site' = 'every': expected one of off, global"):
+        RunConfig.from_mapping({"cross-site": "every"})
