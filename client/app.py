@@ -69,6 +69,8 @@ def _fields(msg: Message, reply: Message, context: Context) -> dict[str, Any]:
         "round": int(config.get(Config.SERVER_ROUND, 0)),
         "sent_metrics": sorted(metrics),
     }
+    if Config.CROSS_SITE_MODEL in config:  # another hospital's local model was run here
+        fields["model"] = str(config[Config.CROSS_SITE_MODEL])
     if kind == MessageType.TRAIN:
         arrays = reply.content[Record.ARRAYS]
         clipped_to = config.get(KEY_CLIPPING_NORM)

@@ -33,7 +33,7 @@ from medfed.client.data.site import SiteDataset, load_site
 from medfed.client.data.site_summary import site_summary
 from medfed.client.gan import generated_items
 from medfed.client.node_settings import NodeSettings
-from medfed.client.round_request import MalformedRequest, round_settings
+from medfed.client.round_request import MalformedRequest, cross_site_model, round_settings
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Metric, Record, SiteKey
 from medfed.shared_models.tasks import TASKS
@@ -213,8 +213,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Validation metrics of the received global model on this site's held-out split."""
+    """Validation metrics of the received model on this site's held-out split: the global
+    model, or at the end of a run another site's last local model (cross-site evaluation)."""
     round_settings(msg)  # a malformed request is refused before the site is opened
+    other_site = cross_site_model(msg)
     site = NodeSite(context)
     net = site.network(msg)
     metrics = site.task.evaluate(
@@ -223,7 +225,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
     metrics[Metric.WEIGHT] = len(site.data.val)
     metrics[Metric.SKIPPED_FILES] = len(site.data.problems)
-    telemetry.record_evaluation(site.name, site.cfg.task, metrics)
+    if other_site is None:  # the site's gauges show the global model's metrics only
+        telemetry.record_evaluation(site.name, site.cfg.task, metrics)
     return site.reply(msg, metrics)
 
 

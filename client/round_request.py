@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Message
 
 from medfed.shared_models.config import FLOAT_RANGES, INT_RANGES
-from medfed.shared_models.protocol import Config, Record
+from medfed.shared_models.protocol import SITE_NAME, Config, Record
 
 
 class MalformedRequest(ValueError):
@@ -48,6 +48,18 @@ def round_settings(msg: Message) -> RoundSettings:
     if isinstance(mu, bool) or not isinstance(mu, int | float) or not low <= mu <= high:
         _bad(Config.PROXIMAL_MU, mu, f"a number in [{low}, {high}]")
     return RoundSettings(server_round(config, required=False), float(mu))
+
+
+def cross_site_model(msg: Message) -> str | None:
+    """The site whose local model a cross-site evaluation message carries; None for the
+    global model (the round loop's own evaluation)."""
+    config = request_config(msg)
+    if Config.CROSS_SITE_MODEL not in config:
+        return None
+    name = config[Config.CROSS_SITE_MODEL]
+    if not (isinstance(name, str) and SITE_NAME.fullmatch(name)):
+        _bad(Config.CROSS_SITE_MODEL, name, "a site name")
+    return str(name)
 
 
 def server_round(config: Mapping[str, Any], required: bool = True) -> int:

@@ -69,6 +69,9 @@ class Config:
     SERVER_ROUND = "server-round"  # Flower's strategies set it on every message
     PROXIMAL_MU = "proximal-mu"  # Flower's FedProx sets it
     STATS_MIN_COUNT = "stats-min-count"
+    # Cross-site evaluation: the site whose last local model an evaluate message carries
+    # (absent for the global model), so the evaluating hospital audits whose model it ran.
+    CROSS_SITE_MODEL = "cross-site-model"
 
 
 class SiteKey:
