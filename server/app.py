@@ -136,6 +136,7 @@ def _run(
         local = cfg.keeps_norms_local
         load_record(net, loop.run(to_record(net, local), resume), local)
         digest = outputs.record.save_model(net, cfg, cfg.num_server_rounds)
+        loop.cross_site()  # after the model is saved: its failures never cost the model
         outputs.record.finish("completed")
         audit("run-finished", run=context.run_id, status="completed", model_sha256=digest)
         outputs.progress(

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from medfed.server import strategy_state
+from medfed.server.cross_site import CrossSiteEvaluation
 from medfed.server.exchange import Exchange, QuorumError, RoundReplies, SiteNames
 from medfed.server.resume import ResumeError, ResumePoint
 from medfed.server.run_record import RoundSummary, RunOutputs
@@ -97,6 +98,7 @@ class RoundLoop:
             if cfg.secure_aggregation
             else PlainTraining(self.exchange)
         )
+        self.final: RoundOutcome | None = None  # the last round's replies, for cross-site
 
     def run(self, arrays: ArrayRecord, resume: ResumePoint | None = None) -> ArrayRecord:
         """Every round from the initial `arrays`, or every round after `resume`'s with its
@@ -122,6 +124,18 @@ class RoundLoop:
         for server_round in range(first, cfg.num_server_rounds + 1):
             arrays = self._train_round(server_round, arrays)
         return arrays
+
+    def cross_site(self) -> None:
+        """Evaluate the final round's models at every hospital (config key 'cross-site');
+        the matrix goes to metrics.json, report.md, Prometheus and the progress log."""
+        if self.cfg.cross_site == "off" or self.final is None:
+            return
+        self.exchange.timings.clear()
+        evaluation = CrossSiteEvaluation(
+            self.exchange, self.grid, self.cfg, self.outputs.headline_metric
+        )
+        final = self.final
+        self.outputs.cross_site(evaluation.run(final.server_round, final.evaluated, final.trained))
 
     def _round_clock(self) -> float:
         """A round's start: its exchanges' timings are recorded from here on."""
@@ -213,6 +227,9 @@ class RoundLoop:
     def _finish(self, outcome: RoundOutcome, arrays: ArrayRecord) -> None:
         state = strategy_state.capture(self.strategy.flower)
         self.outputs.round_finished(self._summarise(outcome), arrays, state)
+        # the last round's replies only: no earlier round's updates are held on to
+        if outcome.server_round == self.cfg.num_server_rounds:
+            self.final = outcome
 
     def _summarise(self, outcome: RoundOutcome) -> RoundSummary:
         """The round's global and per-site metrics, who replied, who failed and why."""

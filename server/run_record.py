@@ -26,6 +26,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.supercore import log
 
+from medfed.server.cross_site import CrossSiteMatrix
 from medfed.server.progress import PROGRESS_TAG, ROUND_EVENT_TAG
 from medfed.server.secure_aggregation import SecureStats
 from medfed.server.site_summary import format_summaries
@@ -88,6 +89,11 @@ class RunRecord:
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
         """The sites' summaries, as they sent them (small counts suppressed)."""
         self.data["site-statistics"] = stats
+        self.flush()
+
+    def set_cross_site(self, matrix: dict[str, Any]) -> None:
+        """The cross-site evaluation matrix (CrossSiteMatrix.to_json)."""
+        self.data["cross-site"] = matrix
         self.flush()
 
     def released(self) -> None:
@@ -302,6 +308,23 @@ class RunOutputs:
         )
         self._round_event(summary)
         self.progress(self._round_line(summary))
+
+    def cross_site(self, matrix: CrossSiteMatrix) -> None:
+        """The cross-site matrix everywhere a run's results go; the audit names the models
+        and the hospitals that evaluated them (values stay in metrics.json)."""
+        self.record.set_cross_site(matrix.to_json())
+        self.telemetry.cross_site(matrix.metric, matrix.values())
+        failed = sorted({site for row in matrix.failures.values() for site in row})
+        audit(
+            "cross-site",
+            run=self.run_id,
+            round=matrix.server_round,
+            models=matrix.models,
+            sites=matrix.sites,
+            failed=failed,
+        )
+        for line in matrix.table():
+            self.progress(line)
 
     def _telemetry(self, summary: RoundSummary) -> None:
         telemetry = self.telemetry

@@ -5,7 +5,7 @@ prometheus_client's multiprocess files and the long-lived exporter of
 `runtime.serve_metrics` serves them. Counters and histograms add up across
 processes, so they survive restarts; gauges report the most recently
 written value. Labels stay low-cardinality: run id, task, site, metric
-name, state.
+name, state, and the cross-site matrix's model (global or a site name).
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ SITE_VALIDATION = Gauge(
     "medfed_site_validation_metric",
     "Each hospital's validation metric of the global model, as reported to the coordinator",
     ["run", "task", "site", "metric"],
+    multiprocess_mode="mostrecent",
+)
+CROSS_SITE = Gauge(
+    "medfed_cross_site_metric",
+    "Headline validation metric of each model (global, or a site's last local model) on each "
+    "site's validation split, from the cross-site evaluation at the end of a run",
+    ["run", "task", "model", "site", "metric"],
     multiprocess_mode="mostrecent",
 )
 RECEIVED_BYTES = Counter("medfed_received_bytes", "Model bytes received from hospitals", ["run"])
@@ -148,3 +155,10 @@ class RoundTelemetry:
             for name, value in metrics.items():
                 if name not in Metric.BOOKKEEPING:
                     SITE_VALIDATION.labels(self.run, self.task, site, name).set(value)
+
+    def cross_site(self, metric: str, values: dict[str, dict[str, float | None]]) -> None:
+        """The cross-site matrix (model -> site -> value); a missing cell sets no sample."""
+        for model, row in values.items():
+            for site, value in row.items():
+                if value is not None:
+                    CROSS_SITE.labels(self.run, self.task, model, site, metric).set(value)

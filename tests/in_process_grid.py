@@ -90,6 +90,11 @@ class InProcessGrid:
         self.hostile: dict[int, Callable[[Message], Message]] = {}
         self.corrupt: dict[tuple[str, int], Callable[[Message], Message]] = {}
         self.tamper: set[tuple[int, int]] = set()
+        # the metrics a node reports for an evaluate message (default: fixed ones)
+        self.evaluation: Callable[[Message, int], dict] = lambda message, node: {
+            "loss": 1.0,
+            "auc": 0.5,
+        }
         self.seen: list[Message] = []  # every reply the coordinator received
         self.pushed: list[Message] = []  # every message the coordinator sent
         self.outbox: list[Message] = []
@@ -165,7 +170,7 @@ class InProcessGrid:
                 state = context.state.config_records[secagg_mod.STATE_KEY]
                 self.secrets[node].append(state["seed"])
             return reply
-        evaluation = {"loss": 1.0, "auc": 0.5, Metric.NUM_EXAMPLES: 10, Metric.WEIGHT: 10}
+        evaluation = {**self.evaluation(message, node), Metric.NUM_EXAMPLES: 10, Metric.WEIGHT: 10}
         return self._metrics_reply(message, node, evaluation)
 
     def _upload(self, message: Message, node: int, context: Context) -> Message:
