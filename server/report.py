@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from medfed.server.cross_site_report import cross_site_section
 from medfed.server.site_summary import shown_count
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import SUPPRESSED, Metric, Statistic
@@ -60,6 +61,7 @@ def write_report(run_dir: Path) -> Path:
                 f"{_fmt(g.get(headline))} | {r['seconds']:.1f} |"
             )
         lines += _sites_section(rounds[-1])
+    lines += cross_site_section(data, run_dir)
     lines += _statistics_section(data, config)
     lines += ["", "![global](plots/global.png)", "", "![sites](plots/sites.png)", ""]
     if (plots / PREDICTIONS_PNG).exists():

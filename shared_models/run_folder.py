@@ -30,6 +30,7 @@ MODEL_JSON = "model.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 PREDICTIONS_PNG = "predictions.png"
+CROSS_SITE_PNG = "cross-site.png"  # the cross-site evaluation heat map
 PROGRESS_LOG = "progress.log"
 # metrics.json keys of a run's continuity: how many noisy (DP) aggregates left the
 # coordinator since the last checkpoint (whose privacy ledger lacks them), and the folder
