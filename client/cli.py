@@ -76,6 +76,22 @@ def add_predict_command(commands: Commands) -> None:
     predict.set_defaults(handler=_predict)
 
 
+def add_export_command(commands: Commands) -> None:
+    """`medfed export`: a run's model for use outside medfed."""
+    export = commands.add_parser(
+        "export", help="a run's model as a MONAI bundle or TorchScript, for use without medfed"
+    )
+    export.add_argument("run_dir", type=Path, help="a finished run folder")
+    export.add_argument("--format", choices=("bundle", "torchscript"), default="bundle")
+    export.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+    export.add_argument(
+        "--modality",
+        help="the images' modality (CT: a HU window; others: percentile scaling); "
+        "default: the run's modality setting, else the task's usual one",
+    )
+    export.set_defaults(handler=_export)
+
+
 def add_gan_commands(commands: Commands) -> None:
     """`medfed gan sample`."""
     gan_commands = command_group(commands, "gan", "use a federated GAN")
@@ -147,6 +163,13 @@ def _predict(args: argparse.Namespace) -> int:
     from medfed.shared_models.runtime import options_from
 
     return run_predict(options_from(PredictOptions, args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from medfed.client.export import ExportOptions, export_run
+    from medfed.shared_models.runtime import options_from
+
+    return export_run(options_from(ExportOptions, args))
 
 
 def _sample(args: argparse.Namespace) -> int:

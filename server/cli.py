@@ -17,6 +17,7 @@ from pathlib import Path
 from medfed.client.cli import (
     Commands,
     add_data_commands,
+    add_export_command,
     add_gan_commands,
     add_node_commands,
     add_predict_command,
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_gan_commands(commands)
     add_predict_command(commands)
+    add_export_command(commands)
     _add_simulate(commands)
     _add_bench(commands)
     _add_certs_commands(commands)

@@ -15,23 +15,14 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
-    NormalizeIntensityd,
-    Orientationd,
     RandFlipd,
     RandGaussianNoised,
     RandSpatialCropd,
-    Resized,
-    ResizeWithPadOrCropd,
-    ScaleIntensityd,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
     SelectItemsd,
-    Spacingd,
 )
+from monai.utils import instantiate
 
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
@@ -47,7 +38,11 @@ warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 # Orientationd's axis labels, given explicitly: MONAI 1.6 warns that its default will
 # follow the image's own space; medfed's images are always RAS-labelled.
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+RAS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
+
+# The one transform of the pipeline that is medfed's own (an exported bundle carries its
+# source, see client.export).
+CONFORM = "medfed.client.data.transforms.ConformSpatiald"
 
 # Per-modality intensity defaults: CT has absolute units (HU) worth keeping as
 # a window. MR and radiographs have arbitrary, scanner-dependent units, so they
@@ -131,45 +126,57 @@ def preprocessing(
     """The deterministic steps, from a file to the network's input size: what training,
     evaluation and `medfed predict` share (spatial steps are invertible, so a prediction
     can be put back in the input's own geometry)."""
+    items = preprocessing_spec(cfg, modality, keys, from_files=array_channel_dim is None)
+    if array_channel_dim is not None:  # in-memory (.npz) images: no reader, no orientation
+        items[:2] = [
+            item("EnsureTyped", keys="image", data_type="tensor"),
+            item("EnsureChannelFirstd", keys="image", channel_dim=array_channel_dim),
+        ]
+    return [instantiate(entry.pop("_target_"), "default", **entry) for entry in items]
+
+
+def preprocessing_spec(
+    cfg: RunConfig, modality: str, keys: list[str], from_files: bool = True
+) -> list[dict[str, Any]]:
+    """`preprocessing` as MONAI bundle config items (`_target_` and arguments): the one
+    description medfed builds its pipeline from and an exported bundle writes out."""
     task = TASKS[cfg.task]
-    modes = ("bilinear", "nearest")[: len(keys)]
-    size = (cfg.image_size,) * task.spatial_dims
-    if array_channel_dim is None:
-        steps: list[Any] = [
-            LoadImaged(keys=keys, reader=READERS, image_only=True),
-            EnsureChannelFirstd(keys=keys),
-        ]
-    else:
-        steps = [
-            EnsureTyped(keys="image", data_type="tensor"),
-            EnsureChannelFirstd(keys="image", channel_dim=array_channel_dim),
-        ]
-    steps.append(ConformSpatiald(keys, task.spatial_dims, cfg.in_channels))
-    if task.spatial_dims == 3 and array_channel_dim is None:
-        steps.append(Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS))
+    modes = ["bilinear", "nearest"][: len(keys)]
+    size = [cfg.image_size] * task.spatial_dims
+    items = [
+        item("LoadImaged", keys=keys, reader=READERS, image_only=True),
+        item("EnsureChannelFirstd", keys=keys),
+        {"_target_": CONFORM, "keys": keys, "spatial_dims": task.spatial_dims,
+         "in_channels": cfg.in_channels},
+    ]  # fmt: skip
+    if task.spatial_dims == 3 and from_files:
+        items.append(item("Orientationd", keys=keys, axcodes="RAS", labels=RAS_LABELS))
     if cfg.spacing:
-        steps.append(Spacingd(keys=keys, pixdim=cfg.pixel_spacing, mode=modes))
-    steps.append(_intensity(cfg, modality))
+        items.append(item("Spacingd", keys=keys, pixdim=list(cfg.pixel_spacing), mode=modes))
+    items.append(_intensity(cfg, modality))
     if cfg.fit == "pad-crop":
-        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size))
+        items.append(item("ResizeWithPadOrCropd", keys=keys, spatial_size=size))
     else:
-        steps.append(Resized(keys=keys, spatial_size=size, mode=modes))
-    return steps
+        items.append(item("Resized", keys=keys, spatial_size=size, mode=modes))
+    return items
 
 
-def _intensity(cfg: RunConfig, modality: str) -> MapTransform:
+def item(transform: str, **arguments: Any) -> dict[str, Any]:
+    """A config item for one of MONAI's transforms (monai.transforms)."""
+    return {"_target_": f"monai.transforms.{transform}", **arguments}
+
+
+def _intensity(cfg: RunConfig, modality: str) -> dict[str, Any]:
     mode = intensity_mode(cfg, modality)
     if mode == "ct-window":
         low, high = cfg.ct_window_range
-        return ScaleIntensityRanged(
-            keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True
-        )
+        return item("ScaleIntensityRanged", keys="image", a_min=low, a_max=high, b_min=0.0,
+                    b_max=1.0, clip=True)  # fmt: skip
     if mode == "percentile":
-        return ScaleIntensityRangePercentilesd(
-            keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
-        )
+        return item("ScaleIntensityRangePercentilesd", keys="image", lower=0.5, upper=99.5,
+                    b_min=0.0, b_max=1.0, clip=True, channel_wise=True)  # fmt: skip
     if mode == "zscore":
-        return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+        return item("NormalizeIntensityd", keys="image", nonzero=True, channel_wise=True)
     if mode == "scale":
-        return ScaleIntensityd(keys="image", minv=0.0, maxv=1.0)
-    return EnsureTyped(keys="image")  # "none": the site's values as stored
+        return item("ScaleIntensityd", keys="image", minv=0.0, maxv=1.0)
+    return item("EnsureTyped", keys="image")  # "none": the site's values as stored

@@ -22,8 +22,8 @@ from medfed.client.predict.dicom_seg import write_dicom_seg
 from medfed.client.predict.inputs import collect_cases
 from medfed.client.predict.pipeline import Prediction, Predictor
 from medfed.client.predict.writers import (
+    SaveNiftiMaskd,
     mask_in_input_shape,
-    write_nifti_mask,
     write_overlay,
     write_table,
 )
@@ -85,7 +85,7 @@ def _write(prediction: Prediction, cfg: RunConfig, out: Path) -> dict[str, Any]:
         mask = mask_in_input_shape(mask, tuple(prediction.image.meta["spatial_shape"]))
         affine = _affine4(np.asarray(output.affine))
         record["mask"] = str(
-            write_nifti_mask(mask, affine, out / "masks" / f"{case['name']}.nii.gz")
+            SaveNiftiMaskd.write(mask, affine, out / "masks" / f"{case['name']}.nii.gz")
         )
         if case["dicom"]:
             seg = out / "seg" / f"{case['name']}.dcm"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
 
 from medfed.client.data.check import middle_slice
 
@@ -25,14 +28,37 @@ def mask_in_input_shape(mask: np.ndarray, original_shape: tuple[int, ...]) -> np
     return mask
 
 
-def write_nifti_mask(mask: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """A label volume (uint8) with the input's affine, so viewers overlay it on the study."""
-    image = nib.Nifti1Image(mask.astype(np.uint8), np.asarray(affine, dtype=float))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, path)
-    return path
+class SaveNiftiMaskd(MapTransform):
+    """Write each key's label mask (1, *spatial) as NIfTI with the mask's own affine, named
+    after its source image: `<output_dir>/<stem><postfix>.nii.gz`.
+
+    Hand-written, and self-contained because an exported bundle carries its source:
+    MONAI 1.6's SaveImage resamples even with resample=False and fails on any affine
+    that permutes axes (an oblique or LPI volume).
+    """
+
+    def __init__(self, keys: KeysCollection, output_dir: str, postfix: str = "") -> None:
+        super().__init__(keys)
+        self.output_dir, self.postfix = Path(output_dir), postfix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        for key in self.key_iterator(dict(data)):
+            mask = data[key]
+            name = Path(str(mask.meta["filename_or_obj"])).name
+            stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.split(".")[0]
+            path = self.output_dir / f"{stem}{self.postfix}.nii.gz"
+            self.write(np.asarray(mask[0]), np.asarray(mask.affine), path)
+        return dict(data)
+
+    @staticmethod
+    def write(mask: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+        """A label volume (uint8) with the input's affine, so viewers overlay it on the study."""
+        image = nib.Nifti1Image(mask.astype(np.uint8), np.asarray(affine, dtype=float))
+        image.set_qform(image.affine, code=1)
+        image.set_sform(image.affine, code=1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(image, path)
+        return path
 
 
 def write_overlay(image: torch.Tensor, mask: torch.Tensor, classes: list[str], path: Path) -> Path:

@@ -1,0 +1,44 @@
+"""`medfed export RUN_DIR --format bundle|torchscript --out DIR`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfed.client.data.transforms import resolve_modality
+from medfed.client.export.bundle import write_bundle
+from medfed.client.export.torchscript import write_torchscript
+from medfed.shared_models.run_folder import load_global_model
+
+FORMATS = ("bundle", "torchscript")
+
+
+@dataclass
+class ExportOptions:
+    run_dir: Path
+    format: str
+    out: Path
+    modality: str | None = None  # picks the intensity normalisation (CT: a HU window)
+
+
+def export_run(options: ExportOptions) -> int:
+    """Write the export; refuse an output folder that already holds files (nothing is
+    overwritten)."""
+    if options.format not in FORMATS:
+        raise ValueError(f"--format {options.format!r}: expected one of {', '.join(FORMATS)}")
+    out = options.out.expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: the folder is not empty; choose a new one")
+    run_dir = options.run_dir.expanduser()
+    cfg, net = load_global_model(run_dir)
+    modality = resolve_modality(cfg, options.modality)
+    if options.format == "bundle":
+        path = write_bundle(run_dir, cfg, net, modality, out)
+        print(
+            f"wrote the MONAI bundle {path}; run it with: cd {path} && python -m monai.bundle "
+            "run --config_file configs/inference.json --dataset_dir IMAGES --output_dir OUT"
+        )
+    else:
+        path = write_torchscript(cfg, net, modality, out)
+        print(f"wrote {path} (TorchScript; its preprocessing is in the file's medfed.json)")
+    return 0

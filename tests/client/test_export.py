@@ -1,0 +1,130 @@
+"""`medfed export`: a MONAI bundle that runs without medfed and agrees with `medfed predict`,
+and TorchScript that computes what the network computes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+from medfed.server.cli import main
+from medfed.shared_models.run_folder import load_global_model
+from tests.trained_models import trained_run, untrained_run
+
+OBLIQUE = np.array([[0, -1.5, 0, 10], [0, 0, 2.5, -5], [0.8, 0, 0, 3], [0, 0, 0, 1.0]])
+
+
+def run_bundle(bundle: Path, images: Path, out: Path, tmp_path: Path) -> None:
+    """`python -m monai.bundle run` in the bundle folder, where importing medfed fails."""
+    shadow = tmp_path / "shadow" / "medfed"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the bundle must not need medfed')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--dataset_dir", str(images), "--output_dir", str(out)],
+        cwd=bundle, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shadow.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_segmentation_bundle_writes_predicts_masks(tmp_path):
+    run = trained_run(tmp_path, "segmentation3d", epochs=30, images=16,
+                      **{"image-size": 32, "model-width": 8, "model-depth": 2})  # fmt: skip
+    images = tmp_path / "images"
+    images.mkdir()
+    site = tmp_path / "data" / "site-0"
+    with_lesion = [p for p in sorted((site / "imagesTr").iterdir())
+                   if np.asarray(nib.load(site / "labelsTr" / p.name).dataobj).any()]  # fmt: skip
+    for path in with_lesion[-2:]:
+        volume = nib.load(path).get_fdata().astype(np.float32)[:, 3:, :27]  # 32 x 29 x 27
+        nib.save(nib.Nifti1Image(volume, OBLIQUE), images / path.name)
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    assert main(["predict", "--model", str(run), "--input", str(images),
+                 "--out", str(tmp_path / "predicted")]) == 0  # fmt: skip
+    run_bundle(tmp_path / "bundle", images, tmp_path / "bundled", tmp_path)
+    for path in sorted(images.iterdir()):
+        name = path.name.removesuffix(".nii.gz")
+        ours = nib.load(tmp_path / "predicted" / "masks" / path.name)
+        theirs = nib.load(tmp_path / "bundled" / f"{name}_seg.nii.gz")
+        assert theirs.shape == ours.shape == (32, 29, 27)
+        np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-5)
+        mask = np.asarray(ours.dataobj)
+        assert mask.any()
+        assert np.abs(np.asarray(theirs.dataobj).astype(int) - mask).max() == 0
+
+
+def test_classification_bundle_gives_predicts_probabilities(tmp_path):
+    cfg, run = untrained_run(tmp_path / "run", task="classification",
+                             **{"image-size": 32, "model-depth": 2})  # fmt: skip
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(images / f"x{k}.png")
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    assert main(["predict", "--model", str(run), "--input", str(images),
+                 "--out", str(tmp_path / "predicted")]) == 0  # fmt: skip
+    run_bundle(tmp_path / "bundle", images, tmp_path / "bundled", tmp_path)
+    with (tmp_path / "predicted" / "predictions.csv").open() as handle:
+        ours = {Path(r["input"]).name: [float(r[f"probability-{c}"]) for c in cfg.classes]
+                for r in csv.DictReader(handle)}  # fmt: skip
+    with (tmp_path / "bundled" / "predictions.csv").open() as handle:
+        theirs = {Path(row[0]).name: [float(v) for v in row[1:]] for row in csv.reader(handle)}
+    assert set(theirs) == set(ours) == {f"x{k}.png" for k in range(4)}
+    for name, probabilities in ours.items():
+        assert np.abs(np.array(theirs[name]) - probabilities).max() < 1e-5
+
+
+def test_bundle_metadata_names_the_network_and_the_run(tmp_path):
+    cfg, run = untrained_run(tmp_path / "run", task="segmentation",
+                             **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    configs = tmp_path / "bundle" / "configs"
+    metadata = json.loads((configs / "metadata.json").read_text())
+    digest = hashlib.sha256((run / "global_model.pt").read_bytes()).hexdigest()
+    assert metadata["medfed"]["model-sha256"] == digest
+    outputs = metadata["network_data_format"]["outputs"]["pred"]
+    assert outputs["channel_def"] == {str(i): c for i, c in enumerate(cfg.classes)}
+    network = json.loads((configs / "inference.json").read_text())["network_def"]
+    assert network["_target_"] == "monai.networks.nets.UNet"
+    assert (tmp_path / "bundle" / "models" / "model.pt").read_bytes() == (
+        run / "global_model.pt"
+    ).read_bytes()
+
+
+def test_torchscript_computes_what_the_network_computes(tmp_path):
+    cfg, run = untrained_run(tmp_path / "run", task="segmentation",
+                             **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "ts")]) == 0
+    extra = {"medfed.json": ""}
+    scripted = torch.jit.load(str(tmp_path / "ts" / "model.ts"), _extra_files=extra)
+    _, net = load_global_model(run)
+    images = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert (scripted(images) - net(images)).abs().max() < 1e-5
+    described = json.loads(extra["medfed.json"])
+    assert described["config"] == cfg.to_mapping()
+    assert described["preprocessing"][0]["_target_"] == "monai.transforms.LoadImaged"
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="segmentation",
+                           **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("a hospital's file")
+    assert main(["export", str(run), "--out", str(taken)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (taken / "keep.txt").read_text() == "a hospital's file"
+    _, gan = untrained_run(tmp_path / "gan", task="gan", **{"image-size": 32, "model-depth": 2})
+    assert main(["export", str(gan), "--out", str(tmp_path / "g")]) == 2
+    assert "gan" in capsys.readouterr().err
