@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from medfed.client.synthetic.dicom import write_series
+from medfed.client.synthetic.dicom import write_dicom, write_series
 from medfed.server.cli import main
 from tests.trained_models import trained_run, untrained_run
 
@@ -153,3 +153,20 @@ def test_refuses_what_is_not_a_run_or_cannot_predict(tmp_path, capsys):
     assert main(["predict", "--model", str(gan), "--input", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "medfed gan sample" in capsys.readouterr().err
+
+
+def test_a_single_dicom_image_gets_a_seg_of_its_own_frame(tmp_path):
+    _, run = untrained_run(tmp_path / "run", task="segmentation",
+                           **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    rng = np.random.default_rng(2)
+    path = write_dicom(tmp_path / "xray.dcm", rng.integers(0, 4000, (48, 40)).astype(np.uint16),
+                       "DX", (0.5, 0.7), uid_seed="one-image")  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(run), "--input", str(path), "--out", str(out)]) == 0
+    seg = hd.seg.segread(out / "seg" / "xray.dcm")
+    source = pydicom.dcmread(path)
+    frames = seg.get_pixels_by_source_instance([source.SOPInstanceUID], combine_segments=True)
+    mask = np.asarray(nib.load(out / "masks" / "xray.nii.gz").dataobj)
+    assert mask.shape == (40, 48)  # MONAI's (columns, rows) order, with the DICOM's affine
+    assert len(np.unique(mask)) > 1  # an untrained network: some pixels of some class
+    np.testing.assert_array_equal(frames[0], mask.T)
