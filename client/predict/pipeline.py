@@ -20,6 +20,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd
 from torch import nn
 
+from medfed.client.data.header import size_problem
 from medfed.client.data.transforms import preprocessing
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
@@ -62,6 +63,10 @@ class Predictor:
         and the others go on."""
         ready: list[dict[str, Any]] = []
         for case in cases:
+            too_large = size_problem(case["image"], self.cfg.max_image_megabytes)
+            if too_large:  # a hostile header must not exhaust the node's memory
+                skipped[case["input"]] = too_large
+                continue
             try:
                 ready.append(self.transform(case))
             except Exception as err:  # any reader or transform failure: skip this study only

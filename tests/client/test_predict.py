@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from medfed.client.synthetic.dicom import write_dicom, write_series
 from medfed.server.cli import main
+from tests.client.data.test_hostile_images import _nifti_header_only
 from tests.trained_models import trained_run, untrained_run
 
 # Voxel axes permuted and flipped, anisotropic spacing (0.8, 1.5, 2.5 mm), an offset.
@@ -111,6 +112,7 @@ def test_image_level_results_are_one_row_per_image(tmp_path, task):
     for k in range(5):
         Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(inputs / f"x{k}.png")
     (inputs / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    _nifti_header_only(inputs / "huge.nii", (32767, 32767))  # 4 GiB decoded; no pixels
     out = tmp_path / "out"
     assert main(["predict", "--model", str(run), "--input", str(inputs), "--out", str(out)]) == 0
     with (out / "predictions.csv").open() as handle:
@@ -125,7 +127,9 @@ def test_image_level_results_are_one_row_per_image(tmp_path, task):
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
         assert row["predicted"] == cfg.classes[int(np.argmax(probabilities))]
     skipped = json.loads((out / "predictions.json").read_text())["skipped"]
-    assert [Path(s["input"]).name for s in skipped] == ["truncated.png"]
+    reasons = {Path(s["input"]).name: s["reason"] for s in skipped}
+    assert set(reasons) == {"huge.nii", "truncated.png"}
+    assert "max-image-megabytes" in reasons["huge.nii"]
 
 
 def test_a_site_folder_is_read_through_its_manifest(tmp_path, seg_sites):
