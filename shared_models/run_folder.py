@@ -84,7 +84,11 @@ def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
 
     cfg = read_model_config(run_dir)
     net = TASKS[cfg.task].build_network(cfg)
-    net.load_state_dict(torch.load(run_dir / GLOBAL_MODEL, weights_only=True))
+    path = run_dir / GLOBAL_MODEL
+    try:  # weights_only: tensors by name, never pickled code
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # any unpickling or shape failure: name the file
+        raise RunFolderError(f"{path}: not the weights of this run's network ({err})") from None
     return cfg, net.eval()
 
 

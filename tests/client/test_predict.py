@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -174,3 +175,26 @@ def test_a_single_dicom_image_gets_a_seg_of_its_own_frame(tmp_path):
     assert mask.shape == (40, 48)  # MONAI's (columns, rows) order, with the DICOM's affine
     assert len(np.unique(mask)) > 1  # an untrained network: some pixels of some class
     np.testing.assert_array_equal(frames[0], mask.T)
+
+
+class Planted:
+    """A pickle that runs code when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_model_file_that_carries_code_is_refused_unrun(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="classification",
+                           **{"image-size": 32, "model-depth": 2})  # fmt: skip
+    marker = tmp_path / "marker"
+    torch.save({"final.weight": Planted(marker)}, run / "global_model.pt")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    assert main(["predict", "--model", str(run), "--input", str(image),
+                 "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert "global_model.pt: not the weights of this run's network" in capsys.readouterr().err
+    assert not marker.exists()
