@@ -110,15 +110,17 @@ def _checked_settings(sim: Simulation) -> RunConfig:
     overrides = {**sim.overrides, "out-dir": str(sim.out.resolve())}
     overrides.setdefault("min-nodes", min(2, sim.sites))
     if sim.data is not None:
+        from medfed.client.data.locate import site_folders
+
         overrides["data-root"] = str(sim.data.expanduser().resolve())
+        folders = site_folders(Path(overrides["data-root"]))[: sim.sites]
+        overrides = classes_from_sites(task_from_sites(overrides, folders), folders)
     cfg = RunConfig.from_mapping(overrides)
     if cfg.min_nodes > sim.sites:
         raise ConfigError(
             f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
             f"{sim.sites} simulated hospitals"
         )
-    if sim.data is not None and not str(sim.overrides.get("class-names", "")).strip():
-        cfg = _classes_from_sites(cfg, sim.sites)
     if cfg.pretrained_weights:  # fail before anything starts, with the same report
         from medfed.shared_models.pretrained import load_pretrained
         from medfed.shared_models.tasks import TASKS
@@ -129,23 +131,53 @@ def _checked_settings(sim: Simulation) -> RunConfig:
     return cfg
 
 
-def _classes_from_sites(cfg: RunConfig, sites: int) -> RunConfig:
-    """`cfg` with the classes its hospitals' dataset.json declare alike, said in one line
-    (as the run records them: the ServerApp builds the network from them); `cfg` itself
-    where no site declares any. The run named none: -c class-names would win."""
-    from medfed.client.data.classes import sites_classes
-    from medfed.client.data.locate import site_folders
+def task_from_sites(values: dict[str, Any], folders: list[Path]) -> dict[str, Any]:
+    """`values` (run-config keys) with the task that the hospitals in `folders` declare
+    alike in their dataset.json, where `values` names none (--task, -c task=... win);
+    said in one line and recorded like any setting. `medfed simulate --data` and
+    `medfed bench quality --data` resolve their runs with it."""
+    from medfed.client.data.declared import sites_task
 
-    classes = sites_classes(site_folders(Path(cfg.data_root))[:sites])
+    if str(values.get("task") or "").strip():
+        return values
+    task = sites_task(folders)
+    if task is None:
+        return values
+    print(f"task from the sites' dataset.json: {task}")
+    return {**values, "task": task}
+
+
+def classes_from_sites(values: dict[str, Any], folders: list[Path]) -> dict[str, Any]:
+    """`values` with the classes that the hospitals in `folders` declare alike in their
+    dataset.json, where `values` names none (-c class-names=... wins); said in one line
+    and recorded like any setting (the ServerApp builds the network from them)."""
+    from medfed.client.data.declared import sites_classes
+
+    if str(values.get("class-names") or "").strip():
+        return values
+    classes = sites_classes(folders)
     if classes is None:
-        return cfg
-    names = ", ".join(classes)
+        return values
+    values = _with_classes(values, classes)
+    print(f"classes from the sites' dataset.json: {', '.join(classes)}")
+    return values
+
+
+def _with_classes(values: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """`values` with the sites' classes; ConfigError naming them where they do not suit the
+    run's other settings. Settings faulty without them (or partial: the bench's methods
+    add their own) are left to the caller's own check of the whole config."""
+    named = {**values, "class-names": ",".join(classes)}
     try:
-        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "class-names": ",".join(classes)})
+        RunConfig.from_mapping(named)
     except ConfigError as err:
+        try:
+            RunConfig.from_mapping(values)
+        except ConfigError:
+            return named  # not the classes' fault
+        names = ", ".join(classes)
         raise ConfigError(f"classes from the sites' dataset.json ({names}): {err}") from None
-    print(f"classes from the sites' dataset.json: {names}")
-    return cfg
+    return named
 
 
 def prepare_resume(sim: Simulation) -> tuple[RunConfig, Path]:

@@ -75,6 +75,19 @@ def relabelled_sites(seg_sites: Path, root: Path, labels_per_site: list[dict[str
     return root
 
 
+def redeclared_sites(sites: Path, root: Path, declared: list[dict[str, object]]) -> Path:
+    """Copies of synthetic sites whose dataset.json declare other values (e.g. "task",
+    "labels"); a value of None removes its key. The images are the synthetic ones."""
+    for index, changes in enumerate(declared):
+        site = root / f"site-{index}"
+        shutil.copytree(sites / f"site-{index}", site)
+        manifest = json.loads((site / "dataset.json").read_text())
+        manifest.update(changes)
+        manifest = {k: v for k, v in manifest.items() if v is not None}
+        (site / "dataset.json").write_text(json.dumps(manifest))
+    return root
+
+
 @pytest.fixture(scope="session")
 def seg_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("seg")

@@ -101,7 +101,7 @@ def read_manifest(
 
 def read_rows(source: Path) -> dict[str, Any]:
     """A dataset.json or manifest.csv as written, before any path is resolved: its rows per
-    split (as (index, row) pairs), its declared labels and modality."""
+    split (as (index, row) pairs), its declared task, labels and modality."""
     return _read_json(source) if source.suffix == ".json" else _read_csv(source)
 
 
@@ -129,6 +129,7 @@ def _read_json(source: Path) -> dict[str, Any]:
         splits[split] = [(i, r) for i, r in enumerate(rows) if isinstance(r, dict)]
     return {
         "splits": splits,
+        "task": data.get("task"),
         "labels": labels,
         "modality": modality if isinstance(modality, str) else None,
     }
@@ -155,7 +156,7 @@ def _parse_csv(source: Path) -> dict[str, Any]:
                     f"{source} row {index + 2}: split {split!r} is not one of train, val, test"
                 )
             splits[split].append((index, row))
-    return {"splits": splits, "labels": None, "modality": None}
+    return {"splits": splits, "task": None, "labels": None, "modality": None}
 
 
 def _check_npz_headers(source: Path, max_megabytes: int) -> None:

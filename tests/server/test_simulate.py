@@ -9,7 +9,7 @@ import torch
 from medfed.client.data.manifest import SiteDataError
 from medfed.server.simulate import Simulation, prepare
 from medfed.shared_models.tasks import TASKS
-from tests.conftest import BRAIN, TINY, relabelled_sites
+from tests.conftest import BRAIN, TINY, redeclared_sites, relabelled_sites
 
 
 def simulation(tmp_path, data, sites, **overrides):
@@ -50,3 +50,42 @@ def test_classes_the_sites_declare_must_suit_the_task(tmp_path, seg_sites):
     data = relabelled_sites(seg_sites, tmp_path / "data", [{"0": "brain"}])
     with pytest.raises(ValueError, match=r"classes from the sites' dataset.json \(brain\): .*"):
         prepare(simulation(tmp_path, data, 1, **{"min-nodes": 1}))
+
+
+def test_the_task_comes_from_the_sites_when_the_run_names_none(tmp_path, cls_sites, capsys):
+    # site-1 names no task: it follows the sites that do
+    declared = [{}, {"task": None}, {}]
+    data = redeclared_sites(cls_sites, tmp_path / "data", declared)
+    cfg, _ = prepare(simulation(tmp_path, data, 3))
+    assert (cfg.task, cfg.model) == ("classification", "smallcnn")
+    assert cfg.to_mapping()["task"] == "classification"  # what run-config.toml records
+    assert cfg.classes == ("normal", "pneumonia", "covid")
+    out = capsys.readouterr().out
+    assert out.count("task from the sites' dataset.json: classification\n") == 1
+
+
+def test_sites_that_declare_other_tasks_are_named_unless_the_run_names_one(
+    tmp_path, cls_sites, capsys
+):
+    declared = [{"task": "classification"}, {"task": "regression"}, {"task": "classification"}]
+    data = redeclared_sites(cls_sites, tmp_path / "data", declared)
+    with pytest.raises(SiteDataError) as raised:
+        prepare(simulation(tmp_path, data, 3))
+    assert (
+        "the sites' dataset.json declare different tasks (site-0, site-2: classification; "
+        "site-1: regression); make them agree, or pass the run's --task" in str(raised.value)
+    )
+    assert not (tmp_path / "run").exists()
+
+    cfg, _ = prepare(simulation(tmp_path, data, 3, task="classification"))  # --task wins
+    assert cfg.task == "classification"
+    assert "task from the sites" not in capsys.readouterr().out
+
+
+def test_a_task_medfed_does_not_know_names_the_site_file(tmp_path, cls_sites):
+    data = redeclared_sites(cls_sites, tmp_path / "data", [{}, {"task": "Task01_BrainTumour"}])
+    with pytest.raises(SiteDataError) as raised:
+        prepare(simulation(tmp_path, data, 2))
+    message = str(raised.value)
+    assert "site-1/dataset.json: task 'Task01_BrainTumour' is not one of segmentation," in message
+    assert message.endswith("pass the run's --task")
