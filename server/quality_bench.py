@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from medfed.server.quality_table import QualityResults, write_outputs
-from medfed.server.simulate import Simulation
+from medfed.server.simulate import Simulation, classes_from_sites, task_from_sites
 from medfed.server.simulate import run as simulate
 from medfed.shared_models.config import NORM_CONFIGURABLE, ConfigError, RunConfig
 from medfed.shared_models.protocol import SECAGG_MIN_PARTICIPANTS
@@ -67,9 +67,10 @@ class Hospitals:
 
 @dataclass(frozen=True)
 class QualityBench:
-    """One `medfed bench quality` call."""
+    """One `medfed bench quality` call; with --data and no --task, the task is the one the
+    sites' dataset.json declare."""
 
-    task: str
+    task: str | None
     out: Path
     sites: int = 3
     rounds: int = 10
@@ -84,12 +85,14 @@ def run_bench(bench: QualityBench, hospitals: Hospitals) -> int:
     """Every method for every seed; 0 when all completed (the table is written either way)."""
     _check(bench)
     sites = _site_folders(bench, hospitals)
+    base = _base(bench, sites)
     jobs = [(method, seed) for seed in range(bench.seeds) for method in bench.methods]
-    results = QualityResults(task=bench.task, sites=[p.name for p in sites], config=_base(bench))
+    first = _config(bench, base, sites[0].parent, 0, bench.methods[0])  # all share the classes
+    results = QualityResults(first.task, [p.name for p in sites], base, classes=list(first.classes))
     with tqdm(total=len(jobs), desc="quality bench", unit="run") as bar:
         for method, seed in jobs:
             bar.set_postfix_str(f"{method} seed {seed}")
-            cfg = _config(bench, sites[0].parent, seed, method)
+            cfg = _config(bench, base, sites[0].parent, seed, method)
             started = time.monotonic()
             outcome = _run_once(bench, hospitals, sites, method, cfg)
             outcome.setdefault("seconds", round(time.monotonic() - started, 1))
@@ -104,7 +107,9 @@ def run_bench(bench: QualityBench, hospitals: Hospitals) -> int:
 
 
 def _check(bench: QualityBench) -> None:
-    if bench.task not in BENCH_TASKS:
+    if bench.task is None and bench.data is None:
+        raise ConfigError("--task: needed without --data (synthetic hospitals are made for it)")
+    if bench.task is not None and bench.task not in BENCH_TASKS:
         raise ConfigError(f"--task {bench.task}: the quality bench covers {', '.join(BENCH_TASKS)}")
     unknown = [m for m in bench.methods if m not in METHODS]
     if unknown:
@@ -140,26 +145,45 @@ def _site_folders(bench: QualityBench, hospitals: Hospitals) -> list[Path]:
     return hospitals.folders(data)[: bench.sites]
 
 
-def _base(bench: QualityBench) -> dict[str, Any]:
-    """Settings every method shares. The same network for all: batch norm where the
-    network lets one choose, since FedBN needs normalisation layers to keep local."""
+def _base(bench: QualityBench, sites: list[Path]) -> dict[str, Any]:
+    """Settings every method shares: with --data, the task and classes the sites declare
+    where the command line names none, as `medfed simulate --data` takes them. The same
+    network for all: batch norm where the network lets one choose, since FedBN needs
+    normalisation layers to keep local."""
     values: dict[str, Any] = {
-        "task": bench.task,
         "num-server-rounds": bench.rounds,
         "min-nodes": bench.sites,  # every hospital in every round: the same budget as pooled
         "federated-stats": False,
         **bench.overrides,
+        "task": bench.task,
     }
-    model = values.get("model") or TASKS[bench.task].models[0]
+    if bench.data is not None:
+        values = task_from_sites(values, sites)
+    if values["task"] is None:
+        raise ConfigError(
+            f"--task: the sites' dataset.json under {bench.data} name none; pass "
+            f"--task {'|'.join(BENCH_TASKS)}"
+        )
+    if values["task"] not in BENCH_TASKS:
+        raise ConfigError(
+            f"task {values['task']} (the sites' dataset.json): the quality bench covers "
+            f"{', '.join(BENCH_TASKS)}; pass another --task"
+        )
+    if bench.data is not None:
+        values = classes_from_sites(values, sites)
+    model = values.get("model") or TASKS[values["task"]].models[0]
     if model in NORM_CONFIGURABLE:
         values.setdefault("norm", "batch")
     return values
 
 
-def _config(bench: QualityBench, data: Path, seed: int, method: str) -> RunConfig:
-    """The method's settings; what -c sets (e.g. server-lr) wins over the method's defaults."""
+def _config(
+    bench: QualityBench, base: dict[str, Any], data: Path, seed: int, method: str
+) -> RunConfig:
+    """The method's settings over `base` (from `_base`); what -c sets (e.g. server-lr) wins
+    over the method's defaults."""
     own = {k: v for k, v in FEDERATED.get(method, {}).items() if k not in bench.overrides}
-    values = {**_base(bench), **own, "seed": seed, "data-root": str(data)}
+    values = {**base, **own, "seed": seed, "data-root": str(data)}
     return RunConfig.from_mapping(values)
 
 

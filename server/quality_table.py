@@ -31,6 +31,7 @@ class QualityResults:
     sites: list[str]
     config: dict[str, Any]
     runs: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)  # the runs' class-names, in index order
 
     @property
     def metric(self) -> str:
@@ -79,6 +80,7 @@ class QualityResults:
     def to_json(self) -> dict[str, Any]:
         return {
             "task": self.task,
+            "classes": self.classes,
             "metric": self.metric,
             "lower-is-better": self.metric in LOWER_IS_BETTER,
             "sites": self.sites,

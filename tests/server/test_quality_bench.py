@@ -11,8 +11,10 @@ import pytest
 from medfed.client.data.locate import site_folders
 from medfed.client.local_training import train_and_evaluate
 from medfed.client.synthetic import generate_federation
-from medfed.server.quality_bench import Hospitals, QualityBench, run_bench
+from medfed.server.quality_bench import Hospitals, QualityBench, _base, _config, run_bench
+from medfed.server.simulate import Simulation, prepare
 from medfed.shared_models.config import ConfigError
+from tests.conftest import redeclared_sites
 
 TINY = {"image-size": 32, "model-width": 4, "model-depth": 2, "batch-size": 8, "local-epochs": 1}
 
@@ -49,6 +51,7 @@ def test_pooled_and_local_baselines_fill_the_table_and_are_reused(cls_sites, tmp
     ("given", "named"),
     [
         ({"task": "gan"}, "--task gan"),
+        ({"task": None, "data": None}, "--task: needed without --data"),
         ({"methods": ("pooled", "fedsgd")}, "--methods fedsgd"),
         ({"sites": 1}, "--sites 1"),
         ({"sites": 2, "methods": ("fedavg-secure",)}, "fedavg-secure needs at least 3"),
@@ -59,16 +62,56 @@ def test_pooled_and_local_baselines_fill_the_table_and_are_reused(cls_sites, tmp
 def test_bad_requests_are_refused_naming_the_option(cls_sites, tmp_path, given, named):
     hospitals = Hospitals(generate_federation, site_folders, train_and_evaluate)
     with pytest.raises(ConfigError, match=named):
-        run_bench(_bench(tmp_path, cls_sites, **given), hospitals)
+        run_bench(_bench(tmp_path, **{"data": cls_sites, **given}), hospitals)
 
 
 def test_a_method_takes_its_own_settings_unless_the_command_line_sets_them(cls_sites, tmp_path):
-    from medfed.server.quality_bench import _config
-
     bench = _bench(tmp_path, cls_sites)
-    fedadam = _config(bench, cls_sites, 1, "fedadam")
+    folders = site_folders(cls_sites)
+    base = _base(bench, folders)
+    fedadam = _config(bench, base, cls_sites, 1, "fedadam")
     assert (fedadam.strategy, fedadam.server_lr, fedadam.seed) == ("fedadam", 0.01, 1)
-    secure = _config(bench, cls_sites, 0, "fedavg-secure")
+    secure = _config(bench, base, cls_sites, 0, "fedavg-secure")
     assert secure.secure_aggregation and secure.strategy == "fedavg"
     tuned = _bench(tmp_path, cls_sites, overrides={**TINY, "server-lr": 0.001})
-    assert _config(tuned, cls_sites, 0, "fedadam").server_lr == 0.001
+    assert _config(tuned, _base(tuned, folders), cls_sites, 0, "fedadam").server_lr == 0.001
+
+
+OTHER = {"0": "clear", "1": "viral", "2": "bacterial"}  # not the task's default classes
+
+
+def test_without_task_the_bench_takes_the_sites_task_and_classes(cls_sites, tmp_path, capsys):
+    data = redeclared_sites(cls_sites, tmp_path / "data", [{"labels": OTHER}] * 3)
+    seen = []
+
+    def recorded(train_on, evaluate_on, cfg, epochs):
+        seen.append((cfg.task, cfg.classes))
+        return train_and_evaluate(train_on, evaluate_on, cfg, epochs)
+
+    bench = _bench(tmp_path, data, task=None, rounds=1, seeds=1, methods=("pooled",))
+    assert run_bench(bench, Hospitals(generate_federation, site_folders, recorded)) == 0
+    assert seen == [("classification", ("clear", "viral", "bacterial"))]
+    out = json.loads((tmp_path / "bench" / "quality.json").read_text())
+    assert (out["task"], out["classes"]) == ("classification", ["clear", "viral", "bacterial"])
+    assert out["config"]["class-names"] == "clear,viral,bacterial"
+    printed = capsys.readouterr().out
+    assert "task from the sites' dataset.json: classification\n" in printed
+    assert "classes from the sites' dataset.json: clear, viral, bacterial\n" in printed
+
+
+def test_a_federated_method_runs_on_sites_with_other_labels(cls_sites, tmp_path):
+    """What `_federated` hands `medfed simulate` passes its checks of every site."""
+    data = redeclared_sites(cls_sites, tmp_path / "data", [{"labels": OTHER}] * 3)
+    bench = _bench(tmp_path, data, methods=("fedavg",))  # --task classification, as given
+    folders = site_folders(data)
+    cfg = _config(bench, _base(bench, folders), data, 0, "fedavg")
+    sim = Simulation(overrides=cfg.to_mapping(), sites=3, out=tmp_path / "run", data=data)
+    checked, _ = prepare(sim)
+    assert checked.classes == ("clear", "viral", "bacterial")
+
+
+def test_sites_that_name_no_task_need_one(cls_sites, tmp_path):
+    hospitals = Hospitals(generate_federation, site_folders, train_and_evaluate)
+    data = redeclared_sites(cls_sites, tmp_path / "data", [{"task": None}] * 3)
+    with pytest.raises(ConfigError, match=r"--task: the sites' dataset.json under .* name none"):
+        run_bench(_bench(tmp_path, data, task=None), hospitals)
