@@ -48,7 +48,7 @@ def _add_simulate(commands: Commands) -> None:
     sim.add_argument(
         "--task",
         help="segmentation | segmentation3d | classification | regression | gan "
-        "(default: segmentation)",
+        "(default: the one every --data site's dataset.json names, else segmentation)",
     )
     sim.add_argument("--model", help="network, e.g. unet, smallcnn, densenet121")
     sim.add_argument(
@@ -110,8 +110,8 @@ def _add_bench(commands: Commands) -> None:
     quality = bench.add_parser(
         "quality", help="pooled vs local vs federated (FedAvg, FedProx, FedAdam, FedBN, secure)"
     )
-    quality.add_argument("--task", required=True, help="segmentation | segmentation3d | "
-                         "classification | regression")  # fmt: skip
+    quality.add_argument("--task", help="segmentation | segmentation3d | classification | "
+                         "regression (with --data, default: the sites' dataset.json)")  # fmt: skip
     quality.add_argument("--sites", type=int, default=3, help="hospitals (default 3)")
     quality.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     quality.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
@@ -284,8 +284,6 @@ def _coordinator_pull(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import time
-
     from medfed.client.data.locate import site_folders
     from medfed.server.ray_cluster import LOCAL
     from medfed.server.simulate import Simulation, run
@@ -318,14 +316,27 @@ def _simulate(args: argparse.Namespace) -> int:
     sites = args.sites
     if sites is None:
         sites = len(site_folders(args.data.expanduser())) if args.data else 3
-    task = overrides.get("task", "segmentation")
-    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}"
+    out = args.out or default_out(overrides, args.data, sites)
     ray_address = args.ray_address or LOCAL
     return run(
         options_from(
             Simulation, args, overrides=overrides, sites=sites, out=out, ray_address=ray_address
         )
     )
+
+
+def default_out(overrides: dict[str, object], data: Path | None, sites: int) -> Path:
+    """A `medfed simulate` run's folder without --out: runs/<time>-<task>, the task the run
+    was given, else the one its sites declare (as server/simulate.task_from_sites takes it)."""
+    import time
+
+    from medfed.client.data.declared import sites_task
+    from medfed.client.data.locate import site_folders
+
+    task = overrides.get("task")
+    if not task and data is not None:
+        task = sites_task(site_folders(data.expanduser().resolve())[:sites])
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task or 'segmentation'}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,3 +83,11 @@ def test_an_empty_site_folder_under_data_is_named(tmp_path):
     assert result.returncode == 2
     assert "site-1 is empty" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_without_out_is_named_after_its_sites_task(cls_sites):
+    from medfed.server.cli import default_out
+
+    assert default_out({}, cls_sites, 3).name.endswith("-classification")
+    assert default_out({"task": "regression"}, cls_sites, 3).name.endswith("-regression")
+    assert default_out({}, None, 3).name.endswith("-segmentation")
