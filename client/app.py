@@ -3,7 +3,8 @@
 A deployed SuperNode starts a fresh ClientApp process for every message.
 Training and evaluation need torch and MONAI (about 4 s to import); the
 SecAgg+ steps between them need only NumPy and `cryptography` (0.4 s).
-So `handlers`, the heavy module, is imported inside the handlers that use it.
+So `handlers`, the heavy module, is imported inside the handlers that use it
+(`bundle_handlers` instead for a MONAI bundle run).
 
 Every route has two mods of this module outermost. `safe_errors_mod` turns a
 failure into a code and generic text (the details stay in the node's log: a
@@ -20,6 +21,7 @@ Only model arrays (or a masked vector) and scalar metrics leave the site.
 from __future__ import annotations
 
 from logging import ERROR
+from types import ModuleType
 from typing import Any
 
 from flwr.app import Context, Error, Message, MessageType
@@ -132,6 +134,18 @@ def safe_errors_mod(msg: Message, context: Context, call_next: ClientAppCallable
 
 app = ClientApp(mods=[safe_errors_mod])
 
+
+def _handlers(context: Context) -> ModuleType:
+    """The run's handlers: medfed's own tasks, or a MONAI bundle's recipe (task = bundle)."""
+    if context.run_config.get("task") == "bundle":
+        from medfed.client import bundle_handlers
+
+        return bundle_handlers
+    from medfed.client import handlers
+
+    return handlers
+
+
 # Outermost first; see the module docstring for why this order.
 TRAIN_MODS = [outbound_audit_mod, secagg_mod.secagg_mod, count_floor_mod, dp_clipping_mod]
 
@@ -139,25 +153,19 @@ TRAIN_MODS = [outbound_audit_mod, secagg_mod.secagg_mod, count_floor_mod, dp_cli
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights."""
-    from medfed.client import handlers
-
-    return handlers.train(msg, context)
+    return _handlers(context).train(msg, context)
 
 
 @app.evaluate(mods=[outbound_audit_mod, count_floor_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received global model on this site's held-out split."""
-    from medfed.client import handlers
-
-    return handlers.evaluate(msg, context)
+    return _handlers(context).evaluate(msg, context)
 
 
 @app.query(mods=[outbound_audit_mod, small_count_mod])
 def query(msg: Message, context: Context) -> Message:
     """This site's summary for the coordinator, small counts suppressed on the way out."""
-    from medfed.client import handlers
-
-    return handlers.query(msg, context)
+    return _handlers(context).query(msg, context)
 
 
 @app.train(SecAggAction.ADVERTISE)

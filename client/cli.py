@@ -45,7 +45,11 @@ def add_data_commands(commands: Commands) -> None:
     check.add_argument(
         "site", type=Path, help="the site folder (dataset.json, manifest.csv or a MedMNIST .npz)"
     )
-    check.add_argument("--task", choices=TASK_NAMES, help="default: the 'task' in dataset.json")
+    check.add_argument(
+        "--task",
+        choices=[t for t in TASK_NAMES if t != "bundle"],  # a bundle's transforms read its data
+        help="default: the 'task' in dataset.json",
+    )
     check.add_argument(
         "--out",
         type=Path,

@@ -135,15 +135,22 @@ class NodeSite:
         self, msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None
     ) -> Message:
         """The reply: metrics, the site's label (never data) and, after training, the arrays."""
-        content = RecordDict(
-            {
-                Record.METRICS: MetricRecord(metrics),
-                Record.SITE: ConfigRecord({SiteKey.NAME: self.name}),
-            }
-        )
-        if arrays is not None:
-            content[Record.ARRAYS] = arrays
-        return Message(content=content, reply_to=msg)
+        return site_reply(msg, self.name, metrics, arrays)
+
+
+def site_reply(
+    msg: Message, site: str, metrics: dict[str, Any], arrays: ArrayRecord | None = None
+) -> Message:
+    """A reply: metrics, the site's label (never data) and, after training, the arrays."""
+    content = RecordDict(
+        {
+            Record.METRICS: MetricRecord(metrics),
+            Record.SITE: ConfigRecord({SiteKey.NAME: site}),
+        }
+    )
+    if arrays is not None:
+        content[Record.ARRAYS] = arrays
+    return Message(content=content, reply_to=msg)
 
 
 class TrainingClock:

@@ -31,8 +31,10 @@ from medfed.server.run_record import RunAbandoned, RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.audit import audit
+from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.pretrained import load_pretrained
+from medfed.shared_models.protocol import Config
 from medfed.shared_models.run_folder import (
     CHECKPOINTS,
     GLOBAL_MODEL,
@@ -132,7 +134,8 @@ def _run(
         if resume is not None and resume.folder != outputs.record.out.resolve():
             mark_continued(resume.folder, outputs.record.out)  # once its own record exists
         net = _initial_network(cfg, outputs, resumed=resume is not None)
-        loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id)
+        request = _request(cfg, outputs, context.run_id)
+        loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id, request)
         local = cfg.keeps_norms_local
         load_record(net, loop.run(to_record(net, local), resume), local)
         digest = outputs.record.save_model(net, cfg, cfg.num_server_rounds)
@@ -151,6 +154,19 @@ def _run(
         outputs.progress(f"run failed: {err}")
         log(ERROR, "%s run failed: %s", PROGRESS_TAG, err)
         raise
+
+
+def _request(cfg: RunConfig, outputs: RunOutputs, run_id: int) -> dict[str, str]:
+    """What every training and evaluation request carries besides the round: for a bundle
+    run, the hash of the coordinator's bundle configs, which each hospital checks its own
+    copy against before running any of it (recorded in metrics.json and model.json)."""
+    if cfg.task != "bundle":
+        return {}
+    bundle = Bundle(cfg.bundle)
+    outputs.record.set_bundle(bundle.identity())
+    audit("run-bundle", run=run_id, path=str(bundle.root), sha256=bundle.sha256)
+    outputs.progress(f"bundle {bundle.root}: configs sha256 {bundle.sha256[:16]}…")
+    return {Config.BUNDLE_SHA256: bundle.sha256}
 
 
 def _initial_network(cfg: RunConfig, outputs: RunOutputs, resumed: bool) -> nn.Module:

@@ -114,17 +114,26 @@ def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[st
         "Counts below a site's minimum (its own floor, or `stats-min-count` if larger) are "
         "suppressed at the site and never sent: shown as <N.",
         "",
-        "| site | train | val | " + " | ".join(classes) + " | intensity p1 | p99 |",
+        "| " + " | ".join(["site", "train", "val", *classes, "intensity p1", "p99"]) + " |",
         "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|",
     ]
     for site, s in sorted(stats.items()):
         count = partial(shown_count, minimum=s.get(Statistic.MIN_COUNT, config["stats-min-count"]))
-        lines.append(
-            f"| {site} | {count(s[Statistic.NUM_TRAIN])} | {count(s[Statistic.NUM_VAL])} | "
-            + " | ".join(count(v) for v in s[Statistic.LABEL_HISTOGRAM])
-            + f" | {s[Statistic.INTENSITY_P1]:.4g} | {s[Statistic.INTENSITY_P99]:.4g} |"
-        )
+        cells = [
+            site,
+            count(s[Statistic.NUM_TRAIN]),
+            count(s[Statistic.NUM_VAL]),
+            *(count(v) for v in s.get(Statistic.LABEL_HISTOGRAM, [])),
+            _percentile(s, Statistic.INTENSITY_P1),
+            _percentile(s, Statistic.INTENSITY_P99),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _percentile(summary: dict[str, Any], key: str) -> str:
+    """An intensity percentile; "-" from a site that sends none (a bundle run's)."""
+    return f"{summary[key]:.4g}" if key in summary else "-"
 
 
 def _fmt(value: Any) -> str:

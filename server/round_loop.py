@@ -11,7 +11,7 @@ when the quorum is lost. What each round produced goes to `RunOutputs`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +85,11 @@ class RoundLoop:
         outputs: RunOutputs,
         make_strategy: Callable[[int], RunStrategy],
         run_id: int,
+        request: Mapping[str, str] | None = None,
     ) -> None:
         self.grid, self.cfg, self.outputs, self.run_id = grid, cfg, outputs, run_id
+        # what every training and evaluation request carries besides the round (a bundle hash)
+        self.request = dict(request or {})
         self.make_strategy = make_strategy
         self.strategy: RunStrategy  # built in run(), once the connected hospitals are known
         self.names = SiteNames()
@@ -167,7 +170,9 @@ class RoundLoop:
             self.grid, self.cfg.min_nodes, self.cfg.node_wait_seconds, self.outputs.progress
         )
         messages = list(
-            self.strategy.flower.configure_train(server_round, arrays, ConfigRecord(), self.grid)
+            self.strategy.flower.configure_train(
+                server_round, arrays, ConfigRecord(self.request), self.grid
+            )
         )
         trained = self.training.collect(server_round, messages, arrays)
         self.outputs.failures(trained.failed)
@@ -205,7 +210,7 @@ class RoundLoop:
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> RoundReplies:
         messages = self.strategy.flower.configure_evaluate(
-            server_round, arrays, ConfigRecord(), self.grid
+            server_round, arrays, ConfigRecord(self.request), self.grid
         )
         evaluated = self.exchange.collect(messages)
         self.outputs.failures(evaluated.failed)

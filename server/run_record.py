@@ -86,6 +86,11 @@ class RunRecord:
         self.data["pretrained"] = transfer
         self.flush()
 
+    def set_bundle(self, identity: dict[str, Any]) -> None:
+        """The MONAI bundle a bundle run federates: its path and the hash of its configs."""
+        self.data["bundle"] = identity
+        self.flush()
+
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
         """The sites' summaries, as they sent them (small counts suppressed)."""
         self.data["site-statistics"] = stats
@@ -164,6 +169,8 @@ class RunRecord:
             "sha256": digest,
             "config": cfg.to_mapping(),
         }
+        if "bundle" in self.data:  # the configs that rebuild the network and trained it
+            meta["bundle"] = self.data["bundle"]
         if cfg.keeps_norms_local:  # FedBN: these hold initial values here; each site has its own
             meta["kept-at-hospitals"] = norm_keys(net)
         atomic_write(self.out / MODEL_JSON, json.dumps(meta, indent=2).encode())

@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,6 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
         return prepare_resume(sim)
     cfg = _checked_settings(sim)
     from medfed.client.data.locate import site_folders
-    from medfed.client.data.site import load_site
     from medfed.client.synthetic import generate_federation
 
     if sim.data is not None:
@@ -88,9 +88,21 @@ def prepare(sim: Simulation) -> tuple[RunConfig, Path]:
             cfg.task, sim.sites, data, seed=cfg.seed, images_per_site=sim.images_per_site
         )
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "data-root": str(data)})
+    check = _site_check(cfg)
     for folder in site_folders(data)[: sim.sites]:
-        load_site(folder, cfg)  # every hospital's data is checked before anything starts
+        check(folder)  # every hospital's data is checked before anything starts
     return cfg, data
+
+
+def _site_check(cfg: RunConfig) -> Callable[[Path], object]:
+    """How a site folder is checked: medfed's scan, or for a bundle the site's datalist."""
+    if cfg.task == "bundle":
+        from medfed.client.bundle_data import bundle_datalist
+
+        return partial(bundle_datalist, cfg=cfg)
+    from medfed.client.data.site import load_site
+
+    return partial(load_site, cfg=cfg)
 
 
 def _checked_settings(sim: Simulation) -> RunConfig:
@@ -121,6 +133,17 @@ def _checked_settings(sim: Simulation) -> RunConfig:
             f"config key 'min-nodes' = {cfg.min_nodes}: more than the "
             f"{sim.sites} simulated hospitals"
         )
+    if cfg.task == "bundle":  # its network builds; the hospitals and coordinator find it
+        from medfed.shared_models.bundle import Bundle
+
+        if sim.data is None:
+            raise ConfigError(
+                "task = bundle trains on site folders: pass --data (a folder of site "
+                "folders, each with a dataset.json); medfed makes no synthetic data for a bundle"
+            )
+        bundle = Bundle(cfg.bundle)
+        bundle.network()
+        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "bundle": str(bundle.root)})
     if cfg.pretrained_weights:  # fail before anything starts, with the same report
         from medfed.shared_models.pretrained import load_pretrained
         from medfed.shared_models.tasks import TASKS
@@ -379,9 +402,10 @@ def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:
         reason = result.get("error", "the ServerApp stopped early; see logs/flower-run.log")
         print(f"run {result['status']}: {reason}", file=sys.stderr)
         return 1
-    from medfed.client.preview import save_predictions
+    if cfg.task != "bundle":  # a bundle's own transforms and outputs are not medfed's to draw
+        from medfed.client.preview import save_predictions
 
-    save_predictions(out, data)
+        save_predictions(out, data)
     report = write_report(out)
     last = result["rounds"][-1]["global"]
     headline = _headline(cfg)

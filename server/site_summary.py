@@ -52,14 +52,20 @@ def format_summaries(
     for site, s in sorted(summaries.items()):
         count = partial(shown_count, minimum=s.get(Statistic.MIN_COUNT, min_count))
         histogram = s.get(Statistic.INTENSITY_HISTOGRAM, [])
-        if histogram and histogram[0] >= 0:
+        if not histogram:
+            shape = "-"
+        elif histogram[0] >= 0:
             top = max(histogram) or 1.0
             shape = "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in histogram)
         else:
             shape = "(suppressed)"
+        p1, p99 = (
+            f"{s[key]:>8.4g}" if key in s else f"{'-':>8}"  # a bundle run's sites send none
+            for key in (Statistic.INTENSITY_P1, Statistic.INTENSITY_P99)
+        )
         lines.append(
             f"{site:<12} {count(s[Statistic.NUM_TRAIN]):>6} {count(s[Statistic.NUM_VAL]):>5} "
-            + " ".join(f"{count(v):>10}" for v in s[Statistic.LABEL_HISTOGRAM])
-            + f" {s[Statistic.INTENSITY_P1]:>8.4g} {s[Statistic.INTENSITY_P99]:>8.4g}  {shape}"
+            + " ".join(f"{count(v):>10}" for v in s.get(Statistic.LABEL_HISTOGRAM, []))
+            + f" {p1} {p99}  {shape}"
         )
     return lines

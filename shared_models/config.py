@@ -27,7 +27,7 @@ STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
 # Strategies that take a step of their own after the mean (Flower's eta; FedAvgM's rate).
 SERVER_STEP_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # The imaging tasks (shared_models.tasks.TASKS, which imports torch, has one of each).
-TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan")
+TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan", "bundle")
 DP_MODES = ("off", "client", "server")
 # Cross-site evaluation at the end of a run: the global model at every site (the final
 # round's evaluation, no extra message), and with "all" each site's last local model too.
@@ -100,6 +100,7 @@ class RunConfig:
 
     task: str = "segmentation"
     model: str = ""  # empty: the task's default network
+    bundle: str = ""  # task = bundle: a MONAI bundle folder (configs/train.json) at every node
     num_server_rounds: int = 20
     local_epochs: int = 2
     lr: float = 0.003
@@ -200,6 +201,7 @@ class RunConfig:
         self._validate_sizes()
         self._validate_training()
         self._validate_privacy()
+        self._validate_bundle()
 
     def _resolve_task_defaults(self) -> None:
         """Fill the settings left at 0 or empty with the task's defaults."""
@@ -242,7 +244,8 @@ class RunConfig:
         self._validate_norm()
         if self.freeze == "backbone" and task.label_kind == "mask":
             _bad("freeze", self.freeze, "'none' for segmentation (no separable head)")
-        wanted = 1 if task.label_kind == "value" else 2
+        # a bundle brings its own labels: medfed needs no class names for it
+        wanted = {"value": 1, "bundle": 0}.get(task.label_kind, 2)
         if len(self.classes) < wanted or len(set(self.classes)) != len(self.classes):
             _bad(
                 "class_names",
@@ -390,6 +393,25 @@ class RunConfig:
                 "hospital's un-aggregated local model to the other hospitals, which would "
                 f"defeat {'them' if len(protections) > 1 else 'it'}",
             )
+
+    def _validate_bundle(self) -> None:
+        """`bundle` names the bundle of a bundle run, and only then; the settings medfed
+        itself would apply to its own networks must not pretend to apply to a bundle's."""
+        if self.task == "bundle" and not self.bundle.strip():
+            _bad("bundle", self.bundle, "a MONAI bundle folder (holding configs/train.json)")
+        if self.task != "bundle" and self.bundle:
+            _bad("bundle", self.bundle, "'' unless task is bundle")
+        if self.task != "bundle":
+            return
+        if self.strategy == "fedbn":
+            _bad(
+                "strategy",
+                self.strategy,
+                "any but fedbn with task = bundle (the bundle's network decides its "
+                "normalisation layers; medfed keeps none at the hospitals)",
+            )
+        if self.freeze != "none":
+            _bad("freeze", self.freeze, "'none' with task = bundle (the bundle's trainer trains)")
 
     @property
     def keeps_norms_local(self) -> bool:

@@ -50,6 +50,7 @@ class Metric:
     WEIGHT = "aggregation-weight"
     NUM_EXAMPLES = "num-examples"
     LOSS = "loss"  # every task's validation loss
+    KEY_METRIC = "key-metric"  # task = bundle: its evaluator's key metric, whatever its name
     SKIPPED_FILES = "skipped-files"
     TRAIN_LOSS = "train-loss"
     TRAIN_SECONDS = "train-seconds"
@@ -72,6 +73,8 @@ class Config:
     # Cross-site evaluation: the site whose last local model an evaluate message carries
     # (absent for the global model), so the evaluating hospital audits whose model it ran.
     CROSS_SITE_MODEL = "cross-site-model"
+    # task = bundle: the coordinator's hash of the bundle configs; a node holding others refuses
+    BUNDLE_SHA256 = "bundle-sha256"
 
 
 class SiteKey:

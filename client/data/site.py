@@ -7,6 +7,7 @@ kept as a Problem (reported locally by name, counted in the reply metrics).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from medfed.client.data.transforms import resolve_modality
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
 
-__all__ = ["SiteDataError", "SiteDataset", "load_site", "scan_site"]
+__all__ = ["SiteDataError", "SiteDataset", "carve_validation", "load_site", "scan_site"]
 
 
 @dataclass
@@ -52,6 +53,20 @@ def load_site(
     return site
 
 
+def carve_validation(
+    entries: list[dict[str, Any]], cfg: RunConfig, key: Callable[[dict[str, Any]], str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, validation): `val-fraction` of the entries (at least one, and one left to
+    train on), drawn with the run's seed from the entries in `key` order, so every
+    message of a run sees the same split."""
+    if len(entries) < 2:
+        return entries, []
+    order = sorted(range(len(entries)), key=lambda i: key(entries[i]))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = min(len(entries) - 1, max(1, round(len(entries) * cfg.val_fraction)))
+    return [entries[i] for i in order[n_val:]], [entries[i] for i in order[:n_val]]
+
+
 def scan_site(
     root: Path, cfg: RunConfig, name: str | None = None, cache_dir: Path | None = None
 ) -> SiteDataset:
@@ -79,11 +94,8 @@ def scan_site(
     kept = {id(e) for e in usable}
     split = {s: [e for e in manifest.splits[s] if id(e) in kept] for s in manifest.splits}
     train, val = split["train"], split["val"]
-    if not val and len(train) > 1:  # no declared validation split: carve one, seeded
-        order = sorted(range(len(train)), key=lambda i: train[i]["where"])
-        random.Random(cfg.seed).shuffle(order)
-        n_val = min(len(train) - 1, max(1, round(len(train) * cfg.val_fraction)))
-        val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+    if not val:  # no declared validation split: carve one, seeded
+        train, val = carve_validation(train, cfg, key=lambda entry: entry["where"])
     channel_dim = None
     if train and not isinstance(train[0]["image"], str):
         channel_dim = "no_channel" if train[0]["image"].ndim == task.spatial_dims else -1

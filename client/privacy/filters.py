@@ -64,10 +64,11 @@ def suppress_small_counts(summary: MetricRecord, min_count: int) -> None:
     split = [int(summary[Statistic.NUM_TRAIN]), int(summary[Statistic.NUM_VAL])]
     train_val = hide_small(split, min_count)
     summary[Statistic.NUM_TRAIN], summary[Statistic.NUM_VAL] = train_val
-    summary[Statistic.LABEL_HISTOGRAM] = hide_small(
-        [int(v) for v in summary[Statistic.LABEL_HISTOGRAM]], min_count
-    )
-    if images < min_count:
+    if Statistic.LABEL_HISTOGRAM in summary:  # a bundle run's sites send counts only
+        summary[Statistic.LABEL_HISTOGRAM] = hide_small(
+            [int(v) for v in summary[Statistic.LABEL_HISTOGRAM]], min_count
+        )
+    if images < min_count and Statistic.INTENSITY_HISTOGRAM in summary:
         bins = len(summary[Statistic.INTENSITY_HISTOGRAM])
         summary[Statistic.INTENSITY_HISTOGRAM] = [float(SUPPRESSED)] * bins
 

@@ -1,6 +1,7 @@
 """Registry of the imaging tasks medfed federates, by run-config name."""
 
 from medfed.shared_models.tasks.base import Task
+from medfed.shared_models.tasks.bundle import BundleTask
 from medfed.shared_models.tasks.classification import ClassificationTask
 from medfed.shared_models.tasks.gan import GANTask
 from medfed.shared_models.tasks.regression import RegressionTask
@@ -15,6 +16,7 @@ TASKS: dict[str, Task] = {
         ClassificationTask(),
         RegressionTask(),
         GANTask(),
+        BundleTask(),
     )
 }
 

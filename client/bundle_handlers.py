@@ -1,0 +1,96 @@
+"""What a hospital does with each message of a bundle run (task = bundle).
+
+The counterpart of `handlers` for a MONAI bundle: the same messages, the same
+reply layout and metric keys, the same mods around them (SecAgg+ masking, DP
+clipping, count floors, the audit line), but training and evaluation are the
+bundle's own trainer and evaluator (`bundle_engines`) on the site's datalist
+(`bundle_data`). Before any of the bundle's configs is run, the node checks
+that they hash to what the coordinator holds (`bundle-sha256` in the request).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message
+
+from medfed.client import telemetry
+from medfed.client.bundle_data import bundle_datalist
+from medfed.client.bundle_engines import BundleSite, evaluate_round, train_round
+from medfed.client.data.locate import resolve_site_path, site_name
+from medfed.client.handlers import TrainingClock, pick_device, site_reply
+from medfed.client.node_settings import NodeSettings
+from medfed.client.round_request import MalformedRequest, request_config, round_settings
+from medfed.shared_models.bundle import Bundle
+from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.protocol import Config, Metric, Record, Statistic
+
+
+def open_site(context: Context, msg: Message | None) -> tuple[RunConfig, BundleSite]:
+    """The run's config and this node's bundle site; with a training or evaluation `msg`,
+    the bundle's configs are checked against the coordinator's hash first."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    node = NodeSettings.from_mapping(context.node_config)
+    if node.data_path is None and node.partition is not None and not cfg.data_root:
+        raise ConfigError(
+            "config key 'data-root' is empty: task = bundle trains on site folders "
+            "(medfed makes no synthetic data for a bundle)"
+        )
+    path = resolve_site_path(node, cfg)
+    bundle = Bundle(cfg.bundle)
+    if msg is not None:
+        expected = request_config(msg).get(Config.BUNDLE_SHA256)
+        if not isinstance(expected, str):
+            raise MalformedRequest(f"'{Config.BUNDLE_SHA256}' = {expected!r}: expected a hash")
+        bundle.check_hash(expected)
+    device = pick_device(node.device or cfg.device)
+    site = BundleSite(bundle, site_name(node, path), bundle_datalist(path, cfg), device)
+    return cfg, site
+
+
+def received(msg: Message) -> ArrayRecord:
+    """The global weights the message carries."""
+    arrays = msg.content.array_records.get(Record.ARRAYS)
+    if arrays is None:
+        raise MalformedRequest(f"the message has no '{Record.ARRAYS}' record")
+    return arrays
+
+
+def train(msg: Message, context: Context) -> Message:
+    """`local-epochs` epochs of the bundle's trainer from the received global weights."""
+    request = round_settings(msg)
+    cfg, site = open_site(context, msg)
+    clock = TrainingClock(site.device)
+    trained = train_round(site, received(msg), cfg.local_epochs, request.proximal_mu)
+    examples = len(site.data.train)
+    report = clock.stop(site.name, cfg, request.server_round, examples, trained.loss)
+    telemetry.record_training(report, skipped=0)
+    weight = 1.0 if cfg.dp_mode != "off" else float(examples)
+    metrics = {
+        Metric.TRAIN_LOSS: trained.loss,
+        Metric.TRAIN_SECONDS: report.seconds,
+        Metric.IMAGES_PER_SECOND: report.images_per_second,
+        Metric.NUM_EXAMPLES: examples,
+        Metric.GENERATED_IMAGES: 0,
+        Metric.WEIGHT: weight,
+        Metric.SKIPPED_FILES: 0,  # medfed skips none: the bundle's transforms read the files
+    }
+    return site_reply(msg, site.name, metrics, trained.arrays)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """The bundle evaluator's metrics (key metric as `key-metric`) and its validation loss."""
+    round_settings(msg)
+    cfg, site = open_site(context, msg)
+    metrics = evaluate_round(site, received(msg))
+    metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
+    metrics[Metric.WEIGHT] = len(site.data.val)
+    metrics[Metric.SKIPPED_FILES] = 0
+    telemetry.record_evaluation(site.name, cfg.task, metrics)
+    return site_reply(msg, site.name, metrics)
+
+
+def query(msg: Message, context: Context) -> Message:
+    """This site's split sizes (the bundle's own transforms read its images, so medfed
+    sends no label or intensity statistics); small counts are suppressed on the way out."""
+    _, site = open_site(context, None)
+    summary = {Statistic.NUM_TRAIN: len(site.data.train), Statistic.NUM_VAL: len(site.data.val)}
+    return site_reply(msg, site.name, summary)
