@@ -135,7 +135,9 @@ def _run(
             mark_continued(resume.folder, outputs.record.out)  # once its own record exists
         net = _initial_network(cfg, outputs, resumed=resume is not None)
         request = _request(cfg, outputs, context.run_id)
-        loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), context.run_id, request)
+        loop = RoundLoop(
+            grid, cfg, outputs, partial(build_strategy, cfg), context.run_id, request=request
+        )
         local = cfg.keeps_norms_local
         load_record(net, loop.run(to_record(net, local), resume), local)
         digest = outputs.record.save_model(net, cfg, cfg.num_server_rounds)

@@ -19,6 +19,7 @@ from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Config, Record
 from tests.in_process_grid import RUN_ID, InProcessGrid, train_messages
 
 NODES = [101, 202, 303]  # site-0, site-1, site-2
@@ -44,12 +45,12 @@ def run_config(**values) -> RunConfig:
     return RunConfig.from_mapping({**defaults, **values})
 
 
-def run(tmp_path, grid, cfg, run_id: int = RUN_ID):
+def run(tmp_path, grid, cfg, run_id: int = RUN_ID, request=None):
     """Run the loop; returns (final arrays or the error, metrics.json, progress text)."""
     record = RunRecord(cfg, tmp_path)
     progress = io.StringIO()
     outputs = RunOutputs(record, RoundTelemetry(run_id, cfg.task), progress, run_id, cfg)
-    loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), run_id)
+    loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), run_id, request=request)
     try:
         result = loop.run(ArrayRecord({k: Array(v) for k, v in START.items()}))
     except QuorumError as err:
@@ -385,3 +386,19 @@ def test_with_fewer_than_three_updates_the_norm_check_says_it_stood_aside(tmp_pa
     _, metrics, progress = run(tmp_path, grid, cfg)
     assert metrics["rounds"][1]["failures"] == {}
     assert "update-norm check skipped: 2 usable update(s), it needs 3 to compare" in progress
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_every_training_and_evaluation_request_carries_the_runs_request_keys(tmp_path, secure):
+    """A bundle run's configs hash reaches every hospital with every round's work."""
+    grid, cfg = grid_of({101: 1.0, 202: 2.0, 303: 4.0}, **{"secure-aggregation": secure})
+    request = {Config.BUNDLE_SHA256: "ab" * 32}
+    _, metrics, _ = run(tmp_path, grid, cfg, request=request)
+    assert metrics["status"] == "running" and len(metrics["rounds"]) == 4  # the loop finished
+    work = [m for m in grid.pushed if m.metadata.message_type in ("train", "evaluate")]
+    assert {m.metadata.message_type for m in work} == {"train", "evaluate"}
+    assert all(
+        m.content[Record.CONFIG][Config.BUNDLE_SHA256] == request[Config.BUNDLE_SHA256]
+        for m in work
+    )
+    assert {int(m.content[Record.CONFIG][Config.SERVER_ROUND]) for m in work} == {0, 1, 2, 3}

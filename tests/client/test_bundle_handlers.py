@@ -1,0 +1,73 @@
+"""A bundle run's messages through the hospital's real ClientApp: the node checks the
+coordinator's hash of the bundle configs before running any of them, then replies as for
+every task (arrays of the bundle's network, metrics under medfed's keys, counts floored)."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, RecordDict
+
+from medfed.client.app import app
+from medfed.client.bundle_data import bundle_datalist
+from medfed.shared_models.audit import AUDIT_ENV
+from medfed.shared_models.bundle import Bundle
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.protocol import Config, ErrorCode, Metric, NodeConfig, Record, Statistic
+from medfed.shared_models.weights import exchanged_arrays
+from tests.bundles import write_bundle
+from tests.client.test_privacy_mods import RUN_ID, incoming
+
+
+def _node(site, bundle_root) -> Context:
+    cfg = RunConfig.from_mapping({"task": "bundle", "bundle": str(bundle_root), "local-epochs": 1})
+    node_config = {NodeConfig.DATA_PATH: str(site), NodeConfig.MIN_COUNT: 1}
+    return Context(RUN_ID, 5, node_config, RecordDict(), cfg.to_mapping())
+
+
+def _send(kind, ctx, bundle_root, config):
+    torch.manual_seed(0)
+    arrays = dict(exchanged_arrays(Bundle(bundle_root).network()))
+    return app(incoming(kind, {Config.SERVER_ROUND: 1, **config}, arrays), ctx), arrays
+
+
+def test_a_node_trains_and_evaluates_the_bundle_it_shares_with_the_coordinator(
+    seg_sites, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    root = write_bundle(tmp_path / "bundle")
+    ctx = _node(seg_sites / "site-1", root)
+    expected = {Config.BUNDLE_SHA256: Bundle(root).sha256}
+    trained, sent = _send("train", ctx, root, expected)
+    assert not trained.has_error(), trained.error.reason if trained.has_error() else ""
+    assert list(trained.content[Record.ARRAYS]) == list(sent)
+    metrics = trained.content[Record.METRICS]
+    assert metrics[Metric.TRAIN_LOSS] > 0
+    trained_examples = metrics[Metric.NUM_EXAMPLES]
+    assert trained.content[Record.SITE]["name"] == "site-1"
+
+    evaluated, _ = _send("evaluate", ctx, root, expected)
+    assert not evaluated.has_error()
+    metrics = evaluated.content[Record.METRICS]
+    assert metrics[Metric.KEY_METRIC] == metrics["val-mean-dice"]
+    assert metrics[Metric.WEIGHT] == metrics[Metric.NUM_EXAMPLES] >= 1
+
+    summary = app(incoming("query", {Config.STATS_MIN_COUNT: 1}), ctx)
+    counts = summary.content[Record.METRICS]
+    data = bundle_datalist(seg_sites / "site-1", RunConfig.from_mapping(ctx.run_config))
+    assert counts[Statistic.NUM_TRAIN] == len(data.train) == trained_examples
+    assert Statistic.INTENSITY_HISTOGRAM not in counts  # the bundle reads the images, not medfed
+
+
+def test_a_node_whose_bundle_configs_differ_refuses_to_run_them(seg_sites, tmp_path, monkeypatch):
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    root = write_bundle(tmp_path / "bundle")
+    coordinators = Bundle(write_bundle(tmp_path / "theirs", lr=0.5)).sha256
+    ctx = _node(seg_sites / "site-0", root)
+    for kind in ("train", "evaluate"):
+        reply, _ = _send(kind, ctx, root, {Config.BUNDLE_SHA256: coordinators})
+        assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+        assert "bundle configs hash to" in reply.error.reason
+        assert coordinators[:16] in reply.error.reason
+    reply, _ = _send("train", ctx, root, {})
+    assert reply.has_error() and reply.error.code == ErrorCode.MALFORMED_REQUEST
+    assert f"'{Config.BUNDLE_SHA256}' = None" in reply.error.reason
