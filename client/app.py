@@ -31,6 +31,7 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.client import telemetry
+from medfed.client.approval import AppNotApproved
 from medfed.client.data.manifest import SiteDataError
 from medfed.client.node_settings import NodeConfigError
 from medfed.client.privacy import secagg_mod
@@ -112,6 +113,8 @@ def error_report(err: Exception) -> tuple[int, str]:
         return ErrorCode.CONFIG, "node config refused; the node's log says why"
     if isinstance(err, ConfigError):
         return ErrorCode.CONFIG, f"run config refused: {err}"
+    if isinstance(err, AppNotApproved):  # it names the hash the coordinator itself sent
+        return ErrorCode.CONFIG, f"refused: {err}"
     if isinstance(err, MalformedRequest):  # it names what the coordinator itself sent
         return ErrorCode.MALFORMED_REQUEST, f"malformed request refused: {err}"
     if isinstance(err, SecAggRefused):

@@ -97,6 +97,29 @@ def check(content: bytes) -> str:
     )
 
 
+def check_bundle(digest: str) -> None:
+    """Refuse (audited) a MONAI bundle this node did not approve.
+
+    A bundle's configs are code (`_target_` imports, `$` expressions, scripts/) and
+    the run config, which the coordinator chooses, names the folder: on a node
+    started by `medfed node start` their hash (configs/ and scripts/, `Bundle.sha256`)
+    must be approved like an app package's. A simulation has no node state: the
+    researcher runs their own bundle on their own machine.
+    """
+    if not os.environ.get(STATE_ENV):
+        return
+    state = Path(os.environ[STATE_ENV])
+    if digest in approved(state):
+        return
+    site = os.environ.get(SITE_ENV, "this site")
+    audit("bundle-refused", log=state / "audit.jsonl", site=site, bundle_sha256=digest)
+    raise AppNotApproved(
+        f"MONAI bundle sha256 {digest} is not approved at {site}: its staff can list what the "
+        f"hash covers with `medfed node inspect BUNDLE_FOLDER` and approve it with "
+        f"`medfed node approve {digest}`"
+    )
+
+
 @dataclass(frozen=True)
 class PackageFile:
     """One file of an app package, as `medfed node inspect` lists it."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message
 
 from medfed.client import telemetry
+from medfed.client.approval import check_bundle
 from medfed.client.bundle_data import bundle_datalist
 from medfed.client.bundle_engines import BundleSite, evaluate_round, train_round
 from medfed.client.data.locate import resolve_site_path, site_name
@@ -41,6 +42,7 @@ def open_site(context: Context, msg: Message | None) -> tuple[RunConfig, BundleS
         if not isinstance(expected, str):
             raise MalformedRequest(f"'{Config.BUNDLE_SHA256}' = {expected!r}: expected a hash")
         bundle.check_hash(expected)
+        check_bundle(bundle.sha256)  # the hospital's approval, before any of its code runs
     device = pick_device(node.device or cfg.device)
     site = BundleSite(bundle, site_name(node, path), bundle_datalist(path, cfg), device)
     return cfg, site

@@ -120,9 +120,13 @@ def add_node_commands(commands: Commands) -> None:
     keygen.add_argument("--out", type=Path, default=Path("node-keys"))
     keygen.set_defaults(handler=_node_keygen)
     inspect = node_commands.add_parser(
-        "inspect", help="what an app package contains (a .fab file, or a refused package's hash)"
+        "inspect",
+        help="what an app package contains (a .fab file, or a refused package's hash), "
+        "or what a MONAI bundle folder's hash covers",
     )
-    inspect.add_argument("package", help="a .fab file, or the start of a refused package's hash")
+    inspect.add_argument(
+        "package", help="a .fab file, the start of a refused package's hash, or a bundle folder"
+    )
     inspect.add_argument("--state", type=Path, default=Path("node-state"))
     inspect.set_defaults(handler=_node_inspect)
     approve = node_commands.add_parser(
@@ -225,6 +229,8 @@ def _node_keygen(args: argparse.Namespace) -> int:
 def _node_inspect(args: argparse.Namespace) -> int:
     from medfed.client import approval
 
+    if (Path(args.package).expanduser() / "configs").is_dir():
+        return _inspect_bundle(Path(args.package).expanduser(), args.state)
     package = approval.inspect(approval.find_package(args.state, args.package))
     digest = package["sha256"]
     status = "approved" if digest in approval.approved(args.state) else "NOT approved"
@@ -236,6 +242,26 @@ def _node_inspect(args: argparse.Namespace) -> int:
         print(f"  {entry.sha256[:12]}  {entry.size:>9}  {entry.name}")
     if status != "approved":
         print(f"approve it with: medfed node approve {digest} --state {args.state}")
+    return 0
+
+
+def _inspect_bundle(root: Path, state: Path) -> int:
+    """What a MONAI bundle's hash covers (the code a bundle run executes), and its approval."""
+    import hashlib
+
+    from medfed.client import approval
+    from medfed.shared_models.bundle import Bundle
+
+    bundle = Bundle(root)
+    status = "approved" if bundle.sha256 in approval.approved(state) else "NOT approved"
+    print(f"MONAI bundle sha256 {bundle.sha256} ({status} at {state})")
+    files = bundle.hashed_files()
+    print(f"files its hash covers ({len(files)}; configs are code: `_target_` and `$` run):")
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        print(f"  {digest[:12]}  {path.stat().st_size:>9}  {path.relative_to(bundle.root)}")
+    if status != "approved":
+        print(f"approve it with: medfed node approve {bundle.sha256} --state {state}")
     return 0
 
 

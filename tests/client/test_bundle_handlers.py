@@ -4,11 +4,16 @@ every task (arrays of the bundle's network, metrics under medfed's keys, counts 
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import Context, RecordDict
 
+from medfed.client import approval
 from medfed.client.app import app
+from medfed.client.approval import STATE_ENV
 from medfed.client.bundle_data import bundle_datalist
+from medfed.server.cli import main
 from medfed.shared_models.audit import AUDIT_ENV
 from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.config import RunConfig
@@ -71,3 +76,40 @@ def test_a_node_whose_bundle_configs_differ_refuses_to_run_them(seg_sites, tmp_p
     reply, _ = _send("train", ctx, root, {})
     assert reply.has_error() and reply.error.code == ErrorCode.MALFORMED_REQUEST
     assert f"'{Config.BUNDLE_SHA256}' = None" in reply.error.reason
+
+
+def test_a_deployed_node_runs_only_a_bundle_its_hospital_approved(seg_sites, tmp_path, monkeypatch):
+    state = tmp_path / "node-state"
+    monkeypatch.setenv(STATE_ENV, str(state))
+    monkeypatch.setenv(AUDIT_ENV, str(state / "audit.jsonl"))
+    root = write_bundle(tmp_path / "bundle")
+    marker = tmp_path / "ran"
+    (root / "scripts").mkdir(exist_ok=True)  # the bundle's own code leaves a trace if it runs
+    (root / "scripts" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    digest = Bundle(root).sha256
+    ctx = _node(seg_sites / "site-0", root)
+    for kind in ("train", "evaluate"):
+        reply, _ = _send(kind, ctx, root, {Config.BUNDLE_SHA256: digest})
+        assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+        assert f"MONAI bundle sha256 {digest} is not approved" in reply.error.reason
+    assert not marker.exists()
+    events = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    assert [e["bundle_sha256"] for e in events if e["event"] == "bundle-refused"] == [digest] * 2
+
+    approval.approve(state, digest, note="read configs/ and scripts/")
+    reply, _ = _send("train", ctx, root, {Config.BUNDLE_SHA256: digest})
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+
+
+def test_node_inspect_shows_a_bundles_hash_and_what_it_covers(tmp_path, capsys):
+    root = write_bundle(tmp_path / "bundle")
+    digest = Bundle(root).sha256
+    state = tmp_path / "node-state"
+    assert main(["node", "inspect", str(root), "--state", str(state)]) == 0
+    shown = capsys.readouterr().out
+    assert f"MONAI bundle sha256 {digest} (NOT approved" in shown
+    assert "configs/train.json" in shown
+    assert f"medfed node approve {digest}" in shown
+    approval.approve(state, digest)
+    assert main(["node", "inspect", str(root), "--state", str(state)]) == 0
+    assert f"{digest} (approved" in capsys.readouterr().out
