@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.data.transforms import resolve_modality
-from medfed.client.export.bundle import write_bundle
+from medfed.client.export.bundle import write_bundle, write_federated_bundle
 from medfed.client.export.torchscript import write_torchscript
 from medfed.shared_models.run_folder import load_global_model
 
@@ -31,6 +31,12 @@ def export_run(options: ExportOptions) -> int:
         raise FileExistsError(f"--out {out}: the folder is not empty; choose a new one")
     run_dir = options.run_dir.expanduser()
     cfg, net = load_global_model(run_dir)
+    if cfg.task == "bundle":  # a federated MONAI bundle goes back out as that bundle
+        if options.format != "bundle":
+            raise ValueError(f"{run_dir}: a task = bundle run exports as --format bundle only")
+        path = write_federated_bundle(run_dir, cfg, net, out)
+        print(f"wrote {path}: the bundle {cfg.bundle} with the federated weights (models/model.pt)")
+        return 0
     modality = resolve_modality(cfg, options.modality)
     if options.format == "bundle":
         path = write_bundle(run_dir, cfg, net, modality, out)

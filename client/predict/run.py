@@ -51,6 +51,11 @@ def run_predict(options: PredictOptions) -> int:
     cfg, net = load_global_model(options.model.expanduser())
     if cfg.task == "gan":
         raise ValueError(f"{options.model}: a gan run generates images: use `medfed gan sample`")
+    if cfg.task == "bundle":
+        raise ValueError(
+            f"{options.model}: a task = bundle run predicts through its bundle's own inference "
+            "config: `medfed export RUN_DIR --out DIR` gives the bundle with the federated weights"
+        )
     device = pick_device(options.device)
     skipped: dict[str, str] = {}
     cases = collect_cases(options.input, cfg, skipped)

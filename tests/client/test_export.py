@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from medfed.server.cli import main
+from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.run_folder import load_global_model
+from tests.bundles import write_bundle
 from tests.trained_models import trained_run, untrained_run
 
 OBLIQUE = np.array([[0, -1.5, 0, 10], [0, 0, 2.5, -5], [0.8, 0, 0, 3], [0, 0, 0, 1.0]])
@@ -128,3 +130,23 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     _, gan = untrained_run(tmp_path / "gan", task="gan", **{"image-size": 32, "model-depth": 2})
     assert main(["export", str(gan), "--out", str(tmp_path / "g")]) == 2
     assert "gan" in capsys.readouterr().err
+
+
+def test_a_federated_bundle_goes_back_out_as_that_bundle(tmp_path, capsys):
+    source = write_bundle(tmp_path / "bundle")
+    _, run = untrained_run(tmp_path / "run", task="bundle", bundle=str(source))
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert (out / "models" / "model.pt").read_bytes() == (run / "global_model.pt").read_bytes()
+    assert (out / "configs" / "train.json").read_bytes() == (
+        source / "configs" / "train.json"
+    ).read_bytes()
+    metadata = json.loads((out / "configs" / "metadata.json").read_text())
+    assert metadata["medfed"]["config"]["bundle"] == str(source)
+    net = Bundle(out).network()
+    net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "t")]) == 2
+    assert "--format bundle only" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run), "--input", str(tmp_path),
+                 "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    assert "its bundle's own inference config" in capsys.readouterr().err
