@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from medfed.client.synthetic import GENERATORS, generate_federation
-from medfed.shared_models.config import TASK_NAMES
+from medfed.shared_models.config import SITE_DATA_TASKS
 from medfed.shared_models.runtime import add_metrics_arguments
 
 Commands = argparse._SubParsersAction
@@ -47,7 +47,7 @@ def add_data_commands(commands: Commands) -> None:
     )
     check.add_argument(
         "--task",
-        choices=[t for t in TASK_NAMES if t != "bundle"],  # a bundle's transforms read its data
+        choices=SITE_DATA_TASKS,
         help="default: the 'task' in dataset.json",
     )
     check.add_argument(

@@ -28,6 +28,8 @@ STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
 SERVER_STEP_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # The imaging tasks (shared_models.tasks.TASKS, which imports torch, has one of each).
 TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan", "bundle")
+# The tasks whose site images medfed itself reads (a bundle's own transforms read its data).
+SITE_DATA_TASKS = tuple(t for t in TASK_NAMES if t != "bundle")
 DP_MODES = ("off", "client", "server")
 # Cross-site evaluation at the end of a run: the global model at every site (the final
 # round's evaluation, no extra message), and with "all" each site's last local model too.

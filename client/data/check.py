@@ -27,7 +27,7 @@ from medfed.client.data.manifest import (
 )
 from medfed.client.data.site import SiteDataset, scan_site
 from medfed.client.data.transforms import intensity_mode, site_transforms
-from medfed.shared_models.config import TASK_NAMES, ConfigError, RunConfig
+from medfed.shared_models.config import SITE_DATA_TASKS, ConfigError, RunConfig
 from medfed.shared_models.tasks import TASKS
 
 REPORT = "data_report.json"
@@ -79,7 +79,7 @@ def infer_task(root: Path, manifest: Path) -> tuple[str, str]:
         first = rows[numbers.index(None)]
         reason = f"{manifest.name} names none and its labels are not all numbers: {first!r}"
     raise ConfigError(
-        f"{root}: cannot tell the task ({reason}); pass --task {'|'.join(TASK_NAMES)}"
+        f"{root}: cannot tell the task ({reason}); pass --task {'|'.join(SITE_DATA_TASKS)}"
     )
 
 
