@@ -69,27 +69,67 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 
 def read_model_config(run_dir: Path) -> RunConfig:
-    """The run config of a finished run (model.json), validated."""
+    """The run config of a finished run (model.json), validated; RunFolderError naming the
+    file when it is missing, not JSON, or holds no valid config."""
     meta = run_dir / MODEL_JSON
     if not meta.is_file():
         raise RunFolderError(f"{run_dir}: not a finished medfed run (no {MODEL_JSON})")
-    return RunConfig.from_mapping(json.loads(meta.read_text())["config"])
+    try:
+        data = json.loads(meta.read_text())
+        config = data.get("config") if isinstance(data, dict) else None
+        if not isinstance(config, dict):
+            raise ValueError("no 'config' object (the run's settings)")
+        return RunConfig.from_mapping(config)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # ConfigError is a ValueError
+        raise RunFolderError(f"{meta}: not a medfed model description ({err})") from None
 
 
 def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
-    """Rebuild the network described by model.json and load global_model.pt (eval mode)."""
-    import torch  # late: the command line reads run folders without loading torch
+    """Rebuild the network described by model.json and load global_model.pt (eval mode).
 
+    weights_only: the file may come from elsewhere, and must hold tensors, never code.
+    Whatever is wrong with it is one RunFolderError naming the file.
+    """
     from medfed.shared_models.tasks import TASKS
 
     cfg = read_model_config(run_dir)
     net = TASKS[cfg.task].build_network(cfg)
     path = run_dir / GLOBAL_MODEL
-    try:  # weights_only: tensors by name, never pickled code
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as err:  # any unpickling or shape failure: name the file
-        raise RunFolderError(f"{path}: not the weights of this run's network ({err})") from None
+    state = _read_state_dict(path)
+    expected = net.state_dict()
+    misfits = sorted(
+        [f"missing {k}" for k in expected.keys() - state.keys()]
+        + [f"unexpected {k}" for k in state.keys() - expected.keys()]
+        + [f"{k} has shape {tuple(state[k].shape)}" for k in expected.keys() & state.keys()
+           if state[k].shape != expected[k].shape]
+    )  # fmt: skip
+    if misfits:
+        raise RunFolderError(
+            f"{path}: not the weights of the network {MODEL_JSON} describes "
+            f"({len(misfits)} misfits, e.g. {misfits[0]})"
+        )
+    net.load_state_dict(state)
     return cfg, net.eval()
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """A state dict of tensors, read with weights_only (a pickled object is refused unrun)."""
+    import pickle
+
+    import torch  # late: the command line reads run folders without loading torch
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError as err:
+        raise RunFolderError(f"{path}: cannot be read ({err.strerror})") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        why = type(err).__name__
+        raise RunFolderError(
+            f"{path}: not a state dict of tensors (torch.load with weights_only refused it: {why})"
+        ) from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise RunFolderError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def hold_writer_lock(run_dir: Path) -> int:
