@@ -84,6 +84,17 @@ def read_model_config(run_dir: Path) -> RunConfig:
         raise RunFolderError(f"{meta}: not a medfed model description ({err})") from None
 
 
+def local_layers_caveat(cfg: RunConfig) -> str | None:
+    """What a user of a FedBN run's global model must know (None for other strategies)."""
+    if not cfg.keeps_norms_local:
+        return None
+    return (
+        f"strategy {cfg.strategy}: the normalisation layers of {GLOBAL_MODEL} hold their "
+        "initial values (each hospital kept its own and never sent them), so its outputs "
+        "are not those of any hospital's model"
+    )
+
+
 def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     """Rebuild the network described by model.json and load global_model.pt (eval mode).
 

@@ -19,21 +19,19 @@ from pydicom.sr.codedict import codes
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-def source_instances(path: Path) -> list[pydicom.Dataset]:
-    """The DICOM images a study was read from: one file, or every file of a series folder."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return [pydicom.dcmread(f) for f in files]
-
-
 def frames_for_instances(
     mask: np.ndarray, affine: np.ndarray, instances: list[pydicom.Dataset]
 ) -> np.ndarray:
     """(instances, rows, columns) of `mask` (spatial, indexed by `affine`, RAS).
 
-    Hand-written: each source pixel's patient position (ImagePositionPatient +
-    row/column steps) is mapped through the inverse affine to the nearest voxel,
+    A 2D mask is one image's pixels as MONAI's reader holds them, (columns, rows):
+    its frame needs no geometry, which projection radiographs (DX, CR) lack.
+    Otherwise, hand-written: each source pixel's patient position (ImagePositionPatient
+    + row/column steps) is mapped through the inverse affine to the nearest voxel,
     which makes no assumption about how the reader ordered slices or axes.
     """
+    if mask.ndim == 2 and len(instances) == 1:
+        return mask.T[None].astype(np.uint8)
     to_voxel = np.linalg.inv(np.asarray(affine, dtype=float))
     frames = np.zeros((len(instances), instances[0].Rows, instances[0].Columns), np.uint8)
     for n, ds in enumerate(instances):
@@ -57,10 +55,11 @@ def frames_for_instances(
 
 
 def write_dicom_seg(
-    mask: np.ndarray, affine: np.ndarray, source: Path, classes: list[str], out: Path
+    mask: np.ndarray, affine: np.ndarray, sources: list[Path], classes: list[str], out: Path
 ) -> Path:
-    """`out` (a DICOM SEG file): one segment per foreground class, referencing `source`."""
-    instances = source_instances(source)
+    """`out` (a DICOM SEG file): one segment per foreground class, referencing the DICOM
+    images the study was read from (`sources`: one file, or a series' slices)."""
+    instances = [pydicom.dcmread(path) for path in sources]
     frames = frames_for_instances(mask, affine, instances)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medfed", version=version("medfed"), family=codes.cid7162.ArtificialIntelligence

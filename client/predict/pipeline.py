@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.data import decollate_batch, list_data_collate
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd
 from torch import nn
@@ -63,23 +63,36 @@ class Predictor:
         and the others go on."""
         ready: list[dict[str, Any]] = []
         for case in cases:
-            too_large = size_problem(case["image"], self.cfg.max_image_megabytes)
-            if too_large:  # a hostile header must not exhaust the node's memory
-                skipped[case["input"]] = too_large
+            problem = size_problem(case["image"], self.cfg.max_image_megabytes)
+            if problem is None:  # a hostile header must not exhaust the node's memory
+                try:
+                    item = self.transform(case)
+                    problem = self.unfit(item["image"])
+                except Exception as err:  # any reader or transform failure: this study only
+                    problem = reason(err)
+            if problem:
+                skipped[case["input"]] = problem
                 continue
-            try:
-                ready.append(self.transform(case))
-            except Exception as err:  # any reader or transform failure: skip this study only
-                skipped[case["input"]] = reason(err)
-                continue
+            ready.append(item)
             if len(ready) == batch_size:
-                yield from self.predict_batch(list_data_collate(ready))
+                yield from self.predict_batch(ready)
                 ready = []
         if ready:
-            yield from self.predict_batch(list_data_collate(ready))
+            yield from self.predict_batch(ready)
 
-    def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
-        images = batch["image"].to(self.device)
+    def unfit(self, image: torch.Tensor) -> str | None:
+        """Why a preprocessed study cannot go through the network (its channels), or None."""
+        if image.shape[0] != self.cfg.in_channels:
+            return (
+                f"{image.shape[0]} channels after preprocessing; the model takes "
+                f"{self.cfg.in_channels} (config key 'in-channels')"
+            )
+        return None
+
+    def predict_batch(self, items: list[dict[str, Any]]) -> list[Prediction]:
+        """Only the images are stacked: each study keeps its own metadata (readers of
+        different formats record different keys, which MONAI's collate cannot merge)."""
+        images = torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
         with torch.no_grad():
             if self.task.label_kind == "mask":
                 outputs = self.inferer(images, self.net).float().softmax(dim=1)
@@ -87,13 +100,12 @@ class Predictor:
                 outputs = self.net(images).float()
                 if self.task.label_kind == "class":
                     outputs = outputs.softmax(dim=1)
-        batch["output"] = outputs.cpu()
-        batch["image"] = batch["image"].cpu()
         results = []
-        for item in decollate_batch(batch):
+        for item, output in zip(items, outputs.cpu(), strict=True):
+            item = {**item, "output": MetaTensor(output)}  # Invertd replays item["image"]'s steps
             preview = None
             if self.task.label_kind == "mask":
-                preview = item["output"].argmax(dim=0)
+                preview = output.argmax(dim=0)
                 item = self.invert(item)
             case = {k: v for k, v in item.items() if k not in ("image", "output")}
             results.append(Prediction(case, item["image"], item["output"], preview))

@@ -9,6 +9,7 @@ listing every input written or skipped, with the reason.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,16 @@ from medfed.client.data.transforms import resolve_modality
 from medfed.client.handlers import pick_device
 from medfed.client.predict.dicom_seg import write_dicom_seg
 from medfed.client.predict.inputs import collect_cases
-from medfed.client.predict.pipeline import Prediction, Predictor
+from medfed.client.predict.pipeline import Prediction, Predictor, reason
 from medfed.client.predict.writers import (
     SaveNiftiMaskd,
     mask_in_input_shape,
+    new_output_folder,
     write_overlay,
     write_table,
 )
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.run_folder import load_global_model
+from medfed.shared_models.run_folder import load_global_model, local_layers_caveat
 from medfed.shared_models.tasks import TASKS
 
 SUMMARY = "predictions.json"
@@ -45,7 +47,10 @@ class PredictOptions:
 
 
 def run_predict(options: PredictOptions) -> int:
-    """Predict every input; 0 when at least one was written, 1 when none could be."""
+    """Predict every input; 0 when at least one was written, 1 when none could be.
+
+    `--out` must be new or empty: results of an earlier call left beside this call's
+    would pass for them (a study skipped now keeps its old mask)."""
     if options.batch_size < 1:
         raise ValueError(f"--batch-size {options.batch_size}: expected a positive number")
     cfg, net = load_global_model(options.model.expanduser())
@@ -57,13 +62,18 @@ def run_predict(options: PredictOptions) -> int:
             "config: `medfed export RUN_DIR --out DIR` gives the bundle with the federated weights"
         )
     device = pick_device(options.device)
+    new_output_folder(options.out)
+    caveat = local_layers_caveat(cfg)
+    if caveat:
+        print(f"medfed: warning: {caveat}", file=sys.stderr)
     skipped: dict[str, str] = {}
     cases = collect_cases(options.input, cfg, skipped)
     options.out.mkdir(parents=True, exist_ok=True)
     written: list[dict[str, Any]] = []
     by_modality: dict[str, list[dict[str, Any]]] = {}
     for case in cases:
-        by_modality.setdefault(resolve_modality(cfg, case.pop("modality")), []).append(case)
+        case["modality"] = resolve_modality(cfg, case["modality"])
+        by_modality.setdefault(case["modality"], []).append(case)
     with tqdm(total=len(cases), desc="predict", unit="study") as progress:
         for modality, group in by_modality.items():
             predictor = Predictor(cfg, net, modality, device)
@@ -75,38 +85,38 @@ def run_predict(options: PredictOptions) -> int:
             progress.update(len(group) - done)  # the skipped ones
     if written and TASKS[cfg.task].label_kind != "mask":
         write_table([w["row"] for w in written], options.out / TABLE)
-    _summarise(options, cfg, written, skipped)
+    _summarise(options, cfg, written, skipped, caveat)
     return 0 if written else 1
 
 
 def _write(prediction: Prediction, cfg: RunConfig, out: Path) -> dict[str, Any]:
     """One study's files (segmentation) or table row (image-level tasks)."""
     case = prediction.case
+    record: dict[str, Any] = {k: case[k] for k in ("input", "name", "modality")}
     kind = TASKS[cfg.task].label_kind
-    record: dict[str, Any] = {"input": case["input"], "name": case["name"]}
-    if kind == "mask":
-        output = prediction.output
-        mask = output.argmax(dim=0).numpy().astype(np.uint8)
-        mask = mask_in_input_shape(mask, tuple(prediction.image.meta["spatial_shape"]))
-        affine = _affine4(np.asarray(output.affine))
-        record["mask"] = str(
-            SaveNiftiMaskd.write(mask, affine, out / "masks" / f"{case['name']}.nii.gz")
-        )
-        if case["dicom"]:
-            seg = out / "seg" / f"{case['name']}.dcm"
-            seg.parent.mkdir(parents=True, exist_ok=True)
-            record["dicom-seg"] = str(
-                write_dicom_seg(mask, affine, Path(case["input"]), list(cfg.classes), seg)
-            )
-        overlay = out / "overlays" / f"{case['name']}.png"
-        record["overlay"] = str(
-            write_overlay(prediction.image, prediction.preview, cfg.classes, overlay)
-        )
-        record["voxels"] = {
-            name: int((mask == k).sum()) for k, name in enumerate(cfg.classes) if k > 0
-        }
-    else:
+    if kind != "mask":
         record["row"] = _row(prediction, cfg, kind)
+        return record
+    output = prediction.output
+    mask = output.argmax(dim=0).numpy().astype(np.uint8)
+    mask = mask_in_input_shape(mask, tuple(prediction.image.meta["spatial_shape"]))
+    affine = _affine4(np.asarray(output.affine))
+    path = out / "masks" / f"{case['name']}.nii.gz"
+    record["mask"] = str(SaveNiftiMaskd.write(mask, affine, path))
+    if case["sources"]:
+        seg = out / "seg" / f"{case['name']}.dcm"
+        seg.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            sources = [Path(p) for p in case["sources"]]
+            write_dicom_seg(mask, affine, sources, list(cfg.classes), seg)
+            record["dicom-seg"] = str(seg)
+        except Exception as err:  # a source a SEG cannot reference: the mask stands alone
+            record["dicom-seg-not-written"] = reason(err)
+    overlay = out / "overlays" / f"{case['name']}.png"
+    record["overlay"] = str(
+        write_overlay(prediction.image, prediction.preview, cfg.classes, overlay)
+    )
+    record["voxels"] = {name: int((mask == k).sum()) for k, name in enumerate(cfg.classes) if k > 0}
     return record
 
 
@@ -133,13 +143,18 @@ def _affine4(affine: np.ndarray) -> np.ndarray:
 
 
 def _summarise(
-    options: PredictOptions, cfg: RunConfig, written: list[dict[str, Any]], skipped: dict[str, str]
+    options: PredictOptions,
+    cfg: RunConfig,
+    written: list[dict[str, Any]],
+    skipped: dict[str, str],
+    caveat: str | None,
 ) -> None:
     """predictions.json, and what was written or skipped, on the console."""
     summary = {
         "model": str(options.model),
         "task": cfg.task,
         "classes": list(cfg.classes),
+        **({"warning": caveat} if caveat else {}),
         "written": [{k: v for k, v in w.items() if k != "row"} for w in written],
         "skipped": [{"input": path, "reason": why} for path, why in skipped.items()],
     }
@@ -150,3 +165,6 @@ def _summarise(
         print(f"skipped {len(skipped)} unreadable inputs (listed in {SUMMARY}):")
         for path, why in skipped.items():
             print(f"  {path}: {why}")
+    for record in written:
+        if "dicom-seg-not-written" in record:
+            print(f"  {record['input']}: no DICOM SEG: {record['dicom-seg-not-written']}")

@@ -20,6 +20,15 @@ from monai.transforms import MapTransform
 from medfed.client.data.check import middle_slice
 
 
+def new_output_folder(out: Path) -> Path:
+    """`out`, refused when it exists and is not an empty folder: nothing there is
+    overwritten, and no earlier result is left to pass for a new one."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a folder that is not empty" if out.is_dir() else "not a folder"
+        raise FileExistsError(f"--out {out}: {what}; choose a new one")
+    return out
+
+
 def mask_in_input_shape(mask: np.ndarray, original_shape: tuple[int, ...]) -> np.ndarray:
     """The mask with the singleton axes the reader dropped put back (a 2D slice stored as
     H x W x 1 gets an H x W x 1 mask)."""
