@@ -28,7 +28,7 @@ from medfed.client.data import transforms
 from medfed.client.data.transforms import CONFORM, preprocessing_spec
 from medfed.client.predict.writers import SaveNiftiMaskd
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.run_folder import GLOBAL_MODEL, read_metrics
+from medfed.shared_models.run_folder import GLOBAL_MODEL, local_layers_caveat, read_metrics
 from medfed.shared_models.tasks import TASKS
 
 BUNDLE_CONFORM = "scripts.medfed_transforms.ConformSpatiald"
@@ -201,7 +201,9 @@ def provenance(run_dir: Path, cfg: RunConfig, net: nn.Module) -> dict[str, Any]:
     metrics = read_metrics(run_dir) or {}
     rounds = metrics.get("rounds") or [{}]
     digest = hashlib.sha256((run_dir / GLOBAL_MODEL).read_bytes()).hexdigest()
+    caveat = local_layers_caveat(cfg)
     return {
+        **({"warning": caveat} if caveat else {}),
         "run": run_dir.resolve().name,
         "model-sha256": digest,
         "parameters": sum(p.numel() for p in net.parameters()),
@@ -217,10 +219,12 @@ def provenance(run_dir: Path, cfg: RunConfig, net: nn.Module) -> dict[str, Any]:
 
 
 def readme(cfg: RunConfig, run_dir: Path) -> str:
+    caveat = local_layers_caveat(cfg)
     return (
         f"# medfed {cfg.task} ({cfg.model})\n\nExported from the federated run "
         f"`{run_dir.resolve().name}` (see configs/metadata.json, key `medfed`).\n\n"
-        "Run it on a folder of images (NIfTI, DICOM files or series folders, PNG/JPEG), "
+        + (f"**Warning**: {caveat}.\n\n" if caveat else "")
+        + "Run it on a folder of images (NIfTI, DICOM files or series folders, PNG/JPEG), "
         "with MONAI installed and no medfed:\n\n"
         "    python -m monai.bundle run --config_file configs/inference.json "
         "--dataset_dir IMAGES --output_dir OUT\n"

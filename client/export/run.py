@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.data.transforms import resolve_modality
 from medfed.client.export.bundle import write_bundle, write_federated_bundle
 from medfed.client.export.torchscript import write_torchscript
-from medfed.shared_models.run_folder import load_global_model
+from medfed.client.predict.writers import new_output_folder
+from medfed.shared_models.run_folder import load_global_model, local_layers_caveat
 
 FORMATS = ("bundle", "torchscript")
 
@@ -26,9 +28,7 @@ def export_run(options: ExportOptions) -> int:
     overwritten)."""
     if options.format not in FORMATS:
         raise ValueError(f"--format {options.format!r}: expected one of {', '.join(FORMATS)}")
-    out = options.out.expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out}: the folder is not empty; choose a new one")
+    out = new_output_folder(options.out.expanduser())
     run_dir = options.run_dir.expanduser()
     cfg, net = load_global_model(run_dir)
     if cfg.task == "bundle":  # a federated MONAI bundle goes back out as that bundle
@@ -38,6 +38,9 @@ def export_run(options: ExportOptions) -> int:
         print(f"wrote {path}: the bundle {cfg.bundle} with the federated weights (models/model.pt)")
         return 0
     modality = resolve_modality(cfg, options.modality)
+    caveat = local_layers_caveat(cfg)
+    if caveat:  # also in the bundle's metadata and README, for whoever runs it later
+        print(f"medfed: warning: {caveat}", file=sys.stderr)
     if options.format == "bundle":
         path = write_bundle(run_dir, cfg, net, modality, out)
         print(

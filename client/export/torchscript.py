@@ -10,6 +10,7 @@ from torch import nn
 
 from medfed.client.data.transforms import preprocessing_spec
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.run_folder import local_layers_caveat
 from medfed.shared_models.tasks import TASKS
 
 MODEL_TS = "model.ts"
@@ -28,6 +29,9 @@ def write_torchscript(cfg: RunConfig, net: nn.Module, modality: str, out: Path) 
         "input": {"shape": list(example.shape), "dtype": "float32"},
         "preprocessing": preprocessing_spec(cfg, modality, ["image"]),
     }
+    caveat = local_layers_caveat(cfg)
+    if caveat:
+        described["warning"] = caveat
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_TS
     torch.jit.save(traced, str(path), _extra_files={"medfed.json": json.dumps(described)})

@@ -150,3 +150,24 @@ def test_a_federated_bundle_goes_back_out_as_that_bundle(tmp_path, capsys):
     assert main(["predict", "--model", str(run), "--input", str(tmp_path),
                  "--out", str(tmp_path / "p")]) == 2  # fmt: skip
     assert "its bundle's own inference config" in capsys.readouterr().err
+
+
+def test_export_of_a_fedbn_run_warns_that_its_normalisation_is_not_a_hospitals(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="segmentation", strategy="fedbn", norm="batch",
+                           **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    out = tmp_path / "bundle"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    warning = json.loads((out / "configs" / "metadata.json").read_text())["medfed"]["warning"]
+    assert "fedbn" in warning and "normalisation" in warning
+    assert warning in capsys.readouterr().err
+    assert "fedbn" in (out / "docs" / "README.md").read_text()
+
+
+def test_export_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="classification",
+                           **{"image-size": 32, "model-depth": 2})  # fmt: skip
+    taken = tmp_path / "taken"
+    taken.write_text("a hospital's file")
+    assert main(["export", str(run), "--out", str(taken)]) == 2
+    assert f"--out {taken}" in capsys.readouterr().err
+    assert taken.read_text() == "a hospital's file"
