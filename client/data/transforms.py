@@ -52,9 +52,10 @@ INTENSITY_BY_MODALITY = {"CT": "ct-window"}
 
 
 def resolve_modality(cfg: RunConfig, declared: str | None) -> str:
-    """The run's modality setting, else the site's declared one, else the task's usual one."""
+    """The run's modality setting, else the site's declared one, else the task's usual one,
+    as a DICOM code (upper case: `ct` is CT, and gets CT's window)."""
     if cfg.modality != "auto":
-        return cfg.modality
+        return cfg.modality.upper()
     return (declared or TASKS[cfg.task].default_modality).upper()
 
 

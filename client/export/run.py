@@ -38,6 +38,11 @@ def export_run(options: ExportOptions) -> int:
         print(f"wrote {path}: the bundle {cfg.bundle} with the federated weights (models/model.pt)")
         return 0
     modality = resolve_modality(cfg, options.modality)
+    if options.modality and options.modality.upper() != modality:
+        raise ValueError(
+            f"--modality {options.modality}: the run was trained with config key 'modality' = "
+            f"{modality}, whose intensity normalisation the model expects"
+        )
     caveat = local_layers_caveat(cfg)
     if caveat:  # also in the bundle's metadata and README, for whoever runs it later
         print(f"medfed: warning: {caveat}", file=sys.stderr)

@@ -171,3 +171,14 @@ def test_export_refuses_an_out_that_is_a_file(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(taken)]) == 2
     assert f"--out {taken}" in capsys.readouterr().err
     assert taken.read_text() == "a hospital's file"
+
+
+def test_export_refuses_a_modality_the_run_did_not_train_with(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="segmentation", modality="MR",
+                           **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    out = tmp_path / "bundle"
+    assert main(["export", str(run), "--out", str(out), "--modality", "CT"]) == 2
+    err = capsys.readouterr().err
+    assert "--modality CT" in err and "'modality'" in err and "MR" in err
+    assert not out.exists()
+    assert main(["export", str(run), "--out", str(out), "--modality", "mr"]) == 0

@@ -148,3 +148,18 @@ def test_ct_sites_are_windowed_by_default(tmp_path):
     )
     # -1024 HU clips to 0, then (HU + 1000) / 2000 inside the default window, 776 HU -> 0.888
     assert values == pytest.approx([0.0, (-424 + 1000) / 2000, (176 + 1000) / 2000, 0.888])
+
+
+def test_a_modality_set_in_lower_case_is_the_dicom_code(tmp_path):
+    """`modality = "ct"` in the run config is CT: windowed like a CT site, not scaled by
+    percentiles (found by the predict/export review)."""
+    site = tmp_path / "ct"
+    (site / "imagesTr").mkdir(parents=True)
+    entries = []
+    for k in range(4):
+        write_dicom(site / "imagesTr" / f"{k}.dcm", np.full((16, 16), 600 * k, np.int16), "CT",
+                    (1, 1), rescale=(1.0, -1024.0))  # fmt: skip
+        entries.append({"image": f"imagesTr/{k}.dcm", "label": k % 3})
+    (site / "dataset.json").write_text(json.dumps({"training": entries}))
+    cfg = tiny_config(task="classification", image_size=16, val_fraction=0.25, modality="ct")
+    assert load_site(site, cfg).modality == "CT"
