@@ -26,6 +26,7 @@ from torch import nn
 
 from medfed.client.data import transforms
 from medfed.client.data.transforms import CONFORM, preprocessing_spec
+from medfed.client.predict.inputs import IMAGE_SUFFIXES
 from medfed.client.predict.writers import SaveNiftiMaskd
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.run_folder import GLOBAL_MODEL, local_layers_caveat, read_metrics
@@ -98,8 +99,12 @@ def inference_config(cfg: RunConfig, modality: str) -> dict[str, Any]:
         "dataset_dir": "$@bundle_root + '/input'",
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "datalist": "$[{'image': os.path.join(@dataset_dir, name)} for name in "
-        "sorted(os.listdir(@dataset_dir)) if not name.startswith('.')]",
+        # what MONAI's evaluator would stop at: hidden files, and files of other kinds
+        # (a README beside the images); DICOM files without a suffix and series folders stay
+        "image_suffixes": f"${tuple(IMAGE_SUFFIXES)!r}",
+        "datalist": "$[{'image': os.path.join(@dataset_dir, n)} for n in "
+        "sorted(os.listdir(@dataset_dir)) if not n.startswith('.') and ('.' not in n or "
+        "n.lower().endswith(@image_suffixes) or os.path.isdir(os.path.join(@dataset_dir, n)))]",
         "network_def": task.network_spec(cfg),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": steps},

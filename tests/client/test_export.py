@@ -72,6 +72,7 @@ def test_classification_bundle_gives_predicts_probabilities(tmp_path):
     rng = np.random.default_rng(1)
     for k in range(4):
         Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(images / f"x{k}.png")
+    (images / "README.txt").write_text("exported from PACS")  # stopped the bundle's whole run
     assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 0
     assert main(["predict", "--model", str(run), "--input", str(images),
                  "--out", str(tmp_path / "predicted")]) == 0  # fmt: skip
