@@ -15,6 +15,9 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+# In voxels: how far a source pixel may sit from a voxel centre of the mask read from it.
+GEOMETRY_TOLERANCE = 0.05
+
 # DICOM patient coordinates are LPS; MONAI's affines are RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -43,14 +46,21 @@ def frames_for_instances(
             + cols[..., None] * col_spacing * orientation[:3]
             + rows[..., None] * row_spacing * orientation[3:]
         )
-        ras = lps @ LPS_TO_RAS.T
-        voxel = np.rint(ras @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        exact = (lps @ LPS_TO_RAS.T) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        voxel = np.rint(exact).astype(int)
         index = tuple(voxel[..., axis] for axis in range(mask.ndim))
         inside = np.all(
             [(i >= 0) & (i < size) for i, size in zip(index, mask.shape, strict=True)], axis=0
         )
-        clipped = tuple(np.clip(i, 0, size - 1) for i, size in zip(index, mask.shape, strict=True))
-        frames[n] = np.where(inside, mask[clipped], 0)
+        # The mask was read from these very files: every pixel is a voxel centre of it.
+        # Anything else means the tags' geometry is not the one the reader used (a value
+        # it could not parse), and a SEG built from the tags would be misplaced.
+        if not inside.all() or np.abs(exact - voxel).max() > GEOMETRY_TOLERANCE:
+            raise ValueError(
+                f"instance {ds.SOPInstanceUID}: its position and orientation tags do not "
+                "match the geometry the image reader used; a SEG would be misplaced"
+            )
+        frames[n] = mask[index]
     return frames
 
 
