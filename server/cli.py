@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ConfigError, SiteDataError, FileExistsError, ValueError, RuntimeError) as err:
+    except (ConfigError, SiteDataError, OSError, ValueError, RuntimeError) as err:
+        # OSError: a folder that cannot be written or read (permissions, a full disk, a
+        # file where a folder is expected) is the user's to fix, not a bug.
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM where a command catches it

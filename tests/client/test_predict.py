@@ -359,3 +359,17 @@ def test_a_fedbn_model_is_used_with_a_warning(tmp_path, capsys):
     warning = json.loads((out / "predictions.json").read_text())["warning"]
     assert "fedbn" in warning and "normalisation" in warning
     assert warning in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="classification",
+                           **{"image-size": 32, "model-depth": 2})  # fmt: skip
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert main(["predict", "--model", str(run), "--input", str(image),
+                 "--out", str(blocked / "out")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("medfed: error: ") and str(blocked) in err
+    assert len(err.strip().splitlines()) == 1
