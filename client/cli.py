@@ -77,6 +77,13 @@ def add_predict_command(commands: Commands) -> None:
     predict.add_argument("--out", type=Path, required=True, help="where results are written")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--batch-size", type=int, default=4, help="studies per network call")
+    predict.add_argument(
+        "--site-layers",
+        type=Path,
+        metavar="FILE",
+        help="strategy = fedbn: this hospital's kept normalisation layers "
+        "(<cache-dir>/fedbn/run-<run id>.pt on its node), making the model the hospital's own",
+    )
     predict.set_defaults(handler=_predict)
 
 

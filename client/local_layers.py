@@ -55,6 +55,28 @@ def keep(net: nn.Module, context: Context, cache: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def load_site_layers(net: nn.Module, path: Path) -> None:
+    """Make a FedBN run's global network one hospital's model: put in the normalisation
+    layers that hospital kept (its `layers_file`), for `medfed predict --site-layers`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, not a torch file, pickled code: name the file
+        raise ValueError(f"{path}: not a file of kept normalisation layers ({err})") from None
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items() if k in set(norm_keys(net))}
+    found = (
+        {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if isinstance(state, dict)
+        else {}
+    )
+    if found != expected:
+        missing = sorted(expected.keys() - found.keys())
+        raise ValueError(
+            f"{path}: its normalisation layers do not fit this run's network ({len(found)} "
+            f"tensors, {len(expected)} expected{f'; e.g. no {missing[0]}' if missing else ''})"
+        )
+    net.load_state_dict(state, strict=False)
+
+
 def _kept(context: Context, cache: Path) -> dict[str, torch.Tensor] | None:
     """The layers in the node's state, else on its disk, else None."""
     if STATE_KEY in context.state.array_records:

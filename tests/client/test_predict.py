@@ -18,8 +18,10 @@ from scipy import ndimage
 
 from medfed.client.synthetic.dicom import write_dicom, write_series
 from medfed.server.cli import main
+from medfed.shared_models.run_folder import load_global_model
+from medfed.shared_models.weights import norm_keys
 from tests.client.data.test_hostile_images import _nifti_header_only
-from tests.trained_models import trained_run, untrained_run
+from tests.trained_models import trained_run, untrained_run, write_run
 
 # Voxel axes permuted and flipped, anisotropic spacing (0.8, 1.5, 2.5 mm), an offset.
 SPACING = (0.8, 1.5, 2.5)
@@ -373,3 +375,39 @@ def test_an_out_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("medfed: error: ") and str(blocked) in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_hospitals_fedbn_layers_make_the_model_its_own(tmp_path, capsys):
+    cfg, run = untrained_run(tmp_path / "run", task="classification", strategy="fedbn",
+                             norm="batch", **{"image-size": 32, "model-depth": 2})  # fmt: skip
+    _, net = load_global_model(run)
+    norms = set(norm_keys(net))
+    generator = torch.Generator().manual_seed(3)
+    kept = {k: v.float() + torch.rand(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in net.state_dict().items() if k in norms}  # fmt: skip
+    layers = tmp_path / "run-7.pt"
+    torch.save(kept, layers)
+    hospitals = write_run(tmp_path / "hospital", cfg, net)  # the hospital's whole model
+    net.load_state_dict(kept, strict=False)
+    torch.save(net.state_dict(), hospitals / "global_model.pt")
+    images = tmp_path / "in"
+    images.mkdir()
+    rng = np.random.default_rng(4)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(images / f"{k}.png")
+
+    def probabilities(model: Path, out: str, *extra: str) -> list[list[str]]:
+        assert main(["predict", "--model", str(model), "--input", str(images),
+                     "--out", str(tmp_path / out), *extra]) == 0  # fmt: skip
+        with (tmp_path / out / "predictions.csv").open() as handle:
+            return [row[1:] for row in csv.reader(handle)]
+
+    own = probabilities(run, "own", "--site-layers", str(layers))
+    assert "warning" not in json.loads((tmp_path / "own" / "predictions.json").read_text())
+    assert own == probabilities(hospitals, "whole")
+    assert own != probabilities(run, "global")
+    capsys.readouterr()
+    torch.save({k: v[:1] if v.dim() else v for k, v in kept.items()}, layers)  # misfits
+    assert main(["predict", "--model", str(run), "--input", str(images), "--out",
+                 str(tmp_path / "bad"), "--site-layers", str(layers)]) == 2  # fmt: skip
+    assert f"{layers}: its normalisation layers do not fit" in capsys.readouterr().err
