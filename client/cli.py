@@ -100,6 +100,13 @@ def add_export_command(commands: Commands) -> None:
         help="the images' modality (CT: a HU window; others: percentile scaling); "
         "default: the run's modality setting, else the task's usual one",
     )
+    export.add_argument(
+        "--site-layers",
+        type=Path,
+        metavar="FILE",
+        help="strategy = fedbn: a hospital's kept normalisation layers; the export is then "
+        "that hospital's own model",
+    )
     export.set_defaults(handler=_export)
 
 

@@ -20,6 +20,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.supercore import log
 from torch import nn
 
+from medfed.shared_models.config import RunConfig
+from medfed.shared_models.run_folder import local_layers_caveat
 from medfed.shared_models.runtime import atomic_write
 from medfed.shared_models.weights import norm_keys
 
@@ -75,6 +77,20 @@ def load_site_layers(net: nn.Module, path: Path) -> None:
             f"tensors, {len(expected)} expected{f'; e.g. no {missing[0]}' if missing else ''})"
         )
     net.load_state_dict(state, strict=False)
+
+
+def site_model(cfg: RunConfig, net: nn.Module, site_layers: Path | None) -> str | None:
+    """With `site_layers`, a FedBN run's network becomes that hospital's model; without,
+    the caveat a FedBN global model carries (None for other strategies)."""
+    if site_layers is None:
+        return local_layers_caveat(cfg)
+    if not cfg.keeps_norms_local:
+        raise ValueError(
+            f"--site-layers: run strategy {cfg.strategy} keeps no normalisation layers at "
+            "the hospitals (only strategy = fedbn does)"
+        )
+    load_site_layers(net, site_layers.expanduser())
+    return None
 
 
 def _kept(context: Context, cache: Path) -> dict[str, torch.Tensor] | None:

@@ -15,6 +15,7 @@ import json
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from medfed.client.data.transforms import CONFORM, preprocessing_spec
 from medfed.client.predict.inputs import IMAGE_SUFFIXES
 from medfed.client.predict.writers import SaveNiftiMaskd
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.run_folder import GLOBAL_MODEL, local_layers_caveat, read_metrics
+from medfed.shared_models.run_folder import GLOBAL_MODEL, read_metrics
 from medfed.shared_models.tasks import TASKS
 
 BUNDLE_CONFORM = "scripts.medfed_transforms.ConformSpatiald"
@@ -51,20 +52,35 @@ from monai.transforms import MapTransform
 '''
 
 
-def write_bundle(run_dir: Path, cfg: RunConfig, net: nn.Module, modality: str, out: Path) -> Path:
-    """out/ as a MONAI bundle: configs/{metadata,inference}.json, models/model.pt, scripts/."""
+@dataclass(frozen=True)
+class Origin:
+    """Where an exported model comes from: the run, and under FedBN either the caveat of
+    its global model or the hospital's own layers that made it that hospital's model."""
+
+    run_dir: Path
+    caveat: str | None = None
+    site_layers: Path | None = None
+
+
+def write_bundle(origin: Origin, cfg: RunConfig, net: nn.Module, modality: str, out: Path) -> Path:
+    """out/ as a MONAI bundle: configs/{metadata,inference}.json, models/model.pt, scripts/.
+    models/model.pt is the run's global_model.pt byte for byte, or with a hospital's
+    layers (`origin.site_layers`) that hospital's whole model."""
     TASKS[cfg.task].network_spec(cfg)  # a task without a describable network (gan) is refused
     for folder in ("configs", "models", "scripts", "docs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / GLOBAL_MODEL, out / "models" / "model.pt")
+    if origin.site_layers is None:
+        shutil.copyfile(origin.run_dir / GLOBAL_MODEL, out / "models" / "model.pt")
+    else:
+        torch.save(net.state_dict(), out / "models" / "model.pt")
     (out / "scripts" / "__init__.py").write_text("")
     sources = [inspect.getsource(c) for c in (transforms.ConformSpatiald, SaveNiftiMaskd)]
     (out / "scripts" / "medfed_transforms.py").write_text(SCRIPT_HEADER + "\n\n".join(sources))
     config = inference_config(cfg, modality)
     (out / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
-    metadata = bundle_metadata(run_dir, cfg, net, modality)
+    metadata = bundle_metadata(origin, cfg, net, modality)
     (out / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    (out / "docs" / "README.md").write_text(readme(cfg, run_dir))
+    (out / "docs" / "README.md").write_text(readme(cfg, origin))
     return out
 
 
@@ -80,7 +96,7 @@ def write_federated_bundle(run_dir: Path, cfg: RunConfig, net: nn.Module, out: P
     shutil.copyfile(run_dir / GLOBAL_MODEL, out / "models" / "model.pt")
     path = out / "configs" / "metadata.json"
     metadata = json.loads(path.read_text()) if path.is_file() else {}
-    metadata["medfed"] = provenance(run_dir, cfg, net)
+    metadata["medfed"] = provenance(Origin(run_dir), cfg, net)
     path.write_text(json.dumps(metadata, indent=2) + "\n")
     return out
 
@@ -160,7 +176,9 @@ def _image_level(task: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def bundle_metadata(run_dir: Path, cfg: RunConfig, net: nn.Module, modality: str) -> dict[str, Any]:
+def bundle_metadata(
+    origin: Origin, cfg: RunConfig, net: nn.Module, modality: str
+) -> dict[str, Any]:
     """configs/metadata.json: MONAI's bundle metadata, and the federated run it came from."""
     return {
         "version": "0.1.0",
@@ -175,7 +193,7 @@ def bundle_metadata(run_dir: Path, cfg: RunConfig, net: nn.Module, modality: str
         "authors": "the hospitals of the federation (see medfed.sites)",
         "copyright": "the federation's members",
         "network_data_format": data_format(cfg, modality),
-        "medfed": provenance(run_dir, cfg, net),
+        "medfed": provenance(origin, cfg, net),
     }
 
 
@@ -201,14 +219,16 @@ def data_format(cfg: RunConfig, modality: str) -> dict[str, Any]:
     return {"inputs": {"image": image}, "outputs": {"pred": pred}}
 
 
-def provenance(run_dir: Path, cfg: RunConfig, net: nn.Module) -> dict[str, Any]:
+def provenance(origin: Origin, cfg: RunConfig, net: nn.Module) -> dict[str, Any]:
     """Where the weights come from: the run, its settings, its sites and final metrics."""
+    run_dir = origin.run_dir
     metrics = read_metrics(run_dir) or {}
     rounds = metrics.get("rounds") or [{}]
-    digest = hashlib.sha256((run_dir / GLOBAL_MODEL).read_bytes()).hexdigest()
-    caveat = local_layers_caveat(cfg)
+    digest = _sha256(run_dir / GLOBAL_MODEL)
+    layers = origin.site_layers
     return {
-        **({"warning": caveat} if caveat else {}),
+        **({"warning": origin.caveat} if origin.caveat else {}),
+        **({"site-layers": {"file": layers.name, "sha256": _sha256(layers)}} if layers else {}),
         "run": run_dir.resolve().name,
         "model-sha256": digest,
         "parameters": sum(p.numel() for p in net.parameters()),
@@ -223,12 +243,15 @@ def provenance(run_dir: Path, cfg: RunConfig, net: nn.Module) -> dict[str, Any]:
     }
 
 
-def readme(cfg: RunConfig, run_dir: Path) -> str:
-    caveat = local_layers_caveat(cfg)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def readme(cfg: RunConfig, origin: Origin) -> str:
     return (
         f"# medfed {cfg.task} ({cfg.model})\n\nExported from the federated run "
-        f"`{run_dir.resolve().name}` (see configs/metadata.json, key `medfed`).\n\n"
-        + (f"**Warning**: {caveat}.\n\n" if caveat else "")
+        f"`{origin.run_dir.resolve().name}` (see configs/metadata.json, key `medfed`).\n\n"
+        + (f"**Warning**: {origin.caveat}.\n\n" if origin.caveat else "")
         + "Run it on a folder of images (NIfTI, DICOM files or series folders, PNG/JPEG), "
         "with MONAI installed and no medfed:\n\n"
         "    python -m monai.bundle run --config_file configs/inference.json "

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.data.transforms import resolve_modality
-from medfed.client.export.bundle import write_bundle, write_federated_bundle
+from medfed.client.export.bundle import Origin, write_bundle, write_federated_bundle
 from medfed.client.export.torchscript import write_torchscript
+from medfed.client.local_layers import site_model
 from medfed.client.predict.writers import new_output_folder
-from medfed.shared_models.run_folder import load_global_model, local_layers_caveat
+from medfed.shared_models.run_folder import load_global_model
 
 FORMATS = ("bundle", "torchscript")
 
@@ -21,6 +22,7 @@ class ExportOptions:
     format: str
     out: Path
     modality: str | None = None  # picks the intensity normalisation (CT: a HU window)
+    site_layers: Path | None = None  # FedBN: a hospital's kept normalisation layers
 
 
 def export_run(options: ExportOptions) -> int:
@@ -43,16 +45,17 @@ def export_run(options: ExportOptions) -> int:
             f"--modality {options.modality}: the run was trained with config key 'modality' = "
             f"{modality}, whose intensity normalisation the model expects"
         )
-    caveat = local_layers_caveat(cfg)
+    caveat = site_model(cfg, net, options.site_layers)
     if caveat:  # also in the bundle's metadata and README, for whoever runs it later
         print(f"medfed: warning: {caveat}", file=sys.stderr)
     if options.format == "bundle":
-        path = write_bundle(run_dir, cfg, net, modality, out)
+        origin = Origin(run_dir, caveat, options.site_layers)
+        path = write_bundle(origin, cfg, net, modality, out)
         print(
             f"wrote the MONAI bundle {path}; run it with: cd {path} && python -m monai.bundle "
             "run --config_file configs/inference.json --dataset_dir IMAGES --output_dir OUT"
         )
     else:
-        path = write_torchscript(cfg, net, modality, out)
+        path = write_torchscript(cfg, net, modality, out, caveat)
         print(f"wrote {path} (TorchScript; its preprocessing is in the file's medfed.json)")
     return 0

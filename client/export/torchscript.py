@@ -10,15 +10,17 @@ from torch import nn
 
 from medfed.client.data.transforms import preprocessing_spec
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.run_folder import local_layers_caveat
 from medfed.shared_models.tasks import TASKS
 
 MODEL_TS = "model.ts"
 
 
-def write_torchscript(cfg: RunConfig, net: nn.Module, modality: str, out: Path) -> Path:
+def write_torchscript(
+    cfg: RunConfig, net: nn.Module, modality: str, out: Path, caveat: str | None
+) -> Path:
     """out/model.ts: the traced network, with the run config and the preprocessing it
-    expects stored inside the file (extra file `medfed.json`)."""
+    expects stored inside the file (extra file `medfed.json`), and `caveat` (what a user
+    of a FedBN global model must know) when there is one."""
     task = TASKS[cfg.task]
     task.network_spec(cfg)  # a task without a describable network (gan) is refused here
     example = torch.zeros(1, cfg.in_channels, *([cfg.image_size] * task.spatial_dims))
@@ -29,7 +31,6 @@ def write_torchscript(cfg: RunConfig, net: nn.Module, modality: str, out: Path) 
         "input": {"shape": list(example.shape), "dtype": "float32"},
         "preprocessing": preprocessing_spec(cfg, modality, ["image"]),
     }
-    caveat = local_layers_caveat(cfg)
     if caveat:
         described["warning"] = caveat
     out.mkdir(parents=True, exist_ok=True)

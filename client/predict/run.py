@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 from tqdm import tqdm
 
 from medfed.client.data.transforms import resolve_modality
 from medfed.client.handlers import pick_device
-from medfed.client.local_layers import load_site_layers
+from medfed.client.local_layers import site_model
 from medfed.client.predict.dicom_seg import write_dicom_seg
 from medfed.client.predict.inputs import collect_cases
 from medfed.client.predict.pipeline import Prediction, Predictor, reason
@@ -32,7 +31,7 @@ from medfed.client.predict.writers import (
     write_table,
 )
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.run_folder import load_global_model, local_layers_caveat
+from medfed.shared_models.run_folder import load_global_model
 from medfed.shared_models.tasks import TASKS
 
 SUMMARY = "predictions.json"
@@ -66,7 +65,7 @@ def run_predict(options: PredictOptions) -> int:
         )
     device = pick_device(options.device)
     new_output_folder(options.out)
-    caveat = _site_model(cfg, net, options.site_layers)
+    caveat = site_model(cfg, net, options.site_layers)
     if caveat:
         print(f"medfed: warning: {caveat}", file=sys.stderr)
     skipped: dict[str, str] = {}
@@ -90,20 +89,6 @@ def run_predict(options: PredictOptions) -> int:
         write_table([w["row"] for w in written], options.out / TABLE)
     _summarise(options, cfg, written, skipped, caveat)
     return 0 if written else 1
-
-
-def _site_model(cfg: RunConfig, net: nn.Module, site_layers: Path | None) -> str | None:
-    """With --site-layers, a FedBN run's network becomes that hospital's model; without,
-    the caveat a FedBN global model carries (None for other strategies)."""
-    if site_layers is None:
-        return local_layers_caveat(cfg)
-    if not cfg.keeps_norms_local:
-        raise ValueError(
-            f"--site-layers: run strategy {cfg.strategy} keeps no normalisation layers at "
-            "the hospitals (only strategy = fedbn does)"
-        )
-    load_site_layers(net, site_layers.expanduser())
-    return None
 
 
 def _write(prediction: Prediction, cfg: RunConfig, out: Path) -> dict[str, Any]:

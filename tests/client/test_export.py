@@ -18,6 +18,7 @@ from PIL import Image
 from medfed.server.cli import main
 from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.run_folder import load_global_model
+from medfed.shared_models.weights import norm_keys
 from tests.bundles import write_bundle
 from tests.trained_models import trained_run, untrained_run
 
@@ -183,3 +184,34 @@ def test_export_refuses_a_modality_the_run_did_not_train_with(tmp_path, capsys):
     assert "--modality CT" in err and "'modality'" in err and "MR" in err
     assert not out.exists()
     assert main(["export", str(run), "--out", str(out), "--modality", "mr"]) == 0
+
+
+def test_a_hospitals_fedbn_layers_export_as_its_own_model(tmp_path, capsys):
+    _, run = untrained_run(tmp_path / "run", task="segmentation", strategy="fedbn", norm="batch",
+                           **{"image-size": 32, "model-width": 4, "model-depth": 2})  # fmt: skip
+    _, net = load_global_model(run)
+    generator = torch.Generator().manual_seed(5)
+    kept = {k: v + torch.rand(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in net.state_dict().items() if k in set(norm_keys(net))}  # fmt: skip
+    layers = tmp_path / "run-3.pt"
+    torch.save(kept, layers)
+    net.load_state_dict(kept, strict=False)  # the hospital's whole model
+    out = tmp_path / "bundle"
+    assert main(["export", str(run), "--out", str(out), "--site-layers", str(layers)]) == 0
+    exported = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(exported[k], v) for k, v in net.state_dict().items())
+    medfed = json.loads((out / "configs" / "metadata.json").read_text())["medfed"]
+    assert "warning" not in medfed
+    assert medfed["site-layers"] == {
+        "file": "run-3.pt",
+        "sha256": hashlib.sha256(layers.read_bytes()).hexdigest(),
+    }
+    assert "warning" not in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "ts"),
+                 "--site-layers", str(layers)]) == 0  # fmt: skip
+    extra = {"medfed.json": ""}
+    scripted = torch.jit.load(str(tmp_path / "ts" / "model.ts"), _extra_files=extra)
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert (scripted(images) - net.eval()(images)).abs().max() < 1e-5
+    assert "warning" not in json.loads(extra["medfed.json"])
