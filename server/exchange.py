@@ -31,7 +31,9 @@ from medfed.shared_models.weights import incompatibilities, readable, record_tem
 if TYPE_CHECKING:
     from medfed.server.secure_aggregation import SecureStats
 
-FIRST_POLL, LONGEST_POLL = 0.005, 0.5
+# Pull replies again after 5 % of the time waited so far (5 ms at least, 0.5 s at
+# most): a reply is picked up at most 5 % late, with few pulls on long rounds.
+FIRST_POLL, LONGEST_POLL, POLL_FRACTION = 0.005, 0.5, 0.05
 
 
 class QuorumError(RuntimeError):
@@ -106,8 +108,8 @@ class ExchangeTiming:
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Delivery:
     """Push `messages`, then pull replies until all arrived or `timeout` seconds passed.
 
-    Polls after 5 ms and backs off to at most 0.5 s: a few cheap pulls for
-    the SuperLink, almost no idle time for the round.
+    Waits `poll_pause` between pulls: a few cheap pulls for the SuperLink,
+    almost no idle time for the round.
     """
     messages = list(messages)
     sent_at, started = time.time(), time.monotonic()
@@ -120,7 +122,6 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     waiting = set(destination)
     deadline = started + timeout
     answers: list[Answer] = []
-    pause = FIRST_POLL
     while waiting:
         got = [r for r in grid.pull_messages(waiting) if r.metadata.reply_to_message_id in waiting]
         arrived = time.monotonic() - started
@@ -130,9 +131,17 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
         left = deadline - time.monotonic()
         if not waiting or left <= 0:
             break
-        time.sleep(min(pause, left))
-        pause = min(pause * 1.5, LONGEST_POLL)
+        time.sleep(min(poll_pause(time.monotonic() - started), left))
     return Delivery(answers, time.monotonic() - started, sent_at)
+
+
+def poll_pause(waited: float) -> float:
+    """Seconds to wait before the next pull, after `waited` seconds of waiting.
+
+    In proportion to the wait, so a reply is picked up at most POLL_FRACTION late
+    (a fixed back-off overshoots a 0.6 s simulated round by up to a third).
+    """
+    return min(max(FIRST_POLL, POLL_FRACTION * waited), LONGEST_POLL)
 
 
 # How Flower's ClientApp runner words an exception it turns into an error reply.

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from logging import WARNING
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
@@ -38,7 +39,8 @@ from medfed.client.round_request import (
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg.quantize import Encoding
-from medfed.shared_models.secagg.vector import flatten
+from medfed.shared_models.secagg.vector import difference
+from medfed.shared_models.weights import readable
 
 STATE_KEY = "medfed-secagg"
 NEXT_KEY = "medfed-secagg-next"
@@ -140,8 +142,7 @@ def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Co
     keys = list(received)
     if list(trained) != keys:
         raise SecAggRefused("the trained arrays do not match the received ones by name")
-    update = flatten({k: trained[k].numpy() for k in keys}, keys)
-    update -= flatten({k: received[k].numpy() for k in keys}, keys)
+    update = difference(_views(trained), _views(received), keys)
     examples = float(reply.content[Record.METRICS][Metric.WEIGHT])
     try:
         masked, clipped = state.mask(server_round, update, examples)
@@ -163,6 +164,17 @@ def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Co
             site,
             clipped,
         )
+
+
+def _views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Read-only views of the record's arrays (no copies); refused when one is not an array."""
+    views = {}
+    for key, array in record.items():
+        values = readable(array)
+        if values is None or values.shape != tuple(array.shape):
+            raise SecAggRefused(f"array '{key}' of the training round is not a readable array")
+        views[key] = values
+    return views
 
 
 def abort(msg: Message, context: Context) -> Message:

@@ -56,18 +56,19 @@ def open_sealed(key: bytes, sealed: bytes, context: bytes) -> bytes:
 
 
 class Scratch:
-    """Reusable buffers for keystream output: writing into memory that is already
-    mapped is about five times faster than letting every call allocate its own."""
+    """Reusable buffers for keystream output, one chunk long.
+
+    Writing into memory that is already mapped is about five times faster
+    than letting every call allocate its own, and a chunk that stays in the
+    CPU cache (1 MiB) beats a model-sized buffer: no page faults, and no
+    memory held beyond 2 MiB however large the model.
+    """
+
+    CHUNK_VALUES = 1 << 18  # uint32 mask values per keystream call (1 MiB)
 
     def __init__(self) -> None:
-        self._zeros = bytes(0)
-        self._out = bytearray(0)
-
-    def buffers(self, size: int) -> tuple[memoryview, bytearray]:
-        if len(self._zeros) < size:
-            self._zeros = bytes(size)
-            self._out = bytearray(size + 32)  # update_into wants room beyond the input
-        return memoryview(self._zeros)[:size], self._out
+        self.zeros = memoryview(bytes(4 * self.CHUNK_VALUES))
+        self.out = bytearray(4 * self.CHUNK_VALUES + 32)  # update_into wants room beyond
 
 
 class MaskStream:
@@ -85,11 +86,13 @@ class MaskStream:
         self._encryptor = cipher.encryptor()
 
     def apply(self, target: np.ndarray, add: bool, scratch: Scratch) -> None:
-        """Add (or subtract) the next `target.size` mask values to the flat uint32 `target`."""
-        zeros, out = scratch.buffers(4 * target.size)
-        self._encryptor.update_into(zeros, out)
-        mask = np.frombuffer(out, dtype="<u4", count=target.size)
-        if add:
-            target += mask
-        else:
-            target -= mask
+        """Add (or subtract) the next `target.size` mask values to the flat uint32 `target`,
+        one chunk of the keystream at a time (the stream continues across chunks)."""
+        for start in range(0, target.size, scratch.CHUNK_VALUES):
+            part = target[start : start + scratch.CHUNK_VALUES]
+            self._encryptor.update_into(scratch.zeros[: 4 * part.size], scratch.out)
+            mask = np.frombuffer(scratch.out, dtype="<u4", count=part.size)
+            if add:
+                part += mask
+            else:
+                part -= mask

@@ -11,9 +11,25 @@ from collections.abc import Mapping
 import numpy as np
 
 
-def flatten(arrays: Mapping[str, np.ndarray], keys: list[str]) -> np.ndarray:
-    """float32 concatenation of `arrays[k]` for k in `keys`."""
-    return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in keys])
+def difference(
+    after: Mapping[str, np.ndarray], before: Mapping[str, np.ndarray], keys: list[str]
+) -> np.ndarray:
+    """float32 vector of `after[k] - before[k]` for k in `keys`, written in one pass.
+
+    Subtracting straight into the vector, from read-only views of the message
+    bytes, skips the two model-sized copies and the concatenation that
+    flattening both sides first would cost (a third of a hospital's masking).
+    """
+    sizes = [after[k].size for k in keys]
+    out = np.empty(sum(sizes), dtype=np.float32)
+    start = 0
+    for key, size in zip(keys, sizes, strict=True):
+        np.subtract(
+            after[key].reshape(-1), before[key].reshape(-1), out=out[start : start + size],
+            dtype=np.float32, casting="unsafe",
+        )  # fmt: skip
+        start += size
+    return out
 
 
 def split(vector: np.ndarray, template: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -37,8 +37,10 @@ MODELS = {"7m": "DenseNet121 (2D)", "60m": "ResNet-152 (2D)"}
 # flower-plain: FedAvg over Flower's Grid.send_and_receive (it sleeps 0.1 s between
 # pulls in simulation); plain: the same over medfed's exchange (polls from 5 ms up),
 # which medfed's rounds use; medfed: SecAgg+; flower-legacy: Flower's legacy API
-# (DefaultWorkflow, strategy callbacks), plain; flower: the same with SecAggPlusWorkflow.
-MODES = ("flower-plain", "plain", "flower-legacy", "medfed", "flower")
+# (DefaultWorkflow, strategy callbacks), plain; flower: the same with SecAggPlusWorkflow;
+# plain+exchange: plain, then one empty message to every hospital and its reply: the
+# floor of any protocol that needs a second exchange per round (SecAgg+'s unmask).
+MODES = ("flower-plain", "plain", "flower-legacy", "medfed", "flower", "plain+exchange")
 
 
 def model_arrays(name: str) -> dict[str, np.ndarray]:
@@ -65,6 +67,7 @@ def run_case(mode: str, model: str, clients: int, rounds: int, result_path: Path
         "flower-legacy": partial(_flower, secure=False),
         "medfed": _medfed,
         "flower": _flower,
+        "plain+exchange": _plain_and_exchange,
     }
     server, client = apps[mode](start, clients, rounds, result_path)
     run_simulation(
@@ -80,7 +83,9 @@ def _wait(grid, clients: int) -> None:
         time.sleep(0.2)
 
 
-def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_polls=False):
+def _message_api_apps(
+    start, clients, rounds, result_path, secure: bool, flower_polls=False, second=False
+):
     from flwr.app import (
         Array,
         ArrayRecord,
@@ -129,6 +134,8 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
             else:
                 replies = [a.reply for a in send_and_receive(grid, messages, 3600.0).answers]
             arrays, _ = strategy.aggregate_train(server_round, replies)
+            if second:
+                send_and_receive(grid, _empty_messages(grid, replies), 3600.0)
             seconds.append(time.perf_counter() - began)
         result_path.write_text(json.dumps(seconds))
         if stages:
@@ -148,6 +155,10 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         metrics = MetricRecord({"num-examples": 10, "aggregation-weight": 10.0})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
+    @client.query()
+    def empty(msg, context):
+        return Message(RecordDict(), reply_to=msg)
+
     # the hospital's SecAgg+ steps, routed as medfed's ClientApp routes them
     for action, step in (
         (SecAggAction.ADVERTISE, secagg_mod.advertise),
@@ -158,6 +169,19 @@ def _message_api_apps(start, clients, rounds, result_path, secure: bool, flower_
         client.train(action)(step)
 
     return server, client
+
+
+def _empty_messages(grid, replies) -> list:
+    from flwr.app import Message, RecordDict
+
+    return [
+        Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type="query")
+        for reply in replies
+    ]
+
+
+def _plain_and_exchange(start, clients, rounds, result_path):
+    return _message_api_apps(start, clients, rounds, result_path, secure=False, second=True)
 
 
 def _flower_plain(start, clients, rounds, result_path):
@@ -345,8 +369,9 @@ def table(results: list[dict]) -> str:
     lines = [
         "| model | hospitals | plain, Flower polls | plain, medfed polls | plain, Flower legacy "
         "| medfed SecAgg+ (× medfed plain) | Flower SecAgg+ (× Flower legacy plain) "
+        "| floor: plain + empty exchange (× medfed plain) "
         "| rounds 1-2: medfed / Flower | peak GiB: " + " / ".join(MODES) + " |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         plain = [f"{value(row, m):.2f}" if value(row, m) else "-" for m in MODES[:3]]
@@ -359,6 +384,7 @@ def table(results: list[dict]) -> str:
             *plain,
             ratio(row, "medfed", "plain"),
             ratio(row, "flower", "flower-legacy"),
+            ratio(row, "plain+exchange", "plain"),
             f"{times(row, 'medfed', 'plain')} / {times(row, 'flower', 'flower-legacy')}",
             memory,
         ]

@@ -28,3 +28,49 @@ def test_shamir_rebuilds_from_any_threshold_subset_only():
 def test_bad_quantisation_ranges_are_refused(clip, bits):
     with pytest.raises(ValueError):
         check_ranges(clip, bits, 5)
+
+
+def test_the_update_vector_is_the_difference_in_key_order_whatever_the_layout():
+    import numpy as np
+    from flwr.app import Array
+
+    from medfed.shared_models.secagg.vector import difference, split
+    from medfed.shared_models.weights import readable
+
+    rng = np.random.default_rng(0)
+    before = {
+        "b.weight": rng.normal(size=(3, 4)).astype(np.float32),
+        "a.bias": rng.normal(size=5).astype(np.float64),  # a float64 array too
+        "c.kernel": np.asfortranarray(rng.normal(size=(2, 3, 2)).astype(np.float32)),
+    }
+    after = {k: v * 1.5 + 0.25 for k, v in before.items()}
+    keys = ["b.weight", "a.bias", "c.kernel"]  # not sorted: the message's order rules
+    views = [{k: readable(Array(np.asarray(d[k]))) for k in keys} for d in (after, before)]
+    vector = difference(*views, keys)
+    assert vector.dtype == np.float32 and vector.size == 12 + 5 + 12
+    back = split(vector, {k: before[k].shape for k in keys})
+    for key in keys:
+        expected = after[key].astype(np.float32) - before[key].astype(np.float32)
+        np.testing.assert_array_equal(back[key], expected)
+
+
+def test_a_mask_is_the_seed_s_keystream_across_chunks_and_cancels():
+    import os
+
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from medfed.shared_models.secagg.primitives import MaskStream, Scratch
+
+    seed, size = os.urandom(32), 2 * Scratch.CHUNK_VALUES + 7  # two chunk boundaries
+    keystream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    expected = np.frombuffer(keystream.update(bytes(4 * size)), dtype="<u4")
+    target = np.arange(size, dtype=np.uint32)
+    MaskStream(seed).apply(target, True, Scratch())
+    np.testing.assert_array_equal(target, np.arange(size, dtype=np.uint32) + expected)
+    # both ends read one stream array by array: the same values in two calls
+    stream, scratch = MaskStream(seed), Scratch()
+    head, tail = target[:1000], target[1000:]
+    stream.apply(head, False, scratch)
+    stream.apply(tail, False, scratch)
+    np.testing.assert_array_equal(target, np.arange(size, dtype=np.uint32))
