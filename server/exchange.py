@@ -23,10 +23,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from medfed.shared_models.arrays import readable
 from medfed.shared_models.protocol import SITE_NAME, Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import KEY_BYTES
-from medfed.shared_models.weights import incompatibilities, readable, record_template
+from medfed.shared_models.weights import incompatibilities, record_template
 
 if TYPE_CHECKING:
     from medfed.server.secure_aggregation import SecureStats

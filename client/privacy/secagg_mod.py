@@ -36,11 +36,11 @@ from medfed.client.round_request import (
     request_config,
     server_round,
 )
+from medfed.shared_models.arrays import readable
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg.quantize import Encoding
 from medfed.shared_models.secagg.vector import difference
-from medfed.shared_models.weights import readable
 
 STATE_KEY = "medfed-secagg"
 NEXT_KEY = "medfed-secagg-next"

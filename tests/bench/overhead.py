@@ -59,6 +59,7 @@ def plain_loop(data: Path, task: str, rounds: int, threads: int) -> dict:
     loss_fn = task_.build_loss(cfg)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     training = evaluating = 0.0
+    per_round = []
     for server_round in range(rounds + 1):
         began = time.perf_counter()
         for _ in range(cfg.local_epochs if server_round else 0):
@@ -72,12 +73,14 @@ def plain_loop(data: Path, task: str, rounds: int, threads: int) -> dict:
         metric = task_.evaluate(net, val, cfg, torch.device("cpu"))[task_.headline_metric]
         training += middle - began
         evaluating += time.perf_counter() - middle
+        per_round.append(time.perf_counter() - began)
     return {
         "threads": threads,
         "imports_and_data": prepared - started,
         "training": training,
         "evaluation": evaluating,
         "final_metric": metric,
+        "steady_round": statistics.fmean(per_round[2:]),  # rounds 2..R, as medfed's
     }
 
 
@@ -117,6 +120,7 @@ def measure(task: str, rounds: int, threads: list[int], root: Path) -> dict:
         "round_0": record["rounds"][0]["seconds"],
         "outside_rounds": wall - in_rounds,
         "mean_site_training_per_round": statistics.fmean(trained),
+        "steady_round": statistics.fmean(r["seconds"] for r in record["rounds"][2:]),
         "final_metric": record["rounds"][-1]["global"][_headline(task)],
     }
     return results
@@ -129,24 +133,33 @@ def _headline(task: str) -> str:
 
 
 def table(results: dict) -> str:
+    """Whole runs (process start to exit) and the steady state (mean of rounds 2..R: one
+    round of training and evaluation), each against the best plain setting."""
     best = min(results["plain"], key=lambda p: p["wall"])
+    steady = min(p["steady_round"] for p in results["plain"])
     m = results["medfed"]
     lines = [
-        "| run | wall s | × best plain | imports + data s | training s | evaluation s "
-        "| final metric |",
+        "| run | wall s | × best plain | s/round, rounds 2..R | × best plain | fixed s "
+        "(wall - R × s/round) | final metric |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for p in results["plain"]:
+    rounds = results["rounds"]
+    for label, run in [(f"plain loop, {p['threads']} thread(s)", p) for p in results["plain"]] + [
+        ("medfed simulate", m)
+    ]:
         lines.append(
-            f"| plain loop, {p['threads']} thread(s) | {p['wall']:.1f} | "
-            f"{p['wall'] / best['wall']:.2f} | {p['imports_and_data']:.1f} | "
-            f"{p['training']:.1f} | {p['evaluation']:.1f} | {p['final_metric']:.3f} |"
+            f"| {label} | {run['wall']:.1f} | {run['wall'] / best['wall']:.2f} | "
+            f"{run['steady_round']:.3f} | {run['steady_round'] / steady:.2f} | "
+            f"{run['wall'] - rounds * run['steady_round']:.1f} | {run['final_metric']:.3f} |"
         )
     lines.append(
-        f"| medfed simulate | {m['wall']:.1f} | {m['wall'] / best['wall']:.2f} | "
-        f"outside rounds {m['outside_rounds']:.1f} | rounds 1..R {m['rounds'] - m['round_0']:.1f} "
-        f"(site training {m['mean_site_training_per_round']:.2f}/round) | "
-        f"round 0 {m['round_0']:.1f} | {m['final_metric']:.3f} |"
+        f"\nmedfed: {m['outside_rounds']:.1f} s outside rounds, round 0 {m['round_0']:.2f} s, "
+        f"site training {m['mean_site_training_per_round']:.2f} s per site and round; "
+        + "; ".join(
+            f"plain {p['threads']} thread(s): imports + data {p['imports_and_data']:.1f} s, "
+            f"training {p['training']:.1f} s, evaluation {p['evaluation']:.1f} s"
+            for p in results["plain"]
+        )
     )
     return "\n".join(lines)
 

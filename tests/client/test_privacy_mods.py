@@ -292,3 +292,19 @@ def test_counts_below_the_sites_floor_never_leave_it():
     dp = MetricRecord({Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 1.0})
     apply_count_floor(dp, floor=10, weight_is_count=False)
     assert dp[Metric.WEIGHT] == 1.0, "an equal DP weight is not a count"
+
+
+def test_the_clientapp_and_its_secagg_steps_load_without_torch():
+    """A deployed node starts a fresh ClientApp process per message: the SecAgg+ steps
+    between training and evaluation must not pay torch's import (seconds each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, medfed.client.app, medfed.client.privacy.secagg_mod;"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from medfed.shared_models.weights import incompatibilities, readable
+from medfed.shared_models.arrays import readable
+from medfed.shared_models.weights import incompatibilities
 from tests.property.strategies import FAST, hostile_bytes
 
 shapes = hnp.array_shapes(min_dims=0, max_dims=3, max_side=4)

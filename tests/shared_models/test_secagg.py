@@ -34,8 +34,8 @@ def test_the_update_vector_is_the_difference_in_key_order_whatever_the_layout():
     import numpy as np
     from flwr.app import Array
 
+    from medfed.shared_models.arrays import readable
     from medfed.shared_models.secagg.vector import difference, split
-    from medfed.shared_models.weights import readable
 
     rng = np.random.default_rng(0)
     before = {
