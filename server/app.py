@@ -6,7 +6,7 @@ import os
 import random
 import shutil
 from functools import partial
-from logging import ERROR
+from logging import ERROR, INFO
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from torch import nn
 
-from medfed.server.progress import PROGRESS_TAG
+from medfed.server.progress import PROGRESS_TAG, RUN_END_TAG
 from medfed.server.report import write_report
 from medfed.server.resume import (
     ResumeError,
@@ -82,6 +82,9 @@ def main(grid: Grid, context: Context) -> None:
             _run(grid, context, cfg, outputs, resume)
         finally:
             outputs.progress(f"wrote {write_report(out).name} and plots/ in {out}")
+    # Completed, and nothing of the run's is written after this line (a failure's traceback
+    # still follows in Flower's log, so a failed run streams to its end).
+    log(INFO, "%s %s", RUN_END_TAG, out)
 
 
 def _resume_point(cfg: RunConfig, out: Path) -> ResumePoint | None:

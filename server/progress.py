@@ -18,8 +18,17 @@ from rich.table import Table
 # Prefixes of the ServerApp's log lines (RunOutputs writes them) that this view picks out.
 PROGRESS_TAG = "[medfed]"
 ROUND_EVENT_TAG = "[medfed-round]"
+# The last line of a ServerApp whose run completed: its records, audit and report are
+# written. What Flower does after it (stopping Ray, handing the run's logs to the
+# SuperLink) takes seconds.
+RUN_END_TAG = "[medfed-end]"
 _PROGRESS = re.compile(re.escape(PROGRESS_TAG) + r" (.*)$")
 _EVENT = re.compile(re.escape(ROUND_EVENT_TAG) + r" (\{.*\})\s*$")
+
+
+def run_ended(raw: str) -> bool:
+    """Whether a streamed log line is the ServerApp's last (RUN_END_TAG)."""
+    return RUN_END_TAG in raw
 
 
 class RoundView:

@@ -69,6 +69,10 @@ def test_simulated_federation_learns_and_leaves_a_complete_run_folder(tmp_path):
     for key, value in checkpoint["arrays"].items():
         assert torch.equal(value, net.state_dict()[key])
     assert _no_stray_processes(str(out / "run-config.toml"))
+    # the command stopped Flower at the ServerApp's last line instead of waiting for its
+    # wind-down: nothing the run wrote is missing (above), and the log ends there
+    flower_log = (out / "logs" / "flower-run.log").read_text().strip().splitlines()
+    assert flower_log[-1].endswith(f"[medfed-end] {out}")
 
 
 def test_classes_from_the_sites_are_the_runs_own(tmp_path, seg_sites):

@@ -2,7 +2,7 @@
 
 import json
 
-from medfed.server.progress import RoundView
+from medfed.server.progress import RoundView, run_ended
 
 EVENT = {"round": 1, "rounds": 2, "replied": 3, "failed": 0, "seconds": 1.5,
          "train-loss": 0.9, "metric": "dice", "value": 0.42, "loss": 0.8}  # fmt: skip
@@ -42,3 +42,10 @@ def test_verbose_passes_everything_through(capsys):
     with RoundView(verbose=True, interactive=True) as view:
         feed(view)
     assert capsys.readouterr().out == "".join(LINES)
+
+
+def test_only_the_serverapps_end_line_ends_the_stream():
+    assert run_ended("INFO :      [medfed-end] /runs/7\n")
+    for line in ("INFO :      [medfed] wrote report.md and plots/ in /runs/7\n",
+                 'INFO :      [medfed-round] {"round": 2}\n', "medfed-end\n"):  # fmt: skip
+        assert not run_ended(line)
