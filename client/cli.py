@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfed.client.synthetic import GENERATORS, generate_federation
 from medfed.shared_models.config import SITE_DATA_TASKS
 from medfed.shared_models.runtime import add_metrics_arguments
 
@@ -24,7 +23,7 @@ def add_data_commands(commands: Commands) -> None:
     synth = data_commands.add_parser(
         "synth", help="write synthetic hospital site folders (dataset.json + images)"
     )
-    synth.add_argument("--task", choices=sorted(GENERATORS), default="segmentation")
+    synth.add_argument("--task", choices=SITE_DATA_TASKS, default="segmentation")
     synth.add_argument("--sites", type=int, default=3)
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--seed", type=int, default=0)
@@ -212,6 +211,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from medfed.client.synthetic import generate_federation  # MONAI: only when used
+
     if args.sites < 1 or (args.images_per_site or 1) < 1 or (args.image_size or 16) < 16:
         raise ValueError("--sites and --images-per-site must be positive, --image-size >= 16")
     sites = generate_federation(

@@ -40,6 +40,7 @@ from medfed.shared_models.run_folder import METRICS_JSON
 CONNECTION = "medfed-simulation"
 RUN_CONFIG = "run-config.toml"  # the run's settings, as `flwr run` got them (and --resume reads)
 FEDERATION = "federation.toml"  # how many hospitals, their CPUs, which Ray (--resume reads)
+COMPLETED_GRACE = 0.5  # s before SIGKILL for the processes of a run that completed
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -286,7 +287,7 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
             f"{cfg.num_server_rounds} rounds (simulation SuperLink on 127.0.0.1:{port}{where})"
         )
         with RoundView(sim.verbose) as view:
-            flwr_run(
+            ended = flwr_run(
                 run_config,
                 sites=sim.sites,
                 cpus_per_site=sim.cpus_per_site,
@@ -295,6 +296,8 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
                 on_line=view.line,
                 ended=run_ended,
             )
+        if ended:  # everything the run writes is written: Flower's and Ray's own shutdown
+            processes.stop_started(grace=COMPLETED_GRACE)  # (~3 s after SIGTERM) gains nothing
     run_status.close(out, "failed", run_status.DIED)  # `flwr run` exits 0 even then
     code = _conclude(cfg, data, time.monotonic() - started)
     if sim.metrics_port is not None and sim.metrics_linger > 0:
@@ -349,10 +352,11 @@ def flwr_run(
     log_file: Path,
     on_line: Callable[[str], None] = lambda line: None,
     ended: Callable[[str], bool] = lambda line: False,
-) -> None:
+) -> bool:
     """`flwr run` this app and stream its log until the run ends, or until a line is
     `ended`: the ServerApp has written everything, and waiting for Flower to wind
     down its simulation (about 3 s) gains nothing; the caller stops it by pid.
+    Returns whether it stopped at such a line.
 
     `run_config` is a TOML file or a Flower `key=value ...` override string;
     `env` comes from `simulation_superlink` (its FLWR_HOME holds the app).
@@ -372,12 +376,12 @@ def flwr_run(
         )
         try:
             assert flwr.stdout is not None
-            code = 0
+            code, stopped = 0, False
             for raw in flwr.stdout:
                 line = _ANSI.sub("", raw)
                 log.write(line)
                 on_line(line)
-                if ended(line):
+                if stopped := ended(line):
                     break
             else:
                 code = flwr.wait()
@@ -385,6 +389,7 @@ def flwr_run(
             _end(flwr)  # on a stop, before the SuperLink it streams from
     if code != 0:
         raise RuntimeError(f"`flwr run` exited with code {code}; see {log_file}")
+    return stopped
 
 
 def _end(process: subprocess.Popen) -> None:

@@ -20,7 +20,6 @@ from medfed.client.data.manifest import (
     find_manifest,
 )
 from medfed.client.node_settings import NodeSettings
-from medfed.client.synthetic import generate_site
 from medfed.shared_models.config import RunConfig
 
 
@@ -80,6 +79,8 @@ def resolve_site_path(node: NodeSettings, cfg: RunConfig) -> Path:
                 f"but the simulation has {partitions} nodes"
             )
         return sites[partition]
+    from medfed.client.synthetic import generate_site  # MONAI: only for a synthetic site
+
     cache = medfed_cache() / "synthetic" / f"{cfg.task}-seed{cfg.seed}"
     return generate_site(cfg.task, partition, cache / f"site-{partition}", seed=cfg.seed)
 

@@ -127,3 +127,10 @@ def test_generated_dicom_reads_back_with_its_pixel_data(tmp_path, task):
     assert stored.dtype == np.uint16 and 0 < stored.max() <= 4095
     read = Scanner(ScanSpec("class", 3, 2, 1), None)._load(str(site / entry["image"]))
     np.testing.assert_array_equal(read[0].numpy(), stored.T.astype(np.float32))
+
+
+def test_every_task_with_site_data_has_a_synthetic_generator():
+    from medfed.client.synthetic import GENERATORS
+    from medfed.shared_models.config import SITE_DATA_TASKS
+
+    assert set(GENERATORS) == set(SITE_DATA_TASKS)  # `medfed synth --task` offers these

@@ -89,3 +89,18 @@ def test_a_task_medfed_does_not_know_names_the_site_file(tmp_path, cls_sites):
     message = str(raised.value)
     assert "site-1/dataset.json: task 'Task01_BrainTumour' is not one of segmentation," in message
     assert message.endswith("pass the run's --task")
+
+
+def test_flower_loads_the_serverapp_without_torch_or_monai():
+    """Flower loads the ServerApp and the ClientApp under one lock before a simulation
+    starts its hospitals' workers: the run's heavy imports wait for the run itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, medfed.server.app, medfed.client.app;"
+        "print(sorted(m for m in ('torch', 'monai', 'matplotlib') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
