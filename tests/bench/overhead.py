@@ -2,15 +2,17 @@
 
     python -m tests.bench.overhead [--task segmentation] [--rounds 20] [--threads 1,2]
 
-The same work both ways: the demo's synthetic hospitals (3 sites), network,
+The same work three ways: the demo's synthetic hospitals (3 sites), network,
 batch size, learning rate, rounds x local epochs over every site's training
 split, and an evaluation of every site's validation split before training and
 after each round. (a) `medfed simulate` on those sites; (b) a plain loop in
 one process: MONAI transforms cached in memory (CacheDataset), the MONAI
 network, Adam, DiceCE / cross-entropy, one pooled DataLoader, run with each
-`--threads` setting so the baseline gets its best. Both are timed from
-process start to exit (imports included) in the same invocation, one after
-the other. medfed's time is broken down from its own records (metrics.json
+`--threads` setting so the baseline gets its best; (c) a hand-written Flower
+app (tests/bench/flower_app.py: Flower's FedAvg and simulation engine, data
+cached in each worker, none of medfed's records or checks). All are timed
+from process start to exit (imports included) in the same invocation, one
+after the other. medfed's time is broken down from its own records (metrics.json
 round times and each site's training seconds).
 """
 
@@ -104,6 +106,16 @@ def measure(task: str, rounds: int, threads: list[int], root: Path) -> dict:
                    str(rounds), str(n), str(phases)]  # fmt: skip
         wall = _timed(command, root / f"plain-{n}.log")
         results["plain"].append({"wall": wall, **json.loads(phases.read_text())})
+    flower_result = root / "flower-app.json"
+    command = [sys.executable, "-m", "tests.bench.flower_app", str(data), task, str(rounds),
+               str(flower_result)]  # fmt: skip
+    wall = _timed(command, root / "flower-app.log")
+    flower = json.loads(flower_result.read_text())
+    results["flower_app"] = {
+        "wall": wall,
+        "final_metric": flower["final_metric"],
+        "steady_round": statistics.fmean(flower["rounds"][1:]),  # rounds 2..R
+    }
     out = root / "medfed"
     command = [sys.executable, "-m", "medfed.server.cli", "simulate", "--task", task,
                "--data", str(data), "--rounds", str(rounds), "--out", str(out)]  # fmt: skip
@@ -144,9 +156,9 @@ def table(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     rounds = results["rounds"]
-    for label, run in [(f"plain loop, {p['threads']} thread(s)", p) for p in results["plain"]] + [
-        ("medfed simulate", m)
-    ]:
+    runs = [(f"plain loop, {p['threads']} thread(s)", p) for p in results["plain"]]
+    runs += [("hand-written Flower app", results["flower_app"]), ("medfed simulate", m)]
+    for label, run in runs:
         lines.append(
             f"| {label} | {run['wall']:.1f} | {run['wall'] / best['wall']:.2f} | "
             f"{run['steady_round']:.3f} | {run['steady_round'] / steady:.2f} | "
