@@ -294,7 +294,7 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
                 env=env,
                 log_file=out / "logs" / "flower-run.log",
                 on_line=view.line,
-                ended=run_ended,
+                ended=partial(completed, out),
             )
         if ended:  # everything the run writes is written: Flower's and Ray's own shutdown
             processes.stop_started(grace=COMPLETED_GRACE)  # (~3 s after SIGTERM) gains nothing
@@ -390,6 +390,17 @@ def flwr_run(
     if code != 0:
         raise RuntimeError(f"`flwr run` exited with code {code}; see {log_file}")
     return stopped
+
+
+def completed(out: Path, line: str) -> bool:
+    """Whether `line` is the ServerApp's last one and the run's record says it completed
+    (a site's name that mimics the line ends nothing)."""
+    if not run_ended(line):
+        return False
+    try:
+        return json.loads((out / METRICS_JSON).read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _end(process: subprocess.Popen) -> None:

@@ -104,3 +104,19 @@ def test_flower_loads_the_serverapp_without_torch_or_monai():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
+
+
+def test_a_run_ends_early_only_at_the_end_line_of_a_completed_record(tmp_path):
+    import json
+
+    from medfed.server.simulate import completed
+
+    end_line = f"INFO :      [medfed-end] {tmp_path}\n"
+    assert not completed(tmp_path, end_line)  # no record yet
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "running"}))
+    assert not completed(tmp_path, end_line)  # e.g. a site named like the line
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert completed(tmp_path, end_line)
+    assert not completed(tmp_path, "INFO :      [medfed] wrote report.md\n")
+    (tmp_path / "metrics.json").write_text("[1, 2")  # torn or foreign: keep streaming
+    assert not completed(tmp_path, end_line)
