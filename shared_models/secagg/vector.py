@@ -20,6 +20,11 @@ def difference(
     bytes, skips the two model-sized copies and the concatenation that
     flattening both sides first would cost (a third of a hospital's masking).
     """
+    for key in keys:  # np.subtract would broadcast a one-value array silently
+        if after[key].shape != before[key].shape:
+            raise ValueError(
+                f"array '{key}' has shape {after[key].shape}, but {before[key].shape} before"
+            )
     sizes = [after[k].size for k in keys]
     out = np.empty(sum(sizes), dtype=np.float32)
     start = 0

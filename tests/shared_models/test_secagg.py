@@ -74,3 +74,16 @@ def test_a_mask_is_the_seed_s_keystream_across_chunks_and_cancels():
     stream.apply(head, False, scratch)
     stream.apply(tail, False, scratch)
     np.testing.assert_array_equal(target, np.arange(size, dtype=np.uint32))
+
+
+def test_the_update_vector_refuses_arrays_that_do_not_match_in_shape():
+    """`after[k] - before[k]` of arrays of different shapes is no update: NumPy would
+    broadcast a one-value array silently (flattening both sides first refused it)."""
+    import numpy as np
+
+    from medfed.shared_models.secagg.vector import difference
+
+    after = {"w": np.ones(5, dtype=np.float32), "b": np.ones(2, dtype=np.float32)}
+    for before_w in (np.zeros(1, dtype=np.float32), np.zeros((5, 1), dtype=np.float32)):
+        with pytest.raises(ValueError, match="'w'"):
+            difference(after, {"w": before_w, "b": np.zeros(2, dtype=np.float32)}, ["w", "b"])
