@@ -15,6 +15,9 @@ them on the train route, outermost first: SecAgg+ masking, the site's floor on
 counts, DP clipping. Flower runs a reply back through the mods inside-out, so
 the update is clipped, its counts floored (the weight too, which masking then
 puts inside the masked vector), then masked, then audited exactly as sent.
+Before all of them, `round_guard_mod` refuses a round this hospital already
+trained, a global model it already trained on and settings that are not the
+run's own, and records the round's terms the masks are bound to.
 Only model arrays (or a masked vector) and scalar metrics leave the site.
 """
 
@@ -36,6 +39,7 @@ from medfed.client.data.manifest import SiteDataError
 from medfed.client.node_settings import NodeConfigError
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.filters import count_floor_mod, dp_clipping_mod, small_count_mod
+from medfed.client.privacy.round_guard import RoundRefused, round_guard_mod
 from medfed.client.privacy.secagg_hospital import SecAggRefused, UpdateRefused
 from medfed.client.round_request import MalformedRequest
 from medfed.shared_models.audit import audit
@@ -119,6 +123,8 @@ def error_report(err: Exception) -> tuple[int, str]:
         return ErrorCode.MALFORMED_REQUEST, f"malformed request refused: {err}"
     if isinstance(err, SecAggRefused):
         return ErrorCode.SECAGG_REFUSED, f"secure aggregation refused: {err}"
+    if isinstance(err, RoundRefused):  # it names rounds and settings the coordinator sent
+        return ErrorCode.ROUND_REFUSED, f"round refused: {err}"
     if isinstance(err, UpdateRefused):
         return ErrorCode.UPDATE_REFUSED, str(err)
     return ErrorCode.INTERNAL, f"{type(err).__name__} at the site; the node's log says why"
@@ -150,7 +156,13 @@ def _handlers(context: Context) -> ModuleType:
 
 
 # Outermost first; see the module docstring for why this order.
-TRAIN_MODS = [outbound_audit_mod, secagg_mod.secagg_mod, count_floor_mod, dp_clipping_mod]
+TRAIN_MODS = [
+    outbound_audit_mod,
+    round_guard_mod,
+    secagg_mod.secagg_mod,
+    count_floor_mod,
+    dp_clipping_mod,
+]
 
 
 @app.train(mods=TRAIN_MODS)

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from medfed.shared_models.arrays import readable
 from medfed.shared_models.protocol import SITE_NAME, Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg import shamir
-from medfed.shared_models.secagg.primitives import KEY_BYTES
+from medfed.shared_models.secagg.primitives import InvalidPublicKey, check_public_key
 from medfed.shared_models.weights import incompatibilities, record_template
 
 if TYPE_CHECKING:
@@ -275,26 +275,46 @@ def keep_consistent_metrics(result: RoundReplies, names: SiteNames) -> None:
         )
 
 
-def advertised_keys(reply: Message) -> tuple[bytes, bytes]:
-    """A SecAgg+ advertise reply's two public keys."""
-    record = reply.content.config_records.get(Record.SECAGG)
-    keys = (record.get(Key.C_PK), record.get(Key.S_PK)) if record is not None else (None, None)
-    if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
-        raise MalformedReply("its public keys are missing or not 32 bytes")
-    return keys  # type: ignore[return-value]
-
-
-def sealed_shares(record: ConfigRecord | None, neighbours: Iterable[str]) -> ConfigRecord:
-    """A SecAgg+ share reply's record: a ciphertext for each neighbour and a seed hash."""
+def public_keys(record: ConfigRecord | None, prefix: str = "") -> tuple[bytes, bytes]:
+    """The two public keys (c-pk, s-pk) under `prefix` in a SecAgg+ record, each checked
+    where it arrives: canonical, of large order (MalformedReply names the problem)."""
     if record is None:
         raise MalformedReply(f"no '{Record.SECAGG}' record")
+    try:
+        return (
+            check_public_key(record.get(prefix + Key.C_PK)),
+            check_public_key(record.get(prefix + Key.S_PK)),
+        )
+    except InvalidPublicKey as err:
+        raise MalformedReply(str(err)) from None
+
+
+def advertised_keys(reply: Message) -> tuple[bytes, bytes]:
+    """A SecAgg+ advertise reply's two public keys, checked."""
+    return public_keys(reply.content.config_records.get(Record.SECAGG))
+
+
+def sealed_shares(
+    record: ConfigRecord | None, dealer: str, neighbours: Iterable[str]
+) -> ConfigRecord:
+    """A SecAgg+ share reply's record: a ciphertext for each neighbour, the dealer's
+    commitment to every share it dealt (its neighbours' and its own), a seed hash."""
+    if record is None:
+        raise MalformedReply(f"no '{Record.SECAGG}' record")
+    neighbours = list(neighbours)
     missing = [n for n in neighbours if not isinstance(record.get(Key.TO_PREFIX + n), bytes)]
     if missing:
         raise MalformedReply(f"no share for neighbour(s) {missing[:3]}")
-    seed_hash = record.get(Key.SEED_HASH)
-    if not (isinstance(seed_hash, bytes) and len(seed_hash) == 32):
+    for prefix in (Key.SEED_COMMIT_PREFIX, Key.KEY_COMMIT_PREFIX):
+        if not all(_digest(record.get(prefix + n)) for n in [*neighbours, dealer]):
+            raise MalformedReply("a share commitment is missing or not 32 bytes")
+    if not _digest(record.get(Key.SEED_HASH)):
         raise MalformedReply("no 32-byte seed hash")
     return record
+
+
+def _digest(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == 32
 
 
 def returned_shares(reply: Message, allowed: set[str]) -> dict[str, bytes]:

@@ -38,6 +38,7 @@ from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.pretrained import load_pretrained
 from medfed.shared_models.protocol import Config
+from medfed.shared_models.round_terms import run_config_digest
 from medfed.shared_models.run_folder import (
     CHECKPOINTS,
     GLOBAL_MODEL,
@@ -139,7 +140,13 @@ def _run(
         net = _initial_network(cfg, outputs, resumed=resume is not None)
         request = _request(cfg, outputs, context.run_id)
         loop = RoundLoop(
-            grid, cfg, outputs, partial(build_strategy, cfg), context.run_id, request=request
+            grid,
+            cfg,
+            outputs,
+            partial(build_strategy, cfg),
+            context.run_id,
+            request=request,
+            run_config=run_config_digest(context.run_config),
         )
         local = cfg.keeps_norms_local
         load_record(net, loop.run(to_record(net, local), resume), local)

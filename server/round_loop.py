@@ -86,7 +86,10 @@ class RoundLoop:
         make_strategy: Callable[[int], RunStrategy],
         run_id: int,
         request: Mapping[str, str] | None = None,
+        run_config: bytes | None = None,
     ) -> None:
+        """`run_config`: the digest of the run's config as the apps received it
+        (round_terms.run_config_digest), which secure rounds bind their terms to."""
         self.grid, self.cfg, self.outputs, self.run_id = grid, cfg, outputs, run_id
         # what every training and evaluation request carries besides the round (a bundle hash)
         self.request = dict(request or {})
@@ -97,7 +100,7 @@ class RoundLoop:
             grid, cfg.round_timeout_seconds, self.names, outputs.traffic, cfg.update_norm_factor
         )
         self.training: PlainTraining | SecureAggregation = (
-            SecureAggregation(self.exchange, cfg, run_id)
+            SecureAggregation(self.exchange, cfg, run_id, run_config)
             if cfg.secure_aggregation
             else PlainTraining(self.exchange)
         )
@@ -151,12 +154,11 @@ class RoundLoop:
         except strategy_state.StateMismatch as err:
             raise ResumeError(f"resume-from {resume.folder}: {err}") from err
         streams = "random streams restored"
+        if self.cfg.dp_mode != "off":
+            streams += ", DP noise drawn afresh (it is never checkpointed)"
         if resume.lost_releases:
             counted = " (counted in the privacy ledger)" if self.strategy.accounted else ""
-            streams = (
-                f"{resume.lost_releases} noisy model(s) released after that round{counted}, "
-                "fresh random streams (never the same noise twice)"
-            )
+            streams += f"; {resume.lost_releases} noisy model(s) released after that round{counted}"
         self.outputs.progress(
             f"resumed after round {resume.server_round} of {resume.folder}: strategy state "
             f"restored, {streams}; secure aggregation starts fresh keys"

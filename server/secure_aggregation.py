@@ -36,6 +36,7 @@ from medfed.server.exchange import (
     keep_consistent_metrics,
     masked_upload_problems,
     metrics_problems,
+    public_keys,
     returned_shares,
     sealed_shares,
     update_problems,
@@ -59,7 +60,8 @@ from medfed.shared_models.protocol import (
     Stage,
     mask_purpose,
 )
-from medfed.shared_models.secagg.primitives import KEY_BYTES
+from medfed.shared_models.round_terms import model_digest, round_digest, run_config_digest
+from medfed.shared_models.secagg.quantize import encoded_weight
 from medfed.shared_models.weights import record_template
 
 STAGE_MESSAGES = {
@@ -97,6 +99,7 @@ class SecureOutcome:
     mean_update: dict[str, np.ndarray] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     clipped_values: int = 0
+    notes: list[str] = field(default_factory=list)  # hospitals that returned bad shares
 
 
 @dataclass
@@ -108,10 +111,11 @@ class Prepared:
     keys: dict[str, tuple[bytes, bytes]]  # node -> (c-pk, s-pk)
     shared: dict[str, ConfigRecord] = field(default_factory=dict)  # node -> its sealed shares
 
-    def commitments(self) -> Commitments:
-        """The public keys and seed hashes the round's secrets are checked against."""
+    def commitments(self, run_id: int) -> Commitments:
+        """The public keys, seed hashes and share commitments the round's shares and
+        secrets are checked against."""
         hashes = {node: bytes(record[Key.SEED_HASH]) for node, record in self.shared.items()}
-        return Commitments(self.keys, hashes)
+        return Commitments(run_id, self.server_round, self.keys, hashes, dict(self.shared))
 
 
 class SecureAggregation:
@@ -122,8 +126,13 @@ class SecureAggregation:
     the prepared ones runs all four exchanges.
     """
 
-    def __init__(self, exchange: Exchange, cfg: RunConfig, run_id: int) -> None:
+    def __init__(
+        self, exchange: Exchange, cfg: RunConfig, run_id: int, run_config: bytes | None = None
+    ) -> None:
+        """`run_config`: the digest of the run's config as Flower hands it to the apps
+        (round_terms.run_config_digest of `context.run_config`; default: of `cfg`'s)."""
         self.exchange, self.cfg, self.run_id = exchange, cfg, run_id
+        self.run_config = run_config or run_config_digest(cfg.to_mapping())
         self.prepared: Prepared | None = None
 
     def collect(
@@ -148,6 +157,7 @@ class SecureAggregation:
         if problems:
             raise QuorumError(f"round {server_round}: unmasked aggregate unusable: {problems[:3]}")
         result = RoundReplies(sampled=len(messages))
+        result.notes += [names.in_text(note) for note in outcome.notes]
         for reply in outcome.replies:
             names.learn(reply)
             reply.content[Record.ARRAYS] = mean
@@ -175,14 +185,27 @@ class SecureAggregation:
         result = SecureOutcome()
         by_node = {str(m.metadata.dst_node_id): m for m in train_messages}
         try:
+            terms = self._round_terms(server_round, train_messages)
             prepared = self._prepared(server_round, list(by_node), result)
             summed = MaskedSum(template, self.cfg.secagg_encoding(), prepared.plan)
             next_keys = self._upload(prepared, by_node, summed, result)
-            self._unmask(prepared, summed, next_keys, result)
+            self._unmask(prepared, summed, next_keys, result, terms)
         except SecAggAbort:
             self._abort(server_round, list(by_node))
             raise
         return result
+
+    def _round_terms(self, server_round: int, messages: list[Message]) -> bytes:
+        """The digest of the round's terms the hospitals bind their pairwise masks to: the
+        run config, the training message's settings and the global model (one for all)."""
+        contents = {id(m.content): m.content for m in messages}  # strategies share one
+        digests = {
+            round_digest(self.run_config, c[Record.CONFIG], model_digest(c[Record.ARRAYS]))
+            for c in contents.values()
+        }
+        if len(digests) != 1:
+            raise SecAggAbort(f"round {server_round}: the training messages differ between nodes")
+        return digests.pop()
 
     def _prepared(self, server_round: int, nodes: list[str], result: SecureOutcome) -> Prepared:
         """The round prepared during the previous one, else a fresh advertise and share."""
@@ -222,7 +245,11 @@ class SecureAggregation:
             record = reply.content.config_records.get(Record.SECAGG)
             neighbours = plan.neighbours[node]
             checked = self._parsed(
-                Stage.SHARE, node, lambda r, n=neighbours: sealed_shares(r, n), record, result
+                Stage.SHARE,
+                node,
+                lambda r, d=node, n=neighbours: sealed_shares(r, d, n),
+                record,
+                result,
             )
             if checked is not None:
                 prepared.shared[node] = checked
@@ -242,11 +269,12 @@ class SecureAggregation:
         started = time.monotonic()
         uploads = {}
         for node in prepared.shared:
-            inbox = {
-                Key.FROM_PREFIX + sender: sealed[Key.TO_PREFIX + node]
-                for sender, sealed in prepared.shared.items()
-                if Key.TO_PREFIX + node in sealed
-            }
+            inbox = {}
+            for sender, sealed in prepared.shared.items():
+                if Key.TO_PREFIX + node in sealed:  # its ciphertext, and what it committed to
+                    inbox[Key.FROM_PREFIX + sender] = sealed[Key.TO_PREFIX + node]
+                    for prefix in (Key.SEED_COMMIT_PREFIX, Key.KEY_COMMIT_PREFIX):
+                        inbox[prefix + sender] = sealed[prefix + node]
             # Flower's strategies share one content object between all their
             # messages: each hospital's inbox needs its own.
             content = RecordDict(dict(by_node[node].content.items()))
@@ -262,7 +290,13 @@ class SecureAggregation:
                     problems[:3]
                 )
                 continue
-            summed.add(node, arrays[Key.MASKED_ARRAY].numpy())
+            weight = float(reply.content[Record.METRICS][Metric.WEIGHT])
+            participants = len(prepared.plan.participants)
+            summed.add(
+                node,
+                arrays[Key.MASKED_ARRAY].numpy(),
+                encoded_weight(weight, summed.encoding, participants),
+            )
             result.replies.append(reply)
             clipped = reply.content[Record.METRICS].get(Metric.SECAGG_CLIPPED, 0)
             result.clipped_values += int(clipped) if isinstance(clipped, int | float) else 0
@@ -281,6 +315,7 @@ class SecureAggregation:
         summed: MaskedSum,
         next_keys: dict[str, tuple[bytes, bytes]],
         result: SecureOutcome,
+        terms: bytes,
     ) -> None:
         """Ask the survivors for the shares that remove the masks (and for the next
         round's shares, when it can be prepared); unmask the weighted mean."""
@@ -292,6 +327,12 @@ class SecureAggregation:
             raise SecAggAbort(
                 f"round {server_round}: the dropouts split the surviving hospitals' "
                 f"neighbourhoods (unmasking would reveal partial sums); {_missing(result)}"
+            )
+        if dropped and self.cfg.noise_at_hospitals:
+            raise SecAggAbort(
+                f"round {server_round}: {len(dropped)} hospital(s) dropped after sharing, and "
+                "each carries a share of the DP noise (dp.noise at the hospitals): the sum "
+                f"would hold less noise than the run promises; {_missing(result)}"
             )
         ahead = self._plan_ahead(server_round + 1, next_keys)
         contents = {
@@ -312,19 +353,26 @@ class SecureAggregation:
             self.prepared = ahead
         try:
             result.mean_update, _ = summed.unmask(
-                prepared.commitments(),
+                prepared.commitments(self.run_id),
                 responses,
                 dropped=dropped,
-                purpose=mask_purpose(self.run_id, server_round),
+                purpose=mask_purpose(self.run_id, server_round, terms),
             )
         except SecAggAbort as err:
             raise SecAggAbort(f"round {server_round}: {err}; {_missing(result)}") from err
+        finally:
+            result.notes += [
+                f"node {node} {why}" for node, why in sorted(summed.bad_shares.items())
+            ]
         result.stage_seconds[Stage.UNMASK] = time.monotonic() - started
 
     def _plan_ahead(
         self, server_round: int, next_keys: dict[str, tuple[bytes, bytes]]
     ) -> Prepared | None:
-        """The next round's plan over the hospitals that sent keys for it, if one is possible."""
+        """The next round's plan over the hospitals that sent keys for it, if one is possible
+        (never past the run's last round: no hospital keeps secrets for a round to come)."""
+        if server_round > self.cfg.num_server_rounds:
+            return None
         if len(next_keys) < max(self.cfg.min_nodes, SECAGG_MIN_PARTICIPANTS):
             return None
         try:
@@ -439,14 +487,12 @@ class SecureAggregation:
 
 
 def _next_keys(reply: Message) -> tuple[bytes, bytes] | None:
-    """The next round's public keys riding on an upload, if well formed."""
-    record = reply.content.config_records.get(Record.SECAGG)
-    if record is None:
+    """The next round's public keys riding on an upload, if valid (else that round sets
+    itself up, and its advertise step names a hospital whose keys are refused)."""
+    try:
+        return public_keys(reply.content.config_records.get(Record.SECAGG), Key.NEXT_PREFIX)
+    except MalformedReply:
         return None
-    pair = (record.get(Key.NEXT_PREFIX + Key.C_PK), record.get(Key.NEXT_PREFIX + Key.S_PK))
-    if all(isinstance(key, bytes) and len(key) == KEY_BYTES for key in pair):
-        return pair  # type: ignore[return-value]
-    return None
 
 
 def _next_sealed(answers: Mapping[str, Message], plan: RoundPlan) -> dict[str, ConfigRecord]:
@@ -458,7 +504,7 @@ def _next_sealed(answers: Mapping[str, Message], plan: RoundPlan) -> dict[str, C
             continue
         try:
             record = reply.content.config_records.get(Record.NEXT_SEALED)
-            shared[node] = sealed_shares(record, plan.neighbours[node])
+            shared[node] = sealed_shares(record, node, plan.neighbours[node])
         except MalformedReply:
             continue
     return shared

@@ -6,14 +6,20 @@ computed once, by unmasking: `GivenMean` hands the strategy that mean as
 one reply, so only its server step (FedAdam's moments, FedAvgM's momentum,
 DP noise) runs on top. The exception is a run whose privacy Flower's RDP
 accountant bounds: the accountant accepts FedAvg's own aggregation only.
+
+Flower's DP wrappers are used as they are except for where their noise comes
+from (`UnpredictableNoise`): NumPy's global generator, which a run seeds with
+its public `seed`, is replaced by a generator keyed from the operating system;
+under `dp.noise` at the hospitals they add none (it is in the unmasked sum).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -31,6 +37,8 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.supercore import log
+from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import (
     NeighboringRelation,
     PrivacyConfig,
@@ -39,6 +47,7 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.noise import GaussianNoise
 from medfed.shared_models.protocol import Metric
 
 FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
@@ -120,6 +129,57 @@ class GivenMean(Strategy):
         self.inner.summary()
 
 
+class UnpredictableNoise:
+    """Noise for Flower's DP wrappers that nobody can regenerate (mixed in before them).
+
+    Flower draws the Gaussian noise, and the adaptive clipping's noisy count,
+    from NumPy's global generator; a run seeds that with its public `seed`, so
+    anyone holding the released model could subtract the noise. Here every
+    draw comes from `GaussianNoise` (256 bits from the operating system, never
+    saved). With `noise_at_hospitals` the hospitals already put the noise in
+    the unmasked sum, and nothing is added twice; the accountant composes the
+    release either way (the sum's noise is the same).
+    """
+
+    noise_at_hospitals = False
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        if self.noise_at_hospitals:
+            log(INFO, "[medfed] DP noise: added by the hospitals inside the masked sum")
+            return aggregated_arrays
+        std = compute_stdv(
+            self.noise_multiplier,  # type: ignore[attr-defined]
+            self.clipping_norm,  # type: ignore[attr-defined]
+            self.num_sampled_clients,  # type: ignore[attr-defined]
+        )
+        noise = GaussianNoise()
+        log(INFO, "[medfed] DP noise: std %.4g added by the coordinator", std)
+        return ArrayRecord(
+            {k: Array(noise.add_to(v.numpy(), std)) for k, v in aggregated_arrays.items()}
+        )
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        """Adaptive clipping: the clipped count with its Gaussian noise, over the total."""
+        std = self.clipped_count_stddev  # type: ignore[attr-defined]
+        return float(count + std * GaussianNoise().standard(1)[0]) / float(total)
+
+
+class ClientSideFixedClipping(UnpredictableNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping with unpredictable noise."""
+
+
+class ServerSideFixedClipping(UnpredictableNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping with unpredictable noise."""
+
+
+class ClientSideAdaptiveClipping(UnpredictableNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping with unpredictable noise."""
+
+
+class ServerSideAdaptiveClipping(UnpredictableNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping with unpredictable noise."""
+
+
 def sampled_per_round(cfg: RunConfig, connected: int) -> int:
     """How many hospitals Flower's sampler picks each round (FedAvg.configure_train)."""
     return max(int(connected * cfg.fraction_train), cfg.min_nodes)
@@ -160,23 +220,16 @@ def build_strategy(cfg: RunConfig, connected: int) -> RunStrategy:
         # FedAvg then averages the survivors' identical copies of the mean, which
         # returns the mean (under DP every weight is 1).
         inner = base
-    wrapper = (
-        DifferentialPrivacyClientSideFixedClipping
-        if cfg.dp_mode == "client"
-        else DifferentialPrivacyServerSideFixedClipping
-    )
+    wrapper = ClientSideFixedClipping if cfg.dp_mode == "client" else ServerSideFixedClipping
     strategy = wrapper(
         inner, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled, accountant=accountant
     )
+    strategy.noise_at_hospitals = cfg.noise_at_hospitals
     return RunStrategy(strategy, accounted=accountant is not None, unaccounted_reason=reason)
 
 
 def _adaptive_clipping(cfg: RunConfig, inner: Strategy, sampled: int) -> RunStrategy:
-    wrapper = (
-        DifferentialPrivacyClientSideAdaptiveClipping
-        if cfg.dp_mode == "client"
-        else DifferentialPrivacyServerSideAdaptiveClipping
-    )
+    wrapper = ClientSideAdaptiveClipping if cfg.dp_mode == "client" else ServerSideAdaptiveClipping
     # Andrew et al. suggest sampled/20 for the clipped-count noise; with a
     # handful of hospitals that is below noise-multiplier/2, which leaves no
     # noise for the update itself, so never go below the noise multiplier.

@@ -1,4 +1,5 @@
-"""What a strategy and the coordinator's random streams carry from one round to the next.
+"""What a strategy and the coordinator's random streams carry from one round to the next
+(sampling and initialisation; never the DP noise, which no checkpoint holds).
 
 Resuming a run from its weights alone would restart FedAdam's moments,
 FedAvgM's momentum, an adaptive clipping norm and the privacy accountant's
@@ -12,7 +13,6 @@ reads back: nothing in a checkpoint is unpickled as code.
 from __future__ import annotations
 
 import json
-import os
 import random
 from typing import Any
 
@@ -41,6 +41,15 @@ def layers(strategy: Strategy) -> list[object]:
         chain.append(inner)
 
 
+def kind(layer: object) -> str:
+    """A strategy layer's kind in a checkpoint: the Flower class it is or extends (medfed's
+    DP wrappers are Flower's with other noise), else its own class name."""
+    for cls in type(layer).__mro__:
+        if cls.__module__.startswith("flwr."):
+            return cls.__name__
+    return type(layer).__name__
+
+
 def capture(strategy: Strategy) -> dict[str, Any]:
     """The strategy's round-to-round state and the coordinator's random streams."""
     captured = []
@@ -50,7 +59,7 @@ def capture(strategy: Strategy) -> dict[str, Any]:
             for name in STATE_ATTRIBUTES
             if vars(layer).get(name) is not None
         }
-        captured.append({"type": type(layer).__name__, "values": values})
+        captured.append({"type": kind(layer), "values": values})
     accountant = _accountant(strategy)
     return {
         "layers": captured,
@@ -62,15 +71,16 @@ def capture(strategy: Strategy) -> dict[str, Any]:
 def restore(strategy: Strategy, state: dict[str, Any], lost_releases: int = 0) -> None:
     """Put `capture`'s output back into a freshly built strategy of the same kind.
 
-    `lost_releases`: noisy models released after the checkpoint was taken.
-    They are added to the privacy ledger, and the random streams are then
-    drawn afresh instead of restored: restoring them would add the very same
-    noise to a second release of that round, and two releases with one noise
-    reveal the difference of the updates behind them.
+    `lost_releases`: noisy models released after the checkpoint was taken;
+    they are added to the privacy ledger. The DP noise is in none of the
+    random streams restored here (strategies.UnpredictableNoise draws it from
+    the operating system's entropy, never saved), so a resumed round draws new
+    noise: two releases with one noise would reveal the difference of the
+    updates behind them.
     """
     chain = layers(strategy)
     saved = state.get("layers", [])
-    kinds = [type(layer).__name__ for layer in chain]
+    kinds = [kind(layer) for layer in chain]
     if [entry.get("type") for entry in saved] != kinds:
         raise StateMismatch(
             f"the checkpoint's strategy {[e.get('type') for e in saved]} is not this run's {kinds}"
@@ -81,12 +91,7 @@ def restore(strategy: Strategy, state: dict[str, Any], lost_releases: int = 0) -
                 raise StateMismatch(f"unknown strategy state {name!r}")
             setattr(layer, name, _restored(value))
     _restore_ledger(strategy, state.get("accountant", ""), lost_releases)
-    if lost_releases:
-        random.seed()  # from the operating system's entropy
-        np.random.seed(int.from_bytes(os.urandom(4), "little"))
-        torch.seed()
-    else:
-        _set_random_state(state["random"])
+    _set_random_state(state["random"])
 
 
 def population(state: dict[str, Any]) -> int | None:

@@ -9,10 +9,9 @@ those it can compute the weighted sum and nothing finer.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,15 +20,17 @@ from medfed.shared_models.protocol import (
     SECAGG_MIN_PARTICIPANTS,
     Key,
     minimum_threshold,
+    pair_label,
     pairwise_sign,
+    share_commitment,
 )
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import MaskStream, Scratch, derive, public_key
 from medfed.shared_models.secagg.quantize import Encoding, check_ranges, decode
 from medfed.shared_models.secagg.vector import split
 
-# Subsets of shares tried when a rebuilt secret fails its check (wrong shares).
-MAX_SUBSETS = 200
+# What a share prefix in an unmask reply rebuilds: the commitment kind, and its name.
+SECRETS = {Key.SEED_SHARE_PREFIX: ("b", "self-mask seed"), Key.KEY_SHARE_PREFIX: ("sk", "mask key")}
 
 
 class SecAggAbort(RuntimeError):
@@ -89,7 +90,11 @@ def plan_round(nodes: list[str], neighbours: int, threshold: int) -> RoundPlan:
 
 
 class MaskedSum:
-    """Adds one round's masked uploads as they arrive, then removes the masks."""
+    """Adds one round's masked uploads as they arrive, then removes the masks.
+
+    `bad_shares` names, after `unmask`, every hospital that returned a share
+    other than the one its dealer committed to (ignored: the others rebuild).
+    """
 
     def __init__(
         self, template: Mapping[str, tuple[int, ...]], encoding: Encoding, plan: RoundPlan
@@ -101,11 +106,15 @@ class MaskedSum:
         self.size = sum(int(np.prod(shape)) for shape in self.template.values()) + 1
         self.total = np.zeros(self.size, dtype=np.uint32)
         self.added: list[str] = []
+        self.weight_units = 0  # what the uploads' weights must sum to, from the clear weights
+        self.bad_shares: dict[str, str] = {}
 
-    def add(self, node: str, masked: np.ndarray) -> None:
-        """Add one hospital's masked upload (uint32 arithmetic wraps, as the masks need)."""
+    def add(self, node: str, masked: np.ndarray, weight_units: int) -> None:
+        """Add one hospital's masked upload (uint32 arithmetic wraps, as the masks need);
+        `weight_units` is the fixed-point weight its clear weight says it encoded."""
         self.total += masked
         self.added.append(node)
+        self.weight_units += weight_units
 
     def unmask(
         self,
@@ -119,24 +128,30 @@ class MaskedSum:
 
         `dropped` are hospitals that shared keys but sent no upload: their
         pairwise masks stay in the survivors' uploads until removed here, with a
-        mask key rebuilt from its shares. Every rebuilt secret is checked
-        against what its owner committed to, so a wrong share is never used.
-        `purpose` is the round's `mask_purpose`.
+        mask key rebuilt from its shares. Every share is checked against its
+        dealer's commitment and every rebuilt secret against what its owner
+        committed to, so a wrong share is never used. `purpose` is the round's
+        `mask_purpose`.
         """
         streams: list[tuple[MaskStream, bool]] = []
         for node in self.added:
-            seed = self._rebuild(node, Key.SEED_SHARE_PREFIX, responses, commitments.seed_ok)
+            seed = self._rebuild(node, Key.SEED_SHARE_PREFIX, responses, commitments)
             streams.append((MaskStream(seed), False))
         for node in dropped:
-            secret = self._rebuild(node, Key.KEY_SHARE_PREFIX, responses, commitments.key_ok)
+            secret = self._rebuild(node, Key.KEY_SHARE_PREFIX, responses, commitments)
+            own = commitments.keys[node][1]
             for other in self.plan.neighbours[node]:
                 if other in self.added:
-                    seed = derive(secret, commitments.keys[other][1], purpose)
+                    theirs = commitments.keys[other][1]
+                    label = pair_label(purpose, ((node, own), (other, theirs)))
                     # `other` added the pair's mask when its sign is positive: undo that.
-                    streams.append((MaskStream(seed), not pairwise_sign(other, node)))
+                    streams.append(
+                        (MaskStream(derive(secret, theirs, label)), not pairwise_sign(other, node))
+                    )
         scratch = Scratch()
         for stream, add in streams:
             stream.apply(self.total, add, scratch)
+        self._check_weights()
         try:
             mean, ratio_sum = decode(
                 self.total, self.encoding, len(self.plan.participants), len(self.added)
@@ -145,54 +160,88 @@ class MaskedSum:
             raise SecAggAbort(str(err)) from err
         return split(mean, self.template), ratio_sum
 
+    def _check_weights(self) -> None:
+        """The unmasked weights must sum to exactly what the hospitals' clear weights say.
+
+        Each hospital's weight is checked on its own only by that hospital; a
+        hospital that wrote its weight slot could shrink the sum (scaling the
+        honest mean up by as much as the maximum weight) while every sum-level
+        bound still held. The clear weights pin the sum down.
+        """
+        units = int(self.total[-1:].view(np.int32)[0])
+        if units != self.weight_units:
+            raise SecAggAbort(
+                f"the unmasked weights sum to {units} units, but the hospitals' clear weights "
+                f"say {self.weight_units}: an upload's weight is not the one its hospital "
+                "reported (or the masks did not cancel)"
+            )
+
     def _rebuild(
         self,
         node: str,
         prefix: str,
         responses: Mapping[str, Mapping[str, bytes]],
-        verify: Callable[[str, bytes], bool],
+        commitments: Commitments,
     ) -> bytes:
-        """A secret of `node` from `threshold` of its holders' shares, checked by `verify`.
-
-        Normally the first `threshold` shares rebuild it; a wrong share makes
-        the check fail and other subsets are tried (a bounded number of them).
-        """
+        """A secret of `node` from `threshold` of its holders' shares, each checked against
+        the commitment `node` gave for it, the secret checked against `node`'s own
+        commitment (seed hash, public key): a holder returning another share is named
+        and skipped; a dealer whose checked shares rebuild something else is named."""
         plan = self.plan
-        shares = {
-            plan.xs[holder]: reply[prefix + node]
-            for holder, reply in responses.items()
-            if holder in plan.group(node) and prefix + node in reply
-        }
-        what = "self-mask seed" if prefix == Key.SEED_SHARE_PREFIX else "mask key"
+        kind, what = SECRETS[prefix]
+        shares: dict[int, bytes] = {}
+        for holder, reply in sorted(responses.items(), key=lambda item: int(item[0])):
+            if holder not in plan.group(node) or prefix + node not in reply:
+                continue
+            if commitments.share_ok((node, holder), kind, reply[prefix + node]):
+                shares[plan.xs[holder]] = reply[prefix + node]
+            else:
+                self.bad_shares[holder] = (
+                    f"returned a share of node {node}'s {what} that is not the one dealt (ignored)"
+                )
         if len(shares) < plan.threshold:
             raise SecAggAbort(
-                f"only {len(shares)} shares of node {node}'s {what} came back; "
+                f"only {len(shares)} checked shares of node {node}'s {what} came back; "
                 f"{plan.threshold} are needed (config key 'secagg-threshold')"
             )
-        subsets = itertools.combinations(sorted(shares), plan.threshold)
-        for subset in itertools.islice(subsets, MAX_SUBSETS):
-            try:
-                secret = shamir.combine({x: shares[x] for x in subset}, plan.threshold)
-            except ValueError:
-                continue
-            if verify(node, secret):
-                return secret
-        raise SecAggAbort(f"the shares of node {node}'s {what} do not rebuild what it committed to")
+        try:
+            secret = shamir.combine(shares, plan.threshold)
+        except ValueError:
+            secret = b""
+        if not commitments.secret_ok(node, kind, secret):
+            raise SecAggAbort(
+                f"node {node} dealt shares of its {what} that match its commitments but do "
+                "not rebuild the secret it committed to"
+            )
+        return secret
 
 
 @dataclass(frozen=True)
 class Commitments:
-    """What each hospital made public for a round: its public keys and its seed hash."""
+    """What each hospital made public for a round: its public keys, its seed hash and the
+    commitment to every share it dealt (its share record: "hb.<holder>", "hsk.<holder>")."""
 
+    run: int
+    server_round: int
     keys: Mapping[str, tuple[bytes, bytes]]  # node -> (c-pk, s-pk)
     seed_hashes: Mapping[str, bytes]
+    dealt: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
-    def seed_ok(self, node: str, seed: bytes) -> bool:
-        """Whether `seed` is the self-mask seed `node` committed to."""
-        return hashlib.sha256(seed).digest() == self.seed_hashes.get(node)
+    def share_ok(self, route: tuple[str, str], kind: str, share: bytes) -> bool:
+        """Whether `share` is the one the dealer (route[0]) committed to giving route[1]."""
+        dealer, holder = route
+        prefix = Key.SEED_COMMIT_PREFIX if kind == "b" else Key.KEY_COMMIT_PREFIX
+        committed = self.dealt.get(dealer, {}).get(prefix + holder)
+        expected = share_commitment(self.run, self.server_round, route, kind, share)
+        return committed == expected
 
-    def key_ok(self, node: str, secret: bytes) -> bool:
-        """Whether `secret` is the mask private key whose public half `node` advertised."""
+    def secret_ok(self, node: str, kind: str, secret: bytes) -> bool:
+        """Whether `secret` is the self-mask seed ("b") or the mask private key ("sk") that
+        `node` committed to (its seed hash; the public half it advertised)."""
+        if len(secret) != shamir.SECRET_BYTES:
+            return False
+        if kind == "b":
+            return hashlib.sha256(secret).digest() == self.seed_hashes.get(node)
         return public_key(secret) == self.keys[node][1]
 
 

@@ -31,6 +31,9 @@ TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", 
 # The tasks whose site images medfed itself reads (a bundle's own transforms read its data).
 SITE_DATA_TASKS = tuple(t for t in TASK_NAMES if t != "bundle")
 DP_MODES = ("off", "client", "server")
+# Where the DP noise is added: by the coordinator to the mean (Flower's central DP), or by
+# each hospital inside its masked update; auto: the hospitals wherever they can.
+DP_NOISE = ("auto", "coordinator", "hospitals")
 # Cross-site evaluation at the end of a run: the global model at every site (the final
 # round's evaluation, no extra message), and with "all" each site's last local model too.
 CROSS_SITE_MODES = ("off", "global", "all")
@@ -130,6 +133,7 @@ class RunConfig:
     dp_clipping_norm: float = 1.0  # L2 norm bound of one hospital's update
     dp_adaptive: bool = False  # adapt the clipping norm to the updates' median norm
     dp_delta: float = 1e-5  # the delta at which epsilon is reported
+    dp_noise: str = "auto"  # auto | coordinator | hospitals (each adds its share, masked)
     fraction_train: float = 1.0
     pretrained_weights: str = ""  # a local checkpoint that initialises the global model
     freeze: str = "none"  # none | backbone (train the head only)
@@ -372,7 +376,37 @@ class RunConfig:
             _bad("dp_mode", self.dp_mode, f"'off' with strategy {self.strategy}")
         if not 0 < self.dp_delta < 1:
             _bad("dp_delta", self.dp_delta, "in (0, 1)")
+        self._validate_noise()
         self._validate_cross_site()
+
+    def _validate_noise(self) -> None:
+        """Noise at the hospitals needs the sum to hide each share of it (secure aggregation,
+        client-side clipping to a fixed norm) and a group each hospital can count."""
+        if self.dp_noise not in DP_NOISE:
+            _bad("dp_noise", self.dp_noise, f"one of {', '.join(DP_NOISE)}")
+        if self.dp_noise == "hospitals" and not self.hospitals_can_add_noise:
+            _bad(
+                "dp_noise",
+                self.dp_noise,
+                "'coordinator' or 'auto' unless dp.mode = 'client' with fixed clipping "
+                "(dp.adaptive = false), secure-aggregation = true and secagg-neighbours = 0 "
+                "(each hospital counts the hospitals its noise is shared with)",
+            )
+
+    @property
+    def hospitals_can_add_noise(self) -> bool:
+        """Whether each hospital can add its share of the noise inside its masked update."""
+        return (
+            self.dp_mode == "client"
+            and not self.dp_adaptive
+            and self.secure_aggregation
+            and self.secagg_neighbours == 0
+        )
+
+    @property
+    def noise_at_hospitals(self) -> bool:
+        """DP noise added by the hospitals (inside the masked vector), not the coordinator."""
+        return self.dp_noise != "coordinator" and self.hospitals_can_add_noise
 
     def _validate_cross_site(self) -> None:
         """Cross-site "all" sends each hospital's un-aggregated local model to the other

@@ -9,6 +9,7 @@ alike. The layout follows Flower's `secaggplus_constants.py` (`Stage`, `Key`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 
@@ -58,8 +59,11 @@ class Metric:
     GENERATED_IMAGES = "generated-images"
     SECAGG_CLIPPED = "secagg-clipped-values"
     DP_EPSILON = "dp-epsilon"  # added by the coordinator to the global metrics
+    # dp.noise at the hospitals: the epsilon a hospital has spent against the coordinator,
+    # counting its own noise alone (the worst case: every other hospital's noise known).
+    DP_EPSILON_OWN = "dp-epsilon-own-noise"
     # Bookkeeping that is never a quality metric of the model.
-    BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON)
+    BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON, DP_EPSILON_OWN)
     # Counts a site reveals only at or above its floor (else SUPPRESSED).
     COUNTS = (NUM_EXAMPLES, SKIPPED_FILES, GENERATED_IMAGES)
 
@@ -113,6 +117,7 @@ class ErrorCode:
     SECAGG_REFUSED = 103  # a secure-aggregation step the hospital refuses
     UPDATE_REFUSED = 104  # an update the hospital will not send (e.g. not finite)
     MALFORMED_REQUEST = 105  # a message from the coordinator the hospital cannot act on
+    ROUND_REFUSED = 106  # a round repeated, or terms that differ from the run's own
 
 
 class NodeConfig:
@@ -151,6 +156,10 @@ class Key:
     SEED_SHARE_PREFIX = "b."  # b.<node>: a share of that node's self-mask seed
     KEY_SHARE_PREFIX = "sk."  # sk.<node>: a share of that node's mask private key
     SEED_HASH = "b-hash"  # SHA-256 of the self-mask seed: a rebuilt seed can be checked
+    # hb.<node> / hsk.<node>: the dealer's commitment to the seed / mask-key share it gave
+    # <node> (share_commitment): a share returned at unmasking is checked against it.
+    SEED_COMMIT_PREFIX = "hb."
+    KEY_COMMIT_PREFIX = "hsk."
     THRESHOLD = "threshold"
     PARTICIPANTS = "participants"  # hospitals in the round (scales the encoding)
     SURVIVORS = "survivors"
@@ -165,19 +174,55 @@ SECAGG_MIN_PARTICIPANTS = 3
 SECAGG_MAX_PARTICIPANTS = 10_000
 
 
+def share_terms(encoding_terms: str, run_config: bytes) -> str:
+    """A round's terms as share ciphertexts bind them: the encoding (participants,
+    threshold, range, bits, weights) and the digest of the run's whole config
+    (round_terms.run_config_digest), so hospitals given different configs cannot open
+    each other's shares and none of them masks."""
+    return f"{encoding_terms}|run-config={run_config.hex()}"
+
+
 def share_context(run: int, server_round: int, route: tuple[str, str], terms: str) -> bytes:
     """Authenticated data binding a share ciphertext to its round, (sender, receiver) and the
-    round's terms (participants, threshold, encoding): neighbours told different terms
-    cannot open each other's shares, so no hospital can be given a scale of its own."""
+    round's terms (share_terms): neighbours told different terms cannot open each other's
+    shares, so no hospital can be given a scale or a config of its own."""
     sender, receiver = route
     return (
         f"medfed-secagg|run={run}|round={server_round}|from={sender}|to={receiver}|{terms}".encode()
     )
 
 
-def mask_purpose(run: int, server_round: int) -> bytes:
-    """Key-derivation label of a round's pairwise masks: a fresh mask every round."""
-    return f"mask|run={run}|round={server_round}".encode()
+def pair_label(purpose: bytes, ends: tuple[tuple[str, bytes], tuple[str, bytes]]) -> bytes:
+    """Key-derivation label of one pair: the purpose, then both node ids and both public
+    keys in node order, so both ends derive alike and a derived key serves only the pair,
+    the keys and the purpose it was made for."""
+    low, high = sorted(ends, key=lambda end: int(end[0]))
+    return purpose + f"|{low[0]}|{high[0]}|".encode() + low[1] + high[1]
+
+
+def share_purpose(run: int, server_round: int) -> bytes:
+    """Key-derivation purpose of the key that encrypts a round's shares between a pair."""
+    return f"share|run={run}|round={server_round}".encode()
+
+
+def mask_purpose(run: int, server_round: int, terms: bytes) -> bytes:
+    """Key-derivation purpose of a round's pairwise masks: fresh every round, and bound to
+    the round's terms (round_terms.round_digest: the run config, the training message's
+    settings, the global model's hash). Two hospitals given different terms derive
+    different masks, which then do not cancel: the sum is noise to the coordinator."""
+    return f"mask|run={run}|round={server_round}|terms=".encode() + terms.hex().encode()
+
+
+def share_commitment(
+    run: int, server_round: int, route: tuple[str, str], kind: str, share: bytes
+) -> bytes:
+    """The dealer's commitment to one share (kind "b": seed, "sk": mask key) it gave the
+    holder: shares are uniform field elements of 521 bits, so the hash hides them, and a
+    share returned at unmasking that differs from what was dealt is told apart and its
+    holder named (a share that matches but rebuilds no committed secret names the dealer)."""
+    dealer, holder = route
+    label = f"medfed-share|run={run}|round={server_round}|from={dealer}|to={holder}|{kind}|"
+    return hashlib.sha256(label.encode() + share).digest()
 
 
 def minimum_threshold(group_size: int) -> int:

@@ -25,6 +25,7 @@ from flwr.app import (
 )
 from flwr.client.mod.utils import make_ffn
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.client.app import TRAIN_MODS
@@ -65,6 +66,8 @@ class InProcessGrid:
     whose heartbeats stopped (its own id as sender); `hostile[node]`:
     replaces that node's training reply; `corrupt[(stage, node)]`: rewrites
     the honest reply of that stage (a broken or malicious hospital);
+    `alter[(stage, node)]`: rewrites the request of that stage before the node
+    handles it (a deviating coordinator, message by message);
     `tamper`: (receiver, sender) share ciphertexts to corrupt in transit.
     """
 
@@ -89,6 +92,7 @@ class InProcessGrid:
         self.unavailable_from: dict[int, int] = {}
         self.hostile: dict[int, Callable[[Message], Message]] = {}
         self.corrupt: dict[tuple[str, int], Callable[[Message], Message]] = {}
+        self.alter: dict[tuple[str, int], Callable[[Message], Message]] = {}
         self.tamper: set[tuple[int, int]] = set()
         # the metrics a node reports for an evaluate message (default: fixed ones)
         self.evaluation: Callable[[Message, int], dict] = lambda message, node: {
@@ -100,6 +104,11 @@ class InProcessGrid:
         self.outbox: list[Message] = []
         self.secrets: dict[int, list[bytes]] = {node: [] for node in updates}
         self.train = make_ffn(self._scripted_training, TRAIN_MODS)
+
+    def use_config(self, run_config: RunConfig) -> None:
+        """Make `run_config` the run's config at every node (the coordinator's own)."""
+        for context in self.contexts.values():
+            context.run_config = run_config.to_mapping()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.updates)
@@ -122,6 +131,10 @@ class InProcessGrid:
                 continue
             stage = STAGES[message.metadata.message_type]
             try:
+                if (stage, node) in self.alter:  # the rewritten request keeps the message id
+                    altered = self.alter[(stage, node)](message)
+                    altered.metadata.__dict__["_message_id"] = message.metadata.message_id
+                    message = altered
                 reply = self._handle(stage, message, node)
                 if (stage, node) in self.corrupt:
                     reply = self.corrupt[(stage, node)](reply)
@@ -223,12 +236,21 @@ class InProcessGrid:
         return Message(content=content, reply_to=message)
 
 
-def train_messages(nodes: Iterable[int], start: dict[str, np.ndarray], server_round: int = 1):
-    """Training messages as Flower's FedAvg.configure_train builds them (one shared content)."""
+def train_messages(
+    nodes: Iterable[int],
+    start: dict[str, np.ndarray],
+    server_round: int = 1,
+    run_config: RunConfig | None = None,
+):
+    """Training messages as Flower's strategies build them for `run_config` (one shared
+    content): the round, FedProx's mu and the DP wrapper's clipping norm when it sets them."""
     arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
-    content = RecordDict(
-        {Record.ARRAYS: arrays, Record.CONFIG: ConfigRecord({Config.SERVER_ROUND: server_round})}
-    )
+    config: dict = {Config.SERVER_ROUND: server_round}
+    if run_config is not None and run_config.strategy == "fedprox":
+        config[Config.PROXIMAL_MU] = run_config.proximal_mu
+    if run_config is not None and run_config.dp_mode == "client":
+        config[KEY_CLIPPING_NORM] = run_config.dp_clipping_norm
+    content = RecordDict({Record.ARRAYS: arrays, Record.CONFIG: ConfigRecord(config)})
     return [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
 
 

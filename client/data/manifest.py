@@ -54,7 +54,10 @@ class Manifest:
 def declared_classes(labels: Any) -> list[str] | None:
     """The class names a dataset.json 'labels' object declares, in index order; None when
     it declares none or is not keyed by indices ({"0": "background", "1": ...})."""
-    if not isinstance(labels, dict) or not labels or not all(str(k).isdigit() for k in labels):
+    if not isinstance(labels, dict) or not labels:
+        return None
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+    if not all(str(k).isascii() and str(k).isdigit() for k in labels):
         return None
     return [str(labels[k]) for k in sorted(labels, key=int)]
 

@@ -25,14 +25,19 @@ from medfed.shared_models.protocol import (
     Key,
     mask_purpose,
     minimum_threshold,
+    pair_label,
     pairwise_sign,
+    share_commitment,
     share_context,
+    share_purpose,
+    share_terms,
 )
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import (
-    KEY_BYTES,
+    InvalidPublicKey,
     MaskStream,
     Scratch,
+    check_public_key,
     derive,
     new_private_key,
     open_sealed,
@@ -59,6 +64,15 @@ def _coordinate(value: object) -> int:
     if type(value) is not int or not 1 <= value <= MAX_COORDINATE:
         raise ValueError(f"x-coordinate {value!r}: expected an integer in 1..{MAX_COORDINATE}")
     return value
+
+
+@dataclass(frozen=True)
+class RunTerms:
+    """What a hospital takes from its own run config into every round it shares keys for."""
+
+    encoding: Encoding
+    run_config: bytes  # round_terms.run_config_digest of the run's config
+    whole_group: bool  # secagg-neighbours = 0: every participant is this hospital's neighbour
 
 
 @dataclass(frozen=True)
@@ -99,9 +113,12 @@ class ShareRequest:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise SecAggRefused(f"malformed share request: {err!r}") from err
-        for pair in neighbours.values():
-            if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in pair):
-                raise SecAggRefused("malformed share request: a public key is not 32 bytes")
+        for name, pair in neighbours.items():
+            try:
+                for key in pair:
+                    check_public_key(key)
+            except InvalidPublicKey as err:
+                raise SecAggRefused(f"node {name}'s public key is refused: {err}") from None
         return request
 
 
@@ -149,12 +166,17 @@ class HospitalSecAgg:
                 f"not round {server_round}"
             )
 
-    def _check_request(self, request: ShareRequest, encoding: Encoding) -> None:
+    def _check_request(self, request: ShareRequest, terms: RunTerms) -> None:
         """Refuse a group, threshold or key set that would weaken this hospital's protection."""
         me = str(self.state["node"])
         keys = request.neighbour_keys
         if me in keys or not set(keys) <= set(request.xs) or me not in request.xs:
             raise SecAggRefused("neighbour list does not match the round's participants")
+        if terms.whole_group and request.participants != len(keys) + 1:
+            raise SecAggRefused(
+                f"a round of {request.participants} hospitals, but {len(keys) + 1} in this "
+                "hospital's group, where the run puts everyone in one group (secagg-neighbours 0)"
+            )
         if request.participants > SECAGG_MAX_PARTICIPANTS:
             raise SecAggRefused(
                 f"a round of {request.participants} hospitals: at most "
@@ -179,34 +201,47 @@ class HospitalSecAgg:
         every_key = [k for pair in keys.values() for k in pair] + list(own)
         if len(set(every_key)) != len(every_key):
             raise SecAggRefused("public keys repeat across neighbours")
-        check_ranges(encoding.clipping_range, encoding.bits, request.participants)
+        check_ranges(terms.encoding.clipping_range, terms.encoding.bits, request.participants)
 
-    def share_keys(self, request: ShareRequest, encoding: Encoding) -> dict[str, bytes]:
-        """Shamir-share the self-mask seed and mask key; one ciphertext per neighbour.
+    def _share_key(self, other: str, other_public: bytes) -> bytes:
+        """The key that encrypts shares between this hospital and `other` this round."""
+        me, purpose = (
+            str(self.state["node"]),
+            share_purpose(int(self.state["run"]), int(self.state["round"])),
+        )
+        own = public_key(self.state["c-sk"])
+        return derive(
+            self.state["c-sk"],
+            other_public,
+            pair_label(purpose, ((me, own), (other, other_public))),
+        )
+
+    def _terms_text(self) -> str:
+        """The round's terms that every share ciphertext of this round binds."""
+        participants, threshold = int(self.state["participants"]), int(self.state["threshold"])
+        return share_terms(
+            self._encoding().terms(participants, threshold), bytes(self.state["run-config"])
+        )
+
+    def share_keys(self, request: ShareRequest, terms: RunTerms) -> dict[str, bytes]:
+        """Shamir-share the self-mask seed and mask key: one ciphertext per neighbour
+        ("to.<node>") and the commitment to every share dealt ("hb.<node>", "hsk.<node>",
+        this hospital's own included).
 
         The state's `seed-hash` goes to the coordinator with them: it lets the
         coordinator check a rebuilt seed, and says nothing of the seed itself.
         """
         self._check_round(request.server_round)
-        self._check_request(request, encoding)
-        me = str(self.state["node"])
+        self._check_request(request, terms)
+        me, run = str(self.state["node"]), int(self.state["run"])
         neighbours = sorted(request.neighbour_keys)
         seed = os.urandom(shamir.SECRET_BYTES)
         coords = [int(request.xs[h]) for h in [*neighbours, me]]
-        seed_shares = shamir.split(seed, coords, request.threshold)
-        key_shares = shamir.split(self.state["s-sk"], coords, request.threshold)
-        sealed = {}
-        for holder in neighbours:
-            x = int(request.xs[holder])
-            key = derive(self.state["c-sk"], request.neighbour_keys[holder][0], b"share")
-            context = share_context(
-                int(self.state["run"]),
-                request.server_round,
-                (me, holder),
-                encoding.terms(request.participants, request.threshold),
-            )
-            sealed[holder] = seal(key, seed_shares[x] + key_shares[x], context)
-        x_me = int(request.xs[me])
+        dealt = {
+            "b": shamir.split(seed, coords, request.threshold),
+            "sk": shamir.split(self.state["s-sk"], coords, request.threshold),
+        }
+        encoding = terms.encoding
         self.state.update(
             {
                 "seed": seed,
@@ -217,31 +252,49 @@ class HospitalSecAgg:
                 "bits": encoding.bits,
                 "max-weight": encoding.max_weight,
                 "equal-weights": encoding.equal_weights,
+                "run-config": terms.run_config,
                 "neighbours": neighbours,
-                f"share-b.{me}": seed_shares[x_me],
-                f"share-sk.{me}": key_shares[x_me],
+                f"share-b.{me}": dealt["b"][int(request.xs[me])],
+                f"share-sk.{me}": dealt["sk"][int(request.xs[me])],
             }
         )
-        for holder in neighbours:
+        out = {}
+        for holder in [*neighbours, me]:
+            x = int(request.xs[holder])
+            for kind, prefix in (("b", Key.SEED_COMMIT_PREFIX), ("sk", Key.KEY_COMMIT_PREFIX)):
+                route = (me, holder)
+                commitment = share_commitment(
+                    run, request.server_round, route, kind, dealt[kind][x]
+                )
+                out[prefix + holder] = commitment
+            if holder == me:
+                continue
+            context = share_context(run, request.server_round, (me, holder), self._terms_text())
+            key = self._share_key(holder, request.neighbour_keys[holder][0])
+            out[Key.TO_PREFIX + holder] = seal(key, dealt["b"][x] + dealt["sk"][x], context)
             self.state[f"c-pk.{holder}"] = request.neighbour_keys[holder][0]
             self.state[f"s-pk.{holder}"] = request.neighbour_keys[holder][1]
-        return sealed
+        return out
 
-    def receive_shares(self, server_round: int, sealed: Mapping[str, bytes]) -> None:
-        """Open the neighbours' ciphertexts; a tampered or misrouted one names the sender."""
+    def receive_shares(self, server_round: int, inbox: Mapping[str, bytes]) -> None:
+        """Open the neighbours' ciphertexts ("from.<node>") and check each share against the
+        commitment its dealer gave the coordinator ("hb.<node>", "hsk.<node>"): a tampered,
+        misrouted or uncommitted share names its sender, and this hospital does not mask."""
         self._check_round(server_round)
         if "neighbours" not in self.state:
             raise SecAggRefused("no shares were made this round: the share step comes first")
-        me = str(self.state["node"])
+        me, run = str(self.state["node"]), int(self.state["run"])
+        sealed = {
+            k.removeprefix(Key.FROM_PREFIX): v
+            for k, v in inbox.items()
+            if k.startswith(Key.FROM_PREFIX)
+        }
         unknown = sorted(set(sealed) - set(self.state["neighbours"]))
         if unknown:
             raise SecAggRefused(f"shares from non-neighbours {unknown}")
-        terms = self._encoding().terms(
-            int(self.state["participants"]), int(self.state["threshold"])
-        )
         for sender, ciphertext in sealed.items():
-            key = derive(self.state["c-sk"], self.state[f"c-pk.{sender}"], b"share")
-            context = share_context(int(self.state["run"]), server_round, (sender, me), terms)
+            key = self._share_key(sender, bytes(self.state[f"c-pk.{sender}"]))
+            context = share_context(run, server_round, (sender, me), self._terms_text())
             try:
                 plain = open_sealed(key, ciphertext, context)
             except Exception as err:  # InvalidTag carries no message
@@ -251,12 +304,20 @@ class HospitalSecAgg:
                 ) from err
             if len(plain) != 2 * shamir.SHARE_BYTES:
                 raise SecAggRefused(f"the share from node {sender} has the wrong length")
-            self.state[f"share-b.{sender}"] = plain[: shamir.SHARE_BYTES]
-            self.state[f"share-sk.{sender}"] = plain[shamir.SHARE_BYTES :]
+            halves = {"b": plain[: shamir.SHARE_BYTES], "sk": plain[shamir.SHARE_BYTES :]}
+            for kind, prefix in (("b", Key.SEED_COMMIT_PREFIX), ("sk", Key.KEY_COMMIT_PREFIX)):
+                committed = share_commitment(run, server_round, (sender, me), kind, halves[kind])
+                if inbox.get(prefix + sender) != committed:
+                    raise SecAggRefused(
+                        f"the share from node {sender} does not match the commitment it gave "
+                        "the coordinator"
+                    )
+            self.state[f"share-b.{sender}"] = halves["b"]
+            self.state[f"share-sk.{sender}"] = halves["sk"]
         self.state["senders"] = sorted(sealed)
 
     def mask(
-        self, server_round: int, update: np.ndarray, examples: float
+        self, server_round: int, update: np.ndarray, examples: float, terms: bytes
     ) -> tuple[np.ndarray, int]:
         """The masked encoding of the flat float update weighted by this hospital itself,
         and how many values were clipped.
@@ -265,7 +326,9 @@ class HospitalSecAgg:
         same masks, and the difference of the two would be in the clear. Pairwise
         masks are added for exactly the neighbours whose shares arrived; fewer than
         threshold - 1 of them, and the coordinator could rebuild this hospital's
-        masks with the shares it already holds, so none is sent.
+        masks with the shares it already holds, so none is sent. `terms` is the
+        round's digest (round_terms.round_digest): pairwise masks derived under
+        other terms than a neighbour's do not cancel.
         """
         self._check_round(server_round)
         if self.state.get("masked"):
@@ -296,11 +359,13 @@ class HospitalSecAgg:
         )
         scratch = Scratch()
         MaskStream(self.state["seed"]).apply(masked, True, scratch)
+        purpose, own = mask_purpose(run, server_round, terms), public_key(self.state["s-sk"])
         for other in senders:
-            seed = derive(
-                self.state["s-sk"], self.state[f"s-pk.{other}"], mask_purpose(run, server_round)
+            theirs = bytes(self.state[f"s-pk.{other}"])
+            label = pair_label(purpose, ((me, own), (other, theirs)))
+            MaskStream(derive(self.state["s-sk"], theirs, label)).apply(
+                masked, pairwise_sign(me, other), scratch
             )
-            MaskStream(seed).apply(masked, pairwise_sign(me, other), scratch)
         return masked, clipped
 
     def unmask(

@@ -8,24 +8,32 @@ back only its masked encoding, one flat uint32 vector. The other exchanges
 
 The protocol state sits in the node's `context.state`, which stays on the
 hospital's machine: the current round's under STATE_KEY, deleted after its
-unmask step so no secret outlives its round, and the next round's keys under
-NEXT_KEY from the masked upload on. In steady state the next round's keys
+unmask step, on an abort and on every failure, so no secret outlives its
+round, and the next round's keys under NEXT_KEY from the masked upload on
+(never after the run's last round). In steady state the next round's keys
 travel with the masked upload and its shares with the unmask reply, so a
-round costs two exchanges, not four.
+round costs two exchanges, not four. Every step checks the run's ledger
+(round_guard: rounds only move forward), and the pairwise masks are bound to
+the round's terms (run config, training settings, global model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import WARNING
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from medfed.client.privacy.hospital_noise import add_own_noise, noise_multiplier, own_epsilon
+from medfed.client.privacy.round_guard import RoundLedger, round_terms
 from medfed.client.privacy.secagg_hospital import (
     HospitalSecAgg,
+    RunTerms,
     SecAggRefused,
     ShareRequest,
     UpdateRefused,
@@ -39,11 +47,12 @@ from medfed.client.round_request import (
 from medfed.shared_models.arrays import readable
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Key, Metric, Record, SiteKey
-from medfed.shared_models.secagg.quantize import Encoding
+from medfed.shared_models.round_terms import run_config_digest
 from medfed.shared_models.secagg.vector import difference
 
 STATE_KEY = "medfed-secagg"
 NEXT_KEY = "medfed-secagg-next"
+T = TypeVar("T")
 
 
 def _state(context: Context) -> HospitalSecAgg:
@@ -56,43 +65,69 @@ def _round(msg: Message) -> int:
     return server_round(request_config(msg))
 
 
+def _config(context: Context) -> RunConfig:
+    """The run's own settings, read from its config without the tasks (no torch needed)."""
+    return RunConfig.from_mapping(context.run_config, validate=False)
+
+
 def _start(context: Context, server_round: int, slot: str) -> dict[str, bytes]:
     state, public = HospitalSecAgg.start(context.run_id, server_round, str(context.node_id))
     context.state[slot] = state.state
     return public
 
 
-def _forget(context: Context, slot: str) -> None:
-    if slot in context.state.config_records:
-        del context.state[slot]
+def _forget(context: Context, *slots: str) -> None:
+    for slot in slots:
+        if slot in context.state.config_records:
+            del context.state[slot]
 
 
-def _encoding(context: Context) -> Encoding:
-    """The run's encoding settings, read from the run's own config (no torch needed)."""
-    return RunConfig.from_mapping(context.run_config, validate=False).secagg_encoding()
+def _forgetting_on_failure(context: Context, step: Callable[[], T]) -> T:
+    """`step()`; on any failure the round's secrets (and the next round's) are deleted
+    before the error leaves: no way out of a round keeps its keys, seed or shares."""
+    try:
+        return step()
+    except BaseException:
+        _forget(context, STATE_KEY, NEXT_KEY)
+        raise
+
+
+def _run_terms(context: Context) -> RunTerms:
+    """What this hospital binds into every round it shares keys for, from its own config."""
+    cfg = _config(context)
+    return RunTerms(
+        encoding=cfg.secagg_encoding(),
+        run_config=run_config_digest(context.run_config),
+        whole_group=cfg.secagg_neighbours == 0,
+    )
 
 
 def advertise(msg: Message, context: Context) -> Message:
     """Fresh key pairs for the round; the public halves go back (secrets of any earlier
-    round are forgotten here)."""
-    _forget(context, NEXT_KEY)
-    public = _start(context, _round(msg), STATE_KEY)
+    round are forgotten here). Refused for a round this hospital already trained."""
+    number = _round(msg)
+    _forget(context, STATE_KEY, NEXT_KEY)
+    RoundLedger(context).require_ahead(number)
+    public = _start(context, number, STATE_KEY)
     return Message(content=RecordDict({Record.SECAGG: ConfigRecord(public)}), reply_to=msg)
 
 
 def _share(context: Context, config: Mapping, secagg: Mapping) -> ConfigRecord:
-    """Encrypted shares of this hospital's secrets, one per neighbour ("to.<node>"), and
-    the commitment to its self-mask seed."""
+    """Encrypted shares of this hospital's secrets, one per neighbour ("to.<node>"), the
+    commitment to every share dealt, and the commitment to its self-mask seed."""
+    request = ShareRequest.from_records(config, secagg)
+    RoundLedger(context).require_ahead(request.server_round)
     state = _state(context)
-    sealed = state.share_keys(ShareRequest.from_records(config, secagg), _encoding(context))
-    record = ConfigRecord({Key.TO_PREFIX + node: ciphertext for node, ciphertext in sealed.items()})
+    record = ConfigRecord(state.share_keys(request, _run_terms(context)))
     record[Key.SEED_HASH] = state.seed_hash
     return record
 
 
 def share(msg: Message, context: Context) -> Message:
     """The share exchange of a round that was not prepared during the previous one."""
-    sealed = _share(context, request_config(msg), _secagg(msg))
+    sealed = _forgetting_on_failure(
+        context, lambda: _share(context, request_config(msg), _secagg(msg))
+    )
     return Message(content=RecordDict({Record.SECAGG: sealed}), reply_to=msg)
 
 
@@ -112,50 +147,58 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     update masked is (reply arrays - received arrays), so an inner mod that
     clips the reply (DP) is clipped before it is masked.
     """
-    if not RunConfig.from_mapping(context.run_config, validate=False).secure_aggregation:
+    if not _config(context).secure_aggregation:
         return call_next(msg, context)
     if Record.SECAGG not in msg.content.config_records:
+        _forget(context, STATE_KEY, NEXT_KEY)
         raise SecAggRefused(
             "this run uses secure aggregation, but the training message carries no "
             "neighbour shares: the update is not sent in the clear"
         )
     inbox = msg.content.config_records[Record.SECAGG]
     del msg.content[Record.SECAGG]  # the inner chain sees a plain training message
-    reply = call_next(msg, context)
-    if reply.has_error():
+
+    def masked() -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            _forget(context, STATE_KEY, NEXT_KEY)
+            return reply
+        state = _state(context)
+        state.receive_shares(_round(msg), inbox)
+        _mask_reply(msg, reply, state, context)
         return reply
-    state = _state(context)
-    shares = {
-        k.removeprefix(Key.FROM_PREFIX): v
-        for k, v in inbox.items()
-        if k.startswith(Key.FROM_PREFIX)
-    }
-    state.receive_shares(_round(msg), shares)
-    _mask_reply(msg, reply, state, context)
-    return reply
+
+    return _forgetting_on_failure(context, masked)
 
 
 def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Context) -> None:
-    """Replace the reply's arrays by the masked update; add the next round's public keys."""
-    server_round = _round(msg)
+    """Replace the reply's arrays by the masked update (with this hospital's share of the DP
+    noise when the run adds it here); add the next round's public keys unless this was
+    the run's last round."""
+    number, cfg = _round(msg), _config(context)
     received, trained = msg.content[Record.ARRAYS], reply.content[Record.ARRAYS]
     keys = list(received)
     if list(trained) != keys:
         raise SecAggRefused("the trained arrays do not match the received ones by name")
     update = difference(_views(trained), _views(received), keys)
-    examples = float(reply.content[Record.METRICS][Metric.WEIGHT])
+    metrics = reply.content[Record.METRICS]
+    if cfg.noise_at_hospitals:
+        update = _with_own_noise(update, msg, state, context, metrics)
     try:
-        masked, clipped = state.mask(server_round, update, examples)
+        masked, clipped = state.mask(
+            number, update, float(metrics[Metric.WEIGHT]), round_terms(context, number)
+        )
     except SecAggRefused:
         raise
     except ValueError as err:
         raise UpdateRefused(f"this hospital's update cannot be sent: {err}") from err
-    public = _start(context, server_round + 1, NEXT_KEY)
     reply.content[Record.ARRAYS] = ArrayRecord({Key.MASKED_ARRAY: Array(masked)})
-    reply.content[Record.METRICS][Metric.SECAGG_CLIPPED] = clipped
-    reply.content[Record.SECAGG] = ConfigRecord(
-        {Key.NEXT_PREFIX + name: key for name, key in public.items()}
-    )
+    metrics[Metric.SECAGG_CLIPPED] = clipped
+    if number < cfg.num_server_rounds:
+        public = _start(context, number + 1, NEXT_KEY)
+        reply.content[Record.SECAGG] = ConfigRecord(
+            {Key.NEXT_PREFIX + name: key for name, key in public.items()}
+        )
     if clipped:
         site = reply.content[Record.SITE][SiteKey.NAME] if Record.SITE in reply.content else ""
         log(
@@ -164,6 +207,20 @@ def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Co
             site,
             clipped,
         )
+
+
+def _with_own_noise(
+    update: np.ndarray, msg: Message, state: HospitalSecAgg, context: Context, metrics: Mapping
+) -> np.ndarray:
+    """The clipped update plus this hospital's share of the noise, recorded in its ledger;
+    the reply says the epsilon this hospital has spent against the coordinator."""
+    cfg = _config(context)
+    participants = int(state.state["participants"])
+    norm = float(request_config(msg)[KEY_CLIPPING_NORM])
+    ledger = RoundLedger(context)
+    ledger.add_noise(noise_multiplier(cfg, participants))  # counted before it can leave
+    metrics[Metric.DP_EPSILON_OWN] = own_epsilon(ledger.noise, cfg.dp_delta)
+    return add_own_noise(update, cfg, norm, participants)
 
 
 def _views(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -179,17 +236,21 @@ def _views(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def abort(msg: Message, context: Context) -> Message:
     """The coordinator gave the round up: forget its secrets now, not at the next round."""
-    _forget(context, STATE_KEY)
-    _forget(context, NEXT_KEY)
+    _forget(context, STATE_KEY, NEXT_KEY)
     return Message(content=RecordDict(), reply_to=msg)
 
 
 def unmask(msg: Message, context: Context) -> Message:
     """One share per neighbour as the round's outcome requires, then forget the round;
-    with the next round's plan attached, also that round's encrypted shares."""
+    with the next round's plan attached (never past the run's last round), also that
+    round's encrypted shares."""
     config = request_config(msg)
-    shares = _state(context).unmask(
-        _round(msg), node_names(config, Key.SURVIVORS), node_names(config, Key.DROPPED)
+    number = _round(msg)
+    shares = _forgetting_on_failure(
+        context,
+        lambda: _state(context).unmask(
+            number, node_names(config, Key.SURVIVORS), node_names(config, Key.DROPPED)
+        ),
     )
     _forget(context, STATE_KEY)
     content = RecordDict({Record.SECAGG: ConfigRecord(shares)})

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SEED_BYTES = 32
 KEY_BYTES = 32  # raw X25519 keys, private and public
+CURVE_PRIME = 2**255 - 19
 _RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
 
@@ -34,12 +35,39 @@ def public_key(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(**_RAW)
 
 
-def derive(private: bytes, peer_public: bytes, purpose: bytes) -> bytes:
-    """A 256-bit key both ends of the pair derive alike, separated by `purpose`."""
+class InvalidPublicKey(ValueError):
+    """Bytes that are not a canonical X25519 public key of large order."""
+
+
+def check_public_key(key: object) -> bytes:
+    """`key` when it is a canonical X25519 public key of large order; InvalidPublicKey else.
+
+    X25519 ignores bit 255 and reduces u modulo p = 2**255 - 19, so two byte
+    strings can name one key: only the canonical encoding is accepted (keys
+    are then compared as bytes). A point of small order (0, 1, p - 1, ...)
+    makes every shared secret zero: any neighbour's derivation with it fails,
+    so it is refused where it arrives, naming its sender, instead of failing
+    its honest neighbours. `cryptography` refuses an all-zero shared secret;
+    an exchange with a throwaway key finds every such point.
+    """
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise InvalidPublicKey(f"a public key is {KEY_BYTES} bytes")
+    if key[-1] & 0x80 or int.from_bytes(key, "little") >= CURVE_PRIME:
+        raise InvalidPublicKey("a public key is not in canonical form")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError as err:
+        raise InvalidPublicKey("a public key is a point of small order") from err
+    return key
+
+
+def derive(private: bytes, peer_public: bytes, label: bytes) -> bytes:
+    """A 256-bit key both ends of the pair derive alike, separated by `label` (which names
+    the purpose, the round and the pair: protocol.pair_label)."""
     shared = X25519PrivateKey.from_private_bytes(private).exchange(
         X25519PublicKey.from_public_bytes(peer_public)
     )
-    return HKDF(hashes.SHA256(), SEED_BYTES, salt=None, info=b"medfed-secagg/" + purpose).derive(
+    return HKDF(hashes.SHA256(), SEED_BYTES, salt=None, info=b"medfed-secagg/" + label).derive(
         shared
     )
 

@@ -64,6 +64,19 @@ def weight_scale(participants: int) -> int:
     return (2 ** (MODULUS_BITS - 1) - 1 - participants) // participants
 
 
+def weight_units(ratio: float, participants: int) -> int:
+    """The fixed-point value of a hospital's weight ratio, as it puts it in its upload (the
+    coordinator computes it from the hospital's clear weight to check the unmasked sum)."""
+    return round(ratio * weight_scale(participants))
+
+
+def encoded_weight(weight: float, encoding: Encoding, participants: int) -> int:
+    """The fixed-point weight a hospital reporting `weight` (its clear aggregation weight)
+    encodes: its own ratio, or 1 for everyone under equal weights."""
+    ratio = 1.0 if encoding.equal_weights else weight_ratio(weight, encoding.max_weight)
+    return weight_units(ratio, participants)
+
+
 def weight_ratio(examples: float, max_weight: float) -> float:
     """A hospital's own weight in (0, 1]: its example count against the public maximum."""
     if not (math.isfinite(examples) and examples > 0):
@@ -94,7 +107,7 @@ def encode(
     encoded[:-1] *= np.float32(ratio * scale(clipping_range, bits, participants))
     np.rint(encoded, out=encoded)
     as_int = encoded.astype(np.int32)
-    as_int[-1] = round(ratio * weight_scale(participants))
+    as_int[-1] = weight_units(ratio, participants)
     return as_int.view(np.uint32), clipped
 
 

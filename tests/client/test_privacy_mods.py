@@ -123,11 +123,10 @@ def test_hospitals_clip_before_they_mask():
     updates = {
         n: {k: 3 * rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()} for n in nodes
     }
-    cfg = secure_config(**{"dp.mode": "client", "dp.clipping-norm": 0.5})
+    cfg = secure_config(**{"dp.mode": "client", "dp.clipping-norm": 0.5, "dp.noise": "coordinator"})
     grid = InProcessGrid(updates, dict.fromkeys(nodes, 1.0), cfg)
     start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    messages = train_messages(nodes, start)
-    messages[0].content[Record.CONFIG][KEY_CLIPPING_NORM] = 0.5  # as Flower's DP wrapper sets it
+    messages = train_messages(nodes, start, 1, cfg)  # the clipping norm, as Flower's DP wrapper
     secure = SecureAggregation(Exchange(grid, 0.2, SiteNames()), cfg, RUN_ID)
     outcome = secure.train_round(1, messages, SHAPES)
     assert not outcome.failed

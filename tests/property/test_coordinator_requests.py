@@ -10,11 +10,13 @@ from uuid import uuid4
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
 from hypothesis import given
 from hypothesis import strategies as st
 
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.filters import small_count_mod
+from medfed.client.privacy.round_guard import RoundRefused, round_guard_mod
 from medfed.client.privacy.secagg_hospital import SecAggRefused
 from medfed.client.round_request import MalformedRequest, round_settings
 from medfed.shared_models.config import RunConfig
@@ -27,6 +29,7 @@ REQUEST_KEYS = st.sampled_from(
         Config.SERVER_ROUND,
         Config.PROXIMAL_MU,
         Config.STATS_MIN_COUNT,
+        "clipping_norm",
         Key.THRESHOLD,
         Key.PARTICIPANTS,
         Key.SURVIVORS,
@@ -44,7 +47,7 @@ records = st.dictionaries(REQUEST_KEYS | st.text(max_size=6), config_values, max
 messages = st.fixed_dictionaries({}, optional={Record.CONFIG: records, Record.SECAGG: records}).map(
     RecordDict
 )
-REFUSALS = (SecAggRefused, MalformedRequest)
+REFUSALS = (SecAggRefused, MalformedRequest, RoundRefused)
 
 
 def _message(content: RecordDict, message_type: str = "train") -> Message:
@@ -81,7 +84,8 @@ def test_the_secure_aggregation_steps_answer_or_refuse(advertise, share, unmask)
 @FAST
 @given(config=records, inbox=records, arrays=st.booleans())
 def test_a_masked_upload_request_answers_or_refuses(config, inbox, arrays):
-    """After this round's keys were advertised, whatever the upload message holds."""
+    """After this round's keys were advertised, whatever the upload message holds, through
+    the train route's guard and masking mods."""
     context = _context()
     secagg_mod.advertise(
         _message(RecordDict({Record.CONFIG: ConfigRecord({"server-round": 1})})), context
@@ -90,7 +94,8 @@ def test_a_masked_upload_request_answers_or_refuses(config, inbox, arrays):
     content = RecordDict({Record.CONFIG: config, Record.SECAGG: inbox})
     if arrays:
         content[Record.ARRAYS] = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
-    _answers_or_refuses(secagg_mod.secagg_mod, _message(content), context, _train)
+    chain = make_ffn(_train, [round_guard_mod, secagg_mod.secagg_mod])
+    _answers_or_refuses(chain, _message(content), context)
 
 
 def _train(msg: Message, context: Context) -> Message:

@@ -87,7 +87,7 @@ def test_secure_aggregation_replies_parse_or_are_malformed(content, allowed):
     secagg = content.config_records.get(Record.SECAGG)
     keys = _raises_malformed_or_returns(advertised_keys, message)
     assert keys is None or all(isinstance(k, bytes) and len(k) == 32 for k in keys)
-    _raises_malformed_or_returns(sealed_shares, secagg, ["1", "2"])
+    _raises_malformed_or_returns(sealed_shares, secagg, "3", ["1", "2"])
     shares = _raises_malformed_or_returns(returned_shares, message, allowed)
     assert shares is None or set(shares) <= allowed
 

@@ -391,7 +391,8 @@ def test_with_fewer_than_three_updates_the_norm_check_says_it_stood_aside(tmp_pa
 @pytest.mark.parametrize("secure", [False, True])
 def test_every_training_and_evaluation_request_carries_the_runs_request_keys(tmp_path, secure):
     """A bundle run's configs hash reaches every hospital with every round's work."""
-    grid, cfg = grid_of({101: 1.0, 202: 2.0, 303: 4.0}, **{"secure-aggregation": secure})
+    settings = {"secure-aggregation": secure, "task": "bundle", "bundle": "/bundles/b"}
+    grid, cfg = grid_of({101: 1.0, 202: 2.0, 303: 4.0}, **settings)
     request = {Config.BUNDLE_SHA256: "ab" * 32}
     _, metrics, _ = run(tmp_path, grid, cfg, request=request)
     assert metrics["status"] == "running" and len(metrics["rounds"]) == 4  # the loop finished

@@ -4,6 +4,9 @@ hospital, never the round."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -13,7 +16,7 @@ from medfed.server.secure_aggregation import SecureOutcome
 from medfed.server.unmasking import SecAggAbort, plan_round
 from medfed.shared_models.protocol import Key, Metric, NodeConfig, Record, SiteKey
 from medfed.shared_models.secagg import shamir
-from medfed.shared_models.secagg.quantize import weight_scale
+from medfed.shared_models.secagg.quantize import Encoding, encoded_weight, weight_scale
 from tests.in_process_grid import InProcessGrid, secure_config, train_messages
 from tests.server.test_secure_aggregation import (
     SHAPES,
@@ -24,6 +27,8 @@ from tests.server.test_secure_aggregation import (
     workflow,
 )
 
+ENCODING = Encoding(clipping_range=16.0, bits=30, max_weight=1000.0, equal_weights=False)
+
 
 def secrets_held(grid: InProcessGrid) -> dict[int, list[str]]:
     """The SecAgg+ records still in each hospital's node state."""
@@ -33,29 +38,118 @@ def secrets_held(grid: InProcessGrid) -> dict[int, list[str]]:
     }
 
 
-def test_the_coordinator_cannot_choose_the_hospitals_weights():
+def _with_config(**values):
+    """A request rewrite setting `values` in this one message's config (a copy: a strategy's
+    messages share one content object)."""
+
+    def alter(message: Message) -> Message:
+        content = RecordDict(dict(message.content.items()))
+        content[Record.CONFIG] = ConfigRecord({**dict(message.content[Record.CONFIG]), **values})
+        return Message(
+            content=content, dst_node_id=message.metadata.dst_node_id, message_type="train"
+        )
+
+    return alter
+
+
+@pytest.mark.parametrize(
+    ("run", "setting"),
+    [
+        # FedProx: the victim trains freely, everyone else is pinned to the start, so the
+        # "mean" is the victim's update (cosine 0.96 with it in the attack)
+        ({"strategy": "fedprox"}, lambda victim: {"proximal-mu": 0.0 if victim else 1000.0}),
+        # a weight in the message, for hospitals that would read one
+        ({}, lambda victim: {"aggregation-weight": 1.0 if victim else 1e-12}),
+        # a DP clipping norm in a run without DP: clip everyone else to nothing
+        ({}, lambda victim: {"clipping_norm": 1e6 if victim else 1e-9}),
+        # under DP: another clipping norm than the run's, per hospital
+        ({"dp.mode": "client"}, lambda victim: {"clipping_norm": 1e6 if victim else 1e-9}),
+    ],
+    ids=["proximal-mu", "weight", "clip-without-dp", "clip-under-dp"],
+)
+def test_the_coordinator_cannot_choose_the_hospitals_weights(run, setting):
     """A coordinator that wants one victim's update alone would weigh everyone else near
-    zero. Hospitals weigh themselves inside the masked vector: whatever weights the
-    coordinator puts in its messages, the result is the mean weighted by the hospitals."""
-    updates, weights, start, grid, cfg, secure = federation(4, seed=21)
-    original = secure._share_content
+    zero, through whatever shapes an update: a weight, FedProx's mu, a clipping norm, each
+    chosen per hospital. Every setting a training message carries must be the run's own:
+    each hospital told otherwise refuses before training, and nothing is unmasked."""
+    updates, weights, start = random_updates(4, seed=21)
+    cfg = secure_config(**run)
+    grid = InProcessGrid(updates, weights, cfg)
+    victim = next(iter(updates))
+    for node in updates:
+        grid.alter[("upload", node)] = _with_config(**setting(node == victim))
+    with pytest.raises(SecAggAbort, match="upload stage"):
+        run_round(grid, start, cfg)
+    assert not [m for m in grid.seen if not m.has_error() and Record.ARRAYS in m.content]
+    refusals = [m.error.reason for m in grid.seen if m.has_error()]
+    assert len(refusals) == 4 and all("RoundRefused" in r for r in refusals), refusals
+    name = next(iter(setting(True)))
+    assert sum(f"'{name}'" in r for r in refusals) >= 3  # every hospital not given the run's
 
-    def weigh_the_victim_alone(prepared, node):
-        content = original(prepared, node)
-        victim = prepared.plan.participants[0]
-        content[Record.CONFIG]["weight"] = 1.0 if node == victim else 1e-12
-        content[Record.CONFIG]["fraction"] = 1.0 if node == victim else 1e-12
-        return content
 
-    secure._share_content = weigh_the_victim_alone
-    outcome = run_round(grid, start, cfg, secure)
-    assert_mean_of(outcome, updates, weights, list(updates))
+def test_a_round_run_twice_gets_no_second_upload():
+    """The attack: round 1 with {V, A, B, C}, then round 1 again with the same model and
+    {A, B, C}. Training repeats bit for bit, so the difference of the two sums would be
+    V's update. A, B and C refuse the second round 1: rounds only move forward at a
+    hospital, whatever `advertise` or `abort` messages come between."""
+    updates, weights, start, grid, cfg, secure = federation(4, seed=22)
+    nodes = list(updates)
+    assert_mean_of(run_round(grid, start, cfg, secure), updates, weights, nodes)
+    grid.push_messages(
+        [Message(content=RecordDict({Record.CONFIG: ConfigRecord({"server-round": 1})}),
+                 dst_node_id=n, message_type="train.secagg_abort") for n in nodes]
+    )  # fmt: skip
+    seen = len(grid.seen)
+    again = workflow(grid, cfg)  # a fresh workflow: nothing prepared, all four exchanges
+    template = {k: v.shape for k, v in start.items()}
+    with pytest.raises(SecAggAbort, match="advertise stage"):
+        again.train_round(1, train_messages(nodes[1:], start, 1), template)
+    second = grid.seen[seen:]
+    assert not [m for m in second if not m.has_error() and Record.ARRAYS in m.content]
+    reasons = [m.error.reason for m in second if m.has_error()]
+    assert len(reasons) == 3 and all("not after round 1" in r for r in reasons), reasons
+
+
+def test_a_global_model_is_trained_on_once():
+    """Round 2 with round 1's global model would repeat round 1's updates exactly."""
+    updates, _weights, start, grid, cfg, secure = federation(4, seed=22)
+    run_round(grid, start, cfg, secure)
+    template = {k: v.shape for k, v in start.items()}
+    messages = train_messages(list(updates), start, 2)  # round 1's model again
+    with pytest.raises(SecAggAbort, match="upload stage"):
+        secure.train_round(2, messages, template)
+    reasons = [m.error.reason for m in grid.seen if m.has_error()]
+    assert len(reasons) == 4 and all("already trained on" in r for r in reasons), reasons
+
+
+def test_hospitals_given_different_models_produce_masks_that_do_not_cancel():
+    """The victim gets the real global model, everyone else another one (one whose
+    gradients vanish, say): the "sum" would be the victim's update. The pairwise masks
+    are bound to the round's terms, the global model's hash among them: the victim's
+    masks with the others do not cancel and what is unmasked is no sum at all."""
+    updates, _weights, start, grid, cfg, secure = federation(4, seed=23)
+    victim = next(iter(updates))
+    others = {k: np.zeros_like(v) for k, v in start.items()}
+
+    def other_model(message: Message) -> Message:
+        content = RecordDict(dict(message.content.items()))
+        content[Record.ARRAYS] = ArrayRecord({k: Array(v) for k, v in others.items()})
+        return Message(
+            content=content, dst_node_id=message.metadata.dst_node_id, message_type="train"
+        )
+
+    for node in updates:
+        if node != victim:
+            grid.alter[("upload", node)] = other_model
+    with pytest.raises(SecAggAbort, match="clear weights say"):
+        run_round(grid, start, cfg, secure)
 
 
 def test_a_replayed_upload_request_gets_no_second_masked_update():
-    """The replay attack: an upload request first with an empty inbox, then again. The
-    hospital refuses to mask with fewer than threshold - 1 neighbours' shares, and never
-    masks a second update of the same round."""
+    """The replay attack: an upload request first with an empty inbox, then again with
+    the shares. The hospital refuses to mask with fewer than threshold - 1 neighbours'
+    shares, and refuses the round once asked: it is recorded before training. A second
+    masking of one round's state is refused as well (defence in depth)."""
     updates, _, start, grid, _, secure = federation(4, seed=22)
     nodes = list(updates)
     prepared = secure._set_up(1, [str(n) for n in nodes], SecureOutcome())
@@ -70,11 +164,14 @@ def test_a_replayed_upload_request_gets_no_second_masked_update():
         for sender, sealed in prepared.shared.items()
         if Key.TO_PREFIX + str(victim) in sealed
     }
-    first, again = _upload_message(message, inbox), _upload_message(message, inbox)
-    grid.push_messages([first, again])
-    replies = grid.pull_messages([first.metadata.message_id, again.metadata.message_id])
-    assert not replies[0].has_error() and Key.MASKED_ARRAY in replies[0].content["arrays"]
-    assert replies[1].has_error() and "already sent its masked update" in replies[1].error.reason
+    again = _upload_message(message, inbox)
+    grid.push_messages([again])
+    replies = grid.pull_messages([again.metadata.message_id])
+    assert replies[0].has_error() and "not after round 1" in replies[0].error.reason
+    state, _ = HospitalSecAgg.start(7, 1, "1")
+    state.state.update({"masked": True})
+    with pytest.raises(SecAggRefused, match="already sent its masked update"):
+        state.mask(1, np.zeros(3, np.float32), 10.0, b"terms")
 
 
 def test_a_split_survivor_graph_aborts_before_any_share_is_asked_for():
@@ -285,27 +382,41 @@ def test_a_hospital_never_hands_out_both_secrets_of_one_neighbour():
         hospital.unmask(1, ["1", "2", "3", "4"], ["2"])
 
 
-def test_a_hospital_cannot_be_given_round_terms_of_its_own():
+@pytest.mark.parametrize("neighbours", [0, 2], ids=["everyone", "neighbourhoods"])
+def test_a_hospital_cannot_be_given_round_terms_of_its_own(neighbours):
     """The victim is told the true number of hospitals, the others a huge one: their
-    encodings would scale to nothing and the "aggregate" be the victim's update. The
-    round's terms are bound into every share ciphertext, so hospitals told different
-    terms cannot open each other's shares: nobody masks, nothing is unmasked."""
-    updates, _, start, grid, cfg, secure = federation(4, seed=21)
+    encodings would scale to nothing and the "aggregate" be the victim's update. With
+    everyone in one group each hospital counts the group itself and refuses at once;
+    with neighbourhoods the round's terms are bound into every share ciphertext, so
+    hospitals told different terms cannot open each other's shares: neither the victim
+    nor its neighbours mask, and nothing is unmasked."""
+    updates, weights, start = random_updates(4, seed=21)
+    cfg = secure_config(**{"secagg-neighbours": neighbours})
+    grid = InProcessGrid(updates, weights, cfg)
+    secure = workflow(grid, cfg)
     original = secure._share_content
+    plans = []
 
     def scale_everyone_else_away(prepared, node):
+        plans.append(prepared.plan)
         content = original(prepared, node)
         if node != prepared.plan.participants[0]:
             content[Record.CONFIG][Key.PARTICIPANTS] = 5_000
         return content
 
     secure._share_content = scale_everyone_else_away
-    with pytest.raises(SecAggAbort, match="upload stage"):
+    with pytest.raises(SecAggAbort, match="share stage" if neighbours == 0 else "upload stage"):
         run_round(grid, start, cfg, secure)
-    uploads = [m for m in grid.seen if not m.has_error() and Record.ARRAYS in m.content]
-    assert uploads == [], "no hospital masked under terms its neighbours did not share"
+    victim = plans[0].participants[0]
+    uploaders = {
+        str(m.metadata.src_node_id)
+        for m in grid.seen
+        if not m.has_error() and Record.ARRAYS in m.content
+    }
+    assert not uploaders & plans[0].group(victim), "nobody masked under terms not shared"
     refusals = [m.error.reason for m in grid.seen if m.has_error()]
-    assert len(refusals) == len(updates) and all("round terms" in r for r in refusals)
+    expected = "a round of 5000 hospitals" if neighbours == 0 else "round terms"
+    assert sum(expected in r for r in refusals) >= 3, refusals
 
 
 def test_a_round_too_large_to_encode_is_refused():
@@ -362,27 +473,47 @@ def _shift_masked(values: slice, shift):
     return corrupt
 
 
+def _to_the_floor(weights) -> Callable[[int], int]:
+    """The shift of one weight slot that leaves the weights summing to their lowest allowed
+    value: every hospital at 1 / max weight. The honest mean is then scaled up by the sum
+    of the ratios over that floor (x667 in the attack)."""
+
+    def shift(size: int) -> int:
+        honest = sum(encoded_weight(w, ENCODING, 4) for w in weights.values())
+        return 4 * math.floor(weight_scale(4) / 1000.0) - honest
+
+    return shift
+
+
 @pytest.mark.parametrize(
-    ("dp", "values", "shift"),
+    ("dp", "values", "shift", "caught_by"),
     [
-        (False, slice(None, -1), lambda size: 2**30),  # the update: far past the range
-        (False, slice(-1, None), lambda size: 2**30),  # the weight: beyond n full weights
+        (False, slice(None, -1), lambda weights: lambda size: 2**30, "not a valid encoding"),
+        # the weight beyond n full weights, or down to the lowest sum every bound allows
+        (False, slice(-1, None), lambda weights: lambda size: 2**30, "clear weights say"),
+        (False, slice(-1, None), _to_the_floor, "clear weights say"),
         # under DP every weight is 1: shrink the total to almost nothing, inflating the mean
-        (True, slice(-1, None), lambda size: -(4 * weight_scale(4) - 1)),
+        (
+            True,
+            slice(-1, None),
+            lambda weights: lambda size: -(4 * weight_scale(4) - 1),
+            "clear weights say",
+        ),
     ],
-    ids=["update", "weight", "dp-weight"],
+    ids=["update", "weight", "weight-to-floor", "dp-weight"],
 )
-def test_an_upload_that_is_no_honest_encoding_aborts_the_round(dp, values, shift):
+def test_an_upload_that_is_no_honest_encoding_aborts_the_round(dp, values, shift, caught_by):
     """Masks cancel additively, so a hospital can add anything to its upload. What an
-    honest sum must satisfy is checked when it is unmasked: weights in [1/max, 1] each
-    (exactly 1 under DP), a mean within the clipping range. Such a round is aborted:
-    the culprit cannot be named (that would need a proof per upload), but the model
-    never takes the pushed mean."""
+    honest sum must satisfy is checked when it is unmasked: the weights sum to exactly
+    what the hospitals' clear weights say (a weight slot written down to the floor once
+    passed every sum-level bound and scaled the honest mean by 667), the mean stays
+    within the clipping range. Such a round is aborted: the culprit cannot be named
+    (that would need a proof per upload), but the model never takes the pushed mean."""
     updates, weights, start = random_updates(4, seed=33)
     cfg = secure_config(**({"dp.mode": "client"} if dp else {}))
     grid = InProcessGrid(updates, weights, cfg)
-    grid.corrupt[("upload", list(updates)[1])] = _shift_masked(values, shift)
-    with pytest.raises(SecAggAbort, match="not a valid encoding"):
+    grid.corrupt[("upload", list(updates)[1])] = _shift_masked(values, shift(weights))
+    with pytest.raises(SecAggAbort, match=caught_by):
         run_round(grid, start, cfg)
 
 
@@ -397,3 +528,97 @@ def test_the_masked_weight_obeys_the_sites_floor():
         context.node_config[NodeConfig.MIN_COUNT] = 10
     outcome = run_round(grid, start, secure_config())
     assert_mean_of(outcome, updates, {**weights, small: 10.0}, list(updates))
+
+
+def test_one_bad_share_among_many_is_named_and_the_round_unmasks():
+    """Each returned share is checked against the commitment its dealer gave, so one
+    hospital returning wrong shares (at x = 1, where trying subsets in order once failed a
+    round of 20 with 19 good shares) is named and skipped, and the round unmasks."""
+    updates, weights, start = random_updates(20, seed=37)
+    grid = InProcessGrid(updates, weights)
+    first = min(updates)  # x = 1
+    grid.corrupt[("unmask", first)] = _shares(lambda v: bytes(b ^ 0x5A for b in v))
+    outcome = run_round(grid, start, secure_config())
+    assert_mean_of(outcome, updates, weights, list(updates))
+    assert [n for n in outcome.notes if f"node {first} returned a share" in n]
+
+
+def test_a_dealer_whose_shares_rebuild_another_secret_is_named(monkeypatch):
+    """A dealer can commit to shares that lie on no polynomial through its secret: every
+    share then matches its commitment, and only the rebuilt secret's own check (seed hash,
+    public key) tells. The round aborts naming the dealer, never using a wrong seed."""
+    updates, _weights, start, grid, cfg, secure = federation(4, seed=36)
+    dealer = str(list(updates)[2])
+    honest_split, honest_share_keys = shamir.split, HospitalSecAgg.share_keys
+
+    def shifted_split(secret, xs, threshold):
+        shares = honest_split(secret, xs, threshold)
+        return {
+            x: ((int.from_bytes(y, "big") + 1) % shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big")
+            for x, y in shares.items()
+        }  # f + 1 at every x: consistent shares of secret + 1
+
+    def share_keys(self, request, terms):
+        if str(self.state["node"]) != dealer:
+            return honest_share_keys(self, request, terms)
+        monkeypatch.setattr(shamir, "split", shifted_split)
+        try:
+            return honest_share_keys(self, request, terms)
+        finally:
+            monkeypatch.setattr(shamir, "split", honest_split)
+
+    monkeypatch.setattr(HospitalSecAgg, "share_keys", share_keys)
+    with pytest.raises(SecAggAbort, match=f"node {dealer} dealt shares"):
+        run_round(grid, start, cfg, secure)
+
+
+def test_a_key_of_small_order_drops_its_sender_by_name():
+    """An all-zero mask key makes every neighbour's derivation with it fail: once, every
+    honest neighbour was dropped and named instead of the culprit. Keys are checked
+    where they arrive."""
+    updates, weights, start = random_updates(5, seed=38)
+    nodes = list(updates)
+    culprit = nodes[1]
+    grid = InProcessGrid(updates, weights)
+    grid.corrupt[("advertise", culprit)] = _set(Record.SECAGG, Key.S_PK, bytes(32))
+    outcome = run_round(grid, start, secure_config())
+    assert set(outcome.failed) == {culprit} and "small order" in outcome.failed[culprit]
+    assert_mean_of(outcome, updates, weights, [n for n in nodes if n != culprit])
+
+
+def test_no_secret_outlives_the_runs_last_round():
+    """The last round plans no next one: no hospital keeps keys, seeds or shares after it."""
+    updates, weights, start = random_updates(4, seed=39)
+    cfg = secure_config(**{"num-server-rounds": 2})
+    grid = InProcessGrid(updates, weights, cfg)
+    secure = workflow(grid, cfg)
+    run_round(grid, start, cfg, secure, server_round=1)
+    assert secure.prepared is not None  # round 2 was prepared during round 1
+    run_round(grid, start, cfg, secure, server_round=2)
+    assert secure.prepared is None
+    assert all(held == [] for held in secrets_held(grid).values())
+
+
+def _both_survivor_and_dropped(message: Message) -> Message:
+    content = RecordDict(dict(message.content.items()))
+    config = dict(message.content[Record.CONFIG])
+    config[Key.DROPPED] = [*config[Key.DROPPED], config[Key.SURVIVORS][0]]
+    content[Record.CONFIG] = ConfigRecord(config)
+    return Message(content=content, dst_node_id=message.metadata.dst_node_id,
+                   message_type=message.metadata.message_type)  # fmt: skip
+
+
+@pytest.mark.parametrize("way_out", ["upload", "unmask"])
+def test_every_way_out_of_a_round_deletes_its_secrets(way_out):
+    """A hospital that refuses to mask (a NaN update) or to unmask (a request naming one
+    hospital both survivor and dropped) keeps none of the round's secrets."""
+    updates, weights, start = random_updates(4, seed=40)
+    broken = next(iter(updates))
+    grid = InProcessGrid(updates, weights)
+    if way_out == "upload":
+        updates[broken]["conv.bias"][0] = np.nan
+    else:
+        grid.alter[("unmask", broken)] = _both_survivor_and_dropped
+    outcome = run_round(grid, start, secure_config())
+    assert broken in outcome.failed
+    assert secrets_held(grid)[broken] == []

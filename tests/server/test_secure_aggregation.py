@@ -35,10 +35,19 @@ def workflow(grid: InProcessGrid, cfg) -> SecureAggregation:
     return SecureAggregation(Exchange(grid, cfg.round_timeout_seconds, SiteNames()), cfg, RUN_ID)
 
 
+def global_model(start, server_round: int):
+    """The global model of `server_round`: `start`, moved a little each round (as training
+    moves it: a hospital trains on a global model once)."""
+    return {k: v + np.float32(1e-3 * (server_round - 1)) for k, v in start.items()}
+
+
 def run_round(grid: InProcessGrid, start, cfg, secure=None, server_round=1):
+    """One secure round of `cfg` (which becomes the run's config at every node too)."""
+    grid.use_config(cfg)
     secure = secure or workflow(grid, cfg)
     template = {k: v.shape for k, v in start.items()}
-    messages = train_messages(grid.get_node_ids(), start, server_round)
+    model = global_model(start, server_round)
+    messages = train_messages(grid.get_node_ids(), model, server_round, cfg)
     return secure.train_round(server_round, messages, template)
 
 

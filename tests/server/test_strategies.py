@@ -144,19 +144,39 @@ def test_every_configurable_strategy_is_a_flower_strategy():
     assert tuple(FLOWER_STRATEGIES) == STRATEGIES
 
 
-def test_secure_aggregation_with_accounted_dp_keeps_flowers_accountant():
+@pytest.mark.parametrize(("noise", "expected_noise"), [("coordinator", 1.0 / 3), ("auto", 0.0)])
+def test_secure_aggregation_with_accounted_dp_keeps_flowers_accountant(noise, expected_noise):
     """Flower's accountant accepts only FedAvg's own aggregation: a secure, accounted run
-    averages the identical copies of the mean, which gives back the mean, with epsilon."""
-    cfg = dp_config(**{"secure-aggregation": True, "dp.noise-multiplier": 0.0})
+    averages the identical copies of the mean, which gives back the mean, with epsilon.
+    The coordinator adds the noise (std z C / n) unless the hospitals put it in the sum
+    (dp.noise auto: the unmasked mean already carries it, nothing is added twice)."""
+    secure = {"secure-aggregation": True, "dp.noise": noise}
+    cfg = dp_config(**secure, **{"dp.noise-multiplier": 0.0})
     assert not build_strategy(cfg, 3).accounted
-    federation = build_strategy(dp_config(**{"secure-aggregation": True}), 3)
+    federation = build_strategy(dp_config(**secure), 3)
     assert federation.accounted
     start = np.zeros(PARAMS, np.float32)
     mean = np.full(PARAMS, 0.25, np.float32)
     result, _, _ = one_round(federation, 1, start, [mean] * 3)
-    expected_noise = 1.0 * 1.0 / 3
-    assert abs((result - mean).std() / expected_noise - 1) < 0.02
+    assert (result - mean).std() == pytest.approx(expected_noise, rel=0.02, abs=1e-7)
     assert federation.epsilon() > 0
+
+
+def test_two_coordinators_with_the_same_seed_draw_different_noise():
+    """Flower drew DP noise from NumPy's global generator, seeded with the run's public
+    `seed`: regenerating the draws gave the noise-free aggregate. Two runs seeded alike
+    now add noise that differs, and NumPy's seed does not decide it."""
+    mean = np.full(PARAMS, 0.25, np.float32)
+    released = []
+    for _ in range(2):
+        np.random.seed(0)  # what federated_run does with the default seed
+        federation = build_strategy(dp_config(), 3)
+        result, _, _ = one_round(federation, 1, np.zeros(PARAMS, np.float32), [mean] * 3)
+        released.append(result - mean)
+    assert released[0].std() == pytest.approx(1.0 / 3, rel=0.02)
+    assert not np.allclose(released[0], released[1])
+    np.random.seed(0)
+    assert abs(np.corrcoef(released[0], np.random.normal(0, 1, PARAMS))[0, 1]) < 0.02
 
 
 @pytest.mark.parametrize(
