@@ -106,6 +106,21 @@ def add_export_command(commands: Commands) -> None:
         help="strategy = fedbn: a hospital's kept normalisation layers; the export is then "
         "that hospital's own model",
     )
+    export.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="PATH",
+        help="task = bundle: the bundle folder to export the federated weights with (its "
+        "configs must hash as the run's); default: the run folder's copy, once its hash is "
+        "approved at this site",
+    )
+    export.add_argument(
+        "--state",
+        type=Path,
+        default=Path("node-state"),
+        help="task = bundle: the node state whose approvals (`medfed node approve`) the run "
+        "folder's bundle copy needs (default: node-state)",
+    )
     export.set_defaults(handler=_export)
 
 

@@ -43,6 +43,7 @@ from medfed.shared_models.run_folder import (
     CHECKPOINTS,
     GLOBAL_MODEL,
     PROGRESS_LOG,
+    RUN_BUNDLE,
     RUNS_DIR_ENV,
     checkpoint_name,
 )
@@ -171,10 +172,13 @@ def _run(
 def _request(cfg: RunConfig, outputs: RunOutputs, run_id: int) -> dict[str, str]:
     """What every training and evaluation request carries besides the round: for a bundle
     run, the hash of the coordinator's bundle configs, which each hospital checks its own
-    copy against before running any of it (recorded in metrics.json and model.json)."""
+    copy against before running any of it (recorded in metrics.json and model.json). The
+    hashed files are copied into the run folder (`bundle/`): what a hospital handed the
+    folder approves and rebuilds the model from (client/run_bundle.py)."""
     if cfg.task != "bundle":
         return {}
     bundle = Bundle(cfg.bundle)
+    bundle.copy_hashed(outputs.record.out / RUN_BUNDLE)
     outputs.record.set_bundle(bundle.identity())
     audit("run-bundle", run=run_id, path=str(bundle.root), sha256=bundle.sha256)
     outputs.progress(f"bundle {bundle.root}: configs sha256 {bundle.sha256[:16]}…")

@@ -87,6 +87,7 @@ def load_resume_point(cfg: RunConfig, runs_dir: str | None) -> ResumePoint:
             f"{cfg.num_server_rounds}; raise 'num-server-rounds' to train further"
         )
     _same_settings(folder, record.get("config"), cfg)
+    _same_bundle(folder, record.get("bundle"), cfg)
     path = folder / CHECKPOINTS / checkpoint_name(last)
     payload = _checked_checkpoint(path, rounds[-1].get("checkpoint-sha256"), last)
     arrays = _arrays_in(payload.get("arrays"), path)
@@ -175,6 +176,23 @@ def _same_settings(folder: Path, recorded: object, cfg: RunConfig) -> None:
         raise ResumeError(
             f"resume-from {folder}: that run used other settings ({shown}); a resumed "
             f"run may only change {sorted(MAY_CHANGE - {'resume-from', 'out-dir'})}"
+        )
+
+
+def _same_bundle(folder: Path, recorded: object, cfg: RunConfig) -> None:
+    """ResumeError unless a bundle run carries on with the bundle configs it started with
+    (the same path may hold other configs by now, whose network the checkpoint need not
+    fit); checked on bytes, before the network is built from them."""
+    if cfg.task != "bundle":
+        return
+    from medfed.shared_models.bundle import bundle_sha256  # MONAI: bundle runs only
+
+    then = recorded.get("sha256") if isinstance(recorded, dict) else None
+    now = bundle_sha256(Path(cfg.bundle).expanduser())
+    if then != now:
+        raise ResumeError(
+            f"resume-from {folder}: that run federated bundle sha256 {then}, the configs at "
+            f"'bundle' = '{cfg.bundle}' now hash to {now}"
         )
 
 

@@ -16,6 +16,7 @@ only loads its JSON/YAML; nothing in it runs until a network or workflow is buil
 from __future__ import annotations
 
 import hashlib
+import shutil
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -88,22 +89,28 @@ class Bundle:
     @cached_property
     def sha256(self) -> str:
         """A digest of every file under configs/ and scripts/: relative names and contents."""
-        digest = hashlib.sha256()
-        for path in self.hashed_files():
-            digest.update(path.relative_to(self.root).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()
+        return bundle_sha256(self.root)
 
     def hashed_files(self) -> list[Path]:
         """The files the hash covers, in a fixed order."""
-        files = [
-            path
-            for folder in HASHED_FOLDERS
-            if (self.root / folder).is_dir()
-            for path in (self.root / folder).rglob("*")
-            if path.is_file() and "__pycache__" not in path.parts
-        ]
-        return sorted(files, key=lambda p: p.relative_to(self.root).as_posix())
+        return hashed_files(self.root)
+
+    def copy_hashed(self, dest: Path) -> None:
+        """The files the hash covers, copied to `dest` (replacing what is there): a run
+        folder's own copy of its bundle, which a hospital can inspect, approve and rebuild
+        the model from without following a path to the coordinator's disk. ConfigError
+        when the copy does not hash as this bundle did (a file changed meanwhile)."""
+        if dest.exists():
+            shutil.rmtree(dest)
+        for path in self.hashed_files():
+            target = dest / path.relative_to(self.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        if bundle_sha256(dest) != self.sha256:
+            raise ConfigError(
+                f"config key 'bundle' = '{self.root}': its configs changed while the run "
+                f"copied them to {dest} (sha256 {self.sha256[:16]}… before)"
+            )
 
     def identity(self) -> dict[str, Any]:
         """What a run records about its bundle (metrics.json, model.json, the audit log)."""
@@ -166,6 +173,29 @@ class Bundle:
                 f"{self.sha256[:16]}…, the coordinator's to {expected[:16]}…; every node must "
                 f"hold the same {' and '.join(HASHED_FOLDERS)} files"
             )
+
+
+def hashed_files(root: Path) -> list[Path]:
+    """The files a bundle's hash covers (under configs/ and scripts/), in a fixed order."""
+    files = [
+        path
+        for folder in HASHED_FOLDERS
+        if (root / folder).is_dir()
+        for path in (root / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def bundle_sha256(root: Path) -> str:
+    """The bundle hash of the folder `root`: relative names and contents of its hashed
+    files. Reads bytes only, so a bundle can be checked before any of its configs is
+    read into objects (let alone run)."""
+    digest = hashlib.sha256()
+    for path in hashed_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _read(files: list[Path]) -> ConfigParser:

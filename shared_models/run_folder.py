@@ -32,6 +32,10 @@ PLOTS = "plots"
 PREDICTIONS_PNG = "predictions.png"
 CROSS_SITE_PNG = "cross-site.png"  # the cross-site evaluation heat map
 PROGRESS_LOG = "progress.log"
+# A task = bundle run's own copy of the files its bundle hash covers (configs/, scripts/),
+# written by the coordinator when the run starts: what a hospital may approve and rebuild
+# the model from, inside the run folder (the bundle path in model.json is never followed).
+RUN_BUNDLE = "bundle"
 # metrics.json keys of a run's continuity: how many noisy (DP) aggregates left the
 # coordinator since the last checkpoint (whose privacy ledger lacks them), and the folder
 # where the run was carried on (server.resume).
@@ -84,6 +88,27 @@ def read_model_config(run_dir: Path) -> RunConfig:
         raise RunFolderError(f"{meta}: not a medfed model description ({err})") from None
 
 
+def recorded_bundle_sha256(run_dir: Path) -> str:
+    """The hash of the bundle a task = bundle run federated, as model.json records it
+    (key `bundle`); RunFolderError naming the file when it records none."""
+    meta = run_dir / MODEL_JSON
+    try:
+        data = json.loads(meta.read_text())
+        digest = data["bundle"]["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        digest = None
+    if not isinstance(digest, str) or not _is_sha256(digest):
+        raise RunFolderError(
+            f"{meta}: a task = bundle run that records no bundle sha256 (key 'bundle'), so "
+            "no bundle can be checked against it"
+        )
+    return digest
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def local_layers_caveat(cfg: RunConfig) -> str | None:
     """What a user of a FedBN run's global model must know (None for other strategies)."""
     if not cfg.keeps_norms_local:
@@ -95,16 +120,17 @@ def local_layers_caveat(cfg: RunConfig) -> str | None:
     )
 
 
-def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
+def load_global_model(run_dir: Path, bundle: Path | None = None) -> tuple[RunConfig, nn.Module]:
     """Rebuild the network described by model.json and load global_model.pt (eval mode).
 
     weights_only: the file may come from elsewhere, and must hold tensors, never code.
-    Whatever is wrong with it is one RunFolderError naming the file.
+    Whatever is wrong with it is one RunFolderError naming the file. A task = bundle
+    run's network is built by its bundle's configs, which are code: only from `bundle`,
+    a folder the caller checked (client/run_bundle.py), never from the path model.json
+    names; without one such a run is refused before anything of a bundle is read.
     """
-    from medfed.shared_models.tasks import TASKS
-
     cfg = read_model_config(run_dir)
-    net = TASKS[cfg.task].build_network(cfg)
+    net = _network(cfg, bundle, run_dir / MODEL_JSON)
     path = run_dir / GLOBAL_MODEL
     state = _read_state_dict(path)
     expected = net.state_dict()
@@ -121,6 +147,23 @@ def load_global_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
         )
     net.load_state_dict(state)
     return cfg, net.eval()
+
+
+def _network(cfg: RunConfig, bundle: Path | None, meta: Path) -> nn.Module:
+    """A fresh network for `cfg`: medfed's own from validated settings, or a bundle run's
+    from the checked `bundle` folder."""
+    from medfed.shared_models.tasks import TASKS
+
+    if cfg.task != "bundle":
+        return TASKS[cfg.task].build_network(cfg)
+    if bundle is None:
+        raise RunFolderError(
+            f"{meta}: a task = bundle run, whose network its bundle's configs (code) build; "
+            f"the bundle path it names ({cfg.bundle}) is never followed: pass a bundle "
+            "folder checked at this site"
+        )
+    checked = RunConfig.from_mapping({**cfg.to_mapping(), "bundle": str(bundle)})
+    return TASKS[cfg.task].build_network(checked)
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:

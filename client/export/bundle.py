@@ -84,19 +84,21 @@ def write_bundle(origin: Origin, cfg: RunConfig, net: nn.Module, modality: str, 
     return out
 
 
-def write_federated_bundle(run_dir: Path, cfg: RunConfig, net: nn.Module, out: Path) -> Path:
-    """A task = bundle run: the bundle it federated, with the federated weights as
-    models/model.pt and the run's provenance in configs/metadata.json (key `medfed`).
+def write_federated_bundle(
+    origin: Origin, cfg: RunConfig, net: nn.Module, source: Path, out: Path
+) -> Path:
+    """A task = bundle run: the bundle it federated (`source`, a folder checked for this
+    site, never the path in model.json), with the federated weights as models/model.pt
+    and the run's provenance in configs/metadata.json (key `medfed`).
 
     Everything else is the bundle's own (its inference config, if it has one, runs
     the federated model as it ran the original)."""
-    source = Path(cfg.bundle)
     shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     (out / "models").mkdir(exist_ok=True)
-    shutil.copyfile(run_dir / GLOBAL_MODEL, out / "models" / "model.pt")
+    shutil.copyfile(origin.run_dir / GLOBAL_MODEL, out / "models" / "model.pt")
     path = out / "configs" / "metadata.json"
     metadata = json.loads(path.read_text()) if path.is_file() else {}
-    metadata["medfed"] = provenance(Origin(run_dir), cfg, net)
+    metadata["medfed"] = provenance(origin, cfg, net)
     path.write_text(json.dumps(metadata, indent=2) + "\n")
     return out
 

@@ -11,7 +11,8 @@ from medfed.client.export.bundle import Origin, write_bundle, write_federated_bu
 from medfed.client.export.torchscript import write_torchscript
 from medfed.client.local_layers import site_model
 from medfed.client.predict.writers import new_output_folder
-from medfed.shared_models.run_folder import load_global_model
+from medfed.client.run_bundle import checked_bundle
+from medfed.shared_models.run_folder import load_global_model, read_model_config
 
 FORMATS = ("bundle", "torchscript")
 
@@ -23,6 +24,8 @@ class ExportOptions:
     out: Path
     modality: str | None = None  # picks the intensity normalisation (CT: a HU window)
     site_layers: Path | None = None  # FedBN: a hospital's kept normalisation layers
+    bundle: Path | None = None  # task = bundle: the bundle folder the user vouches for
+    state: Path = Path("node-state")  # the node state whose approvals a bundle copy needs
 
 
 def export_run(options: ExportOptions) -> int:
@@ -30,15 +33,13 @@ def export_run(options: ExportOptions) -> int:
     overwritten)."""
     if options.format not in FORMATS:
         raise ValueError(f"--format {options.format!r}: expected one of {', '.join(FORMATS)}")
-    out = new_output_folder(options.out.expanduser())
     run_dir = options.run_dir.expanduser()
+    if read_model_config(run_dir).task == "bundle":
+        return _export_bundle_run(options, run_dir)
+    if options.bundle is not None:
+        raise ValueError(f"--bundle {options.bundle}: {run_dir} is not a task = bundle run")
+    out = new_output_folder(options.out.expanduser())
     cfg, net = load_global_model(run_dir)
-    if cfg.task == "bundle":  # a federated MONAI bundle goes back out as that bundle
-        if options.format != "bundle":
-            raise ValueError(f"{run_dir}: a task = bundle run exports as --format bundle only")
-        path = write_federated_bundle(run_dir, cfg, net, out)
-        print(f"wrote {path}: the bundle {cfg.bundle} with the federated weights (models/model.pt)")
-        return 0
     modality = resolve_modality(cfg, options.modality)
     if options.modality and options.modality.upper() != modality:
         raise ValueError(
@@ -58,4 +59,17 @@ def export_run(options: ExportOptions) -> int:
     else:
         path = write_torchscript(cfg, net, modality, out, caveat)
         print(f"wrote {path} (TorchScript; its preprocessing is in the file's medfed.json)")
+    return 0
+
+
+def _export_bundle_run(options: ExportOptions, run_dir: Path) -> int:
+    """A federated MONAI bundle goes back out as that bundle, from a bundle folder checked
+    for this site (client/run_bundle.py) before any of its configs is read."""
+    if options.format != "bundle":
+        raise ValueError(f"{run_dir}: a task = bundle run exports as --format bundle only")
+    source = checked_bundle(run_dir, options.bundle, options.state.expanduser())
+    out = new_output_folder(options.out.expanduser())
+    cfg, net = load_global_model(run_dir, source)
+    path = write_federated_bundle(Origin(run_dir), cfg, net, source, out)
+    print(f"wrote {path}: the bundle {source} with the federated weights (models/model.pt)")
     return 0

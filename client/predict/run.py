@@ -31,7 +31,11 @@ from medfed.client.predict.writers import (
     write_table,
 )
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.run_folder import load_global_model
+from medfed.shared_models.run_folder import (
+    load_global_model,
+    read_model_config,
+    recorded_bundle_sha256,
+)
 from medfed.shared_models.tasks import TASKS
 
 SUMMARY = "predictions.json"
@@ -55,14 +59,17 @@ def run_predict(options: PredictOptions) -> int:
     would pass for them (a study skipped now keeps its old mask)."""
     if options.batch_size < 1:
         raise ValueError(f"--batch-size {options.batch_size}: expected a positive number")
-    cfg, net = load_global_model(options.model.expanduser())
+    run_dir = options.model.expanduser()
+    if read_model_config(run_dir).task == "bundle":  # refused before any of a bundle is read
+        raise ValueError(
+            f"{options.model}: a task = bundle run (bundle sha256 "
+            f"{recorded_bundle_sha256(run_dir)}) predicts through its bundle's own inference "
+            "config, which medfed does not run: `medfed export RUN_DIR --out DIR` gives the "
+            "bundle with the federated weights (its hash approved at this site, or --bundle PATH)"
+        )
+    cfg, net = load_global_model(run_dir)
     if cfg.task == "gan":
         raise ValueError(f"{options.model}: a gan run generates images: use `medfed gan sample`")
-    if cfg.task == "bundle":
-        raise ValueError(
-            f"{options.model}: a task = bundle run predicts through its bundle's own inference "
-            "config: `medfed export RUN_DIR --out DIR` gives the bundle with the federated weights"
-        )
     device = pick_device(options.device)
     new_output_folder(options.out)
     caveat = site_model(cfg, net, options.site_layers)

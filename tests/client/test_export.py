@@ -20,7 +20,7 @@ from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.run_folder import load_global_model
 from medfed.shared_models.weights import norm_keys
 from tests.bundles import write_bundle
-from tests.trained_models import trained_run, untrained_run
+from tests.trained_models import bundle_run, trained_run, untrained_run
 
 OBLIQUE = np.array([[0, -1.5, 0, 10], [0, 0, 2.5, -5], [0.8, 0, 0, 3], [0, 0, 0, 1.0]])
 
@@ -136,9 +136,9 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
 
 def test_a_federated_bundle_goes_back_out_as_that_bundle(tmp_path, capsys):
     source = write_bundle(tmp_path / "bundle")
-    _, run = untrained_run(tmp_path / "run", task="bundle", bundle=str(source))
-    out = tmp_path / "exported"
-    assert main(["export", str(run), "--out", str(out)]) == 0
+    run = bundle_run(tmp_path / "run", source, Bundle(source).network())
+    out = tmp_path / "exported"  # the bundle named: tests/client/test_run_bundle.py has the rest
+    assert main(["export", str(run), "--out", str(out), "--bundle", str(source)]) == 0
     assert (out / "models" / "model.pt").read_bytes() == (run / "global_model.pt").read_bytes()
     assert (out / "configs" / "train.json").read_bytes() == (
         source / "configs" / "train.json"

@@ -61,6 +61,9 @@ def test_a_bundle_federates_and_its_key_metric_improves(tmp_path):
     assert metrics["bundle"]["sha256"] == bundle.sha256
     model = json.loads((tmp_path / "run" / "model.json").read_text())
     assert model["task"] == "bundle" and model["bundle"]["sha256"] == bundle.sha256
+    carried = Bundle(tmp_path / "run" / "bundle")  # what a hospital approves and exports
+    assert carried.sha256 == bundle.sha256
+    assert [p.name for p in carried.hashed_files()] == [p.name for p in bundle.hashed_files()]
     final = torch.load(tmp_path / "run" / "global_model.pt", weights_only=True)
     bundle.network().load_state_dict(final)  # the bundle's network_def rebuilds it
     report = (tmp_path / "run" / "report.md").read_text()

@@ -21,8 +21,10 @@ from medfed.server.round_loop import RoundLoop
 from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
+from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.run_folder import hold_writer_lock
+from tests.bundles import write_bundle
 from tests.in_process_grid import RUN_ID, InProcessGrid
 
 NODES = {101: 1.0, 202: 2.0, 303: 4.0}
@@ -270,3 +272,22 @@ def test_the_accountant_keeps_its_population_when_the_quorum_connects_first(tmp_
     grid.get_node_ids = lambda: next(answers, everyone)
     final, metrics = run(cfg, grid, load_resume_point(cfg, None))
     assert metrics["status"] == "completed" and final is not None
+
+
+def test_a_bundle_run_resumes_only_with_the_bundle_configs_it_started_with(tmp_path):
+    """The same `bundle` path may hold other configs by now: refused on their hash, before
+    the network is built from them."""
+    bundle = write_bundle(tmp_path / "bundle")
+    cfg = _interrupted(tmp_path)
+    resumed = config(tmp_path / "run", task="bundle", bundle=str(bundle),
+                     **{"resume-from": str(cfg.out_path)})  # fmt: skip
+    record = json.loads((cfg.out_path / "metrics.json").read_text())
+    record["config"] = {**resumed.to_mapping(), "resume-from": ""}  # as if it had been one
+    record["bundle"] = Bundle(bundle).identity()
+    (cfg.out_path / "metrics.json").write_text(json.dumps(record))
+    assert load_resume_point(resumed, None).server_round == 2
+    write_bundle(bundle, lr=0.5)
+    with pytest.raises(ResumeError) as refused:
+        load_resume_point(resumed, None)
+    assert f"federated bundle sha256 {record['bundle']['sha256']}" in str(refused.value)
+    assert Bundle(bundle).sha256 in str(refused.value)
