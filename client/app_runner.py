@@ -46,16 +46,35 @@ def _checked_loader(make_loader: Callable[..., Any]) -> Callable[..., Any]:
     return make_checked_loader
 
 
+# The names Flower's ClientApp process calls to install a package and load its app: the
+# checks replace them where that process looks them up (its module's globals).
+HOOKED = ("install_from_fab", "get_load_client_app_fn")
+
+
+def hook_approval() -> None:
+    """Put the approval check into Flower's ClientApp process, or exit refusing.
+
+    Flower's `run_clientapp` calls `install_from_fab` and `get_load_client_app_fn` by
+    their names in its own module: those are replaced. If this Flower's process no
+    longer calls them there, nothing could be checked, so nothing runs.
+    """
+    from flwr.supernode.runtime import run_clientapp as flower_process
+
+    called = flower_process.run_clientapp.__code__.co_names
+    for name in HOOKED:
+        if not hasattr(flower_process, name) or name not in called:
+            sys.exit(
+                f"medfed: this Flower does not call {name}: cannot check app packages, refusing"
+            )
+    flower_process.install_from_fab = _checked_install(flower_process.install_from_fab)
+    flower_process.get_load_client_app_fn = _checked_loader(flower_process.get_load_client_app_fn)
+
+
 def main() -> None:
     """Run Flower's `flwr-clientapp` with the approval check in place."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as flower_process
 
-    for name in ("install_from_fab", "get_load_client_app_fn"):
-        if not hasattr(flower_process, name):
-            sys.exit(f"medfed: this Flower has no {name}: cannot check app packages, refusing")
-    flower_process.install_from_fab = _checked_install(flower_process.install_from_fab)
-    flower_process.get_load_client_app_fn = _checked_loader(flower_process.get_load_client_app_fn)
+    hook_approval()
     flwr_clientapp()
 
 

@@ -102,3 +102,23 @@ def test_inspect_shows_what_the_package_would_run(node):
     assert approved.returncode == 0 and digest in approval.approved(node)
     with pytest.raises(ValueError, match="64 hex characters"):
         approval.approve(node, "not-a-hash")
+
+
+def test_flowers_clientapp_process_installs_and_loads_only_through_the_check(node, monkeypatch):
+    """The check must sit where Flower's ClientApp process looks its install and load
+    functions up: after hooking, the very names `run_clientapp` calls refuse an
+    unapproved package before a byte of it is written, and load only checked ones."""
+    from flwr.supernode.runtime import run_clientapp as flower_process
+
+    for name in app_runner.HOOKED:  # restored after the test
+        monkeypatch.setattr(flower_process, name, getattr(flower_process, name))
+    monkeypatch.setattr(app_runner, "CHECKED", set())  # a fresh ClientApp process
+    monkeypatch.setenv("FLWR_HOME", str(node / "flwr-home"))
+    app_runner.hook_approval()
+    with pytest.raises(approval.AppNotApproved, match="is not approved at site-a"):
+        flower_process.install_from_fab(EVIL, skip_prompt=True)
+    assert not (node / "flwr-home").exists(), "nothing of the package was installed"
+    load = flower_process.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    with pytest.raises(approval.AppNotApproved, match="was not checked"):
+        load("evil", "1.0", approval.package_hash(EVIL))
+    assert set(app_runner.HOOKED) <= set(flower_process.run_clientapp.__code__.co_names)

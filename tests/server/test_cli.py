@@ -1,9 +1,12 @@
+import ipaddress
 import subprocess
 import sys
 
 import pytest
 
-from medfed.server.cli import main
+from medfed.server.cli import build_parser, main
+from medfed.shared_models import runtime
+from medfed.shared_models.runtime import free_port
 
 
 def _medfed(*args):
@@ -91,3 +94,42 @@ def test_a_run_without_out_is_named_after_its_sites_task(cls_sites):
     assert default_out({}, cls_sites, 3).name.endswith("-classification")
     assert default_out({"task": "regression"}, cls_sites, 3).name.endswith("-regression")
     assert default_out({}, None, 3).name.endswith("-segmentation")
+
+
+def _listening(port: int) -> set[str]:
+    """The local IPv4/IPv6 addresses a socket listens on at `port` (from /proc/net)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                found.add(
+                    ".".join(str(b) for b in raw[::-1])
+                    if width == 8
+                    else ipaddress.IPv6Address(
+                        b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    ).compressed
+                )
+    return found
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["node", "start", "--coordinator", "h:1", "--data", "site"],
+        ["coordinator", "start"],
+        ["simulate"],
+    ],
+    ids=["node", "coordinator", "simulate"],
+)
+def test_every_service_serves_its_metrics_on_this_host_only_by_default(tmp_path, command):
+    """A metrics port open to the hospital's network would publish its training figures:
+    unless --metrics-host says otherwise, the exporter each service starts listens on
+    127.0.0.1 only."""
+    port = free_port()
+    args = build_parser().parse_args([*command, "--metrics-port", str(port)])
+    env: dict[str, str] = {}
+    runtime.export_metrics(tmp_path / "metrics", args.metrics_port, args.metrics_host, env)
+    assert _listening(port) == {"127.0.0.1"}

@@ -1,0 +1,51 @@
+"""`medfed node start` as a hospital runs it: what the SuperNode it supervises is given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medfed.client import approval, node
+from medfed.shared_models import runtime
+
+
+@pytest.fixture
+def started(tmp_path, seg_sites, monkeypatch):
+    """Run `start_node` on a usable site up to the point it would supervise its services;
+    returns the services it would have started."""
+    launched: list[runtime.Service] = []
+
+    def supervise(services, *args, **kwargs):
+        launched.extend(services)
+        return 0
+
+    monkeypatch.setattr(runtime, "supervise", supervise)
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    options = node.NodeOptions(
+        coordinator="127.0.0.1:1",
+        ca=None,
+        key=None,
+        data=seg_sites / "site-0",
+        name="site-0",
+        state=tmp_path / "state",
+        insecure=True,
+    )
+    assert node.start_node(options) == 0
+    return launched
+
+
+def test_the_supernode_never_inherits_flowers_internal_api_switches(started):
+    """FLWR_INTERNAL_GRPC_* would open Flower's legacy gRPC APIs on every interface, past
+    the proxy: the node's SuperNode and its ClientApp processes never get them."""
+    (supernode,) = started
+    assert not [k for k in supernode.env if k.startswith("FLWR_INTERNAL_")]
+
+
+def test_the_supernode_runs_only_approved_apps(started, tmp_path):
+    """Its ClientApp processes are medfed's approving runner, with the node's state."""
+    (supernode,) = started
+    first = supernode.env["PATH"].split(":")[0]
+    assert Path(first) == tmp_path / "state" / "bin"
+    assert supernode.env[approval.STATE_ENV] == str((tmp_path / "state").resolve())
