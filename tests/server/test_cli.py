@@ -1,6 +1,7 @@
 import ipaddress
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,7 +101,7 @@ def _listening(port: int) -> set[str]:
     """The local IPv4/IPv6 addresses a socket listens on at `port` (from /proc/net)."""
     found = set()
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in open(table).read().splitlines()[1:]:
+        for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
