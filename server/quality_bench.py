@@ -8,7 +8,8 @@ this trains every method and scores each on every site's validation split:
 - pooled: every site's training split in one loop (the upper reference);
 - local: each site alone, scored on its own and on every other site's split;
 - federated: FedAvg, FedProx, FedAdam, FedBN and FedAvg with secure
-  aggregation, each a real `medfed simulate` run.
+  aggregation, without and with DP noise (added by the coordinator, or by the
+  hospitals inside the masked sum), each a real `medfed simulate` run.
 
 Each run keeps its folder under OUT/runs, so a bench stopped or failed half-way
 carries on where it stopped when started again with the same --out.
@@ -44,6 +45,20 @@ FEDERATED = {
     "fedadam": {"strategy": "fedadam", "server-lr": 0.01},
     "fedbn": {"strategy": "fedbn"},
     "fedavg-secure": {"strategy": "fedavg", "secure-aggregation": True},
+}
+# Where DP noise is added, compared at one noise level small enough to train on three
+# hospitals (the sum's noise is the same by construction: any difference is the price of
+# adding it before encoding). Not a recommended privacy setting (docs/security.md).
+SECURE_DP = {
+    "strategy": "fedavg",
+    "secure-aggregation": True,
+    "dp.mode": "client",
+    "dp.noise-multiplier": 0.01,
+    "dp.clipping-norm": 1.0,
+}
+FEDERATED |= {
+    "fedavg-secure-dp": {**SECURE_DP, "dp.noise": "coordinator"},
+    "fedavg-secure-dp-hospitals": {**SECURE_DP, "dp.noise": "hospitals"},
 }
 METHODS = ("pooled", "local", *FEDERATED)
 BENCH_TASKS = ("segmentation", "segmentation3d", "classification", "regression")
@@ -121,9 +136,10 @@ def _check(bench: QualityBench) -> None:
         raise ConfigError(f"--seeds {bench.seeds}: expected 1..100")
     if bench.sites < 2:
         raise ConfigError(f"--sites {bench.sites}: a federation needs at least 2 hospitals")
-    if "fedavg-secure" in bench.methods and bench.sites < SECAGG_MIN_PARTICIPANTS:
+    secure = [m for m in bench.methods if FEDERATED.get(m, {}).get("secure-aggregation")]
+    if secure and bench.sites < SECAGG_MIN_PARTICIPANTS:
         raise ConfigError(
-            f"--sites {bench.sites}: fedavg-secure needs at least {SECAGG_MIN_PARTICIPANTS} "
+            f"--sites {bench.sites}: {secure[0]} needs at least {SECAGG_MIN_PARTICIPANTS} "
             "hospitals (with fewer, one learns another's update from the sum); leave it out "
             "of --methods"
         )

@@ -622,3 +622,20 @@ def test_every_way_out_of_a_round_deletes_its_secrets(way_out):
     outcome = run_round(grid, start, secure_config())
     assert broken in outcome.failed
     assert secrets_held(grid)[broken] == []
+
+
+def test_hospitals_given_different_run_configs_refuse_before_uploading():
+    """The SuperLink hands each node the run's config: a deviating coordinator could hand
+    the victim another (a different learning rate, augmentation, clipping). The run
+    config's digest is part of every share ciphertext's authenticated data: the victim
+    and the others cannot open each other's shares, and none of them masks."""
+    updates, _, start, grid, cfg, secure = federation(4, seed=41)
+    victim = next(iter(updates))
+    grid.use_config(cfg)
+    other = secure_config(lr=0.3)  # only the learning rate differs
+    grid.contexts[victim].run_config = other.to_mapping()
+    with pytest.raises(SecAggAbort, match="upload stage"):
+        secure.train_round(1, train_messages(list(updates), start, 1, cfg), SHAPES)
+    assert not [m for m in grid.seen if not m.has_error() and Record.ARRAYS in m.content]
+    refusals = [m.error.reason for m in grid.seen if m.has_error()]
+    assert len(refusals) == 4 and all("round terms" in r for r in refusals), refusals
