@@ -289,9 +289,19 @@ def public_keys(record: ConfigRecord | None, prefix: str = "") -> tuple[bytes, b
         raise MalformedReply(str(err)) from None
 
 
-def advertised_keys(reply: Message) -> tuple[bytes, bytes]:
-    """A SecAgg+ advertise reply's two public keys, checked."""
-    return public_keys(reply.content.config_records.get(Record.SECAGG))
+def advertised_keys(reply: Message, run_config: bytes) -> tuple[bytes, bytes]:
+    """A SecAgg+ advertise reply's two public keys, checked, from a hospital holding the
+    run config whose digest is `run_config` (the coordinator's own)."""
+    record = reply.content.config_records.get(Record.SECAGG)
+    keys = public_keys(record)
+    held = record.get(Key.RUN_CONFIG)
+    if held != run_config:
+        shown = held.hex()[:16] if isinstance(held, bytes) else repr(held)[:20]
+        raise MalformedReply(
+            f"it holds another run config (digest {shown}…, the coordinator's "
+            f"{run_config.hex()[:16]}…)"
+        )
+    return keys
 
 
 def sealed_shares(

@@ -195,6 +195,10 @@ class SecureAggregation:
             raise
         return result
 
+    def _advertised(self, reply: Message) -> tuple[bytes, bytes]:
+        """An advertise reply's public keys, from a hospital holding this run's config."""
+        return advertised_keys(reply, self.run_config)
+
     def _round_terms(self, server_round: int, messages: list[Message]) -> bytes:
         """The digest of the round's terms the hospitals bind their pairwise masks to: the
         run config, the training message's settings and the global model (one for all)."""
@@ -225,7 +229,7 @@ class SecureAggregation:
             Stage.ADVERTISE, {node: _content(server_round) for node in nodes}, result
         )
         keys = self._distinct_keys(
-            {node: self._parsed(Stage.ADVERTISE, node, advertised_keys, reply, result)
+            {node: self._parsed(Stage.ADVERTISE, node, self._advertised, reply, result)
              for node, reply in ads.items()},
             result,
         )  # fmt: skip

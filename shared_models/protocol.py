@@ -147,6 +147,7 @@ class Key:
 
     C_PK = "c-pk"  # public key for encrypting shares
     S_PK = "s-pk"  # public key for pairwise masks
+    RUN_CONFIG = "run-config"  # advertise: the digest of the run config the hospital holds
     NEXT_PREFIX = "next."  # next round's public keys, riding on the masked upload
     X_PREFIX = "x."  # x.<node>: a group member's Shamir x-coordinate
     C_PK_PREFIX = "c-pk."  # c-pk.<node>: a neighbour's share-encryption key

@@ -103,13 +103,15 @@ def _run_terms(context: Context) -> RunTerms:
 
 
 def advertise(msg: Message, context: Context) -> Message:
-    """Fresh key pairs for the round; the public halves go back (secrets of any earlier
-    round are forgotten here). Refused for a round this hospital already trained."""
+    """Fresh key pairs for the round; the public halves go back with the digest of the run
+    config this hospital holds (secrets of any earlier round are forgotten here). Refused
+    for a round this hospital already trained."""
     number = _round(msg)
     _forget(context, STATE_KEY, NEXT_KEY)
     RoundLedger(context).require_ahead(number)
     public = _start(context, number, STATE_KEY)
-    return Message(content=RecordDict({Record.SECAGG: ConfigRecord(public)}), reply_to=msg)
+    record = ConfigRecord({**public, Key.RUN_CONFIG: run_config_digest(context.run_config)})
+    return Message(content=RecordDict({Record.SECAGG: record}), reply_to=msg)
 
 
 def _share(context: Context, config: Mapping, secagg: Mapping) -> ConfigRecord:

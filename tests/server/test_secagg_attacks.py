@@ -12,6 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from medfed.client.privacy.secagg_hospital import HospitalSecAgg, SecAggRefused
+from medfed.server.exchange import public_keys
 from medfed.server.secure_aggregation import SecureOutcome
 from medfed.server.unmasking import SecAggAbort, plan_round
 from medfed.shared_models.protocol import Key, Metric, NodeConfig, Record, SiteKey
@@ -276,6 +277,7 @@ MALFORMED = {
     "advertise: no keys": ("advertise", _remove(Record.SECAGG)),
     "advertise: a key that is text": ("advertise", _set(Record.SECAGG, Key.C_PK, "a key")),
     "advertise: a key of 5 bytes": ("advertise", _set(Record.SECAGG, Key.S_PK, b"short")),
+    "advertise: no run config": ("advertise", _drop_key(Record.SECAGG, Key.RUN_CONFIG)),
     "share: no shares": ("share", _remove(Record.SECAGG)),
     "share: a neighbour's share missing": ("share", _drop_key(Record.SECAGG, Key.TO_PREFIX)),
     "share: a share that is a number": ("share", _shares(lambda v: 7 if len(v) > 32 else v)),
@@ -624,16 +626,25 @@ def test_every_way_out_of_a_round_deletes_its_secrets(way_out):
     assert secrets_held(grid)[broken] == []
 
 
-def test_hospitals_given_different_run_configs_refuse_before_uploading():
+@pytest.mark.parametrize("coordinator", ["honest", "deviating"])
+def test_hospitals_given_different_run_configs_refuse_before_uploading(coordinator):
     """The SuperLink hands each node the run's config: a deviating coordinator could hand
-    the victim another (a different learning rate, augmentation, clipping). The run
-    config's digest is part of every share ciphertext's authenticated data: the victim
-    and the others cannot open each other's shares, and none of them masks."""
+    the victim another (a different learning rate, augmentation, clipping). An honest
+    coordinator drops a hospital holding another config by name when it advertises; a
+    deviating one that skips the check gains nothing: the run config's digest is part of
+    every share ciphertext's authenticated data, so the victim and the others cannot
+    open each other's shares, and none of them masks."""
     updates, _, start, grid, cfg, secure = federation(4, seed=41)
     victim = next(iter(updates))
     grid.use_config(cfg)
     other = secure_config(lr=0.3)  # only the learning rate differs
     grid.contexts[victim].run_config = other.to_mapping()
+    if coordinator == "honest":
+        outcome = secure.train_round(1, train_messages(list(updates), start, 1, cfg), SHAPES)
+        assert set(outcome.failed) == {victim}
+        assert "holds another run config" in outcome.failed[victim]
+        return
+    secure._advertised = lambda reply: public_keys(reply.content[Record.SECAGG])
     with pytest.raises(SecAggAbort, match="upload stage"):
         secure.train_round(1, train_messages(list(updates), start, 1, cfg), SHAPES)
     assert not [m for m in grid.seen if not m.has_error() and Record.ARRAYS in m.content]
