@@ -2,9 +2,9 @@
 
 It lets the tests drive the coordinator's actual round loop and SecAgg+
 workflow against the hospitals' actual protocol code (the SecAgg+ steps and
-the ClientApp's own chain of train mods: audit, masking, DP clipping) with
-chosen updates, chosen dropouts, hostile replies and a record of everything
-the coordinator receives.
+the ClientApp's own chains of mods: audit, masking, the count floor, DP
+clipping) with chosen updates, chosen site sizes, chosen dropouts, hostile
+replies and a record of everything the coordinator receives.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from flwr.client.mod.utils import make_ffn
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from medfed.client.app import TRAIN_MODS
+from medfed.client.app import EVALUATE_MODS, QUERY_MODS, TRAIN_MODS
 from medfed.client.privacy import secagg_mod
+from medfed.client.privacy.disclosure import SiteCounts, remember
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey
+from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey, Statistic
 
 RUN_ID = 7
 # What the grid calls each kind of message when deciding whether a hospital answers it.
@@ -65,7 +66,9 @@ class InProcessGrid:
     whose heartbeats stopped (its own id as sender); `hostile[node]`:
     replaces that node's training reply; `corrupt[(stage, node)]`: rewrites
     the honest reply of that stage (a broken or malicious hospital);
-    `tamper`: (receiver, sender) share ciphertexts to corrupt in transit.
+    `tamper`: (receiver, sender) share ciphertexts to corrupt in transit;
+    `site_counts[node]`: the exact counts its handlers state to the count floor
+    (default: 10 training and 10 validation images).
     """
 
     def __init__(
@@ -99,7 +102,10 @@ class InProcessGrid:
         self.pushed: list[Message] = []  # every message the coordinator sent
         self.outbox: list[Message] = []
         self.secrets: dict[int, list[bytes]] = {node: [] for node in updates}
+        self.site_counts = {node: SiteCounts(10, 10) for node in updates}
         self.train = make_ffn(self._scripted_training, TRAIN_MODS)
+        self.evaluate = make_ffn(self._scripted_evaluation, EVALUATE_MODS)
+        self.query = make_ffn(self._scripted_summary, QUERY_MODS)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.updates)
@@ -170,8 +176,9 @@ class InProcessGrid:
                 state = context.state.config_records[secagg_mod.STATE_KEY]
                 self.secrets[node].append(state["seed"])
             return reply
-        evaluation = {**self.evaluation(message, node), Metric.NUM_EXAMPLES: 10, Metric.WEIGHT: 10}
-        return self._metrics_reply(message, node, evaluation)
+        if stage == "evaluate":
+            return self.evaluate(message, context)
+        return self.query(message, context)
 
     def _upload(self, message: Message, node: int, context: Context) -> Message:
         inbox = message.content.config_records.get(Record.SECAGG)
@@ -194,13 +201,36 @@ class InProcessGrid:
         node = context.node_id
         start = message.content[Record.ARRAYS]
         trained = {k: start[k].numpy() + self.updates[node][k] for k in self.updates[node]}
+        remember(context, self.site_counts[node])
         return self.training_reply(message, node, trained)
+
+    def _scripted_evaluation(self, message: Message, context: Context) -> Message:
+        """The evaluate handler's contract: its metrics, its val count as count and weight."""
+        node = context.node_id
+        val = self.site_counts[node].val
+        remember(context, self.site_counts[node])
+        evaluation = {**self.evaluation(message, node), Metric.NUM_EXAMPLES: val}
+        evaluation[Metric.WEIGHT] = val
+        return self._metrics_reply(message, node, evaluation)
+
+    def _scripted_summary(self, message: Message, context: Context) -> Message:
+        """The query handler's contract: the site's exact counts (the mods hide them)."""
+        node = context.node_id
+        counts = self.site_counts[node]
+        remember(context, counts)
+        summary = {
+            Statistic.NUM_TRAIN: counts.train,
+            Statistic.NUM_VAL: counts.val,
+            Statistic.LABEL_HISTOGRAM: list(counts.histogram),
+            Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+        }
+        return self._metrics_reply(message, node, summary)
 
     def training_reply(self, message: Message, node: int, arrays: dict[str, np.ndarray]) -> Message:
         """What a hospital's train handler returns: `arrays` and its training metrics."""
         metrics = {
             Metric.TRAIN_LOSS: 1.0,
-            Metric.NUM_EXAMPLES: 10,
+            Metric.NUM_EXAMPLES: self.site_counts[node].train,
             Metric.WEIGHT: self.weights[node],
             Metric.SKIPPED_FILES: 0,
             Metric.IMAGES_PER_SECOND: 50.0,

@@ -24,7 +24,9 @@ from tests.client.test_privacy_mods import RUN_ID, incoming
 
 
 def _node(site, bundle_root) -> Context:
-    cfg = RunConfig.from_mapping({"task": "bundle", "bundle": str(bundle_root), "local-epochs": 1})
+    cfg = RunConfig.from_mapping(
+        {"task": "bundle", "bundle": str(bundle_root), "local-epochs": 1, "stats-min-count": 1}
+    )
     node_config = {NodeConfig.DATA_PATH: str(site), NodeConfig.MIN_COUNT: 1}
     return Context(RUN_ID, 5, node_config, RecordDict(), cfg.to_mapping())
 
