@@ -62,6 +62,8 @@ class Metric:
     BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON)
     # Counts a site reveals only at or above its floor (else SUPPRESSED).
     COUNTS = (NUM_EXAMPLES, SKIPPED_FILES, GENERATED_IMAGES)
+    # Everything a site may send as SUPPRESSED: its counts and the throughput that gives one away.
+    HIDEABLE = (*COUNTS, IMAGES_PER_SECOND)
 
 
 class Config:
@@ -100,7 +102,8 @@ class Statistic:
     MIN_COUNT = "min-count"
 
 
-# A count below the site's minimum, replaced at the site before it is sent.
+# A count the site hides (below its floor, or one a hidden count would follow from),
+# replaced at the site before it is sent. A marker, never a value to compute with.
 SUPPRESSED = -1
 
 
