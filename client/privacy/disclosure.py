@@ -17,11 +17,14 @@ reply kind (query, train, evaluate) is written from it (`filters`):
   floor. Otherwise every image count is hidden — train, val, every histogram
   cell, generated images, images per second — and so is the intensity
   histogram; a count weight becomes the floor, a public constant.
-- with the split shown, a histogram cell below the floor is hidden; where
-  the cells add up to the images, with complementary suppression
-  (`hide_small`); where they count images in which a class appears
-  (segmentation), also a cell whose complement (images without that class)
-  is a small non-zero count.
+- with the split shown, where the histogram's cells add up to the images
+  (classes, value bins), one cell below the floor hides them all. Hiding
+  only enough others to cover the subtraction (complementary suppression,
+  what medfed did before) is not enough against a coordinator that knows the
+  rule: [6, 6, 2] under a floor of 3 showed [hidden, 6, hidden], and no other
+  histogram of 14 images shows that, so the 2 followed. Where the cells
+  count images in which a class appears (segmentation), a cell is hidden
+  when it, or its complement (images without that class), is below the floor.
 - skipped files and generated images are hidden when below the floor
   (`small`); skipped files are a count of their own, linked to none of these.
 
@@ -72,40 +75,19 @@ def decide(counts: SiteCounts, floor: int) -> Disclosure:
     if min(counts.train, counts.val) < floor:
         return Disclosure.hiding_everything(floor, len(counts.histogram))
     images = counts.train + counts.val
+    cells = counts.histogram
     if counts.presence:
-        histogram = [
-            SUPPRESSED if c < floor or small(images - c, floor) else c for c in counts.histogram
-        ]
+        histogram = tuple(SUPPRESSED if c < floor or small(images - c, floor) else c for c in cells)
+    elif any(c < floor for c in cells):
+        histogram = (SUPPRESSED,) * len(cells)
     else:
-        histogram = hide_small(list(counts.histogram), floor)
-    return Disclosure(floor, True, counts.train, counts.val, tuple(histogram))
+        histogram = cells
+    return Disclosure(floor, True, counts.train, counts.val, histogram)
 
 
 def small(count: int, floor: int) -> bool:
     """A non-zero count below the floor (none of something singles out nobody)."""
     return 0 < count < floor
-
-
-def hide_small(counts: list[int], min_count: int) -> list[int]:
-    """`counts` with every count below `min_count` SUPPRESSED, and, when any is, enough of
-    the others too that no hidden count follows from their known total (complementary
-    suppression).
-
-    Counts that add up to a known total (a classification histogram = the images)
-    would give one hidden cell away by subtraction. So at least two cells are
-    hidden, holding at least `min_count` between them: the smallest shown ones
-    are added until that holds.
-    """
-    shown = [c if c >= min_count else SUPPRESSED for c in counts]
-    hidden = [i for i, c in enumerate(shown) if c == SUPPRESSED]
-    if not hidden:
-        return shown
-    remaining = sorted((c, i) for i, c in enumerate(shown) if c != SUPPRESSED)
-    while remaining and (len(hidden) < 2 or sum(counts[i] for i in hidden) < min_count):
-        _, index = remaining.pop(0)
-        shown[index] = SUPPRESSED
-        hidden.append(index)
-    return shown
 
 
 def remember(context: Context, counts: SiteCounts) -> None:
