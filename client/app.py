@@ -172,7 +172,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query(mods=QUERY_MODS)
 def query(msg: Message, context: Context) -> Message:
-    """This site's summary for the coordinator, small counts suppressed on the way out."""
+    """This site's summary for the coordinator, its counts as the site's decision shows them."""
     return _handlers(context).query(msg, context)
 
 

@@ -100,7 +100,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def query(msg: Message, context: Context) -> Message:
     """This site's split sizes (the bundle's own transforms read its images, so medfed
-    sends no label or intensity statistics); small counts are suppressed on the way out."""
+    sends no label or intensity statistics); the site's decision on its counts holds on the
+    way out."""
     _, site = open_site(context, None)
     summary = {Statistic.NUM_TRAIN: len(site.data.train), Statistic.NUM_VAL: len(site.data.val)}
     remember(context, site_counts(site))

@@ -6,7 +6,7 @@ opened (its scan read from the cache) per message. Only model arrays and
 scalar metrics leave the site; the reply also names the site (a label, not
 data) so the coordinator can report per hospital. Names of skipped files stay
 in this node's log. What happens to a reply on its way out (DP clipping,
-SecAgg+ masking, small-count suppression, the audit line) is done by the mods
+SecAgg+ masking, the site's decision on its counts, the audit line) is done by the mods
 in `client/privacy/`.
 """
 

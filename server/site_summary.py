@@ -23,7 +23,8 @@ SPARK = " ▁▂▃▄▅▆▇█"
 
 
 def request_summaries(exchange: Exchange, node_ids: list[int], min_count: int) -> RoundReplies:
-    """Ask every node for its site's summary, with counts below `min_count` suppressed."""
+    """Ask every node for its site's summary, asking it to hide counts below `min_count` (a
+    site's own floor may be higher)."""
     messages = [
         Message(
             RecordDict({Record.CONFIG: ConfigRecord({Config.STATS_MIN_COUNT: min_count})}),

@@ -2,7 +2,7 @@
 
 Both sides import their names from here and nowhere else: message kinds,
 record names, the metric and config keys inside them, the node-config keys a
-SuperNode is started with, the small-count suppression marker and the
+SuperNode is started with, the marker of a count a site hides and the
 SecAgg+ stages and keys, plus the few SecAgg+ rules both ends must compute
 alike. The layout follows Flower's `secaggplus_constants.py` (`Stage`, `Key`).
 """
