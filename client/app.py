@@ -92,13 +92,16 @@ def _fields(msg: Message, reply: Message, context: Context) -> dict[str, Any]:
 
 
 def outbound_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Audit the reply that actually leaves the site, and count its model bytes."""
+    """Audit the reply that actually leaves the site; count its model bytes and show its
+    counts, as sent, on the node's gauges."""
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     site = str(reply.content[Record.SITE][SiteKey.NAME])
     event = EVENTS[msg.metadata.message_type.split(".")[0]]
     audit(event, run=context.run_id, site=site, **_fields(msg, reply, context))
+    if msg.metadata.message_type == MessageType.TRAIN:
+        telemetry.record_sent_counts(site, reply.content[Record.METRICS])
     sent = sum(len(a.data) for r in reply.content.array_records.values() for a in r.values())
     if sent:
         telemetry.model_bytes_sent(site, sent)
@@ -163,6 +166,8 @@ TRAIN_MODS = [
     count_floor_mod,
     dp_clipping_mod,
 ]
+EVALUATE_MODS = [outbound_audit_mod, count_floor_mod]
+QUERY_MODS = [outbound_audit_mod, small_count_mod]
 
 
 @app.train(mods=TRAIN_MODS)
@@ -171,15 +176,15 @@ def train(msg: Message, context: Context) -> Message:
     return _handlers(context).train(msg, context)
 
 
-@app.evaluate(mods=[outbound_audit_mod, count_floor_mod])
+@app.evaluate(mods=EVALUATE_MODS)
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received global model on this site's held-out split."""
     return _handlers(context).evaluate(msg, context)
 
 
-@app.query(mods=[outbound_audit_mod, small_count_mod])
+@app.query(mods=QUERY_MODS)
 def query(msg: Message, context: Context) -> Message:
-    """This site's summary for the coordinator, small counts suppressed on the way out."""
+    """This site's summary for the coordinator, its counts as the site's decision shows them."""
     return _handlers(context).query(msg, context)
 
 

@@ -19,6 +19,7 @@ from medfed.client.bundle_engines import BundleSite, evaluate_round, train_round
 from medfed.client.data.locate import resolve_site_path, site_name
 from medfed.client.handlers import TrainingClock, pick_device, site_reply
 from medfed.client.node_settings import NodeSettings
+from medfed.client.privacy.disclosure import SiteCounts, remember
 from medfed.client.round_request import MalformedRequest, request_config, round_settings
 from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.config import ConfigError, RunConfig
@@ -48,6 +49,11 @@ def open_site(context: Context, msg: Message | None) -> tuple[RunConfig, BundleS
     return cfg, site
 
 
+def site_counts(site: BundleSite) -> SiteCounts:
+    """The site's split sizes, for the filters' one decision on what replies show."""
+    return SiteCounts(train=len(site.data.train), val=len(site.data.val))
+
+
 def received(msg: Message) -> ArrayRecord:
     """The global weights the message carries."""
     arrays = msg.content.array_records.get(Record.ARRAYS)
@@ -64,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = train_round(site, received(msg), cfg.local_epochs, request.proximal_mu)
     examples = len(site.data.train)
     report = clock.stop(site.name, cfg, request.server_round, examples, trained.loss)
-    telemetry.record_training(report, skipped=0)
+    telemetry.record_training(report)
     weight = 1.0 if cfg.dp_mode != "off" else float(examples)
     metrics = {
         Metric.TRAIN_LOSS: trained.loss,
@@ -75,6 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         Metric.WEIGHT: weight,
         Metric.SKIPPED_FILES: 0,  # medfed skips none: the bundle's transforms read the files
     }
+    remember(context, site_counts(site))
     return site_reply(msg, site.name, metrics, trained.arrays)
 
 
@@ -87,12 +94,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics[Metric.WEIGHT] = len(site.data.val)
     metrics[Metric.SKIPPED_FILES] = 0
     telemetry.record_evaluation(site.name, cfg.task, metrics)
+    remember(context, site_counts(site))
     return site_reply(msg, site.name, metrics)
 
 
 def query(msg: Message, context: Context) -> Message:
     """This site's split sizes (the bundle's own transforms read its images, so medfed
-    sends no label or intensity statistics); small counts are suppressed on the way out."""
+    sends no label or intensity statistics); the site's decision on its counts holds on the
+    way out."""
     _, site = open_site(context, None)
     summary = {Statistic.NUM_TRAIN: len(site.data.train), Statistic.NUM_VAL: len(site.data.val)}
+    remember(context, site_counts(site))
     return site_reply(msg, site.name, summary)

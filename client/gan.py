@@ -17,6 +17,18 @@ from medfed.shared_models.config import RunConfig
 from medfed.shared_models.run_folder import RunFolderError, load_global_model, read_model_config
 
 
+def apportion(total: int, shares: list[int]) -> list[int]:
+    """`total` split in proportion to `shares` (evenly where all are 0), by largest
+    remainders, so the parts add up to exactly `total` (rounding each would not)."""
+    weights = shares if any(shares) else [1] * len(shares)
+    quotas = [total * w / sum(weights) for w in weights]
+    parts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (parts[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
 def load_generator(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
     """The global model of a finished `gan` run (model.json + global_model.pt)."""
     task = read_model_config(run_dir).task
@@ -29,7 +41,10 @@ def generated_items(site: SiteDataset, cfg: RunConfig, server_round: int) -> lis
     """round(ratio x train size) generated images, mostly of the site's scarce classes.
 
     Each class gets images in proportion to how far it falls short of the
-    site's most frequent class, so classes the site lacks get the most.
+    site's most frequent class, so classes the site lacks get the most (a
+    balanced site gets them evenly). Exactly round(ratio x train size): the
+    count the site reports is then a public function of its train count, and
+    hidden with it (client/privacy/disclosure), never a clue to its class balance.
     """
     gan_cfg, gan = load_generator(Path(cfg.gan_model).expanduser())
     if gan_cfg.classes != cfg.classes or gan_cfg.image_size != cfg.image_size:
@@ -42,11 +57,11 @@ def generated_items(site: SiteDataset, cfg: RunConfig, server_round: int) -> lis
     most = max(counts.values())
     shortfall = {c: most - counts.get(c, 0) for c in range(len(cfg.classes))}
     total = round(cfg.gan_augment_ratio * len(site.train))
-    if total == 0 or sum(shortfall.values()) == 0:
+    if total == 0:
         return []
     labels = []
-    for c, gap in shortfall.items():
-        labels += [c] * round(total * gap / sum(shortfall.values()))
+    for c, count in enumerate(apportion(total, list(shortfall.values()))):
+        labels += [c] * count
     seed = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server_round)
     with torch.no_grad():
         images = gan.generate(torch.tensor(labels), seed)

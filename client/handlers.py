@@ -6,7 +6,7 @@ opened (its scan read from the cache) per message. Only model arrays and
 scalar metrics leave the site; the reply also names the site (a label, not
 data) so the coordinator can report per hospital. Names of skipped files stay
 in this node's log. What happens to a reply on its way out (DP clipping,
-SecAgg+ masking, small-count suppression, the audit line) is done by the mods
+SecAgg+ masking, the site's decision on its counts, the audit line) is done by the mods
 in `client/privacy/`.
 """
 
@@ -33,9 +33,10 @@ from medfed.client.data.site import SiteDataset, load_site
 from medfed.client.data.site_summary import site_summary
 from medfed.client.gan import generated_items
 from medfed.client.node_settings import NodeSettings
+from medfed.client.privacy.disclosure import SiteCounts, remember
 from medfed.client.round_request import MalformedRequest, cross_site_model, round_settings
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Metric, Record, SiteKey
+from medfed.shared_models.protocol import Metric, Record, SiteKey, Statistic
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import load_record, to_record
 
@@ -90,6 +91,15 @@ class NodeSite:
                 self.name,
                 len(self.data.problems) - SHOWN_PROBLEMS,
             )
+
+    def counts(self, histogram: list[int] | None = None) -> SiteCounts:
+        """The site's exact counts, for the filters' one decision on what replies show."""
+        return SiteCounts(
+            train=len(self.data.train),
+            val=len(self.data.val),
+            histogram=tuple(histogram or ()),
+            presence=self.task.label_kind == "mask",
+        )
 
     def aggregation_weight(self) -> float:
         """The example count; 1 under differential privacy, whose noise assumes equal weights."""
@@ -203,7 +213,7 @@ def train(msg: Message, context: Context) -> Message:
     with batch_progress(site.name, server_round, len(loader) * site.cfg.local_epochs) as step:
         loss = site.task.train(net, loader, site.cfg, site.device, proximal_mu=mu, on_batch=step)
     report = clock.stop(site.name, site.cfg, server_round, len(site.data.train), loss)
-    telemetry.record_training(report, skipped=len(site.data.problems))
+    telemetry.record_training(report)
     metrics = {
         Metric.TRAIN_LOSS: loss,
         Metric.TRAIN_SECONDS: report.seconds,
@@ -216,6 +226,7 @@ def train(msg: Message, context: Context) -> Message:
     local = site.cfg.keeps_norms_local
     if local:
         local_layers.keep(net, context, site.cache)
+    remember(context, site.counts())
     return site.reply(msg, metrics, to_record(net.cpu(), local))
 
 
@@ -234,10 +245,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics[Metric.SKIPPED_FILES] = len(site.data.problems)
     if other_site is None:  # the site's gauges show the global model's metrics only
         telemetry.record_evaluation(site.name, site.cfg.task, metrics)
+    remember(context, site.counts())
     return site.reply(msg, metrics)
 
 
 def query(msg: Message, context: Context) -> Message:
-    """This site's summary; `small_count_mod` suppresses its small counts on the way out."""
+    """This site's summary; `small_count_mod` hides its counts on the way out as the site's
+    one decision says."""
     site = NodeSite(context)
-    return site.reply(msg, site_summary(site.data, site.cfg, cache_dir=site.cache))
+    summary = site_summary(site.data, site.cfg, cache_dir=site.cache)
+    remember(context, site.counts(summary[Statistic.LABEL_HISTOGRAM]))
+    return site.reply(msg, summary)

@@ -2,16 +2,21 @@
 
 Written from the ClientApp's short-lived processes through prometheus_client's
 multiprocess files, served by the node's exporter (`runtime.serve_metrics`);
-labels are the site and task only, never file or patient names.
+labels are the site and task only, never file or patient names. The
+consortium's Prometheus may scrape a node (deploy/prometheus), so the count
+gauges show a training reply's counts as they left the site: a count the site
+hides is NaN there too.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from medfed.shared_models.protocol import Metric
+from medfed.shared_models.protocol import SUPPRESSED, Metric
 
 TRAINING_DURATION = Histogram(
     "medfed_site_training_duration_seconds",
@@ -90,17 +95,26 @@ class TrainingReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def record_training(report: TrainingReport, skipped: int) -> None:
-    """A round of local training, and the files this site skips as unusable."""
+def record_training(report: TrainingReport) -> None:
+    """A round of local training (its counts: `record_sent_counts`)."""
     TRAINING_DURATION.labels(report.site, report.task).observe(report.seconds)
-    IMAGES_PER_SECOND.labels(report.site).set(report.images_per_second)
     TRAIN_LOSS.labels(report.site, report.task).set(report.loss)
-    EXAMPLES.labels(report.site).set(report.examples)
-    SKIPPED_FILES.labels(report.site).set(skipped)
     ROUNDS_TRAINED.labels(report.site).inc()
     LAST_ROUND.labels(report.site).set(report.server_round)
     DEVICE.labels(report.site, report.device).set(1)
     GPU_MEMORY_PEAK.labels(report.site).set(report.gpu_peak_bytes)
+
+
+def record_sent_counts(site: str, metrics: Mapping[str, object]) -> None:
+    """The examples, skipped files and throughput of a training reply as it was sent."""
+    for gauge, key in (
+        (EXAMPLES, Metric.NUM_EXAMPLES),
+        (SKIPPED_FILES, Metric.SKIPPED_FILES),
+        (IMAGES_PER_SECOND, Metric.IMAGES_PER_SECOND),
+    ):
+        value = metrics.get(key)
+        if isinstance(value, int | float):
+            gauge.labels(site).set(math.nan if value == SUPPRESSED else value)
 
 
 def model_bytes_sent(site: str, count: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from medfed.server.cross_site_report import cross_site_section
-from medfed.server.site_summary import shown_count
+from medfed.server.hidden_counts import HIDEABLE, is_hidden, shown_count
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import SUPPRESSED, Metric, Statistic
+from medfed.shared_models.protocol import Metric, Statistic
 from medfed.shared_models.run_folder import METRICS_JSON, PLOTS, PREDICTIONS_PNG, REPORT_MD
 from medfed.shared_models.tasks import TASKS
-
-# Metrics a site suppresses under its floor (SUPPRESSED there is not a value).
-HIDEABLE = {*Metric.COUNTS, Metric.IMAGES_PER_SECOND}
 
 
 def write_report(run_dir: Path) -> Path:
@@ -88,14 +84,15 @@ def _sites_section(last: dict[str, Any]) -> list[str]:
         "",
         f"## Sites after round {last['round']}",
         "",
-        "Counts below a site's own floor are suppressed at the site: shown as *hidden*.",
+        "Counts a site hides (below its floor, or a count a hidden one would follow from) "
+        "never leave it: shown as *hidden*.",
         "",
         "| site | " + " | ".join(keys) + " |",
         "|---|" + "---:|" * len(keys),
     ]
     for site, metrics in last["sites"].items():
         cells = [
-            "*hidden*" if k in HIDEABLE and metrics.get(k) == SUPPRESSED else _fmt(metrics.get(k))
+            "*hidden*" if k in HIDEABLE and is_hidden(metrics.get(k)) else _fmt(metrics.get(k))
             for k in keys
         ]
         lines.append(f"| {site} | " + " | ".join(cells) + " |")
@@ -111,19 +108,20 @@ def _statistics_section(data: dict[str, Any], config: dict[str, Any]) -> list[st
         "",
         "## Sites before training",
         "",
-        "Counts below a site's minimum (its own floor, or `stats-min-count` if larger) are "
-        "suppressed at the site and never sent: shown as <N.",
+        "Each site hides the counts below its minimum (its own floor, or `stats-min-count` "
+        "if larger) and the counts they would follow from; they never leave it: shown as "
+        "hidden.",
         "",
-        "| " + " | ".join(["site", "train", "val", *classes, "intensity p1", "p99"]) + " |",
-        "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|",
+        "| " + " | ".join(["site", "min", "train", "val", *classes, "intensity p1", "p99"]) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(classes) + "---:|---:|",
     ]
     for site, s in sorted(stats.items()):
-        count = partial(shown_count, minimum=s.get(Statistic.MIN_COUNT, config["stats-min-count"]))
         cells = [
             site,
-            count(s[Statistic.NUM_TRAIN]),
-            count(s[Statistic.NUM_VAL]),
-            *(count(v) for v in s.get(Statistic.LABEL_HISTOGRAM, [])),
+            str(s.get(Statistic.MIN_COUNT, "-")),
+            shown_count(s[Statistic.NUM_TRAIN]),
+            shown_count(s[Statistic.NUM_VAL]),
+            *(shown_count(v) for v in s.get(Statistic.LABEL_HISTOGRAM, [])),
             _percentile(s, Statistic.INTENSITY_P1),
             _percentile(s, Statistic.INTENSITY_P99),
         ]

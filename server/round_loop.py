@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from medfed.server import strategy_state
 from medfed.server.cross_site import CrossSiteEvaluation
 from medfed.server.exchange import Exchange, QuorumError, RoundReplies, SiteNames
+from medfed.server.hidden_counts import TRAIN_EXAMPLES, recorded
 from medfed.server.resume import ResumeError, ResumePoint
 from medfed.server.run_record import RoundSummary, RunOutputs
 from medfed.server.secure_aggregation import SecureAggregation
@@ -205,7 +206,7 @@ class RoundLoop:
         for site, reason in sorted(replies.failed.items()):
             self.outputs.progress(f"  {site}: no statistics ({reason})")
         summaries = {
-            self.names(reply.metadata.src_node_id): dict(reply.content[Record.METRICS])
+            self.names(reply.metadata.src_node_id): recorded(reply.content[Record.METRICS])
             for reply in replies.ok
         }
         self.outputs.site_summaries(summaries)
@@ -242,15 +243,15 @@ class RoundLoop:
         """The round's global and per-site metrics, who replied, who failed and why."""
         evaluated, trained = outcome.evaluated, outcome.trained
         validation = {
-            self.names(r.metadata.src_node_id): dict(r.content[Record.METRICS])
+            self.names(r.metadata.src_node_id): recorded(r.content[Record.METRICS])
             for r in evaluated.ok
         }
         sites: dict[str, dict[str, Any]] = {site: dict(m) for site, m in validation.items()}
         for reply in trained.ok if trained else []:
-            metrics = reply.content[Record.METRICS]
+            metrics = dict(reply.content[Record.METRICS])
             entry = sites.setdefault(self.names(reply.metadata.src_node_id), {})
-            entry.update({k: v for k, v in metrics.items() if k != Metric.NUM_EXAMPLES})
-            entry["train-examples"] = metrics[Metric.NUM_EXAMPLES]
+            metrics[TRAIN_EXAMPLES] = metrics.pop(Metric.NUM_EXAMPLES)
+            entry.update(recorded(metrics))
         aggregated = self.strategy.flower.aggregate_evaluate(outcome.server_round, evaluated.ok)
         global_metrics = dict(aggregated) if aggregated is not None else {}
         if outcome.train_metrics is not None:

@@ -92,7 +92,7 @@ class RunRecord:
         self.flush()
 
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
-        """The sites' summaries, as they sent them (small counts suppressed)."""
+        """The sites' summaries, as they sent them (hidden counts recorded as "hidden")."""
         self.data["site-statistics"] = stats
         self.flush()
 
@@ -281,7 +281,7 @@ class RunOutputs:
         """The sites' summaries before training: to metrics.json and the progress log."""
         self.record.set_statistics(summaries)
         columns = TASKS[self.cfg.task].label_bins(self.cfg)
-        for line in format_summaries(summaries, columns, self.cfg.stats_min_count):
+        for line in format_summaries(summaries, columns):
             self.progress(line)
 
     def failures(self, failed: dict[str, str]) -> None:

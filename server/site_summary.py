@@ -1,27 +1,30 @@
 """Federated statistics, the coordinator's half: every site's summary side by side before round 0.
 
-The coordinator only receives what each site chose to send: counts below the
-site's minimum (the larger of its own floor and `stats-min-count`) arrive as
-SUPPRESSED and are shown as "<N" with the site's N; no image or file
-name leaves a hospital. The hospital's half is `client/data/site_summary.py`
-(what is counted) and `client/privacy/filters.py` (what is suppressed).
+The coordinator only receives what each site chose to send: a count the site
+hides (below its minimum, the larger of its own floor and `stats-min-count`,
+or one a hidden count would follow from) arrives as SUPPRESSED, is recorded
+and shown as "hidden" (`hidden_counts`), and each site's minimum is shown
+beside its counts; no image or file name leaves a hospital. The hospital's
+half is `client/data/site_summary.py` (what is counted) and
+`client/privacy/disclosure.py` (what is hidden).
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from medfed.server.exchange import Exchange, RoundReplies
-from medfed.shared_models.protocol import SUPPRESSED, Config, Record, Statistic
+from medfed.server.hidden_counts import HIDDEN, is_hidden, shown_count
+from medfed.shared_models.protocol import Config, Record, Statistic
 
 SPARK = " ▁▂▃▄▅▆▇█"
 
 
 def request_summaries(exchange: Exchange, node_ids: list[int], min_count: int) -> RoundReplies:
-    """Ask every node for its site's summary, with counts below `min_count` suppressed."""
+    """Ask every node for its site's summary, asking it to hide counts below `min_count` (a
+    site's own floor may be higher)."""
     messages = [
         Message(
             RecordDict({Record.CONFIG: ConfigRecord({Config.STATS_MIN_COUNT: min_count})}),
@@ -33,39 +36,38 @@ def request_summaries(exchange: Exchange, node_ids: list[int], min_count: int) -
     return exchange.collect(messages, weighted=False)
 
 
-def shown_count(value: Any, minimum: int) -> str:
-    """A count as the coordinator may show it: "<N" where the site suppressed it."""
-    return f"<{int(minimum)}" if value == SUPPRESSED else str(value)
+def intensity_shape(histogram: list[Any]) -> str:
+    """An intensity histogram as a sparkline; "hidden" where the site hid it, "-" if none."""
+    if not histogram:
+        return "-"
+    if any(is_hidden(v) for v in histogram):
+        return HIDDEN
+    top = max(histogram) or 1.0
+    return "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in histogram)
 
 
-def format_summaries(
-    summaries: dict[str, dict[str, Any]], classes: list[str], min_count: int
-) -> list[str]:
-    """A fixed-width table: counts, label histogram, intensity percentiles and shape."""
-
+def format_summaries(summaries: dict[str, dict[str, Any]], classes: list[str]) -> list[str]:
+    """A fixed-width table: each site's minimum, counts, label histogram, intensity
+    percentiles and the histogram's shape."""
     header = (
-        f"{'site':<12} {'train':>6} {'val':>5} "
+        f"{'site':<12} {'min':>5} {'train':>6} {'val':>6} "
         + " ".join(f"{c[:10]:>10}" for c in classes)
         + f" {'p1':>8} {'p99':>8}  intensity histogram"
     )
-    lines = ["site statistics (counts below the minimum are suppressed at the site):", header]
+    lines = [
+        "site statistics (each site hides the counts below its minimum, and the counts "
+        "they would follow from):",
+        header,
+    ]
     for site, s in sorted(summaries.items()):
-        count = partial(shown_count, minimum=s.get(Statistic.MIN_COUNT, min_count))
-        histogram = s.get(Statistic.INTENSITY_HISTOGRAM, [])
-        if not histogram:
-            shape = "-"
-        elif histogram[0] >= 0:
-            top = max(histogram) or 1.0
-            shape = "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in histogram)
-        else:
-            shape = "(suppressed)"
         p1, p99 = (
             f"{s[key]:>8.4g}" if key in s else f"{'-':>8}"  # a bundle run's sites send none
             for key in (Statistic.INTENSITY_P1, Statistic.INTENSITY_P99)
         )
         lines.append(
-            f"{site:<12} {count(s[Statistic.NUM_TRAIN]):>6} {count(s[Statistic.NUM_VAL]):>5} "
-            + " ".join(f"{count(v):>10}" for v in s.get(Statistic.LABEL_HISTOGRAM, []))
-            + f" {p1} {p99}  {shape}"
+            f"{site:<12} {s.get(Statistic.MIN_COUNT, '-'):>5} "
+            f"{shown_count(s[Statistic.NUM_TRAIN]):>6} {shown_count(s[Statistic.NUM_VAL]):>6} "
+            + " ".join(f"{shown_count(v):>10}" for v in s.get(Statistic.LABEL_HISTOGRAM, []))
+            + f" {p1} {p99}  {intensity_shape(s.get(Statistic.INTENSITY_HISTOGRAM, []))}"
         )
     return lines

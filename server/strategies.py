@@ -46,6 +46,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from medfed.server.hidden_counts import mean_of_metrics
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.noise import GaussianNoise
 from medfed.shared_models.protocol import Metric
@@ -186,7 +187,8 @@ def sampled_per_round(cfg: RunConfig, connected: int) -> int:
 
 
 def base_strategy(cfg: RunConfig) -> FedAvg:
-    """The configured Flower strategy, weighting replies by medfed's weight metric."""
+    """The configured Flower strategy, weighting replies by medfed's weight metric and
+    averaging their metrics without the counts (`hidden_counts.mean_of_metrics`)."""
     options = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 1.0,
@@ -194,6 +196,9 @@ def base_strategy(cfg: RunConfig) -> FedAvg:
         "min_evaluate_nodes": cfg.min_nodes,
         "min_available_nodes": cfg.min_nodes,
         "weighted_by_key": Metric.WEIGHT,
+        # Flower's weighted mean would average a hiding site's -1 marker into the counts
+        "train_metrics_aggr_fn": mean_of_metrics,
+        "evaluate_metrics_aggr_fn": mean_of_metrics,
     }
     if cfg.strategy == "fedprox":
         options["proximal_mu"] = cfg.proximal_mu

@@ -17,6 +17,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from medfed.shared_models.protocol import Metric
 
 ROUND_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Reply metrics that are no quality of the model (counts, a site may hide, among them).
+NOT_QUALITY = frozenset({*Metric.BOOKKEEPING, *Metric.HIDEABLE})
 
 CURRENT_ROUND = Gauge(
     "medfed_current_round",
@@ -149,11 +151,11 @@ class RoundTelemetry:
         for name, value in global_metrics.items():
             if name == Metric.TRAIN_LOSS:
                 GLOBAL_TRAIN_LOSS.labels(self.run, self.task).set(value)
-            elif name not in Metric.BOOKKEEPING:
+            elif name not in NOT_QUALITY:
                 GLOBAL_VALIDATION.labels(self.run, self.task, name).set(value)
         for site, metrics in site_validation.items():
             for name, value in metrics.items():
-                if name not in Metric.BOOKKEEPING:
+                if name not in NOT_QUALITY:
                     SITE_VALIDATION.labels(self.run, self.task, site, name).set(value)
 
     def cross_site(self, metric: str, values: dict[str, dict[str, float | None]]) -> None:

@@ -146,7 +146,7 @@ class RunConfig:
     node_wait_seconds: float = 120.0
     round_timeout_seconds: float = 600.0
     val_fraction: float = 0.2
-    federated_stats: bool = True  # ask every site for its (suppressed) summary first
+    federated_stats: bool = True  # ask every site for its summary (small counts hidden) first
     stats_min_count: int = 10
     seed: int = 0
     modality: str = "auto"  # auto: from dataset.json, else the task's usual modality

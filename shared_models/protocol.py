@@ -2,7 +2,7 @@
 
 Both sides import their names from here and nowhere else: message kinds,
 record names, the metric and config keys inside them, the node-config keys a
-SuperNode is started with, the small-count suppression marker and the
+SuperNode is started with, the marker of a count a site hides and the
 SecAgg+ stages and keys, plus the few SecAgg+ rules both ends must compute
 alike. The layout follows Flower's `secaggplus_constants.py` (`Stage`, `Key`).
 """
@@ -66,6 +66,8 @@ class Metric:
     BOOKKEEPING = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, DP_EPSILON, DP_EPSILON_OWN)
     # Counts a site reveals only at or above its floor (else SUPPRESSED).
     COUNTS = (NUM_EXAMPLES, SKIPPED_FILES, GENERATED_IMAGES)
+    # Everything a site may send as SUPPRESSED: its counts and the throughput that gives one away.
+    HIDEABLE = (*COUNTS, IMAGES_PER_SECOND)
 
 
 class Config:
@@ -104,7 +106,8 @@ class Statistic:
     MIN_COUNT = "min-count"
 
 
-# A count below the site's minimum, replaced at the site before it is sent.
+# A count the site hides (below its floor, or one a hidden count would follow from),
+# replaced at the site before it is sent. A marker, never a value to compute with.
 SUPPRESSED = -1
 
 

@@ -2,9 +2,9 @@
 
 It lets the tests drive the coordinator's actual round loop and SecAgg+
 workflow against the hospitals' actual protocol code (the SecAgg+ steps and
-the ClientApp's own chain of train mods: audit, masking, DP clipping) with
-chosen updates, chosen dropouts, hostile replies and a record of everything
-the coordinator receives.
+the ClientApp's own chains of mods: audit, masking, the count floor, DP
+clipping) with chosen updates, chosen site sizes, chosen dropouts, hostile
+replies and a record of everything the coordinator receives.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from medfed.client.app import TRAIN_MODS
+from medfed.client.app import EVALUATE_MODS, QUERY_MODS, TRAIN_MODS
 from medfed.client.privacy import secagg_mod
+from medfed.client.privacy.disclosure import SiteCounts, remember
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey
+from medfed.shared_models.protocol import Config, Metric, NodeConfig, Record, SiteKey, Statistic
 
 RUN_ID = 7
 # What the grid calls each kind of message when deciding whether a hospital answers it.
@@ -68,7 +69,9 @@ class InProcessGrid:
     the honest reply of that stage (a broken or malicious hospital);
     `alter[(stage, node)]`: rewrites the request of that stage before the node
     handles it (a deviating coordinator, message by message);
-    `tamper`: (receiver, sender) share ciphertexts to corrupt in transit.
+    `tamper`: (receiver, sender) share ciphertexts to corrupt in transit;
+    `site_counts[node]`: the exact counts its handlers state to the count floor
+    (default: 10 training and 10 validation images).
     """
 
     def __init__(
@@ -103,7 +106,10 @@ class InProcessGrid:
         self.pushed: list[Message] = []  # every message the coordinator sent
         self.outbox: list[Message] = []
         self.secrets: dict[int, list[bytes]] = {node: [] for node in updates}
+        self.site_counts = {node: SiteCounts(10, 10) for node in updates}
         self.train = make_ffn(self._scripted_training, TRAIN_MODS)
+        self.evaluate = make_ffn(self._scripted_evaluation, EVALUATE_MODS)
+        self.query = make_ffn(self._scripted_summary, QUERY_MODS)
 
     def use_config(self, run_config: RunConfig) -> None:
         """Make `run_config` the run's config at every node (the coordinator's own)."""
@@ -183,8 +189,9 @@ class InProcessGrid:
                 state = context.state.config_records[secagg_mod.STATE_KEY]
                 self.secrets[node].append(state["seed"])
             return reply
-        evaluation = {**self.evaluation(message, node), Metric.NUM_EXAMPLES: 10, Metric.WEIGHT: 10}
-        return self._metrics_reply(message, node, evaluation)
+        if stage == "evaluate":
+            return self.evaluate(message, context)
+        return self.query(message, context)
 
     def _upload(self, message: Message, node: int, context: Context) -> Message:
         inbox = message.content.config_records.get(Record.SECAGG)
@@ -207,13 +214,36 @@ class InProcessGrid:
         node = context.node_id
         start = message.content[Record.ARRAYS]
         trained = {k: start[k].numpy() + self.updates[node][k] for k in self.updates[node]}
+        remember(context, self.site_counts[node])
         return self.training_reply(message, node, trained)
+
+    def _scripted_evaluation(self, message: Message, context: Context) -> Message:
+        """The evaluate handler's contract: its metrics, its val count as count and weight."""
+        node = context.node_id
+        val = self.site_counts[node].val
+        remember(context, self.site_counts[node])
+        evaluation = {**self.evaluation(message, node), Metric.NUM_EXAMPLES: val}
+        evaluation[Metric.WEIGHT] = val
+        return self._metrics_reply(message, node, evaluation)
+
+    def _scripted_summary(self, message: Message, context: Context) -> Message:
+        """The query handler's contract: the site's exact counts (the mods hide them)."""
+        node = context.node_id
+        counts = self.site_counts[node]
+        remember(context, counts)
+        summary = {
+            Statistic.NUM_TRAIN: counts.train,
+            Statistic.NUM_VAL: counts.val,
+            Statistic.LABEL_HISTOGRAM: list(counts.histogram),
+            Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+        }
+        return self._metrics_reply(message, node, summary)
 
     def training_reply(self, message: Message, node: int, arrays: dict[str, np.ndarray]) -> Message:
         """What a hospital's train handler returns: `arrays` and its training metrics."""
         metrics = {
             Metric.TRAIN_LOSS: 1.0,
-            Metric.NUM_EXAMPLES: 10,
+            Metric.NUM_EXAMPLES: self.site_counts[node].train,
             Metric.WEIGHT: self.weights[node],
             Metric.SKIPPED_FILES: 0,
             Metric.IMAGES_PER_SECOND: 50.0,

@@ -1,8 +1,9 @@
 """Federated statistics, the hospital's half: what one site counts about its data.
 
 The counts here are exact; they never leave the site as they are: the query
-handler's `small_count_mod` (client/privacy/filters.py) suppresses every
-count below the site's minimum on the reply's way out. The intensity
+handler's `small_count_mod` (client/privacy/filters.py) writes them, on the
+reply's way out, as the site's one decision on its counts shows them
+(client/privacy/disclosure.py). The intensity
 histogram is in pixel fractions over the preprocessed values, so every
 site's histogram is comparable.
 """

@@ -7,13 +7,15 @@ trains or counts stays plain and the policy is applied on the way out.
 - `dp_clipping_mod`: the update is clipped to the coordinator's norm with
   Flower's own fixed or adaptive clipping mod (a run with `dp.mode = "client"`).
   It sits inside `secagg_mod`: clipped, then masked.
-- `small_count_mod`: a site's summary never shows a count of images below
-  the site's own floor.
-- `count_floor_mod`: the counts in training and evaluation replies obey the
-  same floor.
+- `small_count_mod` (statistics) and `count_floor_mod` (training and
+  evaluation replies): every count a reply carries is written from the
+  site's one disclosure decision (`disclosure`), so no reply shows what
+  another hides.
 
 The floor is the node's (`--node-config min-count`, set by `medfed node
-start --min-count`): the coordinator may ask for more suppression, never less.
+start --min-count`), raised by the run's `stats-min-count`: the coordinator
+may ask for more suppression, never less, and the same floor holds for every
+reply kind.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.client.node_settings import NodeSettings
+from medfed.client.privacy.disclosure import Disclosure, SiteCounts, decide, recall, small
 from medfed.client.round_request import integer, request_config
 from medfed.shared_models.config import INT_RANGES, RunConfig
 from medfed.shared_models.protocol import (
@@ -38,8 +41,10 @@ MAX_STATS_MIN_COUNT = INT_RANGES["stats_min_count"][1]
 
 
 def site_floor(context: Context) -> int:
-    """The smallest count of images this node ever reveals (node config `min-count`)."""
-    return NodeSettings.from_mapping(context.node_config).min_count
+    """The smallest count this node reveals in any reply of the run: its `min-count`, or
+    the run's `stats-min-count` where that is larger."""
+    node = NodeSettings.from_mapping(context.node_config).min_count
+    return max(node, RunConfig.from_mapping(context.run_config, validate=False).stats_min_count)
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -56,80 +61,76 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return flower_mod(msg, context, call_next)
 
 
-def suppress_small_counts(summary: MetricRecord, min_count: int) -> None:
-    """Replace, in place, every image count below `min_count` by SUPPRESSED, and say which
-    minimum was applied (the coordinator's "<N" is then true whatever the site's floor)."""
-    images = int(summary[Statistic.NUM_TRAIN]) + int(summary[Statistic.NUM_VAL])
-    summary[Statistic.MIN_COUNT] = min_count
-    split = [int(summary[Statistic.NUM_TRAIN]), int(summary[Statistic.NUM_VAL])]
-    train_val = hide_small(split, min_count)
-    summary[Statistic.NUM_TRAIN], summary[Statistic.NUM_VAL] = train_val
-    if Statistic.LABEL_HISTOGRAM in summary:  # a bundle run's sites send counts only
-        summary[Statistic.LABEL_HISTOGRAM] = hide_small(
-            [int(v) for v in summary[Statistic.LABEL_HISTOGRAM]], min_count
-        )
-    if images < min_count and Statistic.INTENSITY_HISTOGRAM in summary:
+def disclose_summary(summary: MetricRecord, counts: SiteCounts | None, floor: int) -> None:
+    """In place: the summary's counts as the site's decision shows them, the intensity
+    histogram hidden with the split, and the minimum that held (so "hidden" is read
+    against it). Without the handler's counts, every count is hidden."""
+    cells = len(summary.get(Statistic.LABEL_HISTOGRAM, []))
+    shown = decide(counts, floor) if counts is not None else None
+    if shown is None or len(shown.histogram) != cells:
+        shown = Disclosure.hiding_everything(floor, cells)
+    summary[Statistic.NUM_TRAIN], summary[Statistic.NUM_VAL] = shown.train, shown.val
+    if cells:  # a bundle run's sites send counts only
+        summary[Statistic.LABEL_HISTOGRAM] = list(shown.histogram)
+    if not shown.split_shown and Statistic.INTENSITY_HISTOGRAM in summary:
         bins = len(summary[Statistic.INTENSITY_HISTOGRAM])
         summary[Statistic.INTENSITY_HISTOGRAM] = [float(SUPPRESSED)] * bins
-
-
-def hide_small(counts: list[int], min_count: int) -> list[int]:
-    """`counts` with every count below `min_count` SUPPRESSED, and, when any is, enough of
-    the others too that no hidden count follows from a total (complementary suppression).
-
-    Counts that add up to a known total (train + val = images; a classification
-    histogram = images) would give one hidden cell away by subtraction. So at
-    least two cells are hidden, holding at least `min_count` between them: the
-    smallest shown ones are added until that holds.
-    """
-    shown = [c if c >= min_count else SUPPRESSED for c in counts]
-    hidden = [i for i, c in enumerate(shown) if c == SUPPRESSED]
-    if not hidden:
-        return shown
-    remaining = sorted((c, i) for i, c in enumerate(shown) if c != SUPPRESSED)
-    while remaining and (len(hidden) < 2 or sum(counts[i] for i in hidden) < min_count):
-        _, index = remaining.pop(0)
-        shown[index] = SUPPRESSED
-        hidden.append(index)
-    return shown
+    summary[Statistic.MIN_COUNT] = floor
 
 
 def small_count_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Suppress the small counts of the summary the query handler produced, below the
-    larger of the site's floor and the coordinator's request (read first: a malformed
-    request is refused before the site is summarised)."""
+    """The summary the query handler produced, its counts under the larger of the site's
+    floor and the coordinator's request (read first: a malformed request is refused
+    before the site is summarised)."""
     asked = integer(request_config(msg), Config.STATS_MIN_COUNT, 1, MAX_STATS_MIN_COUNT)
+    recall(context)  # counts stated for an earlier message are not this one's
     reply = call_next(msg, context)
+    counts = recall(context)
     if not reply.has_error():
-        suppress_small_counts(reply.content[Record.METRICS], max(site_floor(context), asked))
+        floor = max(site_floor(context), asked)
+        disclose_summary(reply.content[Record.METRICS], counts, floor)
     return reply
 
 
-def apply_count_floor(metrics: MetricRecord, floor: int, weight_is_count: bool) -> None:
-    """In place: counts below the floor become SUPPRESSED, a count weight below it the floor.
+def disclose_reply(
+    metrics: MetricRecord, shown: Disclosure, training: bool, weight_is_count: bool
+) -> None:
+    """In place: a training or evaluation reply's counts as the site's decision shows them.
 
-    The weight must stay positive to be averaged by, so it is raised instead;
-    with the example count suppressed, the training throughput (images per
-    second, with the seconds) would give it away, so it goes too.
+    The example count is the split's (train, or val for an evaluation). With it
+    hidden, so is what gives it away: the throughput (images per second x the
+    seconds), the generated images (a public ratio x train) and a count weight,
+    which becomes the floor (a public constant that keeps it positive; under DP
+    every training weight is 1, not a count). Skipped files and generated images
+    are also hidden below the floor on their own.
     """
-    for key in Metric.COUNTS:
+    example_count = shown.train if training else shown.val
+    metrics[Metric.NUM_EXAMPLES] = example_count
+    if not shown.split_shown:
+        if Metric.IMAGES_PER_SECOND in metrics:
+            metrics[Metric.IMAGES_PER_SECOND] = float(SUPPRESSED)
+        if Metric.GENERATED_IMAGES in metrics:
+            metrics[Metric.GENERATED_IMAGES] = SUPPRESSED
+        if weight_is_count and Metric.WEIGHT in metrics:
+            metrics[Metric.WEIGHT] = float(shown.floor)
+    for key in (Metric.SKIPPED_FILES, Metric.GENERATED_IMAGES):
         value = metrics.get(key)
-        if isinstance(value, int | float) and 0 < value < floor:
+        if isinstance(value, int | float) and small(int(value), shown.floor):
             metrics[key] = SUPPRESSED
-            if key == Metric.NUM_EXAMPLES and Metric.IMAGES_PER_SECOND in metrics:
-                metrics[Metric.IMAGES_PER_SECOND] = float(SUPPRESSED)
-    weight = metrics.get(Metric.WEIGHT)
-    if weight_is_count and isinstance(weight, int | float) and 0 < weight < floor:
-        metrics[Metric.WEIGHT] = float(floor)
 
 
 def count_floor_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """The site's floor on the counts in a training or evaluation reply."""
+    """The site's decision on the counts in a training or evaluation reply."""
+    recall(context)  # counts stated for an earlier message are not this one's
     reply = call_next(msg, context)
+    counts = recall(context)
     if reply.has_error() or Record.METRICS not in reply.content.metric_records:
         return reply
+    floor = site_floor(context)
+    shown = decide(counts, floor) if counts is not None else Disclosure.hiding_everything(floor)
+    training = msg.metadata.message_type == MessageType.TRAIN
     # a training weight under DP is 1 for everyone, not a count; an evaluation weight is
     dp = RunConfig.from_mapping(context.run_config, validate=False).dp_mode != "off"
-    weight_is_count = msg.metadata.message_type == MessageType.EVALUATE or not dp
-    apply_count_floor(reply.content[Record.METRICS], site_floor(context), weight_is_count)
+    metrics = reply.content[Record.METRICS]
+    disclose_reply(metrics, shown, training, weight_is_count=not training or not dp)
     return reply

@@ -6,7 +6,7 @@ Each size is a fresh `medfed simulate --task classification` (small CNN, one
 CPU per hospital, synthetic non-IID sites) in its own process tree. Seconds
 per round are the steady state, rounds 2..R (round 1 also starts the Ray
 workers); the work of a round is the images the hospitals trained on
-(examples x local epochs, from metrics.json), so "s per 1000 images" and its
+(examples x local epochs, counted in the synthetic sites), so "s per 1000 images" and its
 ratio to the smallest federation show whether time grows faster than the
 work. Memory is the peak PSS of the whole process tree (tests/bench/memory.py):
 SuperLink, SuperExec, ServerApp, Ray and its workers.
@@ -24,7 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from medfed.client.data.locate import site_folders
+from medfed.client.data.site import load_site
+from medfed.shared_models.config import RunConfig
 from tests.bench.memory import GIB, PeakTreeMemory
+
+
+def training_images(data: Path, config: dict) -> dict[str, int]:
+    """Each synthetic site's training images. The bench holds the sites (`out/data`), so it
+    counts them itself: metrics.json shows a count only where the site's floor allows."""
+    cfg = RunConfig.from_mapping(config)
+    return {folder.name: len(load_site(folder, cfg).train) for folder in site_folders(data)}
 
 
 def measure(sites: int, rounds: int, images_per_site: int, out: Path) -> dict:
@@ -47,7 +57,11 @@ def measure(sites: int, rounds: int, images_per_site: int, out: Path) -> dict:
         return {"sites": sites, "error": f"exit {code}; see {out.parent / out.name}.log"}
     steady = record["rounds"][2:] if rounds >= 2 else record["rounds"][1:]
     epochs = record["config"]["local-epochs"]
-    images = [sum(s.get("train-examples", 0) for s in r["sites"].values()) * epochs for r in steady]
+    train = training_images(out / "data", record["config"])
+    images = [
+        sum(train[site] for site, m in r["sites"].items() if "train-examples" in m) * epochs
+        for r in steady
+    ]
     seconds = [r["seconds"] for r in steady]
     return {
         "sites": sites,

@@ -24,7 +24,9 @@ from tests.client.test_privacy_mods import RUN_ID, incoming
 
 
 def _node(site, bundle_root) -> Context:
-    cfg = RunConfig.from_mapping({"task": "bundle", "bundle": str(bundle_root), "local-epochs": 1})
+    cfg = RunConfig.from_mapping(
+        {"task": "bundle", "bundle": str(bundle_root), "local-epochs": 1, "stats-min-count": 1}
+    )
     node_config = {NodeConfig.DATA_PATH: str(site), NodeConfig.MIN_COUNT: 1}
     return Context(RUN_ID, 5, node_config, RecordDict(), cfg.to_mapping())
 
@@ -73,7 +75,10 @@ def test_a_node_whose_bundle_configs_differ_refuses_to_run_them(seg_sites, tmp_p
         assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
         assert "bundle configs hash to" in reply.error.reason
         assert coordinators[:16] in reply.error.reason
-    reply, _ = _send("train", ctx, root, {})
+    reply, _ = _send("train", ctx, root, {})  # the run's own settings are checked first
+    assert reply.has_error() and reply.error.code == ErrorCode.ROUND_REFUSED
+    assert f"lacks '{Config.BUNDLE_SHA256}'" in reply.error.reason
+    reply, _ = _send("evaluate", ctx, root, {})
     assert reply.has_error() and reply.error.code == ErrorCode.MALFORMED_REQUEST
     assert f"'{Config.BUNDLE_SHA256}' = None" in reply.error.reason
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from medfed.client.data.site import load_site
-from medfed.client.gan import generated_items, load_generator, sample_images
+from medfed.client.gan import apportion, generated_items, load_generator, sample_images
 from medfed.server.run_record import RunRecord
 from medfed.shared_models.run_folder import RunFolderError
 from medfed.shared_models.tasks import TASKS
@@ -43,7 +43,7 @@ def test_augmentation_fills_the_sites_scarce_classes(gan_run, cls_sites):
     counts = Counter(int(e["label"]) for e in site.train)
     extra = generated_items(site, cfg, server_round=1)
     made = Counter(item["label"] for item in extra)
-    assert abs(len(extra) - len(site.train)) <= len(cfg.classes)  # ratio 1, up to rounding
+    assert len(extra) == len(site.train), "ratio 1: exactly, whatever the class balance"
     most = max(counts, key=counts.get)
     assert made.get(most, 0) == 0, "the site's most frequent class gets no generated images"
     scarcest = min(range(3), key=lambda c: counts.get(c, 0))
@@ -51,6 +51,17 @@ def test_augmentation_fills_the_sites_scarce_classes(gan_run, cls_sites):
     assert extra[0]["image"].shape == (1, 32, 32)
     again = generated_items(site, cfg, server_round=1)
     assert torch.equal(extra[0]["image"], again[0]["image"]), "seeded by (seed, round)"
+
+
+@pytest.mark.parametrize(
+    ("total", "shares", "parts"),
+    [(7, [0, 3, 3], [0, 4, 3]), (10, [0, 1, 2], [0, 3, 7]), (5, [0, 0, 0], [2, 2, 1])],
+)
+def test_generated_images_add_up_to_ratio_times_train(total, shares, parts):
+    """The count a site reports is round(ratio x train), a function of a count it shows or
+    hides; rounding each class's part would make it a clue to the class balance (and a
+    balanced site would report 0)."""
+    assert apportion(total, shares) == parts
 
 
 def test_sample_writes_pngs_of_the_asked_class_and_a_grid(gan_run, tmp_path):

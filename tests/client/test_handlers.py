@@ -1,7 +1,10 @@
-"""The hospital's evaluate handler on a real site: another hospital's model (cross-site
-evaluation) is audited by name and never shown as the global model's metrics."""
+"""The hospital's handlers on a real site: another hospital's model (cross-site
+evaluation) is audited by name and never shown as the global model's metrics; a count
+hidden in one reply kind is hidden in all of them."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -9,8 +12,17 @@ from flwr.app import Context, RecordDict
 from prometheus_client import REGISTRY
 
 from medfed.client.app import app
+from medfed.client.synthetic import generate_site
 from medfed.shared_models.audit import AUDIT_ENV, read_audit
-from medfed.shared_models.protocol import Config, NodeConfig, Record, SiteKey
+from medfed.shared_models.protocol import (
+    SUPPRESSED,
+    Config,
+    Metric,
+    NodeConfig,
+    Record,
+    SiteKey,
+    Statistic,
+)
 from medfed.shared_models.tasks import TASKS
 from tests.client.test_privacy_mods import RUN_ID, incoming
 from tests.conftest import tiny_config
@@ -55,3 +67,48 @@ def test_another_sites_model_is_audited_by_name_and_leaves_the_sites_gauge(
     evaluated = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "round-evaluated"]
     assert [e.get("model") for e in evaluated] == ["site-1", None]
     assert all(e["round"] == 2 and e["site"] == site for e in evaluated)
+
+
+def _reply(ctx: Context, kind: str, config: dict, arrays: dict | None = None) -> dict:
+    reply = app(incoming(kind, config, arrays), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return dict(reply.content[Record.METRICS])
+
+
+def test_a_count_hidden_in_one_reply_is_hidden_in_every_reply(tmp_path):
+    """Finding (b), the demo's site-2: 42 images split 34 / 8 under a floor of 10. The
+    statistics hid the 8, while every training reply sent 34 (and the weight 34), which
+    with the public split rule gives 42 - 34 = 8 back. The real handlers and mods now
+    hide the split everywhere, and the node's own gauges show what was sent."""
+    # 39 asked per site gives this site its 42 (the generator skews site sizes)
+    site = generate_site("classification", 0, tmp_path / "site", images_per_site=39, image_size=32)
+    cfg = tiny_config(task="classification", local_epochs=1)
+    torch.manual_seed(0)
+    model = {
+        k: v.numpy() for k, v in TASKS["classification"].build_network(cfg).state_dict().items()
+    }
+
+    def replies(floor: int) -> tuple[dict, dict, dict]:
+        node = {NodeConfig.DATA_PATH: str(site), NodeConfig.CACHE_DIR: str(tmp_path / "cache"),
+                NodeConfig.MIN_COUNT: floor}  # fmt: skip
+        ctx = Context(RUN_ID, 5, node, RecordDict(), {**cfg.to_mapping(), "stats-min-count": 1})
+        return (
+            _reply(ctx, "query", {Config.STATS_MIN_COUNT: 1}),
+            _reply(ctx, "train", {Config.SERVER_ROUND: 1}, model),
+            _reply(ctx, "evaluate", {Config.SERVER_ROUND: 1}, model),
+        )
+
+    summary, trained, evaluated = replies(floor=8)  # both splits clear 8: shown as they are
+    assert (summary[Statistic.NUM_TRAIN], summary[Statistic.NUM_VAL]) == (34, 8)
+    assert trained[Metric.NUM_EXAMPLES] == trained[Metric.WEIGHT] == 34
+    assert evaluated[Metric.NUM_EXAMPLES] == evaluated[Metric.WEIGHT] == 8
+
+    summary, trained, evaluated = replies(floor=10)
+    assert summary[Statistic.NUM_TRAIN] == summary[Statistic.NUM_VAL] == SUPPRESSED
+    assert set(summary[Statistic.LABEL_HISTOGRAM]) == {SUPPRESSED}, "its cells add up to 42"
+    assert set(summary[Statistic.INTENSITY_HISTOGRAM]) == {float(SUPPRESSED)}
+    assert trained[Metric.NUM_EXAMPLES] == trained[Metric.IMAGES_PER_SECOND] == SUPPRESSED
+    assert evaluated[Metric.NUM_EXAMPLES] == SUPPRESSED
+    assert trained[Metric.WEIGHT] == evaluated[Metric.WEIGHT] == 10.0, "the floor, not 34 or 8"
+    examples = REGISTRY.get_sample_value("medfed_site_training_examples", {"site": "site"})
+    assert math.isnan(examples), "the node's gauge shows what was sent"

@@ -1,5 +1,5 @@
-"""The mods around the hospital's handlers: DP clipping before masking, small counts
-suppressed on the way out, and an audit line of exactly what left the site."""
+"""The mods around the hospital's handlers: DP clipping before masking, the site's one
+decision on its counts applied on the way out, and an audit line of exactly what left."""
 
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from medfed.client.app import TRAIN_MODS
 from medfed.client.data.site import load_site
 from medfed.client.data.site_summary import HISTOGRAM_BINS, site_summary
-from medfed.client.privacy.filters import (
-    apply_count_floor,
-    dp_clipping_mod,
-    hide_small,
-    small_count_mod,
-)
+from medfed.client.privacy.disclosure import SiteCounts, decide, remember
+from medfed.client.privacy.filters import disclose_reply, dp_clipping_mod, small_count_mod
 from medfed.client.privacy.secagg_hospital import SecAggRefused
 from medfed.server.exchange import Exchange, SiteNames
 from medfed.server.secure_aggregation import SecureAggregation
@@ -159,42 +155,74 @@ def test_the_audit_line_is_what_left_the_site(tmp_path, monkeypatch):
     assert str(float(updates[11]["fc.weight"][0, 0]))[:8] not in text, "values never audited"
 
 
+def summary_handler(summary: dict, counts: SiteCounts):
+    """A query handler that states `counts` and replies `summary`, as `handlers.query` does."""
+
+    def handler(msg: Message, ctx: Context) -> Message:
+        remember(ctx, counts)
+        return Message(RecordDict({Record.METRICS: MetricRecord(dict(summary))}), reply_to=msg)
+
+    return handler
+
+
 def test_small_counts_never_leave_the_site(cls_sites):
-    cfg = tiny_config(task="classification")
+    # a split of 10 and 10; the run asks for no minimum of its own
+    cfg = tiny_config(task="classification", val_fraction=0.5, stats_min_count=1)
     site = load_site(cls_sites / "site-2", cfg)
     labels = [site.facts[e["where"]]["label"] for e in site.train + site.val]
     exact = site_summary(site, cfg)
     assert exact[Statistic.LABEL_HISTOGRAM] == [labels.count(i) for i in range(3)]
     assert exact[Statistic.NUM_TRAIN] == len(site.train)
     assert sum(exact[Statistic.INTENSITY_HISTOGRAM]) == pytest.approx(1.0, abs=1e-3)
-
-    def summary_handler(msg: Message, ctx: Context) -> Message:
-        return Message(RecordDict({Record.METRICS: MetricRecord(dict(exact))}), reply_to=msg)
-
-    chain = make_ffn(summary_handler, [small_count_mod])
+    counts = SiteCounts(len(site.train), len(site.val), tuple(exact[Statistic.LABEL_HISTOGRAM]))
+    chain = make_ffn(summary_handler(exact, counts), [small_count_mod])
 
     def sent(min_count: int, floor: int | None = 1) -> MetricRecord:
         msg = incoming("query", {Config.STATS_MIN_COUNT: min_count})
         return chain(msg, context(cfg, floor)).content[Record.METRICS]
 
-    threshold = sorted(labels.count(i) for i in range(3))[1]  # hides the rarest class
+    # a floor the split clears, under which the rarest class is hidden
+    threshold = sorted(labels.count(i) for i in range(3))[1]
+    assert threshold <= len(site.val), "the fixture's site must allow this case"
     guarded = sent(threshold)
-    histogram = list(
-        zip(guarded[Statistic.LABEL_HISTOGRAM], exact[Statistic.LABEL_HISTOGRAM], strict=True)
-    )
-    assert all(shown in (true, SUPPRESSED) for shown, true in histogram), "never a wrong count"
-    assert all(shown == SUPPRESSED for shown, true in histogram if true < threshold)
-    hidden = [true for shown, true in histogram if shown == SUPPRESSED]
-    # the histogram adds up to the images: one hidden class would follow by subtraction
-    assert len(hidden) >= 2 and sum(hidden) >= threshold
+    assert guarded[Statistic.NUM_TRAIN] == len(site.train)
+    # the classes add up to the images: with one hidden, all are
+    assert guarded[Statistic.LABEL_HISTOGRAM] == [SUPPRESSED] * 3
+    rarest = min(labels.count(i) for i in range(3))
+    assert sent(rarest)[Statistic.LABEL_HISTOGRAM] == exact[Statistic.LABEL_HISTOGRAM]
     tiny = sent(10_000)
     assert tiny[Statistic.NUM_TRAIN] == tiny[Statistic.NUM_VAL] == SUPPRESSED
+    assert tiny[Statistic.LABEL_HISTOGRAM] == [SUPPRESSED] * 3
     assert tiny[Statistic.INTENSITY_HISTOGRAM] == [float(SUPPRESSED)] * HISTOGRAM_BINS
     # the site's floor wins over a coordinator asking for exact counts
     floored = sent(1, floor=threshold)
     assert floored[Statistic.LABEL_HISTOGRAM] == guarded[Statistic.LABEL_HISTOGRAM]
     assert floored[Statistic.MIN_COUNT] == threshold, "the coordinator learns which minimum held"
-    assert sent(1, floor=None)[Statistic.NUM_VAL] == SUPPRESSED  # default floor 10, 8 images
+    assert sent(1, floor=None)[Statistic.MIN_COUNT] == 10  # a node started without a floor
+
+
+def test_without_the_handlers_counts_every_count_is_hidden():
+    """A handler that states no counts (a new route, a bug) fails closed: nothing is shown."""
+    summary = {
+        Statistic.NUM_TRAIN: 500,
+        Statistic.NUM_VAL: 120,
+        Statistic.LABEL_HISTOGRAM: [300, 320],
+        Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+    }
+
+    def stating_nothing(msg: Message, ctx: Context) -> Message:
+        return Message(RecordDict({Record.METRICS: MetricRecord(summary)}), reply_to=msg)
+
+    msg = incoming("query", {Config.STATS_MIN_COUNT: 1})
+    sent = make_ffn(stating_nothing, [small_count_mod])(msg, context(RunConfig(), 10))
+    sent = sent.content[Record.METRICS]
+    assert sent[Statistic.NUM_TRAIN] == sent[Statistic.NUM_VAL] == SUPPRESSED
+    assert sent[Statistic.LABEL_HISTOGRAM] == [SUPPRESSED, SUPPRESSED]
+    start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    trained = make_ffn(adding({k: np.ones(s, np.float32) for k, s in SHAPES.items()}), TRAIN_MODS)
+    reply = trained(incoming("train", {Config.SERVER_ROUND: 1}, start), context(RunConfig(), 10))
+    assert reply.content[Record.METRICS][Metric.NUM_EXAMPLES] == SUPPRESSED
+    assert reply.content[Record.METRICS][Metric.WEIGHT] == 10.0
 
 
 def test_a_secure_run_never_sends_an_update_in_the_clear():
@@ -222,14 +250,16 @@ def test_the_client_app_routes_through_its_mods(monkeypatch):
     }  # fmt: skip
 
     def exact_summary(msg: Message, ctx: Context) -> Message:
+        remember(ctx, SiteCounts(40, 3, (30, 2, 11)))
         content = {Record.METRICS: MetricRecord(counts), Record.SITE: SITE_A}
         return Message(RecordDict(content), reply_to=msg)
 
     monkeypatch.setattr(handlers, "query", exact_summary)
     reply = app(incoming("query", {Config.STATS_MIN_COUNT: 5}), context(RunConfig()))
     sent = reply.content[Record.METRICS]
-    assert sent[Statistic.NUM_VAL] == SUPPRESSED
-    assert sent[Statistic.LABEL_HISTOGRAM] == [30, SUPPRESSED, SUPPRESSED]  # 2, and 11 with it
+    # val 3 is below the floor: the train count would give it away (40 + 3 = 30 + 2 + 11)
+    assert sent[Statistic.NUM_VAL] == sent[Statistic.NUM_TRAIN] == SUPPRESSED
+    assert sent[Statistic.LABEL_HISTOGRAM] == [SUPPRESSED] * 3
 
     monkeypatch.setattr(
         handlers, "train", adding({k: np.ones(s, np.float32) for k, s in SHAPES.items()})
@@ -262,35 +292,79 @@ def test_a_failure_leaves_the_site_as_a_code_without_paths(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("counts", "shown"),
+    ("counts", "floor", "shown"),
     [
-        ([25, 24, 3], [25, SUPPRESSED, SUPPRESSED]),  # 3 alone would be 52 - 25 - 24
-        ([40, 3], [SUPPRESSED, SUPPRESSED]),  # train and val: the total gives val away
-        ([2, 3, 30, 40], [SUPPRESSED, SUPPRESSED, SUPPRESSED, 40]),  # 2 + 3 < 10: one more
-        ([12, 30, 40], [12, 30, 40]),
-        ([4], [SUPPRESSED]),
+        # the demo's site-2: val 8 hides the split, and with it the background cell (= 42)
+        (SiteCounts(34, 8, (42, 30, 25), presence=True), 10, (-1, -1, -1, -1, -1)),
+        (SiteCounts(40, 3, (30, 2, 11)), 10, (-1, -1, -1, -1, -1)),
+        # a class in 35 of 40 images: the 5 without it would follow from the total
+        (SiteCounts(30, 10, (40, 35, 20, 4), presence=True), 10, (30, 10, 40, -1, 20, -1)),
+        (SiteCounts(30, 10, (40, 40, 20), presence=True), 10, (30, 10, 40, 40, 20)),  # every one
+        # classes add up to the images: one hidden cell hides them all. Hiding only enough
+        # others let a coordinator who knows the rule pin it: [6, 6, 2] under 3 showed
+        # [hidden, 6, hidden], which no other histogram of 14 images shows
+        (SiteCounts(11, 3, (6, 6, 2)), 3, (11, 3, -1, -1, -1)),
+        (SiteCounts(28, 10, (20, 9, 9)), 10, (28, 10, -1, -1, -1)),  # 18 = 9 + 9, both under 10
+        (SiteCounts(30, 10, (12, 10, 18)), 10, (30, 10, 12, 10, 18)),
     ],
 )
-def test_no_hidden_count_follows_from_the_shown_ones(counts, shown):
-    assert hide_small(counts, 10) == shown
+def test_no_hidden_count_follows_from_the_shown_ones(counts, floor, shown):
+    decided = decide(counts, floor)
+    assert (decided.train, decided.val, *decided.histogram) == shown
+    assert decided.split_shown is (shown[0] != SUPPRESSED)
+
+
+def training_reply(**metrics: float) -> MetricRecord:
+    return MetricRecord(
+        {Metric.NUM_EXAMPLES: 8, Metric.WEIGHT: 8.0, Metric.SKIPPED_FILES: 3,
+         Metric.GENERATED_IMAGES: 0, Metric.IMAGES_PER_SECOND: 40.0, Metric.TRAIN_SECONDS: 2.0,
+         **metrics}
+    )  # fmt: skip
 
 
 def test_counts_below_the_sites_floor_never_leave_it():
-    metrics = MetricRecord(
-        {Metric.NUM_EXAMPLES: 8, Metric.WEIGHT: 8.0, Metric.SKIPPED_FILES: 3,
-         Metric.GENERATED_IMAGES: 0, Metric.IMAGES_PER_SECOND: 40.0, Metric.TRAIN_SECONDS: 2.0}
-    )  # fmt: skip
-    apply_count_floor(metrics, floor=10, weight_is_count=True)
+    metrics = training_reply()
+    disclose_reply(metrics, decide(SiteCounts(8, 2), 10), training=True, weight_is_count=True)
     assert metrics[Metric.NUM_EXAMPLES] == metrics[Metric.SKIPPED_FILES] == SUPPRESSED
     assert metrics[Metric.IMAGES_PER_SECOND] == SUPPRESSED, "rate x seconds = the count"
     assert metrics[Metric.WEIGHT] == 10.0, "a weight must stay positive: raised to the floor"
-    assert metrics[Metric.GENERATED_IMAGES] == 0
+    assert metrics[Metric.GENERATED_IMAGES] == SUPPRESSED, "ratio x train = the count"
+    assert metrics[Metric.TRAIN_SECONDS] == 2.0
     large = MetricRecord({Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 52.0, Metric.SKIPPED_FILES: 0})
-    apply_count_floor(large, floor=10, weight_is_count=True)
+    disclose_reply(large, decide(SiteCounts(52, 13), 10), training=True, weight_is_count=True)
     assert dict(large) == {Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 52.0, Metric.SKIPPED_FILES: 0}
-    dp = MetricRecord({Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 1.0})
-    apply_count_floor(dp, floor=10, weight_is_count=False)
+    evaluated = MetricRecord({Metric.NUM_EXAMPLES: 13, Metric.WEIGHT: 13.0, "loss": 0.5})
+    disclose_reply(evaluated, decide(SiteCounts(52, 13), 10), training=False, weight_is_count=True)
+    assert dict(evaluated) == {Metric.NUM_EXAMPLES: 13, Metric.WEIGHT: 13.0, "loss": 0.5}
+    dp = MetricRecord({Metric.NUM_EXAMPLES: 8, Metric.WEIGHT: 1.0})
+    disclose_reply(dp, decide(SiteCounts(8, 2), 10), training=True, weight_is_count=False)
     assert dp[Metric.WEIGHT] == 1.0, "an equal DP weight is not a count"
+
+
+def test_generated_images_are_hidden_with_the_train_count():
+    """Finding (a): floor 1000, 52 training images, `gan-augment-ratio` 100: the 5200
+    generated images would tell the 52."""
+
+    def gan_training(msg: Message, ctx: Context) -> Message:
+        remember(ctx, SiteCounts(52, 13))
+        counts = {Metric.NUM_EXAMPLES: 52, Metric.WEIGHT: 52.0, Metric.GENERATED_IMAGES: 5200}
+        content = {
+            Record.METRICS: training_reply(**counts, **{Metric.SKIPPED_FILES: 0}),
+            Record.ARRAYS: msg.content[Record.ARRAYS],
+            Record.SITE: SITE_A,
+        }
+        return Message(RecordDict(content), reply_to=msg)
+
+    gan = {"gan-model": "runs/gan", "gan-augment-ratio": 100.0}
+    cfg = RunConfig.from_mapping({"task": "classification", **gan})
+    start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    reply = make_ffn(gan_training, TRAIN_MODS)(
+        incoming("train", {Config.SERVER_ROUND: 1}, start), context(cfg, 1000)
+    )
+    sent = reply.content[Record.METRICS]
+    assert sent[Metric.GENERATED_IMAGES] == sent[Metric.NUM_EXAMPLES] == SUPPRESSED
+    assert sent[Metric.WEIGHT] == 1000.0 and sent[Metric.IMAGES_PER_SECOND] == SUPPRESSED
+    assert sent[Metric.SKIPPED_FILES] == 0
 
 
 def test_the_clientapp_and_its_secagg_steps_load_without_torch():

@@ -113,7 +113,9 @@ report = telemetry.TrainingReport(
     site="site-0", task="segmentation", server_round=round_, seconds=2.0, images=40,
     loss=0.5 / round_, examples=40, device="cpu", gpu_peak_bytes=0,
 )
-telemetry.record_training(report, skipped=1)
+telemetry.record_training(report)
+# the counts as sent: round 3's reply hid its example count
+telemetry.record_sent_counts("site-0", {"num-examples": 40 if round_ < 3 else -1})
 telemetry.model_bytes_sent("site-0", 1000)
 RoundTelemetry(7, "segmentation").round_finished(
     round_, 3.0, {"replied": 1}, {"dice": 0.1 * round_}, {})
@@ -139,6 +141,7 @@ def test_counters_survive_app_process_restarts(tmp_path):
     ]
     # gauges: one series, the value of the most recent process
     assert re.findall(r"^medfed_site_train_loss\{.*\} (\S+)$", text, re.M) == [str(0.5 / 3)]
+    assert re.findall(r"^medfed_site_training_examples\{.*\} (\S+)$", text, re.M) == ["NaN"]
     assert re.findall(r"^medfed_global_validation_metric\{.*\} (\S+)$", text, re.M) == [
         str(0.1 * 3)
     ]

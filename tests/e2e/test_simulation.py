@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
+from medfed.server.hidden_counts import HIDDEN
 from medfed.server.simulate import flwr_run, simulation_superlink
-from medfed.shared_models.protocol import SUPPRESSED
 from medfed.shared_models.run_folder import load_global_model
 from tests.conftest import BRAIN, relabelled_sites
 
@@ -114,18 +114,25 @@ def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_si
     assert last["replied"] == ["site-0", "site-1", "site-2"]
     # one skipped file is below the sites' floor (10): the coordinator learns only that
     skipped = [last["sites"][s]["skipped-files"] for s in ("site-0", "site-1", "site-2")]
-    assert skipped == [0, SUPPRESSED, 0]
+    assert skipped == [0, HIDDEN, 0]
     stats = metrics["site-statistics"]
     assert set(stats) == {"site-0", "site-1", "site-2"}
     for site, summary in stats.items():
         assert summary["min-count"] == 10, "the site's floor is above the ask of 5"
-        assert all(v == SUPPRESSED or v >= 10 for v in summary["label-histogram"]), site
+        assert all(v == HIDDEN or v >= 10 for v in summary["label-histogram"]), site
         assert len(summary["intensity-histogram"]) == 16
+    for entry in metrics["rounds"]:  # no count, and no -1 marker, in any average
+        assert not set(entry["global"]) & {"num-examples", "skipped-files", "train-examples"}
+        for site, values in entry["sites"].items():
+            shown = [values[k] for k in ("num-examples", "train-examples") if k in values]
+            assert all(v == HIDDEN or v >= 10 for v in shown), (site, values)
     for received in ("metrics.json", "progress.log", "report.md"):  # what the coordinator holds
         text = (out / received).read_text()
         assert "case_0002" not in text, f"a file name reached {received}"
         assert str(data / "site-1") not in text, f"a site path reached {received}"
-    assert "## Sites before training" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Sites before training" in report
+    assert "<10" not in report and "<10" not in (out / "progress.log").read_text()
 
 
 def test_too_few_hospitals_fail_within_the_wait_and_name_the_count(tmp_path, seg_sites):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from medfed.server.hidden_counts import HIDDEN
 from medfed.server.report import write_report
 from medfed.server.run_record import RunRecord
 from medfed.shared_models.protocol import SUPPRESSED, Statistic
 from tests.conftest import tiny_config
 
 
-def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
+def test_report_tells_status_rounds_failures_and_hidden_counts(tmp_path):
     cfg = tiny_config(task="classification", stats_min_count=5)
     record = RunRecord(cfg, tmp_path)
     record.set_statistics(
@@ -16,15 +17,16 @@ def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
             "site-a": {
                 Statistic.NUM_TRAIN: 30,
                 Statistic.NUM_VAL: 8,
-                Statistic.LABEL_HISTOGRAM: [20, SUPPRESSED, 14],
+                Statistic.LABEL_HISTOGRAM: [20, HIDDEN, HIDDEN],
                 Statistic.INTENSITY_P1: 0.02,
                 Statistic.INTENSITY_P99: 0.98,
                 Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
+                Statistic.MIN_COUNT: 5,
             },
             "site-c": {  # a site whose own floor is above the coordinator's ask
-                Statistic.NUM_TRAIN: 30,
-                Statistic.NUM_VAL: SUPPRESSED,
-                Statistic.LABEL_HISTOGRAM: [SUPPRESSED, SUPPRESSED, 20],
+                Statistic.NUM_TRAIN: HIDDEN,
+                Statistic.NUM_VAL: HIDDEN,
+                Statistic.LABEL_HISTOGRAM: [HIDDEN, HIDDEN, HIDDEN],
                 Statistic.INTENSITY_P1: 0.02,
                 Statistic.INTENSITY_P99: 0.98,
                 Statistic.INTENSITY_HISTOGRAM: [0.5, 0.5],
@@ -32,14 +34,16 @@ def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
             },
         }
     )
-    site = {"auc": 0.61, "loss": 0.9, "num-examples": SUPPRESSED, "aggregation-weight": 10.0}
+    site = {"auc": 0.61, "loss": 0.9, "num-examples": HIDDEN, "aggregation-weight": 10.0}
+    # a run folder written before counts were recorded as "hidden" holds the site's marker
+    trained = {**site, "train-examples": SUPPRESSED, "images-per-second": float(SUPPRESSED)}
     record.add_round(
         {"round": 0, "seconds": 1.0, "global": {"auc": 0.5, "loss": 1.1}, "sites": {"site-a": site},
          "replied": ["site-a", "site-b"], "failed": [], "failures": {}}
     )  # fmt: skip
     record.add_round(
         {"round": 1, "seconds": 2.0, "global": {"auc": 0.7, "loss": 0.8, "train-loss": 0.9},
-         "sites": {"site-a": site}, "replied": ["site-a"], "failed": ["site-b"],
+         "sites": {"site-a": trained}, "replied": ["site-a"], "failed": ["site-b"],
          "failures": {"site-b": "timed out: no reply after 600s"}}
     )  # fmt: skip
     record.finish("completed")
@@ -47,10 +51,11 @@ def test_report_tells_status_rounds_failures_and_suppressed_counts(tmp_path):
     assert "Status: **completed**" in report
     assert "Global validation auc: 0.5000 at round 0 → 0.7000 after round 1" in report
     assert "| 1 | 1 | site-b | 0.9000 | 0.8000 | 0.7000 | 2.0 |" in report
-    assert "| site-a | 30 | 8 | 20 | <5 | 14 | 0.02 | 0.98 |" in report
-    assert "| site-c | 30 | <20 | <20 | <20 | 20 | 0.02 | 0.98 |" in report
-    # after training: the suppressed count is hidden, the raised weight not shown at all
-    assert "| site | auc | loss | num-examples |" in report
-    assert "| site-a | 0.6100 | 0.9000 | *hidden* |" in report
+    assert "| site-a | 5 | 30 | 8 | 20 | hidden | hidden | 0.02 | 0.98 |" in report
+    assert "| site-c | 20 | hidden | hidden | hidden | hidden | hidden | 0.02 | 0.98 |" in report
+    assert "<" not in report.split("## Sites before training")[1].split("![")[0], "no bound"
+    # after training: the hidden counts are hidden, the raised weight not shown at all
+    assert "| site | auc | images-per-second | loss | num-examples | train-examples |" in report
+    assert "| site-a | 0.6100 | *hidden* | 0.9000 | *hidden* | *hidden* |" in report
     assert (tmp_path / "plots" / "global.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "sites.png").stat().st_size > 1000

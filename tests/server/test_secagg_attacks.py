@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from medfed.client.privacy.disclosure import SiteCounts
 from medfed.client.privacy.secagg_hospital import HospitalSecAgg, SecAggRefused
 from medfed.server.exchange import public_keys
 from medfed.server.secure_aggregation import SecureOutcome
@@ -526,6 +527,7 @@ def test_the_masked_weight_obeys_the_sites_floor():
     small = next(iter(updates))
     weights[small] = 3.0
     grid = InProcessGrid(updates, weights)
+    grid.site_counts[small] = SiteCounts(3, 1)
     for context in grid.contexts.values():
         context.node_config[NodeConfig.MIN_COUNT] = 10
     outcome = run_round(grid, start, secure_config())
