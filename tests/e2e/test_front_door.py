@@ -158,12 +158,12 @@ def test_concurrent_oversized_bodies_never_reach_the_superlink(tmp_path):
         for thread in threads:
             thread.join()
 
+        grown = max(peak[0], _resident(tree(superlink))) - baseline
+        assert grown < BOUND, f"the SuperLink grew by {grown // MIB} MiB: {outcomes}"
         assert len(outcomes) == STREAMS
         refused = [o for o in outcomes if o.startswith(("413 ", "closed "))]
         assert refused == outcomes, outcomes
         assert all(int(o.split()[-2]) * MIB < EACH for o in outcomes), outcomes
-        grown = max(peak[0], _resident(tree(superlink))) - baseline
-        assert grown < BOUND, f"the SuperLink grew by {grown // MIB} MiB: {outcomes}"
         listed = _list_runs(port, certs)
         assert listed.status_code == 200, listed.text
         ListRunsResponse().ParseFromString(listed.content)  # the SuperLink's own answer
