@@ -108,7 +108,13 @@ def worker_user(folder: Path) -> str | None:
     if os.geteuid() != 0:
         return None
     status = folder.stat()
-    return f"{pwd.getpwuid(status.st_uid).pw_name} {grp.getgrgid(status.st_gid).gr_name}"
+    try:
+        return f"{pwd.getpwuid(status.st_uid).pw_name} {grp.getgrgid(status.st_gid).gr_name}"
+    except KeyError:
+        raise RuntimeError(
+            f"{folder}: its owner (uid {status.st_uid}, gid {status.st_gid}) has no name, which "
+            "nginx's workers need to run as it; chown the state folder to a named user"
+        ) from None
 
 
 def nginx_conf(door: FrontDoor, user: str | None = None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import os
 import socket
 import ssl
 import subprocess
@@ -325,3 +326,12 @@ def test_a_coordinator_without_nginx_stops_with_one_line(consortium, tmp_path, m
     assert code == 2 and "\n" not in error, error
     assert "nginx not found" in error and "apt-get install nginx" in error
     assert not (state / "audit.jsonl").exists(), "nothing started"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="nginx picks its workers' user only as root")
+def test_as_root_the_workers_run_as_the_state_folders_owner(tmp_path):
+    """They write request bodies under it; an owner without a name is one clear error."""
+    assert proxy.worker_user(tmp_path) == "root root"
+    os.chown(tmp_path, 54321, 54321)  # no such user here
+    with pytest.raises(RuntimeError, match=f"{tmp_path}: its owner \\(uid 54321"):
+        proxy.worker_user(tmp_path)
