@@ -1,0 +1,43 @@
+"""`medfed coordinator start` as an operator runs it: what the services it supervises get."""
+
+from __future__ import annotations
+
+import pytest
+
+from medfed.server import certs, coordinator
+from medfed.shared_models import runtime
+
+
+@pytest.fixture(params=["tls", "insecure"])
+def started(request, tmp_path, monkeypatch):
+    """Run `start_coordinator` up to the point it would supervise its services; returns
+    the services it would have started (SuperLink, and with certificates the proxy)."""
+    launched: list[runtime.Service] = []
+
+    def supervise(services, *args, **kwargs):
+        launched.extend(services)
+        return 0
+
+    monkeypatch.setattr(runtime, "supervise", supervise)
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    folder = tmp_path / "certs"
+    insecure = request.param == "insecure"
+    if not insecure:
+        certs.init_consortium(folder, ["127.0.0.1"])
+    options = coordinator.CoordinatorOptions(
+        certs=None if insecure else folder,
+        state=tmp_path / "state",
+        port=runtime.free_port(),
+        insecure=insecure,
+    )
+    assert coordinator.start_coordinator(options) == 0
+    return launched
+
+
+def test_no_coordinator_service_inherits_flowers_internal_api_switches(started):
+    """FLWR_INTERNAL_GRPC_* would open Flower's legacy gRPC APIs on every interface, past
+    the proxy: neither the SuperLink nor the proxy is started with them."""
+    assert started
+    for service in started:
+        assert not [k for k in service.env if k.startswith("FLWR_INTERNAL_")], service.command
