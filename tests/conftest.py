@@ -100,3 +100,21 @@ def cls_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cls")
     generate_federation("classification", 3, root, seed=1, images_per_site=30, image_size=32)
     return root
+
+
+@pytest.fixture
+def supervised(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The services a `start` command would supervise, captured instead of started, in an
+    environment that sets Flower's internal API switches (which no service may inherit)."""
+    from medfed.shared_models import runtime
+
+    launched: list[runtime.Service] = []
+
+    def supervise(services: list[runtime.Service], *args: object, **kwargs: object) -> int:
+        launched.extend(services)
+        return 0
+
+    monkeypatch.setattr(runtime, "supervise", supervise)
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    return launched

@@ -7,22 +7,12 @@ from pathlib import Path
 import pytest
 
 from medfed.client import approval, node
-from medfed.shared_models import runtime
 
 
 @pytest.fixture
-def started(tmp_path, seg_sites, monkeypatch):
+def started(tmp_path, seg_sites, supervised):
     """Run `start_node` on a usable site up to the point it would supervise its services;
     returns the services it would have started."""
-    launched: list[runtime.Service] = []
-
-    def supervise(services, *args, **kwargs):
-        launched.extend(services)
-        return 0
-
-    monkeypatch.setattr(runtime, "supervise", supervise)
-    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
-    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
     options = node.NodeOptions(
         coordinator="127.0.0.1:1",
         ca=None,
@@ -33,7 +23,7 @@ def started(tmp_path, seg_sites, monkeypatch):
         insecure=True,
     )
     assert node.start_node(options) == 0
-    return launched
+    return supervised
 
 
 def test_the_supernode_never_inherits_flowers_internal_api_switches(started):

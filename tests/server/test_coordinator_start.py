@@ -9,18 +9,9 @@ from medfed.shared_models import runtime
 
 
 @pytest.fixture(params=["tls", "insecure"])
-def started(request, tmp_path, monkeypatch):
+def started(request, tmp_path, supervised):
     """Run `start_coordinator` up to the point it would supervise its services; returns
     the services it would have started (SuperLink, and with certificates the proxy)."""
-    launched: list[runtime.Service] = []
-
-    def supervise(services, *args, **kwargs):
-        launched.extend(services)
-        return 0
-
-    monkeypatch.setattr(runtime, "supervise", supervise)
-    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
-    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
     folder = tmp_path / "certs"
     insecure = request.param == "insecure"
     if not insecure:
@@ -32,7 +23,7 @@ def started(request, tmp_path, monkeypatch):
         insecure=insecure,
     )
     assert coordinator.start_coordinator(options) == 0
-    return launched
+    return supervised
 
 
 def test_no_coordinator_service_inherits_flowers_internal_api_switches(started):
