@@ -200,6 +200,12 @@ def secagg_share(msg: Message, context: Context) -> Message:
     return secagg_mod.share(msg, context)
 
 
+@app.train(SecAggAction.CONFIRM)
+def secagg_confirm(msg: Message, context: Context) -> Message:
+    """SecAgg+ step 4a, when neighbours dropped: commit to the round's view, tag it."""
+    return secagg_mod.confirm(msg, context)
+
+
 @app.train(SecAggAction.UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """SecAgg+ step 4: the shares the coordinator needs to remove the masks."""

@@ -68,6 +68,7 @@ STAGE_MESSAGES = {
     Stage.ADVERTISE: MessageKind.SECAGG_ADVERTISE,
     Stage.SHARE: MessageKind.SECAGG_SHARE,
     Stage.UPLOAD: MessageType.TRAIN,
+    Stage.CONFIRM: MessageKind.SECAGG_CONFIRM,
     Stage.UNMASK: MessageKind.SECAGG_UNMASK,
 }
 
@@ -326,7 +327,10 @@ class SecureAggregation:
         started = time.monotonic()
         server_round, plan = prepared.server_round, prepared.plan
         survivors = list(summed.added)
-        dropped = sorted(set(prepared.shared) - set(survivors), key=int)
+        # every planned hospital not surviving is dropped, so each hospital's group is
+        # accounted for; only those that shared keys have masks to remove
+        dropped = sorted(set(plan.participants) - set(survivors), key=int)
+        shared_then_lost = [n for n in dropped if n in prepared.shared]
         if not survivors_connected(plan, survivors):
             raise SecAggAbort(
                 f"round {server_round}: the dropouts split the surviving hospitals' "
@@ -334,14 +338,17 @@ class SecureAggregation:
             )
         if dropped and self.cfg.noise_at_hospitals:
             raise SecAggAbort(
-                f"round {server_round}: {len(dropped)} hospital(s) dropped after sharing, and "
+                f"round {server_round}: {len(dropped)} hospital(s) planned for it are lost, and "
                 "each carries a share of the DP noise (dp.noise at the hospitals): the sum "
                 f"would hold less noise than the run promises; {_missing(result)}"
             )
         ahead = self._plan_ahead(server_round + 1, next_keys)
+        tags = self._confirmed(prepared, dropped, result) if shared_then_lost else {}
         contents = {
             node: self._unmask_content(prepared, node, dropped, ahead) for node in survivors
         }
+        for node, relayed in tags.items():
+            contents[node][Record.SECAGG] = ConfigRecord(relayed)
         answers = self._exchange(Stage.UNMASK, contents, result)
         responses = {}
         for node, reply in answers.items():
@@ -359,7 +366,7 @@ class SecureAggregation:
             result.mean_update, _ = summed.unmask(
                 prepared.commitments(self.run_id),
                 responses,
-                dropped=dropped,
+                dropped=shared_then_lost,
                 purpose=mask_purpose(self.run_id, server_round, terms),
             )
         except SecAggAbort as err:
@@ -369,6 +376,30 @@ class SecureAggregation:
                 f"node {node} {why}" for node, why in sorted(summed.bad_shares.items())
             ]
         result.stage_seconds[Stage.UNMASK] = time.monotonic() - started
+
+    def _confirmed(
+        self, prepared: Prepared, dropped: list[str], result: SecureOutcome
+    ) -> dict[str, dict[str, bytes]]:
+        """With hospitals dropped, the consistency step: every survivor commits to the
+        round's view and tags it for its neighbours; returns, per survivor, the tags its
+        neighbours made for it (relayed with its unmask request)."""
+        started = time.monotonic()
+        survivors = [n for n in prepared.plan.participants if n not in dropped]
+        view = _content(prepared.server_round, {Key.SURVIVORS: survivors, Key.DROPPED: dropped})
+        answers = self._exchange(Stage.CONFIRM, dict.fromkeys(survivors, view), result)
+        relayed: dict[str, dict[str, bytes]] = {node: {} for node in survivors}
+        for sender, reply in answers.items():
+            record = reply.content.config_records.get(Record.SECAGG) or {}
+            for key, tag in record.items():
+                receiver = key.removeprefix(Key.TAG_PREFIX)
+                if (
+                    key.startswith(Key.TAG_PREFIX)
+                    and receiver in relayed
+                    and isinstance(tag, bytes)
+                ):
+                    relayed[receiver][Key.TAG_PREFIX + sender] = tag
+        result.stage_seconds[Stage.CONFIRM] = time.monotonic() - started
+        return relayed
 
     def _plan_ahead(
         self, server_round: int, next_keys: dict[str, tuple[bytes, bytes]]

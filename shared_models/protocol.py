@@ -20,6 +20,7 @@ class SecAggAction:
     SHARE = "secagg_share"
     UNMASK = "secagg_unmask"
     ABORT = "secagg_abort"  # forget the round's secrets: it will not be unmasked
+    CONFIRM = "secagg_confirm"  # commit to the round's view; tag it for each neighbour
 
 
 class MessageKind:
@@ -29,6 +30,7 @@ class MessageKind:
     SECAGG_SHARE = "train." + SecAggAction.SHARE
     SECAGG_UNMASK = "train." + SecAggAction.UNMASK
     SECAGG_ABORT = "train." + SecAggAction.ABORT
+    SECAGG_CONFIRM = "train." + SecAggAction.CONFIRM
 
 
 class Record:
@@ -142,6 +144,7 @@ class Stage:
     ADVERTISE = "advertise"  # hospitals send fresh public keys and their weight
     SHARE = "share"  # hospitals send encrypted Shamir shares for their neighbours
     UPLOAD = "upload"  # the training message: neighbours' shares in, masked update out
+    CONFIRM = "confirm"  # with dropouts: hospitals commit to one view of the round and tag it
     UNMASK = "unmask"  # hospitals send the shares that remove the masks
 
 
@@ -167,6 +170,7 @@ class Key:
     THRESHOLD = "threshold"
     PARTICIPANTS = "participants"  # hospitals in the round (scales the encoding)
     SURVIVORS = "survivors"
+    TAG_PREFIX = "tag."  # tag.<node>: a view of the round tagged for (or by) that neighbour
     DROPPED = "dropped"
     MASKED_ARRAY = "masked"  # the one array of a masked upload
 
@@ -207,6 +211,11 @@ def pair_label(purpose: bytes, ends: tuple[tuple[str, bytes], tuple[str, bytes]]
 def share_purpose(run: int, server_round: int) -> bytes:
     """Key-derivation purpose of the key that encrypts a round's shares between a pair."""
     return f"share|run={run}|round={server_round}".encode()
+
+
+def consistency_purpose(run: int, server_round: int) -> bytes:
+    """Key-derivation purpose of the key a pair tags a round's view with (confirm/unmask)."""
+    return f"view|run={run}|round={server_round}".encode()
 
 
 def mask_purpose(run: int, server_round: int, terms: bytes) -> bytes:

@@ -42,6 +42,7 @@ STAGES = {
     "train.secagg_share": "share",
     "train.secagg_unmask": "unmask",
     "train.secagg_abort": "abort",
+    "train.secagg_confirm": "confirm",
     "evaluate": "evaluate",
     "query": "query",
 }
@@ -60,7 +61,7 @@ class InProcessGrid:
     `run_config` is the run's config at every node (default: a secure run).
 
     `drop[stage]`: nodes that never answer that stage ("advertise", "share",
-    "upload", "unmask", "evaluate", "query"); `silent_from[node]`: the round
+    "upload", "confirm", "unmask", "evaluate", "query"); `silent_from[node]`: the round
     from which a node answers nothing at all (as if killed); `stage_silent_from[stage]`:
     the round from which no node answers that stage; `unavailable_from[node]`:
     the round from which the SuperLink answers for it, as Flower does for a node
@@ -183,6 +184,8 @@ class InProcessGrid:
             return self._upload(message, node, context)
         if stage == "abort":
             return secagg_mod.abort(message, context)
+        if stage == "confirm":
+            return secagg_mod.confirm(message, context)
         if stage == "unmask":
             reply = secagg_mod.unmask(message, context)
             if secagg_mod.STATE_KEY in context.state.config_records:  # next round prepared

@@ -11,6 +11,7 @@ too low to protect it or into revealing both secrets of one neighbour.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from medfed.shared_models.protocol import (
     SECAGG_MIN_PARTICIPANTS,
     Config,
     Key,
+    consistency_purpose,
     mask_purpose,
     minimum_threshold,
     pair_label,
@@ -368,13 +370,11 @@ class HospitalSecAgg:
             )
         return masked, clipped
 
-    def unmask(
+    def _checked_view(
         self, server_round: int, survivors: list[str], dropped: list[str]
-    ) -> dict[str, bytes]:
-        """Seed shares of surviving neighbours, key shares of dropped ones; never both.
-
-        The state is deleted by the caller right after: asking again gets nothing.
-        """
+    ) -> tuple[set[str], set[str]]:
+        """The view of the round the coordinator gives, checked against what this hospital
+        saw itself; returns (its group, the members it masked with, itself included)."""
         self._check_round(server_round)
         me = str(self.state["node"])
         if not self.state.get("masked"):
@@ -385,6 +385,10 @@ class HospitalSecAgg:
         held = set(self.state.get("senders", [])) | {me}
         if me not in survivors:
             raise SecAggRefused("this hospital is not listed among the survivors")
+        if not group <= set(survivors) | set(dropped):
+            raise SecAggRefused(
+                "members of this hospital's group are neither survivors nor dropped"
+            )
         if len(set(survivors)) < SECAGG_MIN_PARTICIPANTS:
             raise SecAggRefused(
                 f"only {len(set(survivors))} survivors: with fewer than "
@@ -396,6 +400,67 @@ class HospitalSecAgg:
                 f"only {len(alive)} of this hospital's group survived; "
                 f"threshold is {self.state['threshold']}"
             )
+        unmasked = sorted(n for n in survivors if n in group and n not in held)
+        if unmasked:
+            # Bonawitz et al.'s U3 within U2: a survivor this hospital did not mask with
+            # would leave its update bare once the others' masks are removed
+            raise SecAggRefused(
+                f"survivors {unmasked[:3]} are neighbours this hospital did not mask with "
+                "(their shares never reached it)"
+            )
+        return group, held
+
+    def _view_tag(self, other: str, view: bytes) -> bytes:
+        """The tag this hospital and `other` compute alike over a view of the round, under
+        a key only the two of them derive (the coordinator relays, it cannot forge)."""
+        me = str(self.state["node"])
+        purpose = consistency_purpose(int(self.state["run"]), int(self.state["round"]))
+        theirs = bytes(self.state[f"c-pk.{other}"])
+        own = public_key(self.state["c-sk"])
+        key = derive(self.state["c-sk"], theirs, pair_label(purpose, ((me, own), (other, theirs))))
+        return hmac.new(key, view, hashlib.sha256).digest()
+
+    def confirm(
+        self, server_round: int, survivors: list[str], dropped: list[str]
+    ) -> dict[str, bytes]:
+        """Commit to the round's view (once: a second, different view is refused) and tag it
+        for each neighbour among the survivors, for the consistency check of `unmask`."""
+        group, held = self._checked_view(server_round, survivors, dropped)
+        view = round_view(survivors, dropped)
+        committed = self.state.get("view")
+        if committed is not None and bytes(committed) != view:
+            raise SecAggRefused(
+                "the coordinator already gave this hospital another view of the round"
+            )
+        self.state["view"] = view
+        me = str(self.state["node"])
+        return {
+            Key.TAG_PREFIX + other: self._view_tag(other, view)
+            for other in sorted(set(survivors) & group & held - {me})
+        }
+
+    def unmask(
+        self,
+        server_round: int,
+        survivors: list[str],
+        dropped: list[str],
+        tags: Mapping[str, bytes] | None = None,
+    ) -> dict[str, bytes]:
+        """Seed shares of surviving neighbours, key shares of dropped ones; never both.
+
+        When neighbours whose shares it holds dropped (it would hand out key shares),
+        the shares go out only after the consistency check:
+        this hospital committed to this very view (`confirm`) and at least
+        threshold - 1 of its surviving neighbours tagged the same view. Each
+        hospital commits to one view, so no two views of a round can both gather a
+        strict majority of a group: a coordinator telling hospitals different
+        survivor lists cannot collect a seed share and the keys of its masks. The
+        state is deleted by the caller right after: asking again gets nothing.
+        """
+        group, held = self._checked_view(server_round, survivors, dropped)
+        me = str(self.state["node"])
+        if set(dropped) & held - {me}:  # it would hand out key shares
+            self._check_consistent(round_view(survivors, dropped), survivors, group, tags or {})
         shares = {}
         for node in survivors:
             if node in held:
@@ -404,3 +469,37 @@ class HospitalSecAgg:
             if node in held and node != me:
                 shares[Key.KEY_SHARE_PREFIX + node] = self.state[f"share-sk.{node}"]
         return shares
+
+    def _check_consistent(
+        self, view: bytes, survivors: list[str], group: set[str], tags: Mapping[str, bytes]
+    ) -> None:
+        committed = self.state.get("view")
+        if committed is None or bytes(committed) != view:
+            raise SecAggRefused(
+                "neighbours dropped, but this hospital did not confirm this view of the round"
+            )
+        me = str(self.state["node"])
+        agreeing = [
+            other
+            for other in sorted(set(survivors) & group - {me})
+            if f"c-pk.{other}" in self.state
+            and hmac.compare_digest(
+                bytes(tags.get(Key.TAG_PREFIX + other, b"")), self._view_tag(other, view)
+            )
+        ]
+        needed = int(self.state["threshold"]) - 1
+        if len(agreeing) < needed:
+            raise SecAggRefused(
+                f"only {len(agreeing)} neighbours confirmed the same view of the round; "
+                f"{needed} are needed before shares of dropped neighbours go out"
+            )
+
+
+def round_view(survivors: list[str], dropped: list[str]) -> bytes:
+    """The round's outcome as the coordinator tells it, one byte string for any order."""
+    return (
+        "survivors="
+        + ",".join(sorted(set(survivors), key=int))
+        + "|dropped="
+        + ",".join(sorted(set(dropped), key=int))
+    ).encode()

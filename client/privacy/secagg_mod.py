@@ -4,7 +4,7 @@
 takes the neighbours' encrypted shares out of the upload message, lets the
 inner chain (DP clipping, then training) produce the plain update, and sends
 back only its masked encoding, one flat uint32 vector. The other exchanges
-(`advertise`, `share`, `unmask`) are ClientApp actions of their own.
+(`advertise`, `share`, `confirm`, `unmask`) are ClientApp actions of their own.
 
 The protocol state sits in the node's `context.state`, which stays on the
 hospital's machine: the current round's under STATE_KEY, deleted after its
@@ -242,16 +242,34 @@ def abort(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict(), reply_to=msg)
 
 
+def confirm(msg: Message, context: Context) -> Message:
+    """With neighbours dropped: commit to the round's view (survivors and dropped) and tag it
+    for each surviving neighbour; the shares wait for the unmask step."""
+    config = request_config(msg)
+    tags = _forgetting_on_failure(
+        context,
+        lambda: _state(context).confirm(
+            _round(msg), node_names(config, Key.SURVIVORS), node_names(config, Key.DROPPED)
+        ),
+    )
+    return Message(content=RecordDict({Record.SECAGG: ConfigRecord(tags)}), reply_to=msg)
+
+
 def unmask(msg: Message, context: Context) -> Message:
-    """One share per neighbour as the round's outcome requires, then forget the round;
-    with the next round's plan attached (never past the run's last round), also that
-    round's encrypted shares."""
+    """One share per neighbour as the round's outcome requires (with neighbours dropped,
+    only once enough of them confirmed the same view: their tags ride in the request),
+    then forget the round; with the next round's plan attached (never past the run's last
+    round), also that round's encrypted shares."""
     config = request_config(msg)
     number = _round(msg)
+    tags = msg.content.config_records.get(Record.SECAGG)
     shares = _forgetting_on_failure(
         context,
         lambda: _state(context).unmask(
-            number, node_names(config, Key.SURVIVORS), node_names(config, Key.DROPPED)
+            number,
+            node_names(config, Key.SURVIVORS),
+            node_names(config, Key.DROPPED),
+            {k: v for k, v in (tags or {}).items() if isinstance(v, bytes)},
         ),
     )
     _forget(context, STATE_KEY)

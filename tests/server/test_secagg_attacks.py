@@ -13,17 +13,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from medfed.client.privacy.disclosure import SiteCounts
 from medfed.client.privacy.secagg_hospital import HospitalSecAgg, SecAggRefused
-from medfed.server.exchange import public_keys
-from medfed.server.secure_aggregation import SecureOutcome
-from medfed.server.unmasking import SecAggAbort, plan_round
-from medfed.shared_models.protocol import Key, Metric, NodeConfig, Record, SiteKey
+from medfed.server.exchange import Exchange, SiteNames, public_keys
+from medfed.server.secure_aggregation import SecureAggregation, SecureOutcome, _content
+from medfed.server.unmasking import MaskedSum, SecAggAbort, plan_round
+from medfed.shared_models.protocol import (
+    Key,
+    Metric,
+    NodeConfig,
+    Record,
+    SiteKey,
+    Stage,
+    mask_purpose,
+)
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.quantize import Encoding, encoded_weight, weight_scale
-from tests.in_process_grid import InProcessGrid, secure_config, train_messages
+from tests.in_process_grid import RUN_ID, InProcessGrid, secure_config, train_messages
 from tests.server.test_secure_aggregation import (
     SHAPES,
     assert_mean_of,
     federation,
+    global_model,
     random_updates,
     run_round,
     workflow,
@@ -652,3 +661,101 @@ def test_hospitals_given_different_run_configs_refuse_before_uploading(coordinat
     assert not [m for m in grid.seen if not m.has_error() and Record.ARRAYS in m.content]
     refusals = [m.error.reason for m in grid.seen if m.has_error()]
     assert len(refusals) == 4 and all("round terms" in r for r in refusals), refusals
+
+
+class IsolatingCoordinator(SecureAggregation):
+    """The real workflow up to the uploads; then it tells each hospital the view of the round
+    of its choice (`views`: node -> (survivors, dropped)), runs the consistency step with
+    those views, relays every tag, and tries to unmask the victim's upload alone."""
+
+    victim: str
+    views: dict[str, tuple[list[str], list[str]]]
+
+    def _unmask(self, prepared, summed, next_keys, result, terms) -> None:
+        def view(node: str) -> RecordDict:
+            survivors, dropped = self.views[node]
+            return _content(1, {Key.SURVIVORS: survivors, Key.DROPPED: dropped})
+
+        confirmed = self._exchange(Stage.CONFIRM, {n: view(n) for n in self.views}, result)
+        self.refused_to_confirm = dict(result.failed)
+        contents = {}
+        for node in self.views:
+            content = view(node)
+            content[Record.SECAGG] = ConfigRecord({
+                Key.TAG_PREFIX + sender: reply.content[Record.SECAGG][Key.TAG_PREFIX + node]
+                for sender, reply in confirmed.items()
+                if Key.TAG_PREFIX + node in reply.content[Record.SECAGG]
+            })  # fmt: skip
+            contents[node] = content
+        answers = self._exchange(Stage.UNMASK, contents, result)
+        self.refused_to_unmask = {
+            n: why for n, why in result.failed.items() if why.startswith("unmask")
+        }
+        responses = {n: dict(r.content[Record.SECAGG]) for n, r in answers.items()}
+        upload = next(r for r in result.replies if str(r.metadata.src_node_id) == self.victim)
+        alone = MaskedSum(summed.template, summed.encoding, prepared.plan)
+        weight = float(upload.content[Record.METRICS][Metric.WEIGHT])
+        participants = len(prepared.plan.participants)
+        alone.add(self.victim, upload.content[Record.ARRAYS][Key.MASKED_ARRAY].numpy(),
+                  encoded_weight(weight, summed.encoding, participants))  # fmt: skip
+        masked_with = [n for n in prepared.plan.participants if n != self.victim]
+        dropped = [n for n in masked_with if n in self.isolate_from]
+        alone.unmask(
+            prepared.commitments(self.run_id),
+            responses,
+            dropped=dropped,
+            purpose=mask_purpose(self.run_id, 1, terms),
+        )
+
+
+def _only_shares_from(keep: set[str]):
+    """An upload request whose inbox holds only `keep`'s shares (and commitments)."""
+
+    def alter(message: Message) -> Message:
+        inbox = message.content[Record.SECAGG]
+        for key in [k for k in inbox if k.split(".", 1)[1] not in keep]:
+            del inbox[key]
+        return message
+
+    return alter
+
+
+@pytest.mark.parametrize("views", ["one-view", "a-view-each"])
+def test_choosing_whose_shares_reach_a_hospital_reveals_nothing(views):
+    """The attack: the victim V's upload inbox holds only A's and B's shares, so V masks
+    with them alone; declare A and B dropped, and V's upload is bare once its seed and A's
+    and B's mask keys are rebuilt (cosine 1.0 before). Told one view ({V, C, D} survived),
+    V refuses: survivors it did not mask with (Bonawitz et al.'s U3 within U2). Told a view
+    each (V: {V, A, B} survived; C, D: A and B dropped; A: B dropped; B: A dropped), every
+    hospital asked for a dropped neighbour's key share first needs threshold - 1 neighbours
+    to have tagged the same view, and each hospital tags one view only: A's and B's keys
+    never come back, V's seed alone is useless."""
+    updates, weights, start = random_updates(5, seed=42, spread=0.01)
+    cfg = secure_config()
+    grid = InProcessGrid(updates, weights, cfg)
+    v, a, b, c, d = (str(n) for n in updates)
+    grid.alter[("upload", int(v))] = _only_shares_from({a, b})
+    attacker = IsolatingCoordinator(Exchange(grid, 0.2, SiteNames()), cfg, RUN_ID)
+    attacker.victim, attacker.isolate_from = v, {a, b}
+    if views == "one-view":
+        one = ([v, c, d], [a, b])
+        grid.drop["upload"] = {int(a), int(b)}
+        attacker.views = {v: one, c: one, d: one}
+    else:
+        attacker.views = {
+            v: ([v, a, b], [c, d]),
+            c: ([v, c, d], [a, b]),
+            d: ([v, c, d], [a, b]),
+            a: ([v, a, c, d], [b]),
+            b: ([v, b, c, d], [a]),
+        }
+    messages = train_messages(grid.get_node_ids(), global_model(start, 1), 1, cfg)
+    with pytest.raises(SecAggAbort, match="checked shares of node"):
+        attacker.train_round(1, messages, SHAPES)
+    if views == "one-view":
+        assert "did not mask with" in attacker.refused_to_confirm[int(v)]
+        assert "confirmed the same view" in attacker.refused_to_unmask[int(c)]
+    else:
+        # V holds no share of a neighbour it is told dropped: it hands out seed shares only
+        assert set(attacker.refused_to_unmask) == {int(n) for n in (a, b, c, d)}
+        assert all("confirmed the same view" in why for why in attacker.refused_to_unmask.values())
