@@ -331,17 +331,7 @@ class SecureAggregation:
         # accounted for; only those that shared keys have masks to remove
         dropped = sorted(set(plan.participants) - set(survivors), key=int)
         shared_then_lost = [n for n in dropped if n in prepared.shared]
-        if not survivors_connected(plan, survivors):
-            raise SecAggAbort(
-                f"round {server_round}: the dropouts split the surviving hospitals' "
-                f"neighbourhoods (unmasking would reveal partial sums); {_missing(result)}"
-            )
-        if dropped and self.cfg.noise_at_hospitals:
-            raise SecAggAbort(
-                f"round {server_round}: {len(dropped)} hospital(s) planned for it are lost, and "
-                "each carries a share of the DP noise (dp.noise at the hospitals): the sum "
-                f"would hold less noise than the run promises; {_missing(result)}"
-            )
+        self._require_unmaskable(prepared, survivors, dropped, result)
         ahead = self._plan_ahead(server_round + 1, next_keys)
         tags = self._confirmed(prepared, dropped, result) if shared_then_lost else {}
         contents = {
@@ -376,6 +366,24 @@ class SecureAggregation:
                 f"node {node} {why}" for node, why in sorted(summed.bad_shares.items())
             ]
         result.stage_seconds[Stage.UNMASK] = time.monotonic() - started
+
+    def _require_unmaskable(
+        self, prepared: Prepared, survivors: list[str], dropped: list[str], result: SecureOutcome
+    ) -> None:
+        """Abort, asking for no share, when unmasking would reveal less than the round's sum
+        (a split neighbour graph) or a sum with less DP noise than the run promises."""
+        server_round = prepared.server_round
+        if not survivors_connected(prepared.plan, survivors):
+            raise SecAggAbort(
+                f"round {server_round}: the dropouts split the surviving hospitals' "
+                f"neighbourhoods (unmasking would reveal partial sums); {_missing(result)}"
+            )
+        if dropped and self.cfg.noise_at_hospitals:
+            raise SecAggAbort(
+                f"round {server_round}: {len(dropped)} hospital(s) planned for it are lost, and "
+                "each carries a share of the DP noise (dp.noise at the hospitals): the sum "
+                f"would hold less noise than the run promises; {_missing(result)}"
+            )
 
     def _confirmed(
         self, prepared: Prepared, dropped: list[str], result: SecureOutcome
