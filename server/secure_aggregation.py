@@ -303,8 +303,6 @@ class SecureAggregation:
                 encoded_weight(weight, summed.encoding, participants),
             )
             result.replies.append(reply)
-            clipped = reply.content[Record.METRICS].get(Metric.SECAGG_CLIPPED, 0)
-            result.clipped_values += int(clipped) if isinstance(clipped, int | float) else 0
             ahead = _next_keys(reply)
             if ahead is not None:
                 next_keys[node] = ahead
@@ -361,6 +359,8 @@ class SecureAggregation:
             )
         except SecAggAbort as err:
             raise SecAggAbort(f"round {server_round}: {err}; {_missing(result)}") from err
+        else:
+            result.clipped_values = summed.clipped
         finally:
             result.notes += [
                 f"node {node} {why}" for node, why in sorted(summed.bad_shares.items())

@@ -26,7 +26,13 @@ from medfed.shared_models.protocol import (
 )
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import MaskStream, Scratch, derive, public_key
-from medfed.shared_models.secagg.quantize import Encoding, check_ranges, decode
+from medfed.shared_models.secagg.quantize import (
+    EXTRA_SLOTS,
+    WEIGHT_SLOT,
+    Encoding,
+    check_ranges,
+    decode,
+)
 from medfed.shared_models.secagg.vector import split
 
 # What a share prefix in an unmask reply rebuilds: the commitment kind, and its name.
@@ -102,12 +108,13 @@ class MaskedSum:
         check_ranges(encoding.clipping_range, encoding.bits, len(plan.participants))
         self.template = dict(template)
         self.encoding, self.plan = encoding, plan
-        # the update values, then the hospital's own weight
-        self.size = sum(int(np.prod(shape)) for shape in self.template.values()) + 1
+        # the update values, then the hospital's own weight and its count of clipped values
+        self.size = sum(int(np.prod(shape)) for shape in self.template.values()) + EXTRA_SLOTS
         self.total = np.zeros(self.size, dtype=np.uint32)
         self.added: list[str] = []
         self.weight_units = 0  # what the uploads' weights must sum to, from the clear weights
         self.bad_shares: dict[str, str] = {}
+        self.clipped = 0  # values the hospitals clipped, in total (after `unmask`)
 
     def add(self, node: str, masked: np.ndarray, weight_units: int) -> None:
         """Add one hospital's masked upload (uint32 arithmetic wraps, as the masks need);
@@ -153,7 +160,7 @@ class MaskedSum:
             stream.apply(self.total, add, scratch)
         self._check_weights()
         try:
-            mean, ratio_sum = decode(
+            mean, ratio_sum, self.clipped = decode(
                 self.total, self.encoding, len(self.plan.participants), len(self.added)
             )
         except ValueError as err:
@@ -168,7 +175,7 @@ class MaskedSum:
         honest mean up by as much as the maximum weight) while every sum-level
         bound still held. The clear weights pin the sum down.
         """
-        units = int(self.total[-1:].view(np.int32)[0])
+        units = int(self.total.view(np.int32)[WEIGHT_SLOT])
         if units != self.weight_units:
             raise SecAggAbort(
                 f"the unmasked weights sum to {units} units, but the hospitals' clear weights "

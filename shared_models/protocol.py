@@ -59,7 +59,6 @@ class Metric:
     TRAIN_SECONDS = "train-seconds"
     IMAGES_PER_SECOND = "images-per-second"
     GENERATED_IMAGES = "generated-images"
-    SECAGG_CLIPPED = "secagg-clipped-values"
     DP_EPSILON = "dp-epsilon"  # added by the coordinator to the global metrics
     # dp.noise at the hospitals: the epsilon a hospital has spent against the coordinator,
     # counting its own noise alone (the worst case: every other hospital's noise known).

@@ -115,6 +115,19 @@ def atomic_write(path: Path, content: bytes | Callable[[Path], object]) -> None:
         raise
 
 
+def durable_write(path: Path, data: bytes) -> None:
+    """`atomic_write` of `data`, flushed to disk before it replaces `path`: a ledger that a
+    crash could roll back would let a refused round through after a restart."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, write)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

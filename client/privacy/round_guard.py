@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from logging import ERROR
 from pathlib import Path
@@ -45,7 +44,7 @@ from medfed.client.round_request import MalformedRequest, request_config, server
 from medfed.shared_models.config import FLOAT_RANGES, RunConfig
 from medfed.shared_models.protocol import Config, Record
 from medfed.shared_models.round_terms import model_digest, round_digest, run_config_digest
-from medfed.shared_models.runtime import atomic_write
+from medfed.shared_models.runtime import durable_write
 
 LEDGER_KEY = "medfed-ledger"  # context.state: this run's ledger
 TERMS_KEY = "medfed-round-terms"  # context.state: the digest of the round being trained
@@ -66,8 +65,8 @@ def ledger_file(context: Context) -> Path | None:
 
 
 class RoundLedger:
-    """One run's ledger at this hospital: the last round trained, the models trained on
-    (SHA-256 hex), and the noise multiplier of every update it sent with its own noise."""
+    """One run's ledger at this hospital: the last round trained and the models trained on
+    (SHA-256 hex). What it keeps across runs is client/privacy/node_ledger.py's."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
@@ -77,8 +76,6 @@ class RoundLedger:
         memory = dict(kept) if kept is not None else {}
         self.trained = max(int(memory.get("trained", 0)), int(saved.get("trained", 0)))
         self.models = sorted(set(memory.get("models", [])) | set(saved.get("models", [])))
-        noise = [list(memory.get("noise", [])), list(saved.get("noise", []))]
-        self.noise: list[float] = [float(v) for v in max(noise, key=len)]
 
     def _read_file(self) -> dict[str, Any]:
         if self.file is None or not self.file.is_file():
@@ -113,25 +110,12 @@ class RoundLedger:
         self.models.append(model.hex())
         self._save()
 
-    def add_noise(self, multiplier: float) -> None:
-        """Record one update sent with this hospital's own noise (for its epsilon)."""
-        self.noise.append(float(multiplier))
-        self._save()
-
     def _save(self) -> None:
-        values = {"trained": self.trained, "models": sorted(self.models), "noise": self.noise}
+        values = {"trained": self.trained, "models": sorted(self.models)}
         self.context.state[LEDGER_KEY] = ConfigRecord(dict(values))
         if self.file is not None:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.file, lambda tmp: _durable_write(tmp, json.dumps(values)))
-
-
-def _durable_write(path: Path, text: str) -> None:
-    """Write and flush to disk: a ledger that a crash could roll back is no ledger."""
-    with path.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+            durable_write(self.file, json.dumps(values).encode())
 
 
 def _expected_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -190,13 +174,14 @@ def round_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable
     model = model_digest(arrays)
     RoundLedger(context).begin_training(number, model)
     terms = round_digest(run_config_digest(context.run_config), config, model)
-    context.state[TERMS_KEY] = ConfigRecord({"round": number, "digest": terms})
+    context.state[TERMS_KEY] = ConfigRecord({"round": number, "digest": terms, "model": model})
     return call_next(msg, context)
 
 
-def round_terms(context: Context, number: int) -> bytes:
-    """The digest of round `number`'s terms, as `round_guard_mod` recorded them."""
+def recorded_round(context: Context, number: int) -> tuple[bytes, bytes]:
+    """(the digest of round `number`'s terms, of its global model), as `round_guard_mod`
+    recorded them."""
     record = context.state.config_records.get(TERMS_KEY)
     if record is None or int(record["round"]) != number:
         raise RoundRefused(f"no terms were recorded for round {number} at this hospital")
-    return bytes(record["digest"])
+    return bytes(record["digest"]), bytes(record["model"])

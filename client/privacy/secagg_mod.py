@@ -30,7 +30,8 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.client.privacy.hospital_noise import add_own_noise, noise_multiplier, own_epsilon
-from medfed.client.privacy.round_guard import RoundLedger, round_terms
+from medfed.client.privacy.node_ledger import NodeLedger
+from medfed.client.privacy.round_guard import RoundLedger, recorded_round
 from medfed.client.privacy.secagg_hospital import (
     HospitalSecAgg,
     RunTerms,
@@ -159,6 +160,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         )
     inbox = msg.content.config_records[Record.SECAGG]
     del msg.content[Record.SECAGG]  # the inner chain sees a plain training message
+    NodeLedger(context).require_unreleased(recorded_round(context, _round(msg))[1])
 
     def masked() -> Message:
         reply = call_next(msg, context)
@@ -186,16 +188,15 @@ def _mask_reply(msg: Message, reply: Message, state: HospitalSecAgg, context: Co
     metrics = reply.content[Record.METRICS]
     if cfg.noise_at_hospitals:
         update = _with_own_noise(update, msg, state, context, metrics)
+    terms, model = recorded_round(context, number)
+    state.state["model"] = model  # a sum over it is revealed when this round unmasks
     try:
-        masked, clipped = state.mask(
-            number, update, float(metrics[Metric.WEIGHT]), round_terms(context, number)
-        )
+        masked, clipped = state.mask(number, update, float(metrics[Metric.WEIGHT]), terms)
     except SecAggRefused:
         raise
     except ValueError as err:
         raise UpdateRefused(f"this hospital's update cannot be sent: {err}") from err
     reply.content[Record.ARRAYS] = ArrayRecord({Key.MASKED_ARRAY: Array(masked)})
-    metrics[Metric.SECAGG_CLIPPED] = clipped
     if number < cfg.num_server_rounds:
         public = _start(context, number + 1, NEXT_KEY)
         reply.content[Record.SECAGG] = ConfigRecord(
@@ -219,9 +220,8 @@ def _with_own_noise(
     cfg = _config(context)
     participants = int(state.state["participants"])
     norm = float(request_config(msg)[KEY_CLIPPING_NORM])
-    ledger = RoundLedger(context)
-    ledger.add_noise(noise_multiplier(cfg, participants))  # counted before it can leave
-    metrics[Metric.DP_EPSILON_OWN] = own_epsilon(ledger.noise, cfg.dp_delta)
+    released = NodeLedger(context).add_noise(noise_multiplier(cfg, participants))  # counted first
+    metrics[Metric.DP_EPSILON_OWN] = own_epsilon(released, cfg.dp_delta)
     return add_own_noise(update, cfg, norm, participants)
 
 
@@ -263,15 +263,17 @@ def unmask(msg: Message, context: Context) -> Message:
     config = request_config(msg)
     number = _round(msg)
     tags = msg.content.config_records.get(Record.SECAGG)
+    state = _forgetting_on_failure(context, lambda: _state(context))
     shares = _forgetting_on_failure(
         context,
-        lambda: _state(context).unmask(
+        lambda: state.unmask(
             number,
             node_names(config, Key.SURVIVORS),
             node_names(config, Key.DROPPED),
             {k: v for k, v in (tags or {}).items() if isinstance(v, bytes)},
         ),
     )
+    NodeLedger(context).release(bytes(state.state["model"]))  # before the shares leave
     _forget(context, STATE_KEY)
     content = RecordDict({Record.SECAGG: ConfigRecord(shares)})
     prepared = Record.NEXT_CONFIG in msg.content.config_records

@@ -20,6 +20,11 @@ import numpy as np
 
 MODULUS_BITS = 32
 MIN_BITS, MAX_BITS = 8, 31
+# After the update's values, every upload carries two integers: the hospital's own weight,
+# and how many of its values the clipping range cut (only their sum over the hospitals is
+# ever unmasked: a count per hospital would be a statistic of its own update).
+WEIGHT_SLOT, CLIPPED_SLOT = -2, -1
+EXTRA_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,16 @@ def weight_ratio(examples: float, max_weight: float) -> float:
     return min(float(examples), float(max_weight)) / float(max_weight)
 
 
+def clipped_cap(participants: int) -> int:
+    """The most clipped values one upload counts: n of them still fit a signed 32-bit sum."""
+    return (2 ** (MODULUS_BITS - 1) - 1) // participants
+
+
 def encode(
     update: np.ndarray, ratio: float, clipping_range: float, bits: int, participants: int
 ) -> tuple[np.ndarray, int]:
-    """(uint32 encoding of ratio * clipped update, then of ratio; number of values clipped).
+    """(uint32 encoding of ratio * clipped update, then of ratio, then of the number of values
+    clipped; that number, for the hospital's own log).
 
     float32 arithmetic suffices: its relative error (6e-8) is the update's own
     precision, and |encoded| < 2**30 always fits the int32 it is cast to.
@@ -100,22 +111,25 @@ def encode(
     values = np.asarray(update, dtype=np.float32).ravel()
     if not np.isfinite(values).all():
         raise ValueError("the update contains NaN or infinite values")
-    encoded = np.empty(values.size + 1, dtype=np.float32)
-    encoded[-1] = 0.0  # the weight's place, set in integers below
-    np.clip(values, -clipping_range, clipping_range, out=encoded[:-1])
-    clipped = int(np.count_nonzero(encoded[:-1] != values))
-    encoded[:-1] *= np.float32(ratio * scale(clipping_range, bits, participants))
+    encoded = np.empty(values.size + EXTRA_SLOTS, dtype=np.float32)
+    encoded[-EXTRA_SLOTS:] = 0.0  # the weight's and the count's places, set in integers below
+    body = encoded[:-EXTRA_SLOTS]
+    np.clip(values, -clipping_range, clipping_range, out=body)
+    clipped = int(np.count_nonzero(body != values))
+    body *= np.float32(ratio * scale(clipping_range, bits, participants))
     np.rint(encoded, out=encoded)
     as_int = encoded.astype(np.int32)
-    as_int[-1] = weight_units(ratio, participants)
+    as_int[WEIGHT_SLOT] = weight_units(ratio, participants)
+    as_int[CLIPPED_SLOT] = min(clipped, clipped_cap(participants))
     return as_int.view(np.uint32), clipped
 
 
 def decode(
     total: np.ndarray, encoding: Encoding, participants: int, contributors: int
-) -> tuple[np.ndarray, float]:
-    """The weighted mean update (float32) and the sum of weight ratios, from the unmasked sum
-    of `contributors` uploads; ValueError when it cannot be a sum of honest encodings.
+) -> tuple[np.ndarray, float, int]:
+    """The weighted mean update (float32), the sum of weight ratios and the number of values
+    the hospitals clipped, from the unmasked sum of `contributors` uploads; ValueError when
+    it cannot be a sum of honest encodings.
 
     Masks cancel additively, so a hospital that adds anything to its upload
     moves the sum. What an honest sum must satisfy is checked: each weight is
@@ -125,7 +139,7 @@ def decode(
     training (docs/security.md).
     """
     signed = np.ascontiguousarray(total, dtype=np.uint32).view(np.int32)
-    units, full = int(signed[-1]), weight_scale(participants)
+    units, full = int(signed[WEIGHT_SLOT]), weight_scale(participants)
     lowest = contributors * math.floor(full / encoding.max_weight)
     highest = contributors * full
     if not (units == highest if encoding.equal_weights else lowest <= units <= highest):
@@ -136,7 +150,7 @@ def decode(
         )
     ratio_sum = units / full
     unit = scale(encoding.clipping_range, encoding.bits, participants)
-    mean = signed[:-1].astype(np.float32)
+    mean = signed[:-EXTRA_SLOTS].astype(np.float32)
     mean *= np.float32(1 / (unit * ratio_sum))
     bound = encoding.clipping_range * (1 + 1e-6) + contributors / (2 * unit * ratio_sum)
     largest = float(np.abs(mean).max()) if mean.size else 0.0
@@ -145,4 +159,7 @@ def decode(
             f"the unmasked mean reaches {largest:g}, beyond the clipping range "
             f"{encoding.clipping_range:g}: a hospital's upload was not a valid encoding"
         )
-    return mean, ratio_sum
+    clipped = int(signed[CLIPPED_SLOT])
+    if not 0 <= clipped <= contributors * clipped_cap(participants):
+        raise ValueError(f"the unmasked count of clipped values is {clipped}: not a valid sum")
+    return mean, ratio_sum, clipped

@@ -282,7 +282,7 @@ def _masked_bytes(data: bytes):
     return corrupt
 
 
-VECTOR = sum(int(np.prod(shape)) for shape in SHAPES.values()) + 1  # the update and its weight
+VECTOR = sum(int(np.prod(shape)) for shape in SHAPES.values()) + 2  # update, weight, clipped
 MALFORMED = {
     "advertise: no keys": ("advertise", _remove(Record.SECAGG)),
     "advertise: a key that is text": ("advertise", _set(Record.SECAGG, Key.C_PK, "a key")),
@@ -500,14 +500,14 @@ def _to_the_floor(weights) -> Callable[[int], int]:
 @pytest.mark.parametrize(
     ("dp", "values", "shift", "caught_by"),
     [
-        (False, slice(None, -1), lambda weights: lambda size: 2**30, "not a valid encoding"),
+        (False, slice(None, -2), lambda weights: lambda size: 2**30, "not a valid encoding"),
         # the weight beyond n full weights, or down to the lowest sum every bound allows
-        (False, slice(-1, None), lambda weights: lambda size: 2**30, "clear weights say"),
-        (False, slice(-1, None), _to_the_floor, "clear weights say"),
+        (False, slice(-2, -1), lambda weights: lambda size: 2**30, "clear weights say"),
+        (False, slice(-2, -1), _to_the_floor, "clear weights say"),
         # under DP every weight is 1: shrink the total to almost nothing, inflating the mean
         (
             True,
-            slice(-1, None),
+            slice(-2, -1),
             lambda weights: lambda size: -(4 * weight_scale(4) - 1),
             "clear weights say",
         ),
@@ -759,3 +759,64 @@ def test_choosing_whose_shares_reach_a_hospital_reveals_nothing(views):
         # V holds no share of a neighbour it is told dropped: it hands out seed shares only
         assert set(attacker.refused_to_unmask) == {int(n) for n in (a, b, c, d)}
         assert all("confirmed the same view" in why for why in attacker.refused_to_unmask.values())
+
+
+def _deployed_nodes(grid: InProcessGrid, folder) -> None:
+    """Give each hospital a cache folder, as `medfed node start` does: its ledgers persist."""
+    for node, context in grid.contexts.items():
+        context.node_config[NodeConfig.CACHE_DIR] = str(folder / str(node))
+
+
+def _new_run(grid: InProcessGrid, run_id: int) -> None:
+    """The same hospitals in another Flower run (a resume, or a fresh `flwr run`)."""
+    for context in grid.contexts.values():
+        context.run_id, context.state = run_id, RecordDict()
+
+
+@pytest.mark.parametrize("unmasked", [True, False], ids=["unmasked", "never-unmasked"])
+def test_a_sum_over_one_model_is_revealed_once_across_runs(tmp_path, unmasked):
+    """The attack: round 1 on model M in run 7 with {V, A, B, C}, then round 1 on M in run 8
+    with {A, B, C}: the run ledgers are per run, training repeats bit for bit, and the
+    difference of the sums was V's update (cosine 1.0). A hospital that helped unmask a sum
+    over M refuses a secure round on M in any later run; one whose round never unmasked
+    (the run died first) may train it again, so a run can be carried on."""
+    updates, _weights, start, grid, cfg, secure = federation(4, seed=43)
+    _deployed_nodes(grid, tmp_path)
+    nodes = list(updates)
+    if not unmasked:
+        grid.drop["unmask"] = set(nodes)
+    try:
+        run_round(grid, start, cfg, secure)
+    except SecAggAbort:
+        assert not unmasked
+    _new_run(grid, 8)
+    grid.drop = {}
+    again = workflow(grid, cfg, run_id=8)
+    messages = train_messages(nodes[1:], global_model(start, 1), 1, cfg)
+    if not unmasked:
+        assert len(again.train_round(1, messages, SHAPES).replies) == 3
+        return
+    with pytest.raises(SecAggAbort, match="upload stage"):
+        again.train_round(1, messages, SHAPES)
+    reasons = [m.error.reason for m in grid.seen if m.has_error()]
+    assert sum("already helped reveal a sum over this global model" in r for r in reasons) == 3
+
+
+def test_a_hospitals_own_epsilon_composes_across_runs(tmp_path):
+    """Its own epsilon against the coordinator counts every noisy update it ever sent,
+    not only this run's: the same data released again is a release again."""
+    from medfed.client.privacy.hospital_noise import own_epsilon
+    from tests.server.test_hospital_noise import hospitals
+
+    _nodes, _, start, cfg, grid = hospitals(3, seed=54)
+    _deployed_nodes(grid, tmp_path)
+    first = run_round(grid, start, cfg)
+    _new_run(grid, 9)
+    second = run_round(grid, start, cfg, workflow(grid, cfg, run_id=9), server_round=2)
+    spent = [
+        [r.content[Record.METRICS][Metric.DP_EPSILON_OWN] for r in outcome.replies]
+        for outcome in (first, second)
+    ]
+    multiplier = cfg.dp_noise_multiplier / 3**0.5
+    assert spent[0] == pytest.approx([own_epsilon([multiplier], cfg.dp_delta)] * 3)
+    assert spent[1] == pytest.approx([own_epsilon([multiplier] * 2, cfg.dp_delta)] * 3)

@@ -31,8 +31,9 @@ def random_updates(n: int, seed: int, spread: float = 0.5):
     return updates, weights, start
 
 
-def workflow(grid: InProcessGrid, cfg) -> SecureAggregation:
-    return SecureAggregation(Exchange(grid, cfg.round_timeout_seconds, SiteNames()), cfg, RUN_ID)
+def workflow(grid: InProcessGrid, cfg, run_id: int = RUN_ID) -> SecureAggregation:
+    exchange = Exchange(grid, cfg.round_timeout_seconds, SiteNames())
+    return SecureAggregation(exchange, cfg, run_id)
 
 
 def global_model(start, server_round: int):
@@ -154,7 +155,7 @@ def test_a_single_masked_upload_is_uniform_mod_2_32():
     run_round(grid, start, secure_config())
     upload = next(m for m in grid.seen if m.metadata.src_node_id == node and "arrays" in m.content)
     values = upload.content["arrays"]["masked"].numpy()
-    assert values.size == sum(int(np.prod(a.shape)) for a in big.values()) + 1  # + its weight
+    assert values.size == sum(int(np.prod(a.shape)) for a in big.values()) + 2  # weight, clipped
     for top_bits in (values >> 24, values & 0xFF):  # high and low bytes
         counts = np.bincount(top_bits.astype(np.int64), minlength=256)
         assert chisquare(counts).pvalue > 1e-4
@@ -238,13 +239,14 @@ def test_weighting_cannot_overflow_the_modulus():
     # Extreme counts and values at the clipping bound: the sums still decode.
     ratios = [weight_ratio(count, 1000.0) for count in (1e12, 1.0, 3.0)]
     assert ratios == [1.0, 0.001, 0.003]
-    total = np.zeros(101, np.uint32)
+    total = np.zeros(102, np.uint32)
     for ratio in ratios:
         encoded, clipped = encode(np.full(100, 1e9, np.float32), ratio, 16.0, 31, 3)
         assert clipped == 100
         total += encoded
-    mean, ratio_sum = decode(total, Encoding(16.0, 31, 1000.0, equal_weights=False), 3, 3)
+    mean, ratio_sum, clipped = decode(total, Encoding(16.0, 31, 1000.0, False), 3, 3)
     assert ratio_sum == pytest.approx(1.004, abs=1e-8)
+    assert clipped == 300  # the three hospitals' counts, summed under the masks
     assert np.allclose(mean, 16.0, atol=1e-5)
     for count in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="aggregation weight"):
