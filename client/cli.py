@@ -189,6 +189,12 @@ def add_node_commands(commands: Commands) -> None:
         "whatever the coordinator asks (default 10)",
     )
     start.add_argument(
+        "--require-secure-aggregation",
+        action="store_true",
+        help="train only in runs with secure aggregation: the run config, which the operator "
+        "chooses, can then never have this site's update sent in the clear",
+    )
+    start.add_argument(
         "--insecure", action="store_true", help="no TLS, no authentication: local tests only"
     )
     start.set_defaults(handler=_node_start)

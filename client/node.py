@@ -34,6 +34,7 @@ OPTIONS = {
     NodeConfig.DEVICE: "--device",
     NodeConfig.CACHE_DIR: "--state",
     NodeConfig.MIN_COUNT: "--min-count",
+    NodeConfig.REQUIRE_SECURE_AGGREGATION: "--require-secure-aggregation",
 }
 
 
@@ -54,17 +55,19 @@ class NodeOptions:
     task: str | None = None  # the task to check the data for (default: dataset.json)
     insecure: bool = False
     min_count: int = 10  # the site's floor: no smaller count of images is ever revealed
+    require_secure_aggregation: bool = False  # train only in runs with secure aggregation
 
 
-def node_config_values(options: NodeOptions, cache: Path) -> dict[str, str | int]:
+def node_config_values(options: NodeOptions, cache: Path) -> dict[str, str | int | bool]:
     """The node config the SuperNode is started with, checked by the rules its ClientApp
     reads it with (NodeSettings): a bad option fails here, before anything starts."""
-    values: dict[str, str | int] = {
+    values: dict[str, str | int | bool] = {
         NodeConfig.DATA_PATH: str(options.data.resolve()),
         NodeConfig.SITE_NAME: options.name,
         NodeConfig.DEVICE: options.device,
         NodeConfig.CACHE_DIR: str(cache),
         NodeConfig.MIN_COUNT: options.min_count,
+        NodeConfig.REQUIRE_SECURE_AGGREGATION: options.require_secure_aggregation,
     }
     for key, value in values.items():
         try:

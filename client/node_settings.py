@@ -44,6 +44,7 @@ class NodeSettings:
     cache_dir: Path | None = None
     loader_workers: int | None = None
     min_count: int = DEFAULT_FLOOR  # the site's floor: no smaller count of images leaves it
+    require_secure_aggregation: bool = False  # the hospital's policy, not the run's
     partition: tuple[int, int] | None = None  # simulation: (partition id, partitions)
 
     @classmethod
@@ -63,6 +64,7 @@ class NodeSettings:
             cache_dir=_path(values, NodeConfig.CACHE_DIR),
             loader_workers=_integer(values, NodeConfig.LOADER_WORKERS, 0, MAX_LOADER_WORKERS),
             min_count=DEFAULT_FLOOR if min_count is None else min_count,
+            require_secure_aggregation=_flag(values, NodeConfig.REQUIRE_SECURE_AGGREGATION),
             partition=_partition(values),
         )
 
@@ -106,6 +108,16 @@ def _integer(values: Mapping[str, Any], key: str, low: int, high: int) -> int | 
     if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
         _bad(key, value, f"an integer in {low}..{high}")
     return number
+
+
+def _flag(values: Mapping[str, Any], key: str) -> bool:
+    """A true/false setting (TOML's booleans, or the text true/false); absent: false."""
+    value = values.get(key, False)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        _bad(key, value, "true or false")
+    return value
 
 
 def _bad(key: str, value: Any, expected: str) -> None:

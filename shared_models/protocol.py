@@ -133,6 +133,8 @@ class NodeConfig:
     CACHE_DIR = "cache-dir"
     LOADER_WORKERS = "loader-workers"
     MIN_COUNT = "min-count"  # the site's floor: no smaller count of images leaves it
+    # The hospital's own policy: it trains only in runs with secure aggregation on.
+    REQUIRE_SECURE_AGGREGATION = "require-secure-aggregation"
     PARTITION_ID = "partition-id"  # Flower's simulation engine sets these two
     NUM_PARTITIONS = "num-partitions"
 

@@ -42,7 +42,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from medfed.client.node_settings import NodeSettings
 from medfed.client.round_request import MalformedRequest, request_config, server_round
 from medfed.shared_models.config import FLOAT_RANGES, RunConfig
-from medfed.shared_models.protocol import Config, Record
+from medfed.shared_models.protocol import Config, NodeConfig, Record
 from medfed.shared_models.round_terms import model_digest, round_digest, run_config_digest
 from medfed.shared_models.runtime import durable_write
 
@@ -163,9 +163,16 @@ def check_training_settings(config: Mapping[str, Any], cfg: RunConfig) -> int:
 
 
 def round_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Refuse a repeated round, a model trained on before and settings that are not the
-    run's; record the round in the ledger and its terms for the masking mod."""
+    """Refuse a plain round where the hospital requires secure aggregation, a repeated round,
+    a model trained on before and settings that are not the run's; record the round in the
+    ledger and its terms for the masking mod."""
     cfg = RunConfig.from_mapping(context.run_config, validate=False)
+    required = NodeSettings.from_mapping(context.node_config).require_secure_aggregation
+    if required and not cfg.secure_aggregation:
+        raise RoundRefused(
+            "this hospital trains only in runs with secure aggregation (its node setting "
+            f"'{NodeConfig.REQUIRE_SECURE_AGGREGATION}'): set secure-aggregation = true"
+        )
     config = request_config(msg)
     number = check_training_settings(config, cfg)
     arrays = msg.content.array_records.get(Record.ARRAYS)

@@ -39,3 +39,21 @@ def test_the_supernode_runs_only_approved_apps(started, tmp_path):
     first = supernode.env["PATH"].split(":")[0]
     assert Path(first) == tmp_path / "state" / "bin"
     assert supernode.env[approval.STATE_ENV] == str((tmp_path / "state").resolve())
+
+
+def test_the_hospitals_own_policy_reaches_its_clientapps(tmp_path, seg_sites, supervised):
+    """`--require-secure-aggregation` is in the node config every ClientApp reads."""
+    options = node.NodeOptions(
+        coordinator="127.0.0.1:1",
+        ca=None,
+        key=None,
+        data=seg_sites / "site-0",
+        name="site-0",
+        state=tmp_path / "state",
+        insecure=True,
+        require_secure_aggregation=True,
+    )
+    assert node.start_node(options) == 0
+    (supernode,) = supervised
+    config = supernode.command[supernode.command.index("--node-config") + 1]
+    assert "require-secure-aggregation=true" in config.split()

@@ -131,3 +131,16 @@ def test_a_setting_that_is_not_the_runs_own_is_refused(run, settings, refusal):
 def test_the_runs_own_settings_are_accepted(run, settings):
     cfg = RunConfig.from_mapping(run)
     assert check_training_settings({Config.SERVER_ROUND: 3, **settings}, cfg) == 3
+
+
+def test_a_hospital_that_requires_secure_aggregation_never_trains_in_the_clear():
+    """The run config is the operator's: a hospital's own node setting decides whether its
+    update may ever be sent in the clear (a plain run was trained and sent before)."""
+    ctx = context()
+    ctx.node_config[NodeConfig.REQUIRE_SECURE_AGGREGATION] = True
+    with pytest.raises(RoundRefused, match="trains only in runs with secure aggregation"):
+        TRAIN(training(1), ctx)
+    secure = context(**{"secure-aggregation": True})
+    secure.node_config[NodeConfig.REQUIRE_SECURE_AGGREGATION] = True
+    with pytest.raises(Exception, match="carries no neighbour shares"):  # past the policy
+        TRAIN(training(1), secure)
