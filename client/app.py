@@ -92,16 +92,19 @@ def _fields(msg: Message, reply: Message, context: Context) -> dict[str, Any]:
 
 
 def outbound_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Audit the reply that actually leaves the site; count its model bytes and show its
-    counts, as sent, on the node's gauges."""
+    """Audit the reply that actually leaves the site; count its model bytes and show it, as
+    sent, on the node's gauges (a training reply; an evaluation of the global model)."""
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     site = str(reply.content[Record.SITE][SiteKey.NAME])
     event = EVENTS[msg.metadata.message_type.split(".")[0]]
     audit(event, run=context.run_id, site=site, **_fields(msg, reply, context))
-    if msg.metadata.message_type == MessageType.TRAIN:
-        telemetry.record_sent_counts(site, reply.content[Record.METRICS])
+    training = msg.metadata.message_type == MessageType.TRAIN
+    global_model = Config.CROSS_SITE_MODEL not in msg.content[Record.CONFIG]
+    if training or (msg.metadata.message_type == MessageType.EVALUATE and global_model):
+        task = str(context.run_config.get("task", ""))
+        telemetry.record_sent(site, task, training, reply.content[Record.METRICS])
     sent = sum(len(a.data) for r in reply.content.array_records.values() for a in r.values())
     if sent:
         telemetry.model_bytes_sent(site, sent)

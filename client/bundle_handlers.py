@@ -88,12 +88,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The bundle evaluator's metrics (key metric as `key-metric`) and its validation loss."""
     round_settings(msg)
-    cfg, site = open_site(context, msg)
+    _, site = open_site(context, msg)
     metrics = evaluate_round(site, received(msg))
     metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
     metrics[Metric.WEIGHT] = len(site.data.val)
     metrics[Metric.SKIPPED_FILES] = 0
-    telemetry.record_evaluation(site.name, cfg.task, metrics)
     remember(context, site_counts(site))
     return site_reply(msg, site.name, metrics)
 

@@ -33,7 +33,8 @@ from medfed.client.data.site import SiteDataset, load_site
 from medfed.client.data.site_summary import site_summary
 from medfed.client.gan import generated_items
 from medfed.client.node_settings import NodeSettings
-from medfed.client.privacy.disclosure import SiteCounts, remember
+from medfed.client.privacy.disclosure import SiteCounts, decide, largest_hidden_train, remember
+from medfed.client.privacy.filters import site_floor
 from medfed.client.round_request import MalformedRequest, cross_site_model, round_settings
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Metric, Record, SiteKey, Statistic
@@ -63,6 +64,7 @@ class NodeSite:
         self.cfg = RunConfig.from_mapping(context.run_config)
         self.context = context
         node = NodeSettings.from_mapping(context.node_config)
+        self.floor = site_floor(context)  # the floor every reply of the run obeys
         path = resolve_site_path(node, self.cfg)
         self.cache = site_cache_dir(node, path)
         self.data: SiteDataset = load_site(
@@ -101,6 +103,14 @@ class NodeSite:
             presence=self.task.label_kind == "mask",
         )
 
+    def hidden_epoch(self) -> int | None:
+        """Training items per epoch of a site whose counts are hidden (None when shown): the
+        most a hidden site can have, drawn with replacement, so that the update carries no
+        trace of the site's own count (client/privacy/disclosure.largest_hidden_train)."""
+        if decide(self.counts(), self.floor).split_shown:
+            return None
+        return largest_hidden_train(self.floor, self.cfg.val_fraction)
+
     def aggregation_weight(self) -> float:
         """The example count; 1 under differential privacy, whose noise assumes equal weights."""
         return 1.0 if self.cfg.dp_mode != "off" else float(len(self.data.train))
@@ -127,6 +137,7 @@ class NodeSite:
         train: bool,
         server_round: int = 0,
         extra: list[dict[str, Any]] | None = None,
+        epoch_images: int | None = None,
     ) -> DataLoader:
         """Batches of `items`, seeded by (seed, round), cached under this node's cache."""
         return make_loader(
@@ -139,6 +150,7 @@ class NodeSite:
             workers=self.workers,
             server_round=server_round,
             extra=extra,
+            epoch_images=epoch_images,
         )
 
     def reply(
@@ -207,7 +219,13 @@ def train(msg: Message, context: Context) -> Message:
     site = NodeSite(context)
     net = site.network(msg)
     extra = generated_items(site.data, site.cfg, server_round) if site.cfg.gan_augment_ratio else []
-    loader = site.loader(site.data.train, train=True, server_round=server_round, extra=extra)
+    loader = site.loader(
+        site.data.train,
+        train=True,
+        server_round=server_round,
+        extra=extra,
+        epoch_images=site.hidden_epoch(),
+    )
     mu = request.proximal_mu
     clock = TrainingClock(site.device)
     with batch_progress(site.name, server_round, len(loader) * site.cfg.local_epochs) as step:
@@ -234,7 +252,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the received model on this site's held-out split: the global
     model, or at the end of a run another site's last local model (cross-site evaluation)."""
     round_settings(msg)  # a malformed request is refused before the site is opened
-    other_site = cross_site_model(msg)
+    cross_site_model(msg)  # refused here when malformed (the audit line names the model)
     site = NodeSite(context)
     net = site.network(msg)
     metrics = site.task.evaluate(
@@ -243,8 +261,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
     metrics[Metric.WEIGHT] = len(site.data.val)
     metrics[Metric.SKIPPED_FILES] = len(site.data.problems)
-    if other_site is None:  # the site's gauges show the global model's metrics only
-        telemetry.record_evaluation(site.name, site.cfg.task, metrics)
     remember(context, site.counts())
     return site.reply(msg, metrics)
 

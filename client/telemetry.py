@@ -96,34 +96,40 @@ class TrainingReport:
 
 
 def record_training(report: TrainingReport) -> None:
-    """A round of local training (its counts: `record_sent_counts`)."""
+    """A round of local training (its loss and counts, as sent: `record_sent`)."""
     TRAINING_DURATION.labels(report.site, report.task).observe(report.seconds)
-    TRAIN_LOSS.labels(report.site, report.task).set(report.loss)
     ROUNDS_TRAINED.labels(report.site).inc()
     LAST_ROUND.labels(report.site).set(report.server_round)
     DEVICE.labels(report.site, report.device).set(1)
     GPU_MEMORY_PEAK.labels(report.site).set(report.gpu_peak_bytes)
 
 
-def record_sent_counts(site: str, metrics: Mapping[str, object]) -> None:
-    """The examples, skipped files and throughput of a training reply as it was sent."""
+def record_sent(site: str, task: str, training: bool, metrics: Mapping[str, object]) -> None:
+    """The node's gauges from a training reply, or an evaluation of the global model, as
+    it was sent: a value the site hid (SUPPRESSED) shows as NaN. The consortium's
+    Prometheus may scrape these gauges (deploy/), so they show no more than the reply."""
+
+    def shown(value: object) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return math.nan if value == SUPPRESSED else float(value)
+
+    if not training:
+        for name, value in metrics.items():
+            if name not in Metric.BOOKKEEPING and shown(value) is not None:
+                LOCAL_VALIDATION.labels(site, task, name).set(shown(value))
+        return
     for gauge, key in (
         (EXAMPLES, Metric.NUM_EXAMPLES),
         (SKIPPED_FILES, Metric.SKIPPED_FILES),
         (IMAGES_PER_SECOND, Metric.IMAGES_PER_SECOND),
     ):
-        value = metrics.get(key)
-        if isinstance(value, int | float):
-            gauge.labels(site).set(math.nan if value == SUPPRESSED else value)
+        if shown(metrics.get(key)) is not None:
+            gauge.labels(site).set(shown(metrics.get(key)))
+    if shown(metrics.get(Metric.TRAIN_LOSS)) is not None:
+        TRAIN_LOSS.labels(site, task).set(shown(metrics.get(Metric.TRAIN_LOSS)))
 
 
 def model_bytes_sent(site: str, count: int) -> None:
     """Model bytes that left the site (after masking: what was actually sent)."""
     SENT_BYTES.labels(site).inc(count)
-
-
-def record_evaluation(site: str, task: str, metrics: dict[str, float]) -> None:
-    """The global model's validation metrics on this site's images."""
-    for name, value in metrics.items():
-        if name not in Metric.BOOKKEEPING:
-            LOCAL_VALIDATION.labels(site, task, name).set(value)

@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from medfed.server.exchange import Exchange, RoundReplies, SiteNames
+from medfed.server.hidden_counts import hidden_site
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Config, Metric, Record
 
@@ -65,6 +66,9 @@ class CrossSiteMatrix:
         row = self.cells.setdefault(model, {})
         for reply in replies.ok:
             metrics = reply.content[Record.METRICS]
+            if hidden_site(metrics):  # a site whose counts are hidden shows no metric
+                row[names(reply.metadata.src_node_id)] = {}
+                continue
             row[names(reply.metadata.src_node_id)] = {
                 k: float(v)
                 for k, v in metrics.items()

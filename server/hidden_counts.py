@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from medfed.shared_models.protocol import SUPPRESSED, Metric, Statistic
 
@@ -42,11 +41,21 @@ def is_hidden(value: Any) -> bool:
     return value in (HIDDEN, SUPPRESSED)
 
 
+def hidden_site(values: Mapping[str, Any]) -> bool:
+    """Whether a training or evaluation reply comes from a site whose counts are hidden:
+    then every metric but the few it still shows (Metric.SHOWN_WHEN_HIDDEN) is a marker."""
+    return Metric.NUM_EXAMPLES in values and is_hidden(values[Metric.NUM_EXAMPLES])
+
+
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
     """A site's metrics or summary as the coordinator records them: each hidden count (or
-    histogram cell) HIDDEN, everything else as the site sent it."""
+    histogram cell), and every metric of a site whose counts are hidden, HIDDEN;
+    everything else as the site sent it."""
+    whole_site = hidden_site(values)
 
     def record(key: str, value: Any) -> Any:
+        if whole_site and key not in Metric.SHOWN_WHEN_HIDDEN:
+            return [HIDDEN] * len(value) if isinstance(value, list) else HIDDEN
         if key not in HIDEABLE:
             return value
         if isinstance(value, list):
@@ -62,15 +71,32 @@ def shown_count(value: Any) -> str:
 
 
 def mean_of_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
-    """Flower's weighted mean of the replies' metrics (`aggregate_metricrecords`) with the
-    counts a site may hide left out, so that no -1 marker is ever averaged in."""
-    kept = [
-        RecordDict(
-            {
-                name: MetricRecord({k: v for k, v in m.items() if k not in Metric.HIDEABLE})
-                for name, m in record.metric_records.items()
-            }
-        )
-        for record in records
-    ]
-    return aggregate_metricrecords(kept, weighting_metric_name)
+    """The weighted mean of each metric over the sites that show it: the counts a site may
+    hide are left out, and so is every metric of a site whose counts are hidden, so that no
+    -1 marker is ever averaged in. (Flower's `aggregate_metricrecords` averages every key
+    over every reply; this is its weighted mean, key by key, over the values shown.)"""
+    sums: dict[str, Any] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        weight = float(metrics[weighting_metric_name])
+        hidden = hidden_site(metrics)
+        for key, value in metrics.items():
+            if key == weighting_metric_name or key in Metric.HIDEABLE:
+                continue
+            if hidden and key not in Metric.SHOWN_WHEN_HIDDEN:
+                continue
+            scaled = [v * weight for v in value] if isinstance(value, list) else value * weight
+            if key in sums and isinstance(value, list):
+                scaled = [a + b for a, b in zip(sums[key], scaled, strict=True)]
+            elif key in sums:
+                scaled = sums[key] + scaled
+            sums[key], weights[key] = scaled, weights.get(key, 0.0) + weight
+    return MetricRecord(
+        {
+            key: [v / weights[key] for v in total]
+            if isinstance(total, list)
+            else total / weights[key]
+            for key, total in sums.items()
+        }
+    )

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from medfed.server.cross_site_report import cross_site_section
-from medfed.server.hidden_counts import HIDEABLE, is_hidden, shown_count
+from medfed.server.hidden_counts import HIDDEN, HIDEABLE, is_hidden, shown_count
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Metric, Statistic
 from medfed.shared_models.run_folder import METRICS_JSON, PLOTS, PREDICTIONS_PNG, REPORT_MD
@@ -92,7 +92,9 @@ def _sites_section(last: dict[str, Any]) -> list[str]:
     ]
     for site, metrics in last["sites"].items():
         cells = [
-            "*hidden*" if k in HIDEABLE and is_hidden(metrics.get(k)) else _fmt(metrics.get(k))
+            "*hidden*"
+            if metrics.get(k) == HIDDEN or (k in HIDEABLE and is_hidden(metrics.get(k)))
+            else _fmt(metrics.get(k))
             for k in keys
         ]
         lines.append(f"| {site} | " + " | ".join(cells) + " |")
@@ -140,6 +142,11 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _number(value: Any) -> float:
+    """A value to plot: a number, or NaN (a gap) where the site's value is hidden or absent."""
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
 def _plot_global(rounds: list[dict[str, Any]], headline: str, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     xs = [r["round"] for r in rounds]
@@ -166,13 +173,13 @@ def _plot_sites(rounds: list[dict[str, Any]], headline: str, path: Path) -> None
         xs = [r["round"] for r in rounds if site in r["sites"]]
         left.plot(
             xs,
-            [r["sites"][site].get(headline, math.nan) for r in rounds if site in r["sites"]],
+            [_number(r["sites"][site].get(headline)) for r in rounds if site in r["sites"]],
             "o-",
             label=site,
         )
         right.plot(
             xs,
-            [r["sites"][site].get(Metric.LOSS, math.nan) for r in rounds if site in r["sites"]],
+            [_number(r["sites"][site].get(Metric.LOSS)) for r in rounds if site in r["sites"]],
             "o-",
             label=site,
         )

@@ -154,8 +154,8 @@ class RoundTelemetry:
             elif name not in NOT_QUALITY:
                 GLOBAL_VALIDATION.labels(self.run, self.task, name).set(value)
         for site, metrics in site_validation.items():
-            for name, value in metrics.items():
-                if name not in NOT_QUALITY:
+            for name, value in metrics.items():  # a hidden value ("hidden") sets no sample
+                if name not in NOT_QUALITY and isinstance(value, int | float):
                     SITE_VALIDATION.labels(self.run, self.task, site, name).set(value)
 
     def cross_site(self, metric: str, values: dict[str, dict[str, float | None]]) -> None:

@@ -69,6 +69,10 @@ class Metric:
     COUNTS = (NUM_EXAMPLES, SKIPPED_FILES, GENERATED_IMAGES)
     # Everything a site may send as SUPPRESSED: its counts and the throughput that gives one away.
     HIDEABLE = (*COUNTS, IMAGES_PER_SECOND)
+    # What a site whose counts are hidden still sends as values: every other metric (loss,
+    # accuracy, Dice, AUC, ...) is a mean over its images, a fraction whose denominator a
+    # chosen model (or enough honest rounds) gives away, so it goes as SUPPRESSED too.
+    SHOWN_WHEN_HIDDEN = (WEIGHT, NUM_EXAMPLES, SKIPPED_FILES, TRAIN_SECONDS, DP_EPSILON_OWN)
 
 
 class Config:

@@ -16,7 +16,7 @@ from typing import Any
 import monai
 import torch
 from monai.data import CacheDataset, DataLoader, PersistentDataset
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, RandomSampler
 
 from medfed.client.data.scan import SCAN_VERSION
 from medfed.client.data.site import SiteDataset
@@ -70,6 +70,7 @@ def make_loader(
     workers: int | None = None,
     server_round: int = 0,
     extra: list[dict[str, Any]] | None = None,
+    epoch_images: int | None = None,
 ) -> DataLoader:
     """A loader whose shuffling and augmentation are seeded by (seed, round).
 
@@ -77,6 +78,8 @@ def make_loader(
     alone would replay the same batches and the same augmentations every
     round, which measurably lets local models memorise their site.
     `extra` holds ready tensors (generated images) mixed into the epoch.
+    `epoch_images`: an epoch of that many items drawn with replacement, whatever
+    the site holds (a site whose counts are hidden trains a public number of steps).
     """
     transform = site_transforms(cfg, site.modality, train, site.array_channel_dim)
     seed = cfg.seed * 1_000_003 + server_round
@@ -92,11 +95,18 @@ def make_loader(
         dataset = CacheDataset(items, transform, cache_rate=1.0, progress=False)
     if extra:
         dataset = ConcatDataset([dataset, extra])
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if epoch_images is not None:
+        sampler = RandomSampler(
+            dataset, replacement=True, num_samples=epoch_images, generator=generator
+        )
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=train,
-        generator=torch.Generator().manual_seed(seed),
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        generator=generator,
         num_workers=loader_workers(device, workers),
         pin_memory=device.type == "cuda",
     )

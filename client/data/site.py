@@ -14,6 +14,7 @@ from typing import Any
 
 from medfed.client.data.manifest import Problem, SiteDataError, declared_classes, read_manifest
 from medfed.client.data.scan import Scanner, ScanSpec
+from medfed.client.data.split import validation_count
 from medfed.client.data.transforms import resolve_modality
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
@@ -63,7 +64,7 @@ def carve_validation(
         return entries, []
     order = sorted(range(len(entries)), key=lambda i: key(entries[i]))
     random.Random(cfg.seed).shuffle(order)
-    n_val = min(len(entries) - 1, max(1, round(len(entries) * cfg.val_fraction)))
+    n_val = validation_count(len(entries), cfg.val_fraction)
     return [entries[i] for i in order[n_val:]], [entries[i] for i in order[:n_val]]
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from flwr.app import Context, MetricRecord
 
+from medfed.client.data.split import validation_count
 from medfed.shared_models.protocol import SUPPRESSED
 
 # Where a handler leaves its site's exact counts for the filters (the node's own state).
@@ -83,6 +84,22 @@ def decide(counts: SiteCounts, floor: int) -> Disclosure:
     else:
         histogram = cells
     return Disclosure(floor, True, counts.train, counts.val, histogram)
+
+
+def largest_hidden_train(floor: int, val_fraction: float) -> int:
+    """The most training images a site whose split is hidden can have, under the public
+    split rule: what such a site draws per epoch (with replacement), whatever its own
+    count, so that neither its number of optimiser steps nor anything a chosen model makes
+    of them (a batch-norm layer's running statistics, how many values the clipping range
+    cut) tells how many images it has."""
+    largest, images = floor - 1, 2
+    while True:
+        val = validation_count(images, val_fraction)
+        train = images - val
+        if min(train, val) >= floor:  # both grow with the images: shown from here on
+            return largest
+        largest = max(largest, train)
+        images += 1
 
 
 def small(count: int, floor: int) -> bool:

@@ -99,14 +99,20 @@ def disclose_reply(
 
     The example count is the split's (train, or val for an evaluation). With it
     hidden, so is what gives it away: the throughput (images per second x the
-    seconds), the generated images (a public ratio x train) and a count weight,
-    which becomes the floor (a public constant that keeps it positive; under DP
-    every training weight is 1, not a count). Skipped files and generated images
-    are also hidden below the floor on their own.
+    seconds), the generated images (a public ratio x train), every metric that is
+    a mean over the site's images (accuracy k/n, recall, Dice, the losses: exact
+    fractions whose denominators a chosen model, or enough honest rounds, reveal)
+    and a count weight, which becomes the floor (a public constant that keeps it
+    positive; under DP every training weight is 1, not a count). Skipped files and
+    generated images are also hidden below the floor on their own.
     """
     example_count = shown.train if training else shown.val
     metrics[Metric.NUM_EXAMPLES] = example_count
     if not shown.split_shown:
+        for key in [k for k in metrics if k not in Metric.SHOWN_WHEN_HIDDEN]:
+            value = metrics[key]
+            hidden = float(SUPPRESSED)
+            metrics[key] = [hidden] * len(value) if isinstance(value, list) else hidden
         if Metric.IMAGES_PER_SECOND in metrics:
             metrics[Metric.IMAGES_PER_SECOND] = float(SUPPRESSED)
         if Metric.GENERATED_IMAGES in metrics:

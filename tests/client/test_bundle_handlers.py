@@ -102,6 +102,8 @@ def test_a_deployed_node_runs_only_a_bundle_its_hospital_approved(seg_sites, tmp
     assert [e["bundle_sha256"] for e in events if e["event"] == "bundle-refused"] == [digest] * 2
 
     approval.approve(state, digest, note="read configs/ and scripts/")
+    ctx = _node(seg_sites / "site-0", root)  # the refused run failed: the operator starts anew
+    ctx.run_id = RUN_ID + 1
     reply, _ = _send("train", ctx, root, {Config.BUNDLE_SHA256: digest})
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
 

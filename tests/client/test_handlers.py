@@ -12,6 +12,8 @@ from flwr.app import Context, RecordDict
 from prometheus_client import REGISTRY
 
 from medfed.client.app import app
+from medfed.client.handlers import NodeSite
+from medfed.client.privacy.disclosure import largest_hidden_train
 from medfed.client.synthetic import generate_site
 from medfed.shared_models.audit import AUDIT_ENV, read_audit
 from medfed.shared_models.protocol import (
@@ -48,7 +50,8 @@ def test_another_sites_model_is_audited_by_name_and_leaves_the_sites_gauge(
         NodeConfig.CACHE_DIR: str(tmp_path / "cache"),
         NodeConfig.MIN_COUNT: 1,
     }
-    ctx = Context(RUN_ID, 5, node, RecordDict(), CFG.to_mapping())
+    shown = {**CFG.to_mapping(), "stats-min-count": 1}  # a site whose counts are shown
+    ctx = Context(RUN_ID, 5, node, RecordDict(), shown)
     torch.manual_seed(0)
     global_model = {
         k: v.numpy() for k, v in TASKS["classification"].build_network(CFG).state_dict().items()
@@ -59,9 +62,10 @@ def test_another_sites_model_is_audited_by_name_and_leaves_the_sites_gauge(
         labels = {"site": site, "task": "classification", "metric": "loss"}
         return REGISTRY.get_sample_value("medfed_site_local_validation_metric", labels)
 
+    before = gauge("site-0")  # the gauges are the process's: other tests may have set it
     other = _evaluate(ctx, {Config.CROSS_SITE_MODEL: "site-1"}, local_model)
     site = other["site"]
-    assert gauge(site) is None, "another site's model is not the global model"
+    assert site == "site-0" and gauge(site) == before, "another site's model leaves it"
     own = _evaluate(ctx, {}, global_model)
     assert gauge(site) == own["loss"] != other["loss"]
     evaluated = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "round-evaluated"]
@@ -89,8 +93,8 @@ def test_a_count_hidden_in_one_reply_is_hidden_in_every_reply(tmp_path):
     }
 
     def replies(floor: int) -> tuple[dict, dict, dict]:
-        node = {NodeConfig.DATA_PATH: str(site), NodeConfig.CACHE_DIR: str(tmp_path / "cache"),
-                NodeConfig.MIN_COUNT: floor}  # fmt: skip
+        node = {NodeConfig.DATA_PATH: str(site), NodeConfig.MIN_COUNT: floor,
+                NodeConfig.CACHE_DIR: str(tmp_path / f"cache-{floor}")}  # fmt: skip
         ctx = Context(RUN_ID, 5, node, RecordDict(), {**cfg.to_mapping(), "stats-min-count": 1})
         return (
             _reply(ctx, "query", {Config.STATS_MIN_COUNT: 1}),
@@ -110,5 +114,34 @@ def test_a_count_hidden_in_one_reply_is_hidden_in_every_reply(tmp_path):
     assert trained[Metric.NUM_EXAMPLES] == trained[Metric.IMAGES_PER_SECOND] == SUPPRESSED
     assert evaluated[Metric.NUM_EXAMPLES] == SUPPRESSED
     assert trained[Metric.WEIGHT] == evaluated[Metric.WEIGHT] == 10.0, "the floor, not 34 or 8"
+    # every mean over its images is a fraction whose denominator is a hidden count
+    assert trained[Metric.TRAIN_LOSS] == evaluated[Metric.LOSS] == float(SUPPRESSED)
+    assert evaluated["accuracy"] == evaluated["auc"] == float(SUPPRESSED)
     examples = REGISTRY.get_sample_value("medfed_site_training_examples", {"site": "site"})
     assert math.isnan(examples), "the node's gauge shows what was sent"
+
+
+def test_a_site_whose_counts_are_hidden_trains_a_public_number_of_steps(tmp_path):
+    """A chosen global model can turn the number of optimiser steps into a readable count
+    (a batch-norm channel whose running variance decays 0.9 per batch read 34.000 from a
+    site hiding its 34; how many values the clipping range cut, likewise). A site whose
+    counts are hidden draws, with replacement, as many images per epoch as the largest
+    hidden site can have: its steps are the same whatever its own count."""
+    cfg = tiny_config(task="classification", batch_size=4, stats_min_count=1)  # the node's
+    steps = {}
+    for images in (12, 39):
+        site = generate_site(
+            "classification", 0, tmp_path / f"site-{images}", images_per_site=images, image_size=32
+        )
+        for floor in (10, 1):
+            node = {NodeConfig.DATA_PATH: str(site), NodeConfig.MIN_COUNT: floor,
+                    NodeConfig.CACHE_DIR: str(tmp_path / f"cache-{images}-{floor}")}  # fmt: skip
+            opened = NodeSite(Context(RUN_ID, 5, node, RecordDict(), cfg.to_mapping()))
+            epoch = opened.hidden_epoch()
+            loader = opened.loader(opened.data.train, train=True, epoch_images=epoch)
+            steps[(images, floor)] = (epoch, len(loader), len(opened.data.train))
+    hidden = largest_hidden_train(10, cfg.val_fraction)
+    assert steps[(12, 10)][:2] == steps[(39, 10)][:2] == (hidden, math.ceil(hidden / 4))
+    for images in (12, 39):  # shown (floor 1): the site's own epoch
+        epoch, batches, train = steps[(images, 1)]
+        assert epoch is None and batches == math.ceil(train / 4)

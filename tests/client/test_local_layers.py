@@ -16,8 +16,14 @@ from medfed.shared_models.weights import exchanged_arrays, norm_keys
 from tests.client.test_privacy_mods import RUN_ID, incoming
 from tests.conftest import tiny_config
 
+# stats-min-count 1: the sites' counts are shown, so their metrics are too
 FEDBN = tiny_config(
-    task="classification", strategy="fedbn", norm="batch", local_epochs=1, min_nodes=1
+    task="classification",
+    strategy="fedbn",
+    norm="batch",
+    local_epochs=1,
+    min_nodes=1,
+    stats_min_count=1,
 )
 
 
@@ -36,7 +42,12 @@ def _global(cfg=FEDBN) -> dict[str, np.ndarray]:
 
 
 def _round(ctx: Context, server_round: int, kind: str = "train"):
-    reply = app(incoming(kind, {Config.SERVER_ROUND: server_round}, _global()), ctx)
+    """One message of `server_round`; a training round's global model moved a little each
+    round, as aggregation moves it (a hospital trains on a global model once)."""
+    model = _global()
+    if kind == "train":
+        model = {k: v + np.float32(1e-3 * server_round) for k, v in model.items()}
+    reply = app(incoming(kind, {Config.SERVER_ROUND: server_round}, model), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     return reply
 

@@ -101,6 +101,7 @@ def test_a_ledger_that_cannot_be_read_trains_nothing(tmp_path):
     ("run", "settings", "refusal"),
     [
         ({"strategy": "fedprox", "proximal-mu": 0.01}, {"proximal-mu": 0.5}, "says 0.01"),
+        ({"strategy": "fedprox"}, {"proximal-mu": float("nan")}, "'proximal-mu' = nan"),
         ({"strategy": "fedprox"}, {}, "lacks 'proximal-mu'"),
         ({}, {"proximal-mu": 0.01}, "sets 'proximal-mu'"),
         ({}, {"clipping_norm": 1.0}, "sets 'clipping_norm'"),

@@ -13,7 +13,6 @@ from tests.client.test_privacy_mods import RUN_ID, SHAPES, incoming
     ("kind", "config", "named"),
     [
         ("train", {Config.SERVER_ROUND: "one"}, "'server-round' = 'one'"),
-        ("train", {Config.PROXIMAL_MU: float("nan")}, "'proximal-mu' = nan"),
         ("evaluate", {Config.SERVER_ROUND: -1}, "'server-round' = -1"),
         ("evaluate", {Config.CROSS_SITE_MODEL: "../site-1"}, "'cross-site-model' = '../site-1'"),
         ("evaluate", {Config.CROSS_SITE_MODEL: 3}, "'cross-site-model' = 3: expected a site"),

@@ -115,7 +115,8 @@ report = telemetry.TrainingReport(
 )
 telemetry.record_training(report)
 # the counts as sent: round 3's reply hid its example count
-telemetry.record_sent_counts("site-0", {"num-examples": 40 if round_ < 3 else -1})
+sent = {"num-examples": 40 if round_ < 3 else -1, "train-loss": 0.5 / round_}
+telemetry.record_sent("site-0", "segmentation", True, sent)
 telemetry.model_bytes_sent("site-0", 1000)
 RoundTelemetry(7, "segmentation").round_finished(
     round_, 3.0, {"replied": 1}, {"dice": 0.1 * round_}, {})

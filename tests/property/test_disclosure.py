@@ -31,7 +31,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from medfed.client.app import EVALUATE_MODS, QUERY_MODS, TRAIN_MODS
-from medfed.client.privacy.disclosure import SiteCounts, decide, remember
+from medfed.client.data.split import validation_count
+from medfed.client.privacy.disclosure import SiteCounts, decide, largest_hidden_train, remember
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import (
     SUPPRESSED,
@@ -51,7 +52,7 @@ VAL_FRACTION = 0.2  # the run's public split rule (client/data/site.py carve_val
 # What a site sends that is no count: image statistics and losses. The training time is
 # the same for every drawn site here; as a side channel it is out of scope (docs/security.md).
 NOT_COUNTS = {Statistic.INTENSITY_P1, Statistic.INTENSITY_P99, Metric.TRAIN_SECONDS}
-NOT_COUNTS |= {Metric.TRAIN_LOSS, Metric.LOSS, Statistic.MIN_COUNT}
+NOT_COUNTS |= {Statistic.MIN_COUNT}
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def handlers(site: Site) -> dict[str, Callable[[Message, Context], Message]]:
             Statistic.INTENSITY_HISTOGRAM: list(site.intensity),
         }),
         "train": reply({
-            Metric.TRAIN_LOSS: 0.5, Metric.TRAIN_SECONDS: SECONDS,
+            # a mean over the site's images: a fraction whose denominator is its count
+            Metric.TRAIN_LOSS: 1 / counts.train, Metric.TRAIN_SECONDS: SECONDS,
             Metric.IMAGES_PER_SECOND: counts.train * EPOCHS / SECONDS,
             Metric.NUM_EXAMPLES: counts.train,
             Metric.GENERATED_IMAGES: round(site.gan_ratio * counts.train),
@@ -137,7 +139,8 @@ def handlers(site: Site) -> dict[str, Callable[[Message, Context], Message]]:
             Metric.SKIPPED_FILES: site.skipped,
         }),
         "evaluate": reply({
-            Metric.LOSS: 0.5, Metric.NUM_EXAMPLES: counts.val, Metric.WEIGHT: counts.val,
+            Metric.LOSS: 1 / counts.val, "accuracy": (counts.val // 2) / counts.val,
+            Metric.NUM_EXAMPLES: counts.val, Metric.WEIGHT: counts.val,
             Metric.SKIPPED_FILES: site.skipped,
         }),
     }  # fmt: skip
@@ -241,3 +244,17 @@ def test_no_hidden_count_is_pinned_by_the_shown_ones_and_the_public_rules():
             for i in hidden:
                 values = {(m.train, m.val, *m.histogram)[i] for m in members}
                 assert len(values) >= 2, (floor, presence, members[0], i)
+
+
+@FAST
+@given(floor=st.integers(2, 60), val_fraction=st.sampled_from([0.05, 0.2, 0.5, 0.8, 0.95]))
+def test_a_hidden_sites_epoch_is_the_most_a_hidden_site_can_train_on(floor, val_fraction):
+    """`largest_hidden_train` is exactly the largest train count of any site whose split is
+    hidden under the public split rule (so no hidden site trains on fewer draws than it
+    has, and all train on the same number)."""
+    hidden_trains = []
+    for images in range(2, 4000):
+        val = validation_count(images, val_fraction)
+        if min(images - val, val) < floor:
+            hidden_trains.append(images - val)
+    assert largest_hidden_train(floor, val_fraction) == max([floor - 1, *hidden_trains])

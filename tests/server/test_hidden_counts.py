@@ -89,13 +89,14 @@ def prometheus_series(run_id: int) -> dict[tuple, float]:
 
 def test_global_metrics_never_average_a_hidden_count(tmp_path, monkeypatch):
     """Finding (c): Flower's weighted mean took site-2's -1 into the global `num-examples`
-    (10.105 in the demo). Counts are left out of the global metrics; the quality metrics
-    are averaged with site-2 weighing as much as the floor, not its hidden 8."""
+    (10.105 in the demo). Counts are left out of the global metrics; so are the quality
+    metrics of site-2, whose counts are hidden (each is a fraction over its 8 images): the
+    global Dice is the mean of the sites that show theirs."""
     monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
     metrics, progress = run_with(tmp_path, DEMO_SITE_2, run_id=41)
     for entry in metrics["rounds"]:
         assert not set(entry["global"]) & {*Metric.HIDEABLE, Metric.WEIGHT}, entry["global"]
-        assert math.isclose(entry["global"]["dice"], (12 * 0.0 + 10 * 0.1 + FLOOR * 0.2) / 32)
+        assert math.isclose(entry["global"]["dice"], (12 * 0.0 + 10 * 0.1) / 22)
     site_2 = metrics["rounds"][-1]["sites"]["site-2"]
     assert site_2["num-examples"] == site_2["train-examples"] == HIDDEN
     assert site_2["images-per-second"] == site_2["generated-images"] == HIDDEN
