@@ -6,6 +6,7 @@ them through the federated GAN, without seeing any other site's images.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,12 @@ def sample_images(
             :, 0
         ].numpy()
     out.mkdir(parents=True, exist_ok=True)
+    # the class name comes from the run folder's model.json: letters, digits, '-' and '_'
+    # of it name the files, never a path ('../x' would write outside --out)
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", class_name) or f"class{label}"
     paths = []
     for i, image in enumerate(images):
-        path = out / f"{class_name}-{i:04d}.png"
+        path = out / f"{stem}-{i:04d}.png"
         # medfed's images are stored width-first (MONAI's reader order); PNG wants rows.
         Image.fromarray((np.clip(image.T, 0, 1) * 255).round().astype(np.uint8)).save(path)
         paths.append(path)

@@ -26,7 +26,7 @@ from monai.data import DataLoader
 from torch import nn
 from tqdm import tqdm
 
-from medfed.client import local_layers, telemetry
+from medfed.client import local_layers, node_models, telemetry
 from medfed.client.data.loader import make_loader
 from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
 from medfed.client.data.site import SiteDataset, load_site
@@ -61,7 +61,7 @@ class NodeSite:
     """The run's config, this site's usable data, its cache folder, device and task."""
 
     def __init__(self, context: Context) -> None:
-        self.cfg = RunConfig.from_mapping(context.run_config)
+        self.cfg = node_models.resolve(RunConfig.from_mapping(context.run_config))
         self.context = context
         node = NodeSettings.from_mapping(context.node_config)
         self.floor = site_floor(context)  # the floor every reply of the run obeys

@@ -100,3 +100,24 @@ def test_gan_sample_command_takes_an_index_and_names_a_bad_one(gan_run, tmp_path
     assert "--class '7': not one of the gan's classes (0 normal, 1 pneumonia, 2 covid)" in (
         capsys.readouterr().err
     )
+
+
+def test_class_names_from_a_run_folder_never_name_a_path(tmp_path):
+    """A handed-out run folder's model.json chooses the class names, which name the PNGs:
+    '../x' and an absolute path wrote outside --out. Only letters, digits, '-' and '_' of a
+    name reach a file name."""
+    cfg = tiny_config(
+        task="gan", image_size=32, model_width=4, class_names=f"../x,{tmp_path}/y,normal"
+    )
+    torch.manual_seed(0)
+    RunRecord(cfg, tmp_path / "run").save_model(TASKS["gan"].build_network(cfg), cfg, 1)
+    out = tmp_path / "nested" / "out"
+    written = sample_images(tmp_path / "run", 1, "0", out) + sample_images(
+        tmp_path / "run", 1, "1", out
+    )
+    assert all(path.parent == out for path in written)
+    assert sorted(p.name for p in out.iterdir() if p.name != "grid.png") == sorted(
+        p.name for p in written
+    )
+    assert not (tmp_path / "nested" / "x-0000.png").exists()
+    assert not (tmp_path / "y-0000.png").exists()
