@@ -21,8 +21,11 @@ from typing import Any
 from medfed.shared_models.config import ConfigError
 from medfed.shared_models.protocol import SECAGG_MAX_PARTICIPANTS, SITE_NAME, NodeConfig
 
-# The floor of a node started without one (and of simulated nodes).
+# The floor of a node started without one.
 DEFAULT_FLOOR = 10
+# A simulated node's own floor: the researcher holds every site's data, so the run's
+# `stats-min-count` (default 10 as well) is the one that holds.
+SIMULATED_FLOOR = 1
 MAX_FLOOR = 1_000_000
 MAX_LOADER_WORKERS = 64
 MAX_PATH_CHARACTERS = 4096
@@ -57,15 +60,18 @@ class NodeSettings:
         if device is not None and not DEVICE.fullmatch(device):
             _bad(NodeConfig.DEVICE, device, "auto, cpu, cuda or cuda:N")
         min_count = _integer(values, NodeConfig.MIN_COUNT, 1, MAX_FLOOR)
+        partition = _partition(values)
+        if min_count is None:
+            min_count = DEFAULT_FLOOR if partition is None else SIMULATED_FLOOR
         return cls(
             data_path=_path(values, NodeConfig.DATA_PATH),
             site_name=name,
             device=device,
             cache_dir=_path(values, NodeConfig.CACHE_DIR),
             loader_workers=_integer(values, NodeConfig.LOADER_WORKERS, 0, MAX_LOADER_WORKERS),
-            min_count=DEFAULT_FLOOR if min_count is None else min_count,
+            min_count=min_count,
             require_secure_aggregation=_flag(values, NodeConfig.REQUIRE_SECURE_AGGREGATION),
-            partition=_partition(values),
+            partition=partition,
         )
 
 

@@ -254,7 +254,8 @@ class RoundLoop:
             entry.update(recorded(metrics))
         aggregated = self.strategy.flower.aggregate_evaluate(outcome.server_round, evaluated.ok)
         global_metrics = dict(aggregated) if aggregated is not None else {}
-        if outcome.train_metrics is not None:
+        # absent where every site that trained hides its counts (and so its losses)
+        if outcome.train_metrics is not None and Metric.TRAIN_LOSS in outcome.train_metrics:
             global_metrics[Metric.TRAIN_LOSS] = outcome.train_metrics[Metric.TRAIN_LOSS]
         epsilon = self.strategy.epsilon() if trained else None
         if epsilon is not None:

@@ -21,6 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 
@@ -36,12 +37,19 @@ def run_config_digest(run_config: Mapping[str, Any]) -> bytes:
 
 
 def model_digest(arrays: ArrayRecord) -> bytes:
-    """SHA-256 of a model message's arrays: names, types, shapes and bytes, in order."""
+    """SHA-256 of a model as a hospital's network loads it: each array by name, shape and
+    values, floats as float32 and integers as int64 (the network's own types). Hashing the
+    bytes as sent let the same model, sent as float64 (or in another order), pass for a
+    new one and train bit for bit again: a second sum over it (attack round 2)."""
     digest = hashlib.sha256(b"medfed-model|")
-    for name, array in arrays.items():
-        digest.update(_canonical([name, array.dtype, list(array.shape), array.stype]))
-        digest.update(len(array.data).to_bytes(8, "little"))
-        digest.update(array.data)
+    for name in sorted(arrays):
+        values = np.asarray(arrays[name].numpy())
+        kind = "<f4" if values.dtype.kind == "f" else "<i8" if values.dtype.kind in "biu" else None
+        if kind is None:
+            raise ValueError(f"model array '{name}' has type {values.dtype}: not a real number")
+        loaded = np.ascontiguousarray(values, kind)
+        digest.update(_canonical([name, kind, list(loaded.shape)]))
+        digest.update(loaded.tobytes())
     return digest.digest()
 
 

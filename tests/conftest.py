@@ -58,6 +58,11 @@ def tiny_config(**overrides: object) -> RunConfig:
 
 BRAIN = {"0": "background", "1": "brain"}  # labels of sites that are not the default ones
 
+# Run settings of a simulation whose small synthetic sites show their counts, and so
+# their metrics (a site below the floor sends none): the tests that use it are about
+# learning and processes, not disclosure.
+SHOWN = ["-c", "stats-min-count=1"]
+
 
 def relabelled_sites(seg_sites: Path, root: Path, labels_per_site: list[dict[str, str]]) -> Path:
     """Copies of the synthetic segmentation sites whose dataset.json declare other labels

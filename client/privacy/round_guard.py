@@ -178,7 +178,10 @@ def round_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable
     arrays = msg.content.array_records.get(Record.ARRAYS)
     if arrays is None:
         raise MalformedRequest(f"the message has no '{Record.ARRAYS}' record")
-    model = model_digest(arrays)
+    try:
+        model = model_digest(arrays)
+    except ValueError as error:
+        raise MalformedRequest(str(error)) from error
     RoundLedger(context).begin_training(number, model)
     terms = round_digest(run_config_digest(context.run_config), config, model)
     context.state[TERMS_KEY] = ConfigRecord({"round": number, "digest": terms, "model": model})

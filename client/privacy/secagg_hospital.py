@@ -410,15 +410,19 @@ class HospitalSecAgg:
             )
         return group, held
 
-    def _view_tag(self, other: str, view: bytes) -> bytes:
-        """The tag this hospital and `other` compute alike over a view of the round, under
-        a key only the two of them derive (the coordinator relays, it cannot forge)."""
+    def _view_tag(self, sender: str, receiver: str, view: bytes) -> bytes:
+        """The tag `sender` gives `receiver` over a view of the round, under a key only
+        the two of them derive (the coordinator relays, it cannot forge). The direction
+        is inside the MAC: with one key per pair, an undirected tag could be reflected,
+        a hospital's own tag handed back to it as its neighbour's agreement."""
         me = str(self.state["node"])
+        other = receiver if sender == me else sender
         purpose = consistency_purpose(int(self.state["run"]), int(self.state["round"]))
         theirs = bytes(self.state[f"c-pk.{other}"])
         own = public_key(self.state["c-sk"])
         key = derive(self.state["c-sk"], theirs, pair_label(purpose, ((me, own), (other, theirs))))
-        return hmac.new(key, view, hashlib.sha256).digest()
+        direction = f"{sender}>{receiver}\n".encode()
+        return hmac.new(key, direction + view, hashlib.sha256).digest()
 
     def confirm(
         self, server_round: int, survivors: list[str], dropped: list[str]
@@ -435,7 +439,7 @@ class HospitalSecAgg:
         self.state["view"] = view
         me = str(self.state["node"])
         return {
-            Key.TAG_PREFIX + other: self._view_tag(other, view)
+            Key.TAG_PREFIX + other: self._view_tag(me, other, view)
             for other in sorted(set(survivors) & group & held - {me})
         }
 
@@ -484,7 +488,7 @@ class HospitalSecAgg:
             for other in sorted(set(survivors) & group - {me})
             if f"c-pk.{other}" in self.state
             and hmac.compare_digest(
-                bytes(tags.get(Key.TAG_PREFIX + other, b"")), self._view_tag(other, view)
+                bytes(tags.get(Key.TAG_PREFIX + other, b"")), self._view_tag(other, me, view)
             )
         ]
         needed = int(self.state["threshold"]) - 1

@@ -8,7 +8,12 @@ from flwr.supercore.superexec import run_superexec
 
 from medfed.client.app import error_report
 from medfed.client.node import TASK_POLL_ENV, NodeOptions, start_node
-from medfed.client.node_settings import DEFAULT_FLOOR, NodeConfigError, NodeSettings
+from medfed.client.node_settings import (
+    DEFAULT_FLOOR,
+    SIMULATED_FLOOR,
+    NodeConfigError,
+    NodeSettings,
+)
 from medfed.shared_models import runtime
 from medfed.shared_models.protocol import ErrorCode
 
@@ -16,6 +21,15 @@ from medfed.shared_models.protocol import ErrorCode
 def test_a_node_started_without_settings_gets_the_defaults():
     settings = NodeSettings.from_mapping({})
     assert settings == NodeSettings(min_count=DEFAULT_FLOOR)
+
+
+def test_a_simulated_node_leaves_the_floor_to_the_run():
+    """The researcher holds every simulated site's data: the run's `stats-min-count`
+    (default 10) is the floor there; a deployed node keeps its own unless it sets one."""
+    simulated = {"partition-id": 0, "num-partitions": 2}
+    assert NodeSettings.from_mapping(simulated).min_count == SIMULATED_FLOOR == 1
+    assert NodeSettings.from_mapping({**simulated, "min-count": 30}).min_count == 30
+    assert NodeSettings.from_mapping({"data-path": "/data"}).min_count == DEFAULT_FLOOR == 10
 
 
 def test_settings_are_read_with_their_types():

@@ -14,6 +14,7 @@ from medfed.client.synthetic import generate_federation
 from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.protocol import Metric
 from tests.bundles import write_bundle
+from tests.conftest import SHOWN
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +37,7 @@ def _simulate(tmp_path, sites: int, *extra: str) -> tuple[dict, Bundle]:
     result = subprocess.run(
         [sys.executable, "-m", "medfed.server.cli", "simulate", "--task", "bundle",
          "-c", f"bundle={bundle.root}", "--data", str(data), "--sites", str(sites),
-         "--rounds", "2", "-c", "local-epochs=2", "--out", str(out), *extra],
+         "--rounds", "2", "-c", "local-epochs=2", "--out", str(out), *SHOWN, *extra],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

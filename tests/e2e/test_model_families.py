@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import SHOWN
+
 pytestmark = pytest.mark.e2e
 
 CASES = {
@@ -25,7 +27,8 @@ CASES = {
 def _simulate(out, task, extra, images, rounds=2):
     return subprocess.run(
         [sys.executable, "-m", "medfed.server.cli", "simulate", "--task", task, "--sites", "2",
-         "--rounds", str(rounds), "--images-per-site", str(images), "--out", str(out), *extra],
+         "--rounds", str(rounds), "--images-per-site", str(images), "--out", str(out),
+         *SHOWN, *extra],
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
 

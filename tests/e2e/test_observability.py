@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from medfed.shared_models.runtime import free_port, serve_metrics
+from tests.conftest import SHOWN
 
 pytestmark = pytest.mark.e2e
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-TINY = ["-c", "image-size=32", "-c", "model-width=4", "-c", "model-depth=2"]
+TINY = ["-c", "image-size=32", "-c", "model-width=4", "-c", "model-depth=2", *SHOWN]
 
 
 def _scrape(port: int) -> str:

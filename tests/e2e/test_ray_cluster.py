@@ -29,6 +29,7 @@ import pytest
 from medfed.shared_models import processes
 from medfed.shared_models.audit import AUDIT_ENV, read_audit
 from medfed.shared_models.runtime import free_port
+from tests.conftest import SHOWN
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-
 HEAD_PORTS = ("--dashboard-port", "--ray-client-server-port")
 TINY_RUN = ["--sites", "2", "--rounds", "2", "--images-per-site", "16", "-c", "image-size=32",
             "-c", "model-width=4", "-c", "model-depth=2", "-c", "batch-size=4",
-            "-c", "federated-stats=false"]  # fmt: skip
+            "-c", "federated-stats=false", *SHOWN]  # fmt: skip
 
 # What the cluster says about itself, asked by a driver of its own.
 CLUSTER_STATE = """

@@ -9,11 +9,13 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import SHOWN
+
 pytestmark = pytest.mark.e2e
 
 TINY = ["--task", "classification", "--sites", "3", "--images-per-site", "24",
         "-c", "image-size=32", "-c", "model-width=4", "-c", "batch-size=8",
-        "-c", "federated-stats=false"]  # fmt: skip
+        "-c", "federated-stats=false", *SHOWN]  # fmt: skip
 
 
 def _simulate(out, *extra: str) -> dict:

@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SHOWN
+
 pytestmark = pytest.mark.e2e
 
 # A small federation: the processes, not the training, are under test.
 RUN = ["--task", "classification", "--sites", "2", "--images-per-site", "16", "--seed", "3",
        "-c", "image-size=32", "-c", "model-width=4", "-c", "model-depth=2", "-c", "batch-size=4",
-       "-c", "federated-stats=false"]  # fmt: skip
+       "-c", "federated-stats=false", *SHOWN]  # fmt: skip
 
 
 def _simulate(out: Path, *args: str) -> subprocess.Popen:

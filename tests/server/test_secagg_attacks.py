@@ -666,10 +666,12 @@ def test_hospitals_given_different_run_configs_refuse_before_uploading(coordinat
 class IsolatingCoordinator(SecureAggregation):
     """The real workflow up to the uploads; then it tells each hospital the view of the round
     of its choice (`views`: node -> (survivors, dropped)), runs the consistency step with
-    those views, relays every tag, and tries to unmask the victim's upload alone."""
+    those views, relays every tag (or, `reflect`, hands each hospital back the tags it
+    produced itself), and tries to unmask the victim's upload alone."""
 
     victim: str
     views: dict[str, tuple[list[str], list[str]]]
+    reflect = False
 
     def _unmask(self, prepared, summed, next_keys, result, terms) -> None:
         def view(node: str) -> RecordDict:
@@ -681,11 +683,15 @@ class IsolatingCoordinator(SecureAggregation):
         contents = {}
         for node in self.views:
             content = view(node)
-            content[Record.SECAGG] = ConfigRecord({
-                Key.TAG_PREFIX + sender: reply.content[Record.SECAGG][Key.TAG_PREFIX + node]
-                for sender, reply in confirmed.items()
-                if Key.TAG_PREFIX + node in reply.content[Record.SECAGG]
-            })  # fmt: skip
+            if self.reflect and node in confirmed:
+                tags = dict(confirmed[node].content[Record.SECAGG])
+            else:
+                tags = {
+                    Key.TAG_PREFIX + sender: reply.content[Record.SECAGG][Key.TAG_PREFIX + node]
+                    for sender, reply in confirmed.items()
+                    if Key.TAG_PREFIX + node in reply.content[Record.SECAGG]
+                }
+            content[Record.SECAGG] = ConfigRecord(tags)
             contents[node] = content
         answers = self._exchange(Stage.UNMASK, contents, result)
         self.refused_to_unmask = {
@@ -720,7 +726,7 @@ def _only_shares_from(keep: set[str]):
     return alter
 
 
-@pytest.mark.parametrize("views", ["one-view", "a-view-each"])
+@pytest.mark.parametrize("views", ["one-view", "a-view-each", "a-view-each-tags-reflected"])
 def test_choosing_whose_shares_reach_a_hospital_reveals_nothing(views):
     """The attack: the victim V's upload inbox holds only A's and B's shares, so V masks
     with them alone; declare A and B dropped, and V's upload is bare once its seed and A's
@@ -729,7 +735,9 @@ def test_choosing_whose_shares_reach_a_hospital_reveals_nothing(views):
     each (V: {V, A, B} survived; C, D: A and B dropped; A: B dropped; B: A dropped), every
     hospital asked for a dropped neighbour's key share first needs threshold - 1 neighbours
     to have tagged the same view, and each hospital tags one view only: A's and B's keys
-    never come back, V's seed alone is useless."""
+    never come back, V's seed alone is useless. Handing each hospital back its own tags as
+    its neighbours' agreement (a pair shares one key) passed the check and rebuilt V's
+    update at cosine 1.0 before tags carried their direction (attack round 2)."""
     updates, weights, start = random_updates(5, seed=42, spread=0.01)
     cfg = secure_config()
     grid = InProcessGrid(updates, weights, cfg)
@@ -737,6 +745,7 @@ def test_choosing_whose_shares_reach_a_hospital_reveals_nothing(views):
     grid.alter[("upload", int(v))] = _only_shares_from({a, b})
     attacker = IsolatingCoordinator(Exchange(grid, 0.2, SiteNames()), cfg, RUN_ID)
     attacker.victim, attacker.isolate_from = v, {a, b}
+    attacker.reflect = views.endswith("reflected")
     if views == "one-view":
         one = ([v, c, d], [a, b])
         grid.drop["upload"] = {int(a), int(b)}
@@ -773,13 +782,20 @@ def _new_run(grid: InProcessGrid, run_id: int) -> None:
         context.run_id, context.state = run_id, RecordDict()
 
 
-@pytest.mark.parametrize("unmasked", [True, False], ids=["unmasked", "never-unmasked"])
-def test_a_sum_over_one_model_is_revealed_once_across_runs(tmp_path, unmasked):
+@pytest.mark.parametrize(
+    ("unmasked", "resent"),
+    [(True, "as-sent"), (True, "as-float64-reordered"), (False, "as-sent")],
+    ids=["unmasked", "unmasked-resent-as-float64", "never-unmasked"],
+)
+def test_a_sum_over_one_model_is_revealed_once_across_runs(tmp_path, unmasked, resent):
     """The attack: round 1 on model M in run 7 with {V, A, B, C}, then round 1 on M in run 8
     with {A, B, C}: the run ledgers are per run, training repeats bit for bit, and the
     difference of the sums was V's update (cosine 1.0). A hospital that helped unmask a sum
     over M refuses a secure round on M in any later run; one whose round never unmasked
-    (the run died first) may train it again, so a run can be carried on."""
+    (the run died first) may train it again, so a run can be carried on. The same model
+    sent as float64, arrays reordered, loads into the network as the same weights: it is the
+    same model (it passed for a new one while the ledger hashed bytes as sent; attack
+    round 2)."""
     updates, _weights, start, grid, cfg, secure = federation(4, seed=43)
     _deployed_nodes(grid, tmp_path)
     nodes = list(updates)
@@ -792,7 +808,10 @@ def test_a_sum_over_one_model_is_revealed_once_across_runs(tmp_path, unmasked):
     _new_run(grid, 8)
     grid.drop = {}
     again = workflow(grid, cfg, run_id=8)
-    messages = train_messages(nodes[1:], global_model(start, 1), 1, cfg)
+    model = global_model(start, 1)
+    if resent == "as-float64-reordered":
+        model = {k: v.astype(np.float64) for k, v in reversed(list(model.items()))}
+    messages = train_messages(nodes[1:], model, 1, cfg)
     if not unmasked:
         assert len(again.train_round(1, messages, SHAPES).replies) == 3
         return
