@@ -8,7 +8,10 @@ So `handlers`, the heavy module, is imported inside the handlers that use it
 
 Every route has two mods of this module outermost. `safe_errors_mod` turns a
 failure into a code and generic text (the details stay in the node's log: a
-path or file name never leaves the site). `outbound_audit_mod` records what
+path or file name never leaves the site). Right inside it, `packed_arrays_mod`
+unpacks the model arrays the coordinator packed into one array for the wire
+and packs the reply's (client/packed_arrays.py): everything further in sees
+named arrays. `outbound_audit_mod` records what
 leaves: array names and shapes, metric names, whether the update was masked
 and to which norm it was clipped; never values, file names or images. Inside
 them on the train route, outermost first: SecAgg+ masking, the site's floor on
@@ -37,6 +40,7 @@ from medfed.client import telemetry
 from medfed.client.approval import AppNotApproved
 from medfed.client.data.manifest import SiteDataError
 from medfed.client.node_settings import NodeConfigError
+from medfed.client.packed_arrays import packed_arrays_mod
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.filters import count_floor_mod, dp_clipping_mod, small_count_mod
 from medfed.client.privacy.round_guard import RoundRefused, round_guard_mod
@@ -88,6 +92,9 @@ def _fields(msg: Message, reply: Message, context: Context) -> dict[str, Any]:
             masked=Key.MASKED_ARRAY in arrays,
             clipped_to_norm=float(clipped_to) if clipped_to is not None else None,
         )
+        validation = reply.content.metric_records.get(Record.VALIDATION)
+        if validation is not None:  # the received model's, validated before training
+            fields["sent_validation_metrics"] = sorted(validation)
     return fields
 
 
@@ -102,9 +109,12 @@ def outbound_audit_mod(msg: Message, context: Context, call_next: ClientAppCalla
     audit(event, run=context.run_id, site=site, **_fields(msg, reply, context))
     training = msg.metadata.message_type == MessageType.TRAIN
     global_model = Config.CROSS_SITE_MODEL not in msg.content[Record.CONFIG]
+    task = str(context.run_config.get("task", ""))
     if training or (msg.metadata.message_type == MessageType.EVALUATE and global_model):
-        task = str(context.run_config.get("task", ""))
         telemetry.record_sent(site, task, training, reply.content[Record.METRICS])
+    validation = reply.content.metric_records.get(Record.VALIDATION)
+    if training and validation is not None:
+        telemetry.record_sent(site, task, False, validation)
     sent = sum(len(a.data) for r in reply.content.array_records.values() for a in r.values())
     if sent:
         telemetry.model_bytes_sent(site, sent)
@@ -147,7 +157,7 @@ def safe_errors_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-app = ClientApp(mods=[safe_errors_mod])
+app = ClientApp(mods=[safe_errors_mod, packed_arrays_mod])
 
 
 def _handlers(context: Context) -> ModuleType:

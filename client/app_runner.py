@@ -11,20 +11,30 @@ is written to the app folder or imported.
 It fails closed: if this Flower version does not install a package where the
 check sits, or a ClientApp is about to load from a package that was not
 checked, nothing runs.
+
+Where the node runs a warm worker (client/warm_worker.py), this process is
+only a relay: the worker forks the ClientApp process, which runs the same
+`run_approved`. The relay imports nothing heavy (not even the approval
+module); if the worker cannot be reached, the process runs cold, as before.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from medfed.client.approval import AppNotApproved, check
+from medfed.client.warm_worker import SOCKET_ENV, STATUS
 
 CHECKED: set[str] = set()  # hashes of the packages approved in this process
 
 
 def _checked_install(install: Callable[..., Any]) -> Callable[..., Any]:
+    from medfed.client.approval import check
+
     def install_approved(content: bytes, *args: Any, **kwargs: Any) -> Any:
         CHECKED.add(check(content))  # raises AppNotApproved before a byte is written
         return install(content, *args, **kwargs)
@@ -37,6 +47,8 @@ def _checked_loader(make_loader: Callable[..., Any]) -> Callable[..., Any]:
         load = make_loader(*args, **kwargs)
 
         def load_checked(fab_id: str, fab_version: str, fab_hash: str) -> Any:
+            from medfed.client.approval import AppNotApproved
+
             if fab_hash not in CHECKED:
                 raise AppNotApproved(f"app package sha256 {fab_hash} was not checked: refused")
             return load(fab_id, fab_version, fab_hash)
@@ -70,12 +82,42 @@ def hook_approval() -> None:
     flower_process.get_load_client_app_fn = _checked_loader(flower_process.get_load_client_app_fn)
 
 
-def main() -> None:
-    """Run Flower's `flwr-clientapp` with the approval check in place."""
+def run_approved() -> None:
+    """Run Flower's `flwr-clientapp` (arguments in sys.argv) with the approval check in place."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     hook_approval()
     flwr_clientapp()
+
+
+def relay(path: str) -> int | None:
+    """Have the warm worker at `path` run this process's ClientApp; its exit code, or None
+    when no worker answers (nothing was started then)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = {"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}
+    try:
+        connection.connect(path)
+        socket.send_fds(connection, [json.dumps(request).encode()], [0, 1, 2])
+    except OSError:
+        connection.close()
+        return None
+    with connection:
+        status = connection.recv(STATUS.size)  # blocks while the ClientApp runs
+    if len(status) != STATUS.size:  # the worker died meanwhile; its child goes on alone
+        print("medfed: the warm worker ended during this task", file=sys.stderr)
+        return 1
+    return os.waitstatus_to_exitcode(STATUS.unpack(status)[0])
+
+
+def main() -> None:
+    """The SuperNode's `flwr-clientapp`: relayed to the warm worker, or run here."""
+    path = os.environ.get(SOCKET_ENV)
+    if path:
+        code = relay(path)
+        if code is not None:
+            sys.exit(code)
+        print("medfed: no warm worker answers; running this ClientApp cold", file=sys.stderr)
+    run_approved()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ that they hash to what the coordinator holds (`bundle-sha256` in the request).
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 
 from medfed.client import telemetry
 from medfed.client.approval import check_bundle
@@ -63,9 +65,12 @@ def received(msg: Message) -> ArrayRecord:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """`local-epochs` epochs of the bundle's trainer from the received global weights."""
+    """`local-epochs` epochs of the bundle's trainer from the received global weights, the
+    received model validated first unless the run evaluates in messages of their own."""
     request = round_settings(msg)
     cfg, site = open_site(context, msg)
+    folded = cfg.validates_in_training(request.server_round)
+    validation = validate(site, received(msg)) if folded else None
     clock = TrainingClock(site.device)
     trained = train_round(site, received(msg), cfg.local_epochs, request.proximal_mu)
     examples = len(site.data.train)
@@ -82,17 +87,26 @@ def train(msg: Message, context: Context) -> Message:
         Metric.SKIPPED_FILES: 0,  # medfed skips none: the bundle's transforms read the files
     }
     remember(context, site_counts(site))
-    return site_reply(msg, site.name, metrics, trained.arrays)
+    reply = site_reply(msg, site.name, metrics, trained.arrays)
+    if validation is not None:
+        reply.content[Record.VALIDATION] = MetricRecord(validation)
+    return reply
+
+
+def validate(site: BundleSite, arrays: ArrayRecord) -> dict[str, Any]:
+    """The bundle evaluator's metrics of `arrays` on this site's held-out split."""
+    metrics = evaluate_round(site, arrays)
+    metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
+    metrics[Metric.WEIGHT] = len(site.data.val)
+    metrics[Metric.SKIPPED_FILES] = 0
+    return metrics
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     """The bundle evaluator's metrics (key metric as `key-metric`) and its validation loss."""
     round_settings(msg)
     _, site = open_site(context, msg)
-    metrics = evaluate_round(site, received(msg))
-    metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
-    metrics[Metric.WEIGHT] = len(site.data.val)
-    metrics[Metric.SKIPPED_FILES] = 0
+    metrics = validate(site, received(msg))
     remember(context, site_counts(site))
     return site_reply(msg, site.name, metrics)
 

@@ -168,6 +168,11 @@ def add_node_commands(commands: Commands) -> None:
     revoke.add_argument("sha256")
     revoke.add_argument("--state", type=Path, default=Path("node-state"))
     revoke.set_defaults(handler=_node_revoke)
+    _add_start_command(node_commands)
+
+
+def _add_start_command(node_commands: Commands) -> None:
+    """`medfed node start` and its options."""
     start = node_commands.add_parser("start", help="check the data, then a SuperNode")
     start.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     start.add_argument("--ca", type=Path, help="the consortium CA certificate")
@@ -193,6 +198,19 @@ def add_node_commands(commands: Commands) -> None:
         action="store_true",
         help="train only in runs with secure aggregation: the run config, which the operator "
         "chooses, can then never have this site's update sent in the clear",
+    )
+    start.add_argument(
+        "--cold",
+        dest="warm",
+        action="store_false",
+        help="start each ClientApp process from scratch, as Flower does, instead of forking "
+        "it from the node's warm worker (slower: each imports torch and MONAI)",
+    )
+    start.add_argument(
+        "--flower-waits",
+        action="store_true",
+        help="keep Flower's fixed waits (a 3 s sleep whenever no message is waiting, reply "
+        "checks every 0.5 s) instead of medfed's shorter ones while a run is active",
     )
     start.add_argument(
         "--insecure", action="store_true", help="no TLS, no authentication: local tests only"

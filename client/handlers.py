@@ -213,11 +213,14 @@ def batch_progress(site: str, server_round: int, batches: int) -> Iterator[Calla
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs from the received global weights (FedProx's proximal term when asked)."""
+    """Local epochs from the received global weights (FedProx's proximal term when asked),
+    the received model validated first unless the run evaluates in messages of their own."""
     request = round_settings(msg)
     server_round = request.server_round
     site = NodeSite(context)
     net = site.network(msg)
+    folded = site.cfg.validates_in_training(server_round)
+    validation = validate(site, net) if folded else None
     extra = generated_items(site.data, site.cfg, server_round) if site.cfg.gan_augment_ratio else []
     loader = site.loader(
         site.data.train,
@@ -245,7 +248,21 @@ def train(msg: Message, context: Context) -> Message:
     if local:
         local_layers.keep(net, context, site.cache)
     remember(context, site.counts())
-    return site.reply(msg, metrics, to_record(net.cpu(), local))
+    reply = site.reply(msg, metrics, to_record(net.cpu(), local))
+    if validation is not None:
+        reply.content[Record.VALIDATION] = MetricRecord(validation)
+    return reply
+
+
+def validate(site: NodeSite, net: nn.Module) -> dict[str, Any]:
+    """A model's metrics on this site's held-out split, as an evaluation reply has them."""
+    metrics = site.task.evaluate(
+        net, site.loader(site.data.val, train=False), site.cfg, site.device
+    )
+    metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
+    metrics[Metric.WEIGHT] = len(site.data.val)
+    metrics[Metric.SKIPPED_FILES] = len(site.data.problems)
+    return metrics
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -254,13 +271,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     round_settings(msg)  # a malformed request is refused before the site is opened
     cross_site_model(msg)  # refused here when malformed (the audit line names the model)
     site = NodeSite(context)
-    net = site.network(msg)
-    metrics = site.task.evaluate(
-        net, site.loader(site.data.val, train=False), site.cfg, site.device
-    )
-    metrics[Metric.NUM_EXAMPLES] = len(site.data.val)
-    metrics[Metric.WEIGHT] = len(site.data.val)
-    metrics[Metric.SKIPPED_FILES] = len(site.data.problems)
+    metrics = validate(site, site.network(msg))
     remember(context, site.counts())
     return site.reply(msg, metrics)
 

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.client import approval
+from medfed.client import approval, warm_worker
 from medfed.client.data.check import check_site, print_report
 from medfed.client.node_settings import NodeConfigError, NodeSettings
 from medfed.shared_models import runtime
@@ -24,9 +24,9 @@ from medfed.shared_models.protocol import NodeConfig
 
 MAX_PORT = 65535
 # How often the node's SuperExec asks its SuperNode for a ClientApp task to start. Flower
-# reads it from the environment (flwr/supercore/superexec/run_superexec.py, 0.01..60 s).
+# reads it from the environment (flwr/supercore/superexec/run_superexec.py, 0.01..60 s);
+# medfed's SuperExec polls faster while a run is active (client/supernode_runner.py).
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-TASK_POLL_SECONDS = "0.1"
 # The `medfed node start` option behind each node-config key it sets.
 OPTIONS = {
     NodeConfig.DATA_PATH: "--data",
@@ -56,6 +56,8 @@ class NodeOptions:
     insecure: bool = False
     min_count: int = 10  # the site's floor: no smaller count of images is ever revealed
     require_secure_aggregation: bool = False  # train only in runs with secure aggregation
+    warm: bool = True  # ClientApp processes forked from a warm worker (False: Flower's own)
+    flower_waits: bool = False  # keep Flower's fixed 3 s / 0.5 s waits (client/supernode_runner)
 
 
 def node_config_values(options: NodeOptions, cache: Path) -> dict[str, str | int | bool]:
@@ -84,11 +86,21 @@ def node_config(options: NodeOptions, cache: Path) -> str:
 
 
 def supernode_command(
-    coordinator: str, ca: Path | None, key: Path | None, config: str, runtime_port: int
+    coordinator: str,
+    ca: Path | None,
+    key: Path | None,
+    config: str,
+    runtime_port: int,
+    flower_waits: bool = False,
 ) -> list[str]:
-    """The flower-supernode command line (TLS with the CA; authenticated with the key)."""
+    """The flower-supernode command line (TLS with the CA; authenticated with the key), run
+    by medfed's SuperNode process (client/supernode_runner.py: its waits shortened) unless
+    Flower's own waits are asked for."""
+    program = [runtime.executable("flower-supernode")]
+    if not flower_waits:
+        program = [sys.executable, "-m", "medfed.client.supernode_runner"]
     command = [
-        runtime.executable("flower-supernode"),
+        *program,
         "--superlink",
         coordinator,
         "--node-config",
@@ -106,13 +118,23 @@ def supernode_command(
     return command
 
 
+def _put_first_on_path(env: dict[str, str], state: Path, programs: dict[str, str]) -> None:
+    """Scripts named as Flower's programs (name -> `module:function` of medfed's) in the
+    node state's bin/, first on the PATH the SuperNode starts them from."""
+    folder = state / "bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, target in programs.items():
+        module, function = target.split(":")
+        script = folder / name
+        script.write_text(f"#!{sys.executable}\nfrom {module} import {function}\n\n{function}()\n")
+        script.chmod(0o755)
+    if not env["PATH"].startswith(f"{folder}{os.pathsep}"):
+        env["PATH"] = f"{folder}{os.pathsep}{env['PATH']}"
+
+
 def _run_only_approved_apps(env: dict[str, str], state: Path, site: str) -> None:
     """Put medfed's approving `flwr-clientapp` first on the SuperNode's PATH."""
-    runner = state / "bin" / "flwr-clientapp"
-    runner.parent.mkdir(parents=True, exist_ok=True)
-    runner.write_text(f"#!{sys.executable}\nfrom medfed.client.app_runner import main\n\nmain()\n")
-    runner.chmod(0o755)
-    env["PATH"] = f"{runner.parent}{os.pathsep}{env['PATH']}"
+    _put_first_on_path(env, state, {"flwr-clientapp": "medfed.client.app_runner:main"})
     env[approval.STATE_ENV] = str(state.resolve())
     env[approval.SITE_ENV] = site
     count = len(approval.approved(state))
@@ -122,17 +144,33 @@ def _run_only_approved_apps(env: dict[str, str], state: Path, site: str) -> None
     )
 
 
-def _start_app_processes_promptly(env: dict[str, str]) -> None:
-    """Have the SuperExec look for a new ClientApp task every 0.1 s instead of Flower's 1 s.
+def _start_app_processes_promptly(env: dict[str, str], state: Path) -> None:
+    """Have the SuperExec look for a new ClientApp task every 0.1 s while a run is active
+    instead of Flower's fixed 1 s, and every 1 s when idle.
 
-    Every message of a round (two in a plain round, three in a secure one)
-    waits for that poll before its ClientApp process starts: about 0.5 s at
-    Flower's default, which the deployed-round benchmark measured
-    (docs/benchmarks.md). The price is an idle node's CPU: 3 % of one core
-    instead of 0.6 %. Flower's other waits between messages are fixed. An
-    operator's own setting in the environment is kept.
+    Every message of a round waits for that poll before its ClientApp process
+    starts: about 0.5 s at Flower's default (docs/benchmarks.md). A fixed
+    0.1 s cost an idle node 3 % of one core instead of 0.6 %; medfed's
+    `flower-superexec`, first on the SuperNode's PATH, shortens it only while
+    active (client/supernode_runner.py). An operator's own setting in the
+    environment is kept as the idle interval.
     """
-    env.setdefault(TASK_POLL_ENV, TASK_POLL_SECONDS)
+    _put_first_on_path(
+        env, state, {"flower-superexec": "medfed.client.supernode_runner:superexec_main"}
+    )
+
+
+def _worker_service(env: dict[str, str], state: Path, log: Path, site: str) -> runtime.Service:
+    """The warm worker ClientApp processes are forked from; restarted if it ends (meanwhile
+    a message runs cold, in a process of its own, as Flower starts it)."""
+    env[warm_worker.SOCKET_ENV] = str(warm_worker.socket_path(state.resolve()))
+
+    def restarted(code: int) -> None:
+        print(f"medfed: the warm worker ended (exit code {code}); restarting it", file=sys.stderr)
+        audit("worker-restarted", log=log, site=site, exit_code=code)
+
+    command = [sys.executable, "-m", "medfed.client.warm_worker", str(state.resolve())]
+    return runtime.Service(command, dict(env), restart=restarted)
 
 
 def start_node(options: NodeOptions) -> int:
@@ -160,7 +198,8 @@ def start_node(options: NodeOptions) -> int:
     state, log = options.state, options.state / "audit.jsonl"
     env = runtime.service_env(state, log, (options.metrics_port, options.metrics_host))
     _run_only_approved_apps(env, state, options.name)
-    _start_app_processes_promptly(env)
+    if not options.flower_waits:
+        _start_app_processes_promptly(env, state)
     audit(
         "node-started",
         log=log,
@@ -169,7 +208,18 @@ def start_node(options: NodeOptions) -> int:
         tls=ca is not None,
         authenticated=key is not None,
     )
-    command = supernode_command(options.coordinator, ca, key, config, options.runtime_port)
-    code = runtime.supervise([runtime.Service(command, env)])
+    services = []
+    if options.warm:
+        services.append(_worker_service(env, state, log, options.name))
+    command = supernode_command(
+        options.coordinator,
+        ca,
+        key,
+        config,
+        options.runtime_port,
+        flower_waits=options.flower_waits,
+    )
+    services.append(runtime.Service(command, env))
+    code = runtime.supervise(services)
     audit("node-stopped", log=log, site=options.name, exit_code=code)
     return code

@@ -6,10 +6,13 @@ consortium needs the opposite: every reply is sorted into a usable one or a
 failure named by site with its reason, and every model update is checked
 before anything aggregates it. The checks live here, for plain replies, for
 masked uploads and for the unmasked aggregate of a secure round alike.
+Model arrays travel packed into one array each way (shared_models/flat_arrays.py):
+callers send and receive named arrays.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -19,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from medfed.shared_models import protocol
 from medfed.shared_models.arrays import readable
+from medfed.shared_models.flat_arrays import LayoutError, pack_content, unpack_content
 from medfed.shared_models.protocol import SITE_NAME, Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import InvalidPublicKey, check_public_key
@@ -168,6 +173,18 @@ def error_reason(answer: Answer) -> str:
     return f"error: {short_reason(error.reason)}"
 
 
+def unpack_reply(reply: Message) -> None:
+    """Unpack a reply's arrays in place; one whose packing is malformed becomes an error
+    reply naming the problem (its hospital is then lost for the step, like any error)."""
+    if not reply.has_content():
+        return
+    try:
+        reply.content = unpack_content(reply.content)
+    except LayoutError as error:
+        reply.__dict__["_content"] = None  # Flower lets a message hold content or an error
+        reply.error = Error(protocol.ErrorCode.MALFORMED_REPLY, f"malformed packed arrays: {error}")
+
+
 def array_bytes(messages: Iterable[Message]) -> int:
     """Bytes of model arrays in the messages (error replies carry none)."""
     return sum(
@@ -273,6 +290,33 @@ def keep_consistent_metrics(result: RoundReplies, names: SiteNames) -> None:
         result.failed[names(reply.metadata.src_node_id)] = (
             "rejected reply: its metrics differ from the other hospitals'"
         )
+
+
+def validation_replies(trained: RoundReplies, names: SiteNames) -> RoundReplies:
+    """The validation of the received model each training reply carries (run config
+    `separate-evaluation = false`), as evaluation replies: the same checks, the same
+    shape (a view of the reply whose metrics are its validation), failures by site. It is
+    taken out of the training replies (a strategy aggregates one metric record)."""
+    result = RoundReplies(sampled=trained.sampled)
+    for reply in trained.ok:
+        site = names(reply.metadata.src_node_id)
+        validation = reply.content.metric_records.get(Record.VALIDATION)
+        if validation is not None:
+            del reply.content[Record.VALIDATION]
+        if validation is None:
+            result.failed[site] = f"rejected validation: no '{Record.VALIDATION}' record"
+            continue
+        view = copy.copy(reply)  # Flower's Message has no copy of its own: a shallow one
+        view.__dict__["_content"] = RecordDict(
+            {Record.METRICS: validation, Record.SITE: reply.content[Record.SITE]}
+        )
+        problems = metrics_problems(view)
+        if problems:
+            result.failed[site] = "rejected validation: " + "; ".join(problems[:3])
+            continue
+        result.ok.append(view)
+    keep_consistent_metrics(result, names)
+    return result
 
 
 def public_keys(record: ConfigRecord | None, prefix: str = "") -> tuple[bytes, bytes]:
@@ -422,8 +466,21 @@ class Exchange:
         self.timings: list[ExchangeTiming] = []  # since the round loop last cleared them
 
     def send(self, messages: list[Message]) -> Delivery:
-        """All replies that arrived within the timeout, errors included."""
-        delivery = send_and_receive(self.grid, messages, self.timeout)
+        """All replies that arrived within the timeout, errors included; arrays packed on
+        the wire, named arrays in and out."""
+        originals = [message.content for message in messages]
+        packed: dict[int, RecordDict] = {}
+        for message in messages:  # messages often share one content: packed once
+            if id(message.content) not in packed:
+                packed[id(message.content)] = pack_content(message.content)
+            message.content = packed[id(message.content)]
+        try:
+            delivery = send_and_receive(self.grid, messages, self.timeout)
+        finally:
+            for message, content in zip(messages, originals, strict=True):
+                message.content = content
+        for answer in delivery.answers:
+            unpack_reply(answer.reply)
         self.on_traffic(array_bytes(messages), array_bytes(a.reply for a in delivery.answers))
         self.timings.append(ExchangeTiming.of(messages, delivery))
         return delivery

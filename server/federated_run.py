@@ -35,7 +35,7 @@ from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.audit import audit
 from medfed.shared_models.bundle import Bundle
-from medfed.shared_models.config import RunConfig
+from medfed.shared_models.config import ConfigError, RunConfig
 from medfed.shared_models.pretrained import load_pretrained
 from medfed.shared_models.protocol import Config
 from medfed.shared_models.round_terms import run_config_digest
@@ -73,7 +73,11 @@ def _app_hash(grid: Grid) -> str:
 
 def run(grid: Grid, context: Context) -> None:
     """One federated run; its folder tells the outcome however the run ends."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    try:
+        cfg = RunConfig.from_mapping(context.run_config)
+    except ConfigError as err:
+        _refuse(context, err)
+        raise
     out = run_folder(cfg, context.run_id)
     resume = _resume_point(cfg, out)
     record = RunRecord(cfg, out, resume.history if resume else None)
@@ -87,6 +91,20 @@ def run(grid: Grid, context: Context) -> None:
     # Completed, and nothing of the run's is written after this line (a failure's traceback
     # still follows in Flower's log, so a failed run streams to its end).
     log(INFO, "%s %s", RUN_END_TAG, out)
+
+
+def _refuse(context: Context, err: ConfigError) -> None:
+    """A run config the coordinator cannot run: one line naming the key, an audit entry and,
+    on a medfed coordinator, a failed run folder `medfed coordinator pull` finds by run id
+    (`flwr run` itself exits 0 whatever the ServerApp did)."""
+    reason = f"run config refused: {err}"
+    runs = os.environ.get(RUNS_DIR_ENV)
+    if runs:
+        record = RunRecord(RunConfig(), Path(runs) / str(context.run_id))
+        record.data["config"] = dict(context.run_config)  # as received, not the defaults
+        record.finish("failed", error=reason)
+    audit("run-finished", run=context.run_id, status="failed", error=reason)
+    log(ERROR, "%s run failed: %s", PROGRESS_TAG, reason)
 
 
 def _resume_point(cfg: RunConfig, out: Path) -> ResumePoint | None:

@@ -10,6 +10,7 @@ when the quorum is lost. What each round produced goes to `RunOutputs`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,10 +21,16 @@ from flwr.serverapp import Grid
 
 from medfed.server import strategy_state
 from medfed.server.cross_site import CrossSiteEvaluation
-from medfed.server.exchange import Exchange, QuorumError, RoundReplies, SiteNames
+from medfed.server.exchange import (
+    Exchange,
+    QuorumError,
+    RoundReplies,
+    SiteNames,
+    validation_replies,
+)
 from medfed.server.hidden_counts import TRAIN_EXAMPLES, recorded
 from medfed.server.resume import ResumeError, ResumePoint
-from medfed.server.run_record import RoundSummary, RunOutputs
+from medfed.server.run_record import RoundSummary, RunOutputs, resumed_summary
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.server.site_summary import request_summaries
 from medfed.server.strategies import RunStrategy
@@ -76,8 +83,25 @@ class RoundOutcome:
     train_metrics: MetricRecord | None = None
 
 
+@dataclass
+class Unvalidated:
+    """A recorded round whose model the next exchange validates: its summary so far (None
+    for the round a resumed run starts after, recorded by the run it carries on)."""
+
+    server_round: int
+    summary: RoundSummary | None
+
+
 class RoundLoop:
-    """Round 0 evaluates the initial model; rounds 1..R train, aggregate and evaluate."""
+    """Round 0 evaluates the initial model; rounds 1..R train, aggregate and evaluate.
+
+    With `separate-evaluation = false` (the default, when every hospital trains) a
+    model is validated by the hospitals at the start of the training message that
+    carries it, not in a message of its own: round r's training replies bring the
+    validation of round r-1's model, which is then added to round r-1's record (its
+    checkpoint was written when it ended), and only the last model is evaluated on
+    its own. One message fewer per round, the same metrics.
+    """
 
     def __init__(
         self,
@@ -106,6 +130,8 @@ class RoundLoop:
             else PlainTraining(self.exchange)
         )
         self.final: RoundOutcome | None = None  # the last round's replies, for cross-site
+        # the round whose model the next exchange validates (RunConfig.validates_in_training)
+        self.unvalidated: Unvalidated | None = None
 
     def run(self, arrays: ArrayRecord, resume: ResumePoint | None = None) -> ArrayRecord:
         """Every round from the initial `arrays`, or every round after `resume`'s with its
@@ -121,6 +147,8 @@ class RoundLoop:
         if resume is not None:
             self._restore(resume)
             arrays, first = resume.arrays, resume.server_round + 1
+            if cfg.validates_in_training(first):  # by the first round trained here
+                self.unvalidated = Unvalidated(resume.server_round, None)
         else:
             if cfg.federated_stats:
                 self._site_summaries(nodes)
@@ -130,6 +158,10 @@ class RoundLoop:
             first = 1
         for server_round in range(first, cfg.num_server_rounds + 1):
             arrays = self._train_round(server_round, arrays)
+        if self.unvalidated is not None:  # the last model: evaluated in a message of its own
+            self.exchange.timings.clear()
+            evaluated = self._evaluate(cfg.num_server_rounds, arrays)
+            self._validated(evaluated, [t.to_json(self.names) for t in self.exchange.timings])
         return arrays
 
     def cross_site(self) -> None:
@@ -182,6 +214,11 @@ class RoundLoop:
         for note in trained.notes:
             self.outputs.progress(f"  {note}")
         self._require_quorum(trained, "training", server_round)
+        validation = validation_replies(trained, self.names)  # (taken out of the replies)
+        if self.unvalidated is not None:
+            self.outputs.failures(validation.failed)
+            self._require_quorum(validation, "validation", server_round - 1)
+            self._validated(validation)
         aggregation_started = time.monotonic()
         new_arrays, train_metrics = self.strategy.flower.aggregate_train(server_round, trained.ok)
         self.outputs.aggregated(time.monotonic() - aggregation_started)
@@ -194,7 +231,8 @@ class RoundLoop:
                 else ""
             )
             raise QuorumError(f"round {server_round}: aggregation produced no model{accountant}")
-        evaluated = self._evaluate(server_round, new_arrays)
+        folded = self.cfg.validates_in_training(server_round + 1)
+        evaluated = RoundReplies() if folded else self._evaluate(server_round, new_arrays)
         self._finish(
             RoundOutcome(server_round, started, evaluated, trained, train_metrics), new_arrays
         )
@@ -234,13 +272,53 @@ class RoundLoop:
 
     def _finish(self, outcome: RoundOutcome, arrays: ArrayRecord) -> None:
         state = strategy_state.capture(self.strategy.flower)
-        self.outputs.round_finished(self._summarise(outcome), arrays, state)
+        summary = self._summarise(outcome)
+        # validated by the next round's training messages, or by the last evaluation
+        later = outcome.server_round > 0 and self.cfg.validates_in_training(
+            outcome.server_round + 1
+        )
+        self.outputs.round_finished(summary, arrays, state, validated=not later)
+        if later:
+            self.unvalidated = Unvalidated(outcome.server_round, summary)
         # the last round's replies only: no earlier round's updates are held on to
         if outcome.server_round == self.cfg.num_server_rounds:
             self.final = outcome
 
+    def _validated(self, evaluated: RoundReplies, exchanges: list | None = None) -> None:
+        """Round `self.unvalidated`'s model validated: into its record, then shown
+        (`exchanges`: the evaluation's own, when it had a message of its own)."""
+        assert self.unvalidated is not None
+        server_round, summary = self.unvalidated.server_round, self.unvalidated.summary
+        self.unvalidated = None
+        if self.final is not None and self.final.server_round == server_round:
+            self.final.evaluated = evaluated  # cross-site evaluation starts from it
+        validation = {
+            self.names(r.metadata.src_node_id): recorded(r.content[Record.METRICS])
+            for r in evaluated.ok
+        }
+        aggregated = self.strategy.flower.aggregate_evaluate(server_round, evaluated.ok)
+        if summary is None:  # recorded by the run this one carries on
+            summary = resumed_summary(self.outputs.record, server_round, self.cfg)
+        sites = {site: dict(m) for site, m in summary.sites.items()}
+        for site, metrics in validation.items():
+            sites.setdefault(site, {}).update(metrics)
+        global_metrics = {**(dict(aggregated) if aggregated is not None else {})}
+        global_metrics.update(summary.global_metrics)
+        validated = dataclasses.replace(
+            summary,
+            global_metrics=global_metrics,
+            sites=dict(sorted(sites.items())),
+            site_validation=validation,
+            failures={**{s: f"validation: {r}" for s, r in evaluated.failed.items()},
+                      **summary.failures},
+            validated_by=sorted(validation),
+            exchanges=[*summary.exchanges, *(exchanges or [])],
+        )  # fmt: skip
+        self.outputs.round_validated(validated)
+
     def _summarise(self, outcome: RoundOutcome) -> RoundSummary:
-        """The round's global and per-site metrics, who replied, who failed and why."""
+        """The round's global and per-site metrics, who replied, who failed and why (its
+        validation too, unless it comes later: `_validated`)."""
         evaluated, trained = outcome.evaluated, outcome.trained
         validation = {
             self.names(r.metadata.src_node_id): recorded(r.content[Record.METRICS])

@@ -114,6 +114,19 @@ class RunRecord:
         self.data["rounds"].append(entry)
         self.flush()
 
+    def validate_round(self, server_round: int, summary: dict[str, Any]) -> dict[str, Any]:
+        """Add the validation of round `server_round`'s model to its entry (it arrives with
+        the next round's training replies, or the last round's evaluation); returns the entry."""
+        entry = next(r for r in self.data["rounds"] if r["round"] == server_round)
+        entry["global"] = summary["global"]
+        entry["sites"] = summary["sites"]
+        entry["failures"] = {**summary["failures"], **entry["failures"]}
+        entry["failed"] = sorted(entry["failures"])
+        entry["validated-by"] = summary["validated-by"]
+        entry["exchanges"] = summary["exchanges"]
+        self.flush()
+        return entry
+
     def finish(self, status: str, error: str | None = None) -> None:
         """The run's outcome: completed, or failed with the reason."""
         self.data["status"] = status
@@ -195,6 +208,8 @@ class RoundSummary:
     epsilon: float | None = None
     # when each exchange went out and each hospital's reply arrived (ExchangeTiming)
     exchanges: list[dict[str, Any]] = field(default_factory=list)
+    # the sites whose validation of the round's model is in it (None: not validated yet)
+    validated_by: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The round's entry in metrics.json."""
@@ -210,7 +225,28 @@ class RoundSummary:
         }
         if self.server_round:
             entry["secure-aggregation"] = self.secure.to_json() if self.secure else None
+        if self.validated_by is not None:
+            entry["validated-by"] = self.validated_by
         return entry
+
+
+def resumed_summary(record: RunRecord, server_round: int, cfg: RunConfig) -> RoundSummary:
+    """The summary of a round the run this one carries on recorded (without validation):
+    what its validation, arriving in this run, is added to."""
+    entry = next(r for r in record.data["rounds"] if r["round"] == server_round)
+    return RoundSummary(
+        server_round=server_round,
+        rounds=cfg.num_server_rounds,
+        seconds=float(entry["seconds"]),
+        global_metrics=dict(entry["global"]),
+        sites={site: dict(m) for site, m in entry["sites"].items()},
+        site_validation={},
+        replied=list(entry["replied"]),
+        failures=dict(entry["failures"]),
+        sampled=len(entry["replied"]) + len(entry["failures"]),
+        connected=len(entry["replied"]),
+        exchanges=list(entry.get("exchanges", [])),
+    )
 
 
 def arrays_sha256(arrays: ArrayRecord) -> str:
@@ -290,11 +326,16 @@ class RunOutputs:
             self.progress(f"  {site}: {reason}")
 
     def round_finished(
-        self, summary: RoundSummary, arrays: ArrayRecord, state: dict[str, Any]
+        self,
+        summary: RoundSummary,
+        arrays: ArrayRecord,
+        state: dict[str, Any],
+        validated: bool = True,
     ) -> None:
         """Record a finished round everywhere it is recorded (checkpoint before metrics.json,
         so a round in metrics.json always has its checkpoint); `state` is what a resumed
-        run needs besides the arrays (strategy_state.capture)."""
+        run needs besides the arrays (strategy_state.capture). A round whose model is not
+        `validated` yet is shown once it is (`round_validated`)."""
         if summary.secure and summary.secure.clipped_values:
             self.progress(
                 f"  {summary.secure.clipped_values} update values exceeded "
@@ -304,7 +345,7 @@ class RunOutputs:
         entry = summary.to_json()
         entry["checkpoint-sha256"] = self.record.checkpoint(summary.server_round, arrays, state)
         self.record.add_round(entry)
-        self._telemetry(summary)
+        self.telemetry.checkpointed(summary.server_round, time.time())
         audit(
             "round",
             run=self.run_id,
@@ -313,6 +354,17 @@ class RunOutputs:
             failed=sorted(summary.failures),
             model_sha256=arrays_sha256(arrays),
         )
+        if validated:
+            self._announce(summary)
+
+    def round_validated(self, summary: RoundSummary) -> None:
+        """A round's model validated after the round was recorded: its entry gets the
+        validation metrics, and the round is shown (progress, Prometheus, round event)."""
+        self.record.validate_round(summary.server_round, summary.to_json())
+        self._announce(summary)
+
+    def _announce(self, summary: RoundSummary) -> None:
+        self._telemetry(summary)
         self._round_event(summary)
         self.progress(self._round_line(summary))
 
@@ -335,7 +387,6 @@ class RunOutputs:
 
     def _telemetry(self, summary: RoundSummary) -> None:
         telemetry = self.telemetry
-        telemetry.checkpointed(summary.server_round, time.time())
         if summary.epsilon is not None:
             telemetry.privacy_spent(summary.epsilon)
         if summary.secure:

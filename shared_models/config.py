@@ -147,6 +147,9 @@ class RunConfig:
     round_timeout_seconds: float = 600.0
     val_fraction: float = 0.2
     federated_stats: bool = True  # ask every site for its summary (small counts hidden) first
+    # false: each hospital validates the global model it receives before training on it, in
+    # the same message (the last model gets a message of its own); true: a message per round
+    separate_evaluation: bool = False
     stats_min_count: int = 10
     seed: int = 0
     modality: str = "auto"  # auto: from dataset.json, else the task's usual modality
@@ -184,6 +187,14 @@ class RunConfig:
         if validate:
             config.validate()
         return config
+
+    def validates_in_training(self, server_round: int) -> bool:
+        """Whether round `server_round`'s training message also has each hospital validate
+        the model it carries (round r-1's), before training on it. Not in round 1 (round 0
+        evaluated the initial model on its own, and names the sites) nor when only some
+        hospitals train (every site validates every model); the last model is evaluated in
+        a message of its own."""
+        return not self.separate_evaluation and self.fraction_train >= 1.0 and server_round > 1
 
     def secagg_encoding(self) -> Encoding:
         """How this run encodes updates under secure aggregation (alike at every site)."""

@@ -44,6 +44,9 @@ class Record:
     NEXT_CONFIG = "next-config"  # the next round's share settings, riding on an unmask
     NEXT_SECAGG = "next-secagg"  # the next round's neighbour keys, riding on an unmask
     NEXT_SEALED = "next-sealed"  # the next round's ciphertexts, riding on an unmask reply
+    LAYOUT = "layout"  # ConfigRecord: how the one packed array splits into the model's arrays
+    # MetricRecord of a training reply: the received global model's validation metrics
+    VALIDATION = "validation"
 
 
 class Metric:
@@ -126,6 +129,7 @@ class ErrorCode:
     UPDATE_REFUSED = 104  # an update the hospital will not send (e.g. not finite)
     MALFORMED_REQUEST = 105  # a message from the coordinator the hospital cannot act on
     ROUND_REFUSED = 106  # a round repeated, or terms that differ from the run's own
+    MALFORMED_REPLY = 107  # set by the coordinator: a reply whose packed arrays do not unpack
 
 
 class NodeConfig:

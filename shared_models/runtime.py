@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -226,6 +227,15 @@ class Service:
     command: list[str]
     env: dict[str, str]
     log_file: Path | None = None  # None: its output goes to this terminal
+    # Called with its exit code when it ends by itself; the service is then started
+    # again instead of stopping the others (a helper the rest can run without).
+    restart: Callable[[int], None] | None = None
+
+    def start(self) -> subprocess.Popen:
+        """Start it in a session of its own."""
+        if self.log_file is None:
+            return subprocess.Popen(self.command, env=self.env, start_new_session=True)
+        return start(self.command, self.log_file, self.env)
 
 
 def supervise(
@@ -247,15 +257,9 @@ def supervise(
     signal handler would deadlock with the main thread's own wait), and
     escalates to SIGKILL after `grace` seconds.
     """
-    children = [
-        subprocess.Popen(s.command, env=s.env, start_new_session=True)
-        if s.log_file is None
-        else start(s.command, s.log_file, s.env)
-        for s in services
-    ]
+    children = [s.start() for s in services]
     stopping_since: list[float] = []  # when the stop began (asked for, or a service ended)
     asked: list[int] = []
-    services_pids = frozenset(child.pid for child in children)
 
     def signal_all(signum: int) -> None:
         for process in children:
@@ -270,6 +274,8 @@ def supervise(
     first_code: int | None = None
     watched = time.monotonic()
     while True:
+        if not asked and not stopping_since:
+            _restart_ended(services, children)
         codes = [process.poll() for process in children]
         ending = bool(asked) or any(c is not None for c in codes)
         if ending and not stopping_since:
@@ -277,7 +283,7 @@ def supervise(
             stopping_since.append(time.monotonic())
             # What the services started goes first (app processes end as stopped, not as
             # failed by a vanished SuperLink), then the services themselves.
-            processes.stop_started(spare=services_pids, grace=grace / 3)
+            processes.stop_started(spare=frozenset(c.pid for c in children), grace=grace / 3)
             signal_all(signal.SIGTERM)
         if all(c is not None for c in codes):
             processes.stop_started()
@@ -288,6 +294,15 @@ def supervise(
             watched = time.monotonic()
             _watch_once(watch)
         time.sleep(0.2)
+
+
+def _restart_ended(services: list[Service], children: list[subprocess.Popen]) -> None:
+    """Start again each restartable service that ended by itself (after its callback)."""
+    for index, service in enumerate(services):
+        code = children[index].poll()
+        if code is not None and service.restart is not None:
+            _watch_once(functools.partial(service.restart, code))
+            children[index] = service.start()
 
 
 def _watch_once(watch: Callable[[], None]) -> None:

@@ -182,12 +182,18 @@ def admit(c: Consortium, name: str) -> str:
 
 
 def start_node(
-    c: Consortium, name: str, data: Path, env: dict[str, str] | None = None, stamped: bool = False
+    c: Consortium,
+    name: str,
+    data: Path,
+    env: dict[str, str] | None = None,
+    stamped: bool = False,
+    options: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """A hospital's node; it runs only the app package its staff approved.
 
     `env`: the node's environment (default: the operator's); `stamped`: its log
-    lines carry the time they were written (see `spawn`).
+    lines carry the time they were written (see `spawn`); `options`: more
+    `medfed node start` options.
     """
     keys = c["tmp"] / "keys" / name
     approved = medfed("node", "approve", c["app_sha256"], "--state", str(c["tmp"] / name))
@@ -196,7 +202,7 @@ def start_node(
         [sys.executable, "-m", "medfed.server.cli", "node", "start",
          "--coordinator", f"127.0.0.1:{c['port']}", "--ca", str(c["certs"] / "ca.pem"),
          "--key", str(keys / f"{name}.key"), "--data", str(data),
-         "--runtime-port", str(free_port()), "--state", str(c["tmp"] / name)],
+         "--runtime-port", str(free_port()), "--state", str(c["tmp"] / name), *options],
         c["tmp"] / f"{name}.log",
         env or c["env"],
         stamped,

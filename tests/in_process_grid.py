@@ -9,6 +9,7 @@ replies and a record of everything the coordinator receives.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
@@ -29,6 +30,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.client.app import EVALUATE_MODS, QUERY_MODS, TRAIN_MODS
+from medfed.client.packed_arrays import packed_arrays_mod
 from medfed.client.privacy import secagg_mod
 from medfed.client.privacy.disclosure import SiteCounts, remember
 from medfed.shared_models.config import RunConfig
@@ -142,7 +144,9 @@ class InProcessGrid:
                     altered = self.alter[(stage, node)](message)
                     altered.metadata.__dict__["_message_id"] = message.metadata.message_id
                     message = altered
-                reply = self._handle(stage, message, node)
+                # the app-level mod every route of medfed's ClientApp runs first
+                handle = functools.partial(self._handle_at, stage, node)
+                reply = packed_arrays_mod(message, self.contexts[node], handle)
                 if (stage, node) in self.corrupt:
                     reply = self.corrupt[(stage, node)](reply)
             except Exception as err:  # worded as Flower's ClientApp runner words it
@@ -168,6 +172,9 @@ class InProcessGrid:
         killed = node in self.silent_from and server_round >= self.silent_from[node]
         killed = killed or server_round >= self.stage_silent_from.get(stage, 1 << 30)
         return killed or node in self.drop.get(stage, set())
+
+    def _handle_at(self, stage: str, node: int, message: Message, _context: Context) -> Message:
+        return self._handle(stage, message, node)
 
     def _handle(self, stage: str, message: Message, node: int) -> Message:
         context = self.contexts[node]
@@ -218,16 +225,25 @@ class InProcessGrid:
         start = message.content[Record.ARRAYS]
         trained = {k: start[k].numpy() + self.updates[node][k] for k in self.updates[node]}
         remember(context, self.site_counts[node])
-        return self.training_reply(message, node, trained)
+        reply = self.training_reply(message, node, trained)
+        cfg = RunConfig.from_mapping(context.run_config, validate=False)
+        if cfg.validates_in_training(self.round_of(message)):
+            reply.content[Record.VALIDATION] = MetricRecord(self._evaluation_metrics(message, node))
+        return reply
 
     def _scripted_evaluation(self, message: Message, context: Context) -> Message:
         """The evaluate handler's contract: its metrics, its val count as count and weight."""
         node = context.node_id
-        val = self.site_counts[node].val
         remember(context, self.site_counts[node])
+        return self._metrics_reply(message, node, self._evaluation_metrics(message, node))
+
+    def _evaluation_metrics(self, message: Message, node: int) -> dict:
+        """A validation of the received model: its metrics, its val count as count and weight
+        (in an evaluation reply, or in a training reply before the site trains)."""
+        val = self.site_counts[node].val
         evaluation = {**self.evaluation(message, node), Metric.NUM_EXAMPLES: val}
         evaluation[Metric.WEIGHT] = val
-        return self._metrics_reply(message, node, evaluation)
+        return evaluation
 
     def _scripted_summary(self, message: Message, context: Context) -> Message:
         """The query handler's contract: the site's exact counts (the mods hide them)."""

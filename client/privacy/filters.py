@@ -139,4 +139,7 @@ def count_floor_mod(msg: Message, context: Context, call_next: ClientAppCallable
     dp = RunConfig.from_mapping(context.run_config, validate=False).dp_mode != "off"
     metrics = reply.content[Record.METRICS]
     disclose_reply(metrics, shown, training, weight_is_count=not training or not dp)
+    validation = reply.content.metric_records.get(Record.VALIDATION)
+    if validation is not None:  # the received model's validation: an evaluation reply's
+        disclose_reply(validation, shown, training=False, weight_is_count=True)
     return reply

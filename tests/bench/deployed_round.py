@@ -9,15 +9,23 @@ starts them. Each case runs a plain and a secure-aggregation run whose
 training is near zero (32² images, 20 per site, the smallest U-Net, one
 epoch), so a round is the federation's own latency. Cases:
 
-- `flower-default`: each node's SuperExec looks for a new ClientApp task every
-  1 s (Flower's default of `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`), and pulls or
-  pushes at most 2 message objects at a time (`FLWR_PRIVATE_MAX_CONCURRENT_OBJ_*`);
-- `task-poll`: the SuperExec looks every `--task-poll` seconds (medfed's node default);
-- `task-poll+transfers`: and `--transfers` objects at a time (Flower marks these
-  variables private: an internal setting, not a supported option).
+- `flower-default`: Flower as it comes: a fresh ClientApp process per message
+  (`--cold`), the SuperNode's fixed 3 s / 0.5 s waits (`--flower-waits`), the
+  SuperExec looking for a new ClientApp task every 1 s, at most 2 message
+  objects pulled or pushed at a time;
+- `cold`: medfed's node before the warm worker: the SuperExec looks every
+  `--task-poll` seconds, otherwise as `flower-default`;
+- `warm`: ClientApp processes forked from the node's warm worker
+  (client/warm_worker.py), Flower's waits, the SuperExec as in `cold`;
+- `warm+waits`: and the SuperNode's and SuperExec's waits shortened while a run
+  is active, Flower's when idle (client/supernode_runner.py): medfed's node default;
+- `warm+waits+transfers`: and `--transfers` objects at a time (Flower marks
+  these variables private: an internal setting, not a supported option).
 
-The rest of what a node does between messages is fixed in Flower 1.42 (see
-docs/benchmarks.md). Per round (rounds 2..N, steady state) the breakdown comes
+`--simulated` also runs the same sites and settings in `medfed simulate`, in
+the same invocation, for the deployed / simulated ratio.
+
+Per round (rounds 2..N, steady state) the breakdown comes
 from the coordinator's metrics.json `exchanges` (when each message went out,
 when each reply was pulled) and the nodes' log lines, stamped with the time
 they were written: per exchange and site, the SuperNode picking the message
@@ -42,7 +50,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from medfed.client.node import TASK_POLL_ENV, TASK_POLL_SECONDS
+from medfed.client.node import TASK_POLL_ENV
 from medfed.client.synthetic import generate_federation
 from tests.bench.runs import print_table, save_results
 from tests.deployment import (
@@ -237,14 +245,17 @@ def run_quietly(c: Consortium, config: str) -> tuple[str, dict[str, Any]]:
     return run_id, closed() or {}
 
 
-def run_case(c: Consortium, label: str, settings: dict[str, str], rounds: int) -> dict[str, Any]:
-    """Start the nodes with Flower's environment `settings`, run each mode, stop the nodes;
-    their logs are kept as SITE-LABEL.log."""
+def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, Any]:
+    """Start the nodes with the case's environment and options, run each mode, stop the
+    nodes; their logs are kept as SITE-LABEL.log."""
+    settings, options = case
     env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1"}
-    nodes = [start_node(c, s, c["sites"] / s, env=env, stamped=True) for s in SITES]
+    nodes = [
+        start_node(c, s, c["sites"] / s, env=env, stamped=True, options=options) for s in SITES
+    ]
     try:
         wait(lambda: len(online(c)) == len(SITES), 120, "three hospitals online")
-        results: dict[str, Any] = {"settings": settings}
+        results: dict[str, Any] = {"settings": settings, "options": list(options)}
         for mode, extra in MODES.items() if rounds else []:
             run_id, metrics = run_quietly(c, f"num-server-rounds={rounds} {TINY} {extra}")
             if metrics["status"] != "completed":
@@ -253,6 +264,7 @@ def run_case(c: Consortium, label: str, settings: dict[str, str], rounds: int) -
             results[mode] = {"run-id": run_id, **analyse(metrics, events)}
             print(f"{label} {mode}: {results[mode]['mean']:.2f} s/round", flush=True)
         results["idle-cpu-per-node"] = idle_cpu(nodes, IDLE_SECONDS)
+        results["node-memory-mib"] = node_memory(nodes)
         return results
     finally:
         stop_all(nodes)
@@ -261,17 +273,74 @@ def run_case(c: Consortium, label: str, settings: dict[str, str], rounds: int) -
             (c["tmp"] / f"{site}.log").rename(c["tmp"] / f"{site}-{label}.log")
 
 
-def cases(poll: str, transfers: str) -> dict[str, dict[str, str]]:
-    """Each case's Flower settings in the nodes' environment."""
+Case = tuple[dict[str, str], tuple[str, ...]]  # (the nodes' environment, node start options)
+COLD = ("--cold", "--flower-waits")
+
+
+def cases(poll: str, transfers: str) -> dict[str, Case]:
+    """Each case's Flower settings in the nodes' environment and its node options."""
+    tuned = {**FLOWER_DEFAULTS, POLL_ENV: poll}
     return {
-        "flower-default": FLOWER_DEFAULTS,
-        "task-poll": {**FLOWER_DEFAULTS, POLL_ENV: poll},
-        "task-poll+transfers": {POLL_ENV: poll, **dict.fromkeys(TRANSFER_ENVS, transfers)},
+        "flower-default": (FLOWER_DEFAULTS, COLD),
+        "cold": (tuned, COLD),
+        "warm": (tuned, ("--flower-waits",)),
+        # Flower's interval when idle; medfed's SuperExec polls every 0.1 s while active
+        "warm+waits": (FLOWER_DEFAULTS, ()),
+        "warm+waits+transfers": (
+            {**FLOWER_DEFAULTS, **dict.fromkeys(TRANSFER_ENVS, transfers)},
+            (),
+        ),
     }
 
 
-def measure(work: Path, rounds: int, repeats: int, settings: dict[str, dict[str, str]]) -> dict:
-    """Every case, `repeats` times in turn, on one coordinator."""
+def node_memory(nodes: list[subprocess.Popen]) -> dict[str, float]:
+    """Resident memory per node (MiB): its whole process tree, and its warm worker alone."""
+    trees = [tree(node.pid) for node in nodes]
+    workers = [
+        pid for pids in trees for pid in pids if "warm_worker" in _command_line(pid)
+    ]  # fmt: skip
+    return {
+        "tree": statistics.fmean(sum(_rss_mib(p) for p in pids) for pids in trees),
+        "worker": statistics.fmean(_rss_mib(p) for p in workers) if workers else 0.0,
+    }
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(found.group(1)) / 1024 if found else 0.0
+
+
+def simulated(sites: Path, work: Path, rounds: int) -> dict[str, Any]:
+    """The same sites and settings in `medfed simulate`: steady seconds per round per mode."""
+    results = {}
+    for mode, extra in MODES.items():
+        out = work / f"simulated-{mode}"
+        overrides = [f"-c{kv}" for kv in f"{TINY} {extra}".split()]
+        command = [sys.executable, "-m", "medfed.server.cli", "simulate", "--data", str(sites),
+                   "--rounds", str(rounds), "--out", str(out), *overrides]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+        metrics = json.loads((out / "metrics.json").read_text())
+        steady = [r["seconds"] for r in metrics["rounds"] if r["round"] >= 2]
+        results[mode] = {"mean": statistics.fmean(steady), "median": statistics.median(steady)}
+        print(f"simulated {mode}: {results[mode]['mean']:.2f} s/round", flush=True)
+    return results
+
+
+def measure(
+    work: Path, rounds: int, repeats: int, settings: dict[str, Case], with_simulation: bool
+) -> dict:
+    """Every case, `repeats` times in turn, on one coordinator (and the simulated rounds)."""
     sites = work / "sites"
     generate_federation("segmentation", 3, sites, seed=1, images_per_site=20, image_size=32)
     results: dict[str, Any] = {"cases": defaultdict(list)}
@@ -280,9 +349,11 @@ def measure(work: Path, rounds: int, repeats: int, settings: dict[str, dict[str,
         for site in SITES:
             admit(c, site)
         for repeat in range(1, repeats + 1):
-            for case, environment in settings.items():
+            for case, setting in settings.items():
                 label = f"{case}-{repeat}"
-                results["cases"][case].append(run_case(c, label, environment, rounds))
+                results["cases"][case].append(run_case(c, label, setting, rounds))
+    if with_simulation and rounds:
+        results["simulated"] = simulated(sites, work, rounds)
     results["clientapp-import-seconds"] = import_seconds()
     return results
 
@@ -320,6 +391,10 @@ def report(results: dict[str, Any]) -> None:
     for case in by_case:
         ratio = [r["secure"]["mean"] / r["plain"]["mean"] for r in by_case[case]]
         print(f"{case}: secure / plain = {_cell(ratio)}")
+    for mode, sim in results.get("simulated", {}).items():
+        for case in by_case:
+            ratio = [r[mode]["mean"] / sim["mean"] for r in by_case[case]]
+            print(f"{mode}: {case} / simulated ({sim['mean']:.2f} s) = {_cell(ratio)}")
     idle_report(results)
 
 
@@ -327,7 +402,12 @@ def idle_report(results: dict[str, Any]) -> None:
     """Each case's idle CPU per node and what a ClientApp process imports."""
     for case, repeats in results["cases"].items():
         cpu = [100 * r["idle-cpu-per-node"] for r in repeats]
-        print(f"{case}: idle node CPU = {_cell(cpu)} % of one core")
+        tree_mib = [r["node-memory-mib"]["tree"] for r in repeats]
+        worker_mib = [r["node-memory-mib"]["worker"] for r in repeats]
+        print(
+            f"{case}: idle node CPU = {_cell(cpu)} % of one core; resident memory per node "
+            f"{_cell(tree_mib)} MiB, of which the warm worker {_cell(worker_mib)} MiB"
+        )
     imports = results["clientapp-import-seconds"]
     print(f"a fresh process importing a training ClientApp: {imports:.2f} s")
 
@@ -343,19 +423,24 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="alternate the cases this often")
     parser.add_argument(
-        "--task-poll", default=TASK_POLL_SECONDS, help=f"{POLL_ENV} of the tuned cases"
+        "--task-poll", default="0.1", help=f"{POLL_ENV} of the cold and warm cases"
     )
     parser.add_argument("--transfers", default="8", help="concurrent object pulls and pushes")
     parser.add_argument("--cases", nargs="+", default=list(cases("", "")), help="which cases")
+    parser.add_argument(
+        "--simulated", action="store_true", help="also the same rounds in medfed simulate"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-deployed-round"))
     parser.add_argument("--keep", action="store_true", help="keep the logs and runs in OUT/work")
     args = parser.parse_args()
     settings = {k: v for k, v in cases(args.task_poll, args.transfers).items() if k in args.cases}
     if args.keep:
-        results = measure((args.out / "work").resolve(), args.rounds, args.repeats, settings)
+        results = measure(
+            (args.out / "work").resolve(), args.rounds, args.repeats, settings, args.simulated
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="medfed-round-") as work:
-            results = measure(Path(work), args.rounds, args.repeats, settings)
+            results = measure(Path(work), args.rounds, args.repeats, settings, args.simulated)
     report(results)
     print(f"results: {save_results(args.out, 'deployed_round.json', results)}")
 

@@ -145,3 +145,34 @@ def test_a_site_whose_counts_are_hidden_trains_a_public_number_of_steps(tmp_path
     for images in (12, 39):  # shown (floor 1): the site's own epoch
         epoch, batches, train = steps[(images, 1)]
         assert epoch is None and batches == math.ceil(train / 4)
+
+
+def test_a_training_message_validates_the_model_it_carries_as_an_evaluation_would(tmp_path):
+    """From round 2 on (`separate-evaluation = false`), the training reply carries the
+    received model's validation: the metrics an evaluation reply of that model has, hidden
+    by the site's one decision the same way; round 1 (the initial model was evaluated on
+    its own) and `separate-evaluation = true` carry none."""
+    site = generate_site("classification", 0, tmp_path / "site", images_per_site=39, image_size=32)
+    cfg = tiny_config(task="classification", local_epochs=1)
+    torch.manual_seed(0)
+    model = {
+        k: v.numpy() for k, v in TASKS["classification"].build_network(cfg).state_dict().items()
+    }
+    calls = iter(range(100))
+
+    def reply(kind: str, server_round: int, floor: int, **run) -> RecordDict:
+        node = {NodeConfig.DATA_PATH: str(site), NodeConfig.MIN_COUNT: floor,
+                NodeConfig.CACHE_DIR: str(tmp_path / f"cache-{next(calls)}")}  # fmt: skip
+        run_config = {**cfg.to_mapping(), "stats-min-count": 1, **run}
+        ctx = Context(RUN_ID, 5, node, RecordDict(), run_config)
+        answer = app(incoming(kind, {Config.SERVER_ROUND: server_round}, model), ctx)
+        assert not answer.has_error(), answer.error.reason if answer.has_error() else ""
+        return answer.content
+
+    for floor in (8, 10):  # the site's validation split (8 images) shown, then hidden
+        validation = dict(reply("train", 2, floor)[Record.VALIDATION])
+        evaluated = dict(reply("evaluate", 2, floor)[Record.METRICS])
+        assert validation == evaluated
+    assert validation[Metric.LOSS] == validation[Metric.NUM_EXAMPLES] == SUPPRESSED
+    assert Record.VALIDATION not in reply("train", 1, 8)
+    assert Record.VALIDATION not in reply("train", 2, 8, **{"separate-evaluation": True})

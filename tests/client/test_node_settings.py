@@ -1,10 +1,11 @@
 """A node's `--node-config` and `medfed node start` options: bounds and errors naming them."""
 
+import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import pytest
-from flwr.supercore.superexec import run_superexec
 
 from medfed.client.app import error_report
 from medfed.client.node import TASK_POLL_ENV, NodeOptions, start_node
@@ -103,19 +104,27 @@ def test_node_start_refuses_bad_options_before_anything_starts(tmp_path, change,
     assert not (tmp_path / "state").exists()
 
 
-def test_node_start_has_its_superexec_look_for_tasks_every_tenth_of_a_second(
+def test_node_start_runs_medfeds_superexec_which_polls_fast_only_while_active(
     tmp_path, monkeypatch, seg_sites
 ):
-    """Every message waits for this poll before its ClientApp starts (Flower: 1 s); an
-    operator's own setting wins, and Flower reads the variable medfed sets."""
+    """Every message waits for the SuperExec's poll before its ClientApp starts: the
+    SuperNode finds medfed's `flower-superexec` first on its PATH (client/supernode_runner:
+    0.1 s while a run is active, the configured interval, Flower's 1 s, when idle);
+    `--flower-waits` leaves Flower's own."""
     started: list[runtime.Service] = []
     monkeypatch.setattr(runtime, "supervise", lambda services, **_: started.extend(services) or 0)
     monkeypatch.delenv(TASK_POLL_ENV, raising=False)
     options = NodeOptions("127.0.0.1:9092", None, None, seg_sites / "site-0", "site-0",
                           insecure=True, state=tmp_path / "state")  # fmt: skip
     assert start_node(options) == 0
-    monkeypatch.setenv(TASK_POLL_ENV, "0.5")
-    assert start_node(options) == 0
-    assert [service.env[TASK_POLL_ENV] for service in started] == ["0.1", "0.5"]
-    monkeypatch.setenv(TASK_POLL_ENV, started[0].env[TASK_POLL_ENV])
-    assert run_superexec._get_task_poll_interval() == 0.1
+    supernode = next(s for s in started if s.restart is None)  # (not the warm worker)
+    found = shutil.which("flower-superexec", path=supernode.env["PATH"])
+    assert found == str(tmp_path / "state" / "bin" / "flower-superexec")
+    assert "superexec_main" in Path(found).read_text() and TASK_POLL_ENV not in supernode.env
+    started.clear()
+    (tmp_path / "state" / "bin" / "flower-superexec").unlink()
+    assert start_node(dataclasses.replace(options, flower_waits=True)) == 0
+    supernode = next(s for s in started if s.restart is None)
+    assert Path(shutil.which("flower-superexec", path=supernode.env["PATH"])).parent != (
+        tmp_path / "state" / "bin"
+    )

@@ -169,6 +169,7 @@ def test_authenticated_federation_end_to_end(consortium):
         text = path.read_text()
         assert "imagesTr" not in text and ".nii" not in text, f"{path} names image files"
 
+    _a_killed_warm_worker_is_restarted_and_its_hospital_still_trains(c, tiny)
     _a_lost_hospital_is_named_once_and_rejoins(c, tiny)
     failed_run = _a_killed_serverapp_is_recorded_failed_and_can_be_pulled(c, tiny)
     _resumed_then_stopped(c, tiny, failed_run)
@@ -190,10 +191,38 @@ def _start_run(c, config: str) -> tuple[str, Path]:
     return run_id, _run_folder(c, run_id)
 
 
+def _workers(c, site: str) -> list[int]:
+    """The pids of a hospital node's warm worker (client/warm_worker.py)."""
+    return [
+        pid
+        for pid in tree(c["nodes"][site].pid)
+        if b"medfed.client.warm_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def _a_killed_warm_worker_is_restarted_and_its_hospital_still_trains(c, tiny: str) -> None:
+    """SIGKILL of site-0's warm worker between runs: the node restarts it and audits it,
+    and the next run's rounds count site-0 (a message the worker cannot take runs in a
+    fresh process meanwhile)."""
+    (worker,) = _workers(c, "site-0")
+    os.kill(worker, signal.SIGKILL)
+    _, folder = _start_run(c, f"num-server-rounds=2 min-nodes=3 federated-stats=false {tiny}")
+    wait(lambda: _metrics(folder)["status"] != "running", 300, "the run")
+    metrics = _metrics(folder)
+    assert metrics["status"] == "completed", metrics.get("error")
+    assert all(r["replied"] == SITES for r in metrics["rounds"])
+    restarted = [e for e in read_audit(c["tmp"] / "site-0" / "audit.jsonl")
+                 if e["event"] == "worker-restarted"]  # fmt: skip
+    assert len(restarted) == 1 and restarted[0]["exit_code"] == -signal.SIGKILL
+    (again,) = _workers(c, "site-0")
+    assert again != worker
+
+
 def _a_lost_hospital_is_named_once_and_rejoins(c, tiny: str) -> None:
     """SIGKILL of a whole hospital node in round 2: the round finishes with the others and
     names the lost hospital once, by site, as unavailable; restarted, it trains again."""
-    _, folder = _start_run(c, f"num-server-rounds=4 min-nodes=2 federated-stats=false {tiny}")
+    # six rounds: enough for the restarted node (its start takes a few rounds' time)
+    _, folder = _start_run(c, f"num-server-rounds=6 min-nodes=2 federated-stats=false {tiny}")
     wait(lambda: len(_metrics(folder)["rounds"]) >= 2, 120, "round 1")  # round 2 is sent
     node = c["nodes"]["site-2"]
     for pid in tree(node.pid):  # the hospital's machine goes down
@@ -210,7 +239,7 @@ def _a_lost_hospital_is_named_once_and_rejoins(c, tiny: str) -> None:
     assert lost["failures"]["site-2"].startswith("node unavailable: its heartbeats stopped")
     assert lost["replied"] == ["site-0", "site-1"]
     assert "node-1" not in json.dumps(metrics), "never the SuperLink's own id"
-    assert "round 2/4 | sites 2/3" in progress.read_text()
+    assert "round 2/6 | sites 2/3" in progress.read_text()
     rejoined = [r["round"] for r in metrics["rounds"][3:] if "site-2" in r["replied"]]
     assert rejoined, "the restarted hospital trains again in a later round"
 

@@ -196,6 +196,9 @@ def test_a_run_still_running_is_refused(tmp_path):
 
 
 DP = {"dp.mode": "server", "dp.noise-multiplier": 0.5}
+# a model evaluated in a message of its own, sent out after aggregation and before its
+# round is recorded (validated by the next training message, it leaves after the record)
+SEPARATE = {"separate-evaluation": True}
 
 
 def released(grid: InProcessGrid, server_round: int) -> np.ndarray:
@@ -216,17 +219,17 @@ def test_a_noisy_model_released_after_the_last_checkpoint_is_counted_and_never_r
     """Round k's noisy aggregate went out for evaluation, then the run failed before the
     round was recorded: the resumed round k draws fresh noise and the ledger counts both
     (also when the last checkpoint is round 0's, whose ledger is still empty)."""
-    whole = config(tmp_path / "whole", **DP, **{"num-server-rounds": 6})
+    whole = config(tmp_path / "whole", **DP, **SEPARATE, **{"num-server-rounds": 6})
     _, reference = run(whole, federation(whole))  # epsilon after 1..6 releases
 
-    cfg = config(tmp_path / "broken", **DP)
+    cfg = config(tmp_path / "broken", **DP, **SEPARATE)
     grid = federation(cfg)
     grid.stage_silent_from["evaluate"] = lost_round  # hospitals lost during its evaluation
     final, metrics = run(cfg, grid)
     assert final is None and metrics["releases-since-checkpoint"] == 1
     assert [r["round"] for r in metrics["rounds"]] == list(range(lost_round))
 
-    again = config(tmp_path / "broken", **DP, **{"resume-from": str(cfg.out_path)})
+    again = config(tmp_path / "broken", **DP, **SEPARATE, **{"resume-from": str(cfg.out_path)})
     point = load_resume_point(again, None)
     assert point.lost_releases == 1
     resumed_grid = federation(again)
@@ -237,16 +240,16 @@ def test_a_noisy_model_released_after_the_last_checkpoint_is_counted_and_never_r
 
 
 def test_releases_lost_by_a_resumed_run_are_counted_when_it_is_resumed_again(tmp_path):
-    whole = config(tmp_path / "whole", **DP, **{"num-server-rounds": 6})
+    whole = config(tmp_path / "whole", **DP, **SEPARATE, **{"num-server-rounds": 6})
     _, reference = run(whole, federation(whole))
-    cfg = config(tmp_path / "broken", **DP)
+    cfg = config(tmp_path / "broken", **DP, **SEPARATE)
     for attempt in range(2):  # the run, then its first resume, die in round 3's evaluation
         grid = federation(cfg)
         grid.stage_silent_from["evaluate"] = 3
         point = load_resume_point(cfg, None) if attempt else None
         _, metrics = run(cfg, grid, point)
         assert metrics["releases-since-checkpoint"] == attempt + 1
-        cfg = config(tmp_path / "broken", **DP, **{"resume-from": str(cfg.out_path)})
+        cfg = config(tmp_path / "broken", **DP, **SEPARATE, **{"resume-from": str(cfg.out_path)})
     point = load_resume_point(cfg, None)
     assert point.lost_releases == 2
     _, resumed = run(cfg, federation(cfg), point)

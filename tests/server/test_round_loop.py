@@ -19,6 +19,7 @@ from medfed.server.run_record import RunOutputs, RunRecord
 from medfed.server.strategies import build_strategy
 from medfed.server.telemetry import RoundTelemetry
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.flat_arrays import FLAT
 from medfed.shared_models.protocol import Config, Record
 from tests.in_process_grid import RUN_ID, InProcessGrid, train_messages
 
@@ -45,14 +46,14 @@ def run_config(**values) -> RunConfig:
     return RunConfig.from_mapping({**defaults, **values})
 
 
-def run(tmp_path, grid, cfg, run_id: int = RUN_ID, request=None):
+def run(tmp_path, grid, cfg, run_id: int = RUN_ID, request=None, start=START):
     """Run the loop; returns (final arrays or the error, metrics.json, progress text)."""
     record = RunRecord(cfg, tmp_path)
     progress = io.StringIO()
     outputs = RunOutputs(record, RoundTelemetry(run_id, cfg.task), progress, run_id, cfg)
     loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), run_id, request=request)
     try:
-        result = loop.run(ArrayRecord({k: Array(v) for k, v in START.items()}))
+        result = loop.run(ArrayRecord({k: Array(v) for k, v in start.items()}))
     except QuorumError as err:
         result = err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -88,19 +89,21 @@ def test_a_silent_hospital_is_named_and_the_round_goes_on_with_the_quorum(tmp_pa
     assert "round 2/3 | sites 2/3" in progress
 
 
-def test_each_round_records_when_its_exchanges_went_out_and_each_reply_arrived(tmp_path):
+@pytest.mark.parametrize("separate", [False, True], ids=["folded", "separate"])
+def test_each_round_records_when_its_exchanges_went_out_and_each_reply_arrived(tmp_path, separate):
     """metrics.json `exchanges`: push time (Unix, the nodes' clock) and each hospital's
     arrival, by site; a silent hospital has no arrival and the wait lasts the timeout."""
-    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 7.0})
+    grid, cfg = grid_of({101: 1.0, 202: 1.0, 303: 7.0}, **{"separate-evaluation": separate})
     grid.silent_from[303] = 2
     before = time.time()
     _, metrics, _ = run(tmp_path, grid, cfg)
     after = time.time()
     rounds = [r["exchanges"] for r in metrics["rounds"]]
-    assert [[e["message"] for e in r] for r in rounds] == [
-        ["evaluate"],
-        *[["train", "evaluate"]] * 3,
-    ]
+    # a round's model is validated by the next round's training messages, the last one
+    # (and the initial one) in messages of their own; or in a message per round
+    folded = [["evaluate"], ["train"], ["train"], ["train", "evaluate"]]
+    each = [["evaluate"], *[["train", "evaluate"]] * 3]
+    assert [[e["message"] for e in r] for r in rounds] == (each if separate else folded)
     assert all(list(e["replies"]) == ["site-0", "site-1", "site-2"] for e in rounds[1])
     late = rounds[2][0]
     assert list(late["replies"]) == ["site-0", "site-1"] and late["seconds"] >= 0.99
@@ -299,6 +302,35 @@ def test_malformed_metrics_drop_their_hospital_not_the_run(tmp_path, stage, corr
         ["site-0", "site-2"] if stage == "upload" else ["site-0", "site-1", "site-2"]
     )
     assert isinstance(arrays, ArrayRecord)
+
+
+def test_model_arrays_travel_packed_and_a_reply_that_does_not_unpack_loses_its_site(tmp_path):
+    """Each way, a message's arrays are one packed array and a layout; the hospitals and
+    the strategy see named arrays. A reply whose layout does not fit its bytes is refused."""
+    two = {"w": np.zeros(6, np.float32), "b": np.zeros(2, np.float32)}
+    deltas = {101: 1.0, 202: 2.0, 303: 3.0}
+    updates = {n: {k: np.full_like(v, d) for k, v in two.items()} for n, d in deltas.items()}
+    cfg = run_config(**{"num-server-rounds": 1})
+    grid = InProcessGrid(updates, dict.fromkeys(updates, 1.0), cfg)
+    packed = []
+
+    def seen_packed(message: Message) -> Message:
+        packed.append(list(message.content[Record.ARRAYS]) == [FLAT])
+        return message
+
+    def bad_layout(reply: Message) -> Message:
+        packed.append(list(reply.content[Record.ARRAYS]) == [FLAT])
+        reply.content[Record.LAYOUT]["shapes"] = ["6", "3"]
+        return reply
+
+    grid.alter[("upload", 101)] = seen_packed
+    grid.corrupt[("upload", 202)] = bad_layout
+    arrays, metrics, _ = run(tmp_path, grid, cfg, start=two)
+    assert packed == [True, True]
+    failure = metrics["rounds"][1]["failures"]["site-1"]
+    assert "malformed packed arrays: array 'b' runs past the packed bytes" in failure
+    assert metrics["rounds"][1]["replied"] == ["site-0", "site-2"]
+    assert np.allclose(arrays["w"].numpy(), 2.0) and np.allclose(arrays["b"].numpy(), 2.0)
 
 
 HONEST = {101: 1.0, 202: 1.2, 303: 0.8}  # three honest hospitals' (varied) updates

@@ -143,7 +143,9 @@ def test_hospitals_given_different_models_produce_masks_that_do_not_cancel():
     others = {k: np.zeros_like(v) for k, v in start.items()}
 
     def other_model(message: Message) -> Message:
-        content = RecordDict(dict(message.content.items()))
+        # the deviating coordinator sends the other model's arrays unpacked (hospitals take
+        # both forms)
+        content = RecordDict({k: v for k, v in message.content.items() if k != Record.LAYOUT})
         content[Record.ARRAYS] = ArrayRecord({k: Array(v) for k, v in others.items()})
         return Message(
             content=content, dst_node_id=message.metadata.dst_node_id, message_type="train"

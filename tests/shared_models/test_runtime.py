@@ -39,6 +39,34 @@ def test_sigterm_stops_the_service_and_exits_cleanly(tmp_path):
         assert not stat.exists() or stat.read_text().split()[2] == "Z", "child still running"
 
 
+RESTARTING = """
+import sys
+from pathlib import Path
+from medfed.shared_models.runtime import Service, supervise
+log = Path(sys.argv[1])
+helper = [sys.executable, "-c", "import sys, pathlib; p = pathlib.Path(sys.argv[1]);"
+          " p.write_text(p.read_text() + 'ran ') if p.exists() else p.write_text('ran ');"
+          " sys.exit(3)", str(log)]
+main = [sys.executable, "-c", "import time; time.sleep(600)"]
+noted = lambda code: log.write_text(log.read_text() + f"ended {code} ")
+sys.exit(supervise([Service(helper, env={"PATH": "/usr/bin:/bin"}, restart=noted),
+                    Service(main, env={"PATH": "/usr/bin:/bin"})]))
+"""
+
+
+def test_a_restartable_service_that_ends_is_noted_and_started_again(tmp_path):
+    """The node's warm worker: its end stops nothing else; it runs again after each end."""
+    log = tmp_path / "helper.log"
+    supervisor = subprocess.Popen([sys.executable, "-c", RESTARTING, str(log)])
+    deadline = time.monotonic() + 30
+    while (not log.exists() or log.read_text().count("ran") < 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert supervisor.poll() is None, "a restartable service's end stopped the others"
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=20) == 0
+    assert log.read_text().startswith("ran ended 3 ran ended 3 ran")
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "metrics.json"
     atomic_write(target, b"old")
