@@ -71,10 +71,13 @@ SITES = ["site-0", "site-1", "site-2"]
 POLL_ENV = TASK_POLL_ENV  # flwr/supercore/superexec/run_superexec.py
 TRANSFER_ENVS = ("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES")
 FLOWER_DEFAULTS = {POLL_ENV: "1.0", **dict.fromkeys(TRANSFER_ENVS, "2")}  # Flower 1.42
+# Sites whose counts are shown (floor 1 at the nodes and in the run): each trains on its own
+# 16 images, not the public number of draws a site below its floor makes.
 TINY = (
     "image-size=32 model-width=4 model-depth=2 batch-size=8 local-epochs=1 "
-    "federated-stats=false min-nodes=3 node-wait-seconds=60.0"
+    "federated-stats=false min-nodes=3 node-wait-seconds=60.0 stats-min-count=1"
 )
+SHOWN_SITES = ("--min-count", "1")
 MODES = {"plain": "", "secure": "secure-aggregation=true"}
 IDLE_SECONDS = 30.0
 # Where one site's answer to one message spends its time, in order (see `site_segments`).
@@ -251,7 +254,8 @@ def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, An
     settings, options = case
     env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1"}
     nodes = [
-        start_node(c, s, c["sites"] / s, env=env, stamped=True, options=options) for s in SITES
+        start_node(c, s, c["sites"] / s, env=env, stamped=True, options=(*SHOWN_SITES, *options))
+        for s in SITES
     ]
     try:
         wait(lambda: len(online(c)) == len(SITES), 120, "three hospitals online")
@@ -422,9 +426,7 @@ def main() -> None:
         "--rounds", type=int, default=6, help="rounds per run (steady: 2..N; 0: idle CPU only)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="alternate the cases this often")
-    parser.add_argument(
-        "--task-poll", default="0.1", help=f"{POLL_ENV} of the cold and warm cases"
-    )
+    parser.add_argument("--task-poll", default="0.1", help=f"{POLL_ENV} of the cold and warm cases")
     parser.add_argument("--transfers", default="8", help="concurrent object pulls and pushes")
     parser.add_argument("--cases", nargs="+", default=list(cases("", "")), help="which cases")
     parser.add_argument(

@@ -207,7 +207,7 @@ def _a_killed_warm_worker_is_restarted_and_its_hospital_still_trains(c, tiny: st
     (worker,) = _workers(c, "site-0")
     os.kill(worker, signal.SIGKILL)
     _, folder = _start_run(c, f"num-server-rounds=2 min-nodes=3 federated-stats=false {tiny}")
-    wait(lambda: _metrics(folder)["status"] != "running", 300, "the run")
+    wait(lambda: _metrics(folder)["status"] not in ("starting", "running"), 300, "the run")
     metrics = _metrics(folder)
     assert metrics["status"] == "completed", metrics.get("error")
     assert all(r["replied"] == SITES for r in metrics["rounds"])
