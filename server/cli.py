@@ -195,6 +195,14 @@ def _add_operator_commands(commands: Commands) -> None:
     connect.add_argument("--connection", default="consortium", help="Flower connection name")
     connect.add_argument("--state", type=Path, default=Path("operator-state"))
     connect.set_defaults(handler=_operator_connect)
+    start = operator_commands.add_parser(
+        "run",
+        help="flwr run, its config checked first; exit 0 only for a completed run",
+    )
+    start.add_argument("app", type=Path, nargs="?", default=Path("."), help="the app folder")
+    start.add_argument("--connection", default="consortium", help="Flower connection name")
+    start.add_argument("--run-config", default="", help='"key=value key=value", as flwr run')
+    start.set_defaults(handler=_operator_run)
 
 
 def _add_coordinator_commands(commands: Commands) -> None:
@@ -285,6 +293,13 @@ def _operator_connect(args: argparse.Namespace) -> int:
     from medfed.shared_models.runtime import options_from
 
     return connect(options_from(OperatorOptions, args))
+
+
+def _operator_run(args: argparse.Namespace) -> int:
+    from medfed.server.operator_run import RunOptions, run
+    from medfed.shared_models.runtime import options_from
+
+    return run(options_from(RunOptions, args))
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ naming the key, instead of deep inside a training step on one hospital.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -178,8 +179,10 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ConfigError(
-                    f"unknown config key '{key}' (known keys: {', '.join(sorted(known))})"
+                    f"unknown config key '{key}' ({hint}known keys: {', '.join(sorted(known))})"
                 )
             field = known[key]
             kwargs[field.name] = _coerce(key, value, _field_type(field.type))

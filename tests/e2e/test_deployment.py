@@ -203,12 +203,17 @@ def _workers(c, site: str) -> list[int]:
 def _a_killed_warm_worker_is_restarted_and_its_hospital_still_trains(c, tiny: str) -> None:
     """SIGKILL of site-0's warm worker between runs: the node restarts it and audits it,
     and the next run's rounds count site-0 (a message the worker cannot take runs in a
-    fresh process meanwhile)."""
+    fresh process meanwhile). The run is started as the runbook starts one, with
+    `medfed operator run`: its exit code says the run completed."""
     (worker,) = _workers(c, "site-0")
     os.kill(worker, signal.SIGKILL)
-    _, folder = _start_run(c, f"num-server-rounds=2 min-nodes=3 federated-stats=false {tiny}")
-    wait(lambda: _metrics(folder)["status"] not in ("starting", "running"), 300, "the run")
-    metrics = _metrics(folder)
+    config = f"num-server-rounds=2 min-nodes=3 federated-stats=false {tiny}"
+    started = medfed("operator", "run", str(REPO), "--run-config", config, env=c["env"],
+                     timeout=300)  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = started.stdout.split("run ", 1)[1].split()[0]
+    assert f"run {run_id}: finished:completed" in started.stdout
+    metrics = _metrics(_run_folder(c, run_id))
     assert metrics["status"] == "completed", metrics.get("error")
     assert all(r["replied"] == SITES for r in metrics["rounds"])
     restarted = [e for e in read_audit(c["tmp"] / "site-0" / "audit.jsonl")

@@ -5,6 +5,7 @@ ServerApp did, and used to leave no trace of the run)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -19,7 +20,7 @@ from medfed.shared_models.run_folder import RUNS_DIR_ENV
     ("run_config", "named"),
     [
         ({"num-server-rounds": -1}, "num-server-rounds"),
-        ({"local-epoch": 1}, "unknown config key 'local-epoch'"),
+        ({"local-epoch": 1}, "unknown config key 'local-epoch' (did you mean 'local-epochs'?"),
     ],
 )
 def test_a_refused_run_config_leaves_a_failed_run_folder_and_an_audit_line(
@@ -28,7 +29,7 @@ def test_a_refused_run_config_leaves_a_failed_run_folder_and_an_audit_line(
     monkeypatch.setenv(RUNS_DIR_ENV, str(tmp_path / "runs"))
     monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
     context = Context(42, 1, {}, RecordDict(), run_config)
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
         federated_run.run(grid=None, context=context)  # the grid is never reached
     metrics = json.loads((tmp_path / "runs" / "42" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and named in metrics["error"]
