@@ -38,6 +38,7 @@ in the same invocation; `--repeats` alternates the cases.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.client.node import TASK_POLL_ENV
+from medfed.client.supernode_runner import ACTIVE_SECONDS
 from medfed.client.synthetic import generate_federation
 from tests.bench.runs import print_table, save_results
 from tests.deployment import (
@@ -78,6 +80,7 @@ TINY = (
     "federated-stats=false min-nodes=3 node-wait-seconds=60.0 stats-min-count=1"
 )
 SHOWN_SITES = ("--min-count", "1")
+SEEDS = itertools.count(1)
 MODES = {"plain": "", "secure": "secure-aggregation=true"}
 IDLE_SECONDS = 30.0
 # Where one site's answer to one message spends its time, in order (see `site_segments`).
@@ -208,9 +211,11 @@ def cpu_seconds(pids: set[int]) -> float:
 
 
 def idle_cpu(nodes: list[subprocess.Popen], seconds: float) -> float:
-    """CPU share of one core an idle node uses (SuperNode and SuperExec polling), measured
-    after 5 s for the last ClientApp processes to end."""
-    time.sleep(5.0)
+    """CPU share of one core an idle node uses (SuperNode and SuperExec polling, the warm
+    worker waiting), measured once its last ClientApp processes ended, its warm worker is
+    ready and a minute without messages has passed (medfed's waits are short for a minute
+    after the last message: supernode_runner.ACTIVE_SECONDS)."""
+    time.sleep(ACTIVE_SECONDS + 5.0)
     pids = set().union(*(tree(node.pid) for node in nodes))
     before = cpu_seconds(pids)
     time.sleep(seconds)
@@ -261,7 +266,12 @@ def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, An
         wait(lambda: len(online(c)) == len(SITES), 120, "three hospitals online")
         results: dict[str, Any] = {"settings": settings, "options": list(options)}
         for mode, extra in MODES.items() if rounds else []:
-            run_id, metrics = run_quietly(c, f"num-server-rounds={rounds} {TINY} {extra}")
+            # each run from another initial model: a hospital helps unmask one sum per model,
+            # across runs (its node-wide ledger), and the nodes keep their state between cases
+            seed = next(SEEDS)
+            run_id, metrics = run_quietly(
+                c, f"num-server-rounds={rounds} seed={seed} {TINY} {extra}"
+            )
             if metrics["status"] != "completed":
                 raise SystemExit(f"{label} {mode}: run {metrics['status']}: {metrics.get('error')}")
             events = {site: node_events(c["tmp"] / f"{site}.log") for site in SITES}
