@@ -13,7 +13,13 @@ from medfed.client import approval, node, warm_worker
 def started(tmp_path, seg_sites, supervised):
     """Run `start_node` on a usable site up to the point it would supervise its services;
     returns the services it would have started."""
-    options = node.NodeOptions(
+    assert node.start_node(_options(tmp_path, seg_sites)) == 0
+    return supervised
+
+
+def _options(tmp_path, seg_sites, **changes) -> node.NodeOptions:
+    """A local test node on a usable site, with `changes` to its options."""
+    return node.NodeOptions(
         coordinator="127.0.0.1:1",
         ca=None,
         key=None,
@@ -21,9 +27,8 @@ def started(tmp_path, seg_sites, supervised):
         name="site-0",
         state=tmp_path / "state",
         insecure=True,
+        **changes,
     )
-    assert node.start_node(options) == 0
-    return supervised
 
 
 def test_the_supernode_never_inherits_flowers_internal_api_switches(started):
@@ -56,18 +61,7 @@ def test_the_node_supervises_a_warm_worker_it_restarts(started, tmp_path):
 
 
 def test_cold_and_flower_waits_give_flowers_own_node_back(tmp_path, seg_sites, supervised):
-    options = node.NodeOptions(
-        coordinator="127.0.0.1:1",
-        ca=None,
-        key=None,
-        data=seg_sites / "site-0",
-        name="site-0",
-        state=tmp_path / "state",
-        insecure=True,
-        warm=False,
-        flower_waits=True,
-    )
-    assert node.start_node(options) == 0
+    assert node.start_node(_options(tmp_path, seg_sites, warm=False, flower_waits=True)) == 0
     (supernode,) = supervised
     assert warm_worker.SOCKET_ENV not in supernode.env
     assert Path(supernode.command[0]).name == "flower-supernode"
@@ -75,17 +69,7 @@ def test_cold_and_flower_waits_give_flowers_own_node_back(tmp_path, seg_sites, s
 
 def test_the_hospitals_own_policy_reaches_its_clientapps(tmp_path, seg_sites, supervised):
     """`--require-secure-aggregation` is in the node config every ClientApp reads."""
-    options = node.NodeOptions(
-        coordinator="127.0.0.1:1",
-        ca=None,
-        key=None,
-        data=seg_sites / "site-0",
-        name="site-0",
-        state=tmp_path / "state",
-        insecure=True,
-        require_secure_aggregation=True,
-    )
-    assert node.start_node(options) == 0
+    assert node.start_node(_options(tmp_path, seg_sites, require_secure_aggregation=True)) == 0
     _, supernode = supervised
     config = supernode.command[supernode.command.index("--node-config") + 1]
     assert "require-secure-aggregation=true" in config.split()
