@@ -82,11 +82,29 @@ def hook_approval() -> None:
     flower_process.get_load_client_app_fn = _checked_loader(flower_process.get_load_client_app_fn)
 
 
+# The function of Flower's ClientApp process that pulls the message's objects.
+PULLERS = {"pull_task_input": "5607a23e1673ee876930c1b35685b8dfdfd8b3776a436560b0467042e15fc695"}
+
+
+def shorten_message_pull() -> None:
+    """A ClientApp forked warm asks for its message while the SuperNode is still
+    downloading it: retry after milliseconds, not Flower's 1 s (shared_models/flower_pin.py)."""
+    from flwr.supernode.runtime import run_clientapp as flower_process
+
+    from medfed.shared_models.flower_pin import UnverifiedFlower, shorten_object_pulls
+
+    try:
+        shorten_object_pulls(flower_process, "pull_and_inflate_object_from_tree", PULLERS)
+    except UnverifiedFlower as error:
+        sys.exit(f"medfed: {error}")
+
+
 def run_approved() -> None:
     """Run Flower's `flwr-clientapp` (arguments in sys.argv) with the approval check in place."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     hook_approval()
+    shorten_message_pull()
     flwr_clientapp()
 
 

@@ -210,7 +210,8 @@ def _add_start_command(node_commands: Commands) -> None:
         "--flower-waits",
         action="store_true",
         help="keep Flower's fixed waits (a 3 s sleep whenever no message is waiting, reply "
-        "checks every 0.5 s) instead of medfed's shorter ones while a run is active",
+        "checks every 0.5 s, 1 s before asking again for a message object not there yet) "
+        "instead of medfed's shorter ones while a run is active",
     )
     start.add_argument(
         "--insecure", action="store_true", help="no TLS, no authentication: local tests only"

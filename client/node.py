@@ -20,6 +20,7 @@ from medfed.client.data.check import check_site, print_report
 from medfed.client.node_settings import NodeConfigError, NodeSettings
 from medfed.shared_models import runtime
 from medfed.shared_models.audit import audit
+from medfed.shared_models.flower_pin import FLOWER_PULLS_ENV
 from medfed.shared_models.protocol import NodeConfig
 
 MAX_PORT = 65535
@@ -198,7 +199,9 @@ def start_node(options: NodeOptions) -> int:
     state, log = options.state, options.state / "audit.jsonl"
     env = runtime.service_env(state, log, (options.metrics_port, options.metrics_host))
     _run_only_approved_apps(env, state, options.name)
-    if not options.flower_waits:
+    if options.flower_waits:
+        env[FLOWER_PULLS_ENV] = "1"  # the ClientApp's object pulls too
+    else:
         _start_app_processes_promptly(env, state)
     audit(
         "node-started",

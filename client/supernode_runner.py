@@ -15,7 +15,8 @@ Here each process's module-level `time` is replaced by `ActiveWaits`, whose
 `sleep` shortens the chosen waits for ACTIVE_SECONDS after the node last
 handled a message (the SuperNode: 0.25 s instead of 3 s, 0.05 s instead of
 0.5 s; the SuperExec: ACTIVE_TASK_POLL_SECONDS instead of its interval), and
-keeps them otherwise: an idle node polls as Flower does.
+keeps them otherwise: an idle node polls as Flower does. The SuperNode's pulls
+of a message's objects retry after 20 ms, not 1 s (shared_models/flower_pin.py).
 
 Written by hand because Flower offers no setting for it (its issue #3670
 asks for a resident ClientApp). It changes Flower's code inside medfed's own
@@ -25,19 +26,21 @@ function that holds these waits changed, the process refuses to start.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import sys
 import time
 from collections.abc import Callable, Mapping
-from types import ModuleType
 from typing import Any
 
-VERIFIED_FLOWER = "1.42.0"
+from medfed.shared_models.flower_pin import UnverifiedFlower, check_flower, shorten_object_pulls
+
 # SHA-256 of the source of each function whose waits are replaced, as verified.
 SUPERNODE_SOURCES = {
     "start_client_internal": "9e89a6eb68fbec6821e817cd2c09f7894fc7b0f5725c2365b19a7122307f11f3",
     "_push_messages": "00bb86faffdec114db87e7f716af2acd901d12284e44f51f5c2a84704db05f64",
+}
+# The function that pulls a message's objects from the SuperLink (`pull_objects`).
+SUPERNODE_PULLERS = {
+    "_pull_and_store_message": "eaf5d0e36dc34e4cf46a490511d077ac55cc8edbbcdbe938c1f6dbcb758628be",
 }
 SUPEREXEC_SOURCES = {
     "run_superexec": "91e7a33c5b898f33249c29d2058c57637ca7668a14c27296d2506dc98ac84f9b",
@@ -82,37 +85,13 @@ class ActiveWaits:
         return getattr(self._clock, name)
 
 
-class UnverifiedFlower(RuntimeError):
-    """This Flower is not the one whose waits medfed verified."""
-
-
-def source_digest(function: Any) -> str:
-    """SHA-256 of a function's source text."""
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
-
-
-def check_flower(module: ModuleType, version: str, sources: Mapping[str, str]) -> None:
-    """Refuse any Flower but the verified one, and any change to the functions patched."""
-    if version != VERIFIED_FLOWER:
-        raise UnverifiedFlower(
-            f"flwr {version} is installed; medfed's node verified its waits on flwr "
-            f"{VERIFIED_FLOWER} only: install flwr=={VERIFIED_FLOWER}"
-        )
-    for name, expected in sources.items():
-        found = source_digest(getattr(module, name))
-        if found != expected:
-            raise UnverifiedFlower(
-                f"flwr's {module.__name__}.{name} is not the verified source "
-                f"(sha256 {found[:12]}…, expected {expected[:12]}…): refusing to start"
-            )
-
-
 def patch_supernode() -> ActiveWaits:
     """The SuperNode loop's waits, after checking it is the verified code."""
     from flwr import __version__
     from flwr.supernode import start_client_internal as loop
 
     check_flower(loop, __version__, SUPERNODE_SOURCES)
+    shorten_object_pulls(loop, "pull_objects", SUPERNODE_PULLERS)
     waits = ActiveWaits(
         {IDLE_POLL_SECONDS: ACTIVE_POLL_SECONDS, REPLY_CHECK_LITERAL: REPLY_CHECK_SECONDS},
         marks=frozenset({REPLY_CHECK_LITERAL}),  # waiting for a reply: a message in hand

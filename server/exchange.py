@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from medfed.shared_models import protocol
 from medfed.shared_models.arrays import readable
 from medfed.shared_models.flat_arrays import LayoutError, pack_content, unpack_content
+from medfed.shared_models.flower_pin import shorten_object_pulls
 from medfed.shared_models.protocol import SITE_NAME, Key, Metric, Record, SiteKey
 from medfed.shared_models.secagg import shamir
 from medfed.shared_models.secagg.primitives import InvalidPublicKey, check_public_key
@@ -109,6 +110,22 @@ class ExchangeTiming:
             "seconds": round(self.waited, 3),
             "replies": dict(sorted(replies.items())),
         }
+
+
+# Flower's deployed grid pulls a reply's objects in this method (`pull_objects`).
+REPLY_PULLERS = {
+    "HttpGrid.pull_messages": "67a5266a5a2ed51557437a15ef4c8844f46576bc5bb6b0753d2a2f6230a3aa83"
+}
+
+
+def quicken_reply_pulls(grid: Grid) -> None:
+    """The coordinator asks for a reply as soon as the SuperLink lists it, while the
+    hospital's SuperNode is still uploading its objects: retry after milliseconds, not
+    Flower's 1 s (shared_models/flower_pin.py). Only the deployed grid pulls objects."""
+    from flwr.superlink.grid import http_grid
+
+    if isinstance(grid, http_grid.HttpGrid):
+        shorten_object_pulls(http_grid, "pull_objects", REPLY_PULLERS)
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Delivery:
@@ -461,6 +478,7 @@ class Exchange:
         norm_factor: float = 0.0,
     ) -> None:
         self.grid, self.timeout, self.names = grid, timeout, names
+        quicken_reply_pulls(grid)
         self.on_traffic = on_traffic
         self.norm_factor = norm_factor
         self.timings: list[ExchangeTiming] = []  # since the round loop last cleared them

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -91,13 +91,13 @@ def flwr(env: dict[str, str], *args: str) -> dict:
     return json.loads(result.stdout[result.stdout.index("{") :])
 
 
-def wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+def wait(check: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:
     """Return once `check()` holds; AssertionError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(1)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -122,9 +122,12 @@ def answers(url: str, ca: Path) -> bool:
 
 
 @contextmanager
-def consortium(tmp: Path, sites: Path, hospitals: list[str]) -> Iterator[Consortium]:
+def consortium(
+    tmp: Path, sites: Path, hospitals: list[str], coordinator_env: Mapping[str, str] | None = None
+) -> Iterator[Consortium]:
     """A coordinator behind its proxy, an operator connected with a certificate, each of
-    `hospitals`' own key pair, and an outsider holding only the CA certificate."""
+    `hospitals`' own key pair, and an outsider holding only the CA certificate;
+    `coordinator_env`: more variables in the coordinator's environment."""
     certs = tmp / "certs"
     assert medfed("certs", "init", "--out", str(certs), "--host", "127.0.0.1").returncode == 0
     assert medfed("certs", "add-operator", "ops", "--out", str(certs)).returncode == 0
@@ -142,7 +145,7 @@ def consortium(tmp: Path, sites: Path, hospitals: list[str]) -> Iterator[Consort
             [sys.executable, "-m", "medfed.server.cli", "coordinator", "start",
              "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port),
              "--state", str(tmp / "coordinator")],
-            tmp / "coordinator.log", env,
+            tmp / "coordinator.log", {**env, **(coordinator_env or {})},
         ),
         spawn(
             [sys.executable, "-m", "medfed.server.cli", "operator", "connect",
@@ -217,8 +220,22 @@ def online(c: Consortium) -> list[str]:
     return [str(n["node-id"]) for n in nodes if n["status"] == "online"]
 
 
+def closed_record(c: Consortium, run_id: str) -> dict[str, Any] | None:
+    """The coordinator's metrics.json of run `run_id` once the run's record is closed."""
+    record = c["tmp"] / "coordinator" / "runs" / str(run_id) / "metrics.json"
+    try:
+        metrics = json.loads(record.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return metrics if metrics["status"] not in ("running", "starting") else None
+
+
 def run(c: Consortium, config: str, app: Path = REPO, timeout: float = 400) -> str:
-    """`flwr run app` with `config`; its run id once Flower says it finished."""
+    """`flwr run app` with `config`; its run id once Flower says it finished.
+
+    It waits on the run's record first, then asks Flower: a `flwr` process every
+    second would take CPU from the federation it waits for, on a 2-core machine.
+    """
     started = flwr(c["env"], "run", str(app), "consortium", "--run-config", config)
     assert "run-id" in started, started
     run_id = started["run-id"]
@@ -227,7 +244,8 @@ def run(c: Consortium, config: str, app: Path = REPO, timeout: float = 400) -> s
         listed = flwr(c["env"], "ls", "consortium", "--run-id", run_id)["runs"][0]
         return listed["status"].startswith("finished")
 
-    wait(finished, timeout, f"run {run_id}")
+    wait(lambda: closed_record(c, run_id) is not None, timeout, f"run {run_id}'s record")
+    wait(finished, 60, f"run {run_id}")
     return run_id
 
 

@@ -18,8 +18,11 @@ epoch), so a round is the federation's own latency. Cases:
 - `warm`: ClientApp processes forked from the node's warm worker
   (client/warm_worker.py), Flower's waits, the SuperExec as in `cold`;
 - `warm+waits`: and the SuperNode's and SuperExec's waits shortened while a run
-  is active, Flower's when idle (client/supernode_runner.py): medfed's node default;
-- `warm+waits+transfers`: and `--transfers` objects at a time (Flower marks
+  is active, Flower's when idle (client/supernode_runner.py);
+- `warm+waits+pulls`: and a message object not there yet asked for again after
+  20 ms, not 1 s, by every process (shared_models/flower_pin.py): medfed's
+  default. The cases before it run on a coordinator that keeps Flower's 1 s;
+- `warm+waits+pulls+transfers`: and `--transfers` objects at a time (Flower marks
   these variables private: an internal setting, not a supported option).
 
 `--simulated` also runs the same sites and settings in `medfed simulate`, in
@@ -54,11 +57,13 @@ from typing import Any
 from medfed.client.node import TASK_POLL_ENV
 from medfed.client.supernode_runner import ACTIVE_SECONDS
 from medfed.client.synthetic import generate_federation
+from medfed.shared_models.flower_pin import FLOWER_PULLS_ENV
 from tests.bench.runs import print_table, save_results
 from tests.deployment import (
     REPO,
     Consortium,
     admit,
+    closed_record,
     consortium,
     flwr,
     online,
@@ -240,23 +245,14 @@ def run_quietly(c: Consortium, config: str) -> tuple[str, dict[str, Any]]:
     take CPU from the processes this benchmark times, on a 2-core machine.
     """
     run_id = str(flwr(c["env"], "run", str(REPO), "consortium", "--run-config", config)["run-id"])
-    record = c["tmp"] / "coordinator" / "runs" / run_id / "metrics.json"
-
-    def closed() -> dict[str, Any] | None:
-        try:
-            metrics = json.loads(record.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return metrics if metrics["status"] != "running" else None
-
-    wait(lambda: closed() is not None, 900, f"run {run_id}")
-    return run_id, closed() or {}
+    wait(lambda: closed_record(c, run_id) is not None, 900, f"run {run_id}")
+    return run_id, closed_record(c, run_id) or {}
 
 
 def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, Any]:
     """Start the nodes with the case's environment and options, run each mode, stop the
     nodes; their logs are kept as SITE-LABEL.log."""
-    settings, options = case
+    settings, options, _ = case
     env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1"}
     nodes = [
         start_node(c, s, c["sites"] / s, env=env, stamped=True, options=(*SHOWN_SITES, *options))
@@ -287,22 +283,27 @@ def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, An
             (c["tmp"] / f"{site}.log").rename(c["tmp"] / f"{site}-{label}.log")
 
 
-Case = tuple[dict[str, str], tuple[str, ...]]  # (the nodes' environment, node start options)
+# (the nodes' environment, node start options, whether every process pulls a message's
+# objects with medfed's short retries: the coordinator's too)
+Case = tuple[dict[str, str], tuple[str, ...], bool]
 COLD = ("--cold", "--flower-waits")
+FLOWER_PULLS = {FLOWER_PULLS_ENV: "1"}
 
 
 def cases(poll: str, transfers: str) -> dict[str, Case]:
     """Each case's Flower settings in the nodes' environment and its node options."""
     tuned = {**FLOWER_DEFAULTS, POLL_ENV: poll}
     return {
-        "flower-default": (FLOWER_DEFAULTS, COLD),
-        "cold": (tuned, COLD),
-        "warm": (tuned, ("--flower-waits",)),
+        "flower-default": (FLOWER_DEFAULTS, COLD, False),
+        "cold": (tuned, COLD, False),
+        "warm": (tuned, ("--flower-waits",), False),
         # Flower's interval when idle; medfed's SuperExec polls every 0.1 s while active
-        "warm+waits": (FLOWER_DEFAULTS, ()),
-        "warm+waits+transfers": (
+        "warm+waits": ({**FLOWER_DEFAULTS, **FLOWER_PULLS}, (), False),
+        "warm+waits+pulls": (FLOWER_DEFAULTS, (), True),
+        "warm+waits+pulls+transfers": (
             {**FLOWER_DEFAULTS, **dict.fromkeys(TRANSFER_ENVS, transfers)},
             (),
+            True,
         ),
     }
 
@@ -358,14 +359,18 @@ def measure(
     sites = work / "sites"
     generate_federation("segmentation", 3, sites, seed=1, images_per_site=20, image_size=32)
     results: dict[str, Any] = {"cases": defaultdict(list)}
-    with consortium(work, sites, SITES) as c:
-        c["app_sha256"] = package_sha256(REPO, work / "build")
-        for site in SITES:
-            admit(c, site)
-        for repeat in range(1, repeats + 1):
-            for case, setting in settings.items():
-                label = f"{case}-{repeat}"
-                results["cases"][case].append(run_case(c, label, setting, rounds))
+    for pulls in sorted({shortened for _, _, shortened in settings.values()}):
+        # a coordinator per pull setting: its ServerApp pulls every reply
+        folder = work / ("medfed-pulls" if pulls else "flower-pulls")
+        with consortium(folder, sites, SITES, {} if pulls else FLOWER_PULLS) as c:
+            c["app_sha256"] = package_sha256(REPO, folder / "build")
+            for site in SITES:
+                admit(c, site)
+            for repeat in range(1, repeats + 1):
+                for case, setting in settings.items():
+                    if setting[2] == pulls:
+                        label = f"{case}-{repeat}"
+                        results["cases"][case].append(run_case(c, label, setting, rounds))
     if with_simulation and rounds:
         results["simulated"] = simulated(sites, work, rounds)
     results["clientapp-import-seconds"] = import_seconds()

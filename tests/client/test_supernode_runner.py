@@ -13,12 +13,14 @@ from flwr.supernode import start_client_internal as loop
 
 from medfed.client import supernode_runner as runner
 from medfed.client.node import TASK_POLL_ENV
+from medfed.shared_models.flower_pin import VERIFIED_FLOWER, UnverifiedFlower
 
 
 def test_the_installed_flower_is_the_verified_one():
     """Breaks when Flower's loops change: re-verify their waits, then the digests."""
     runner.check_flower(loop, flwr.__version__, runner.SUPERNODE_SOURCES)
     runner.check_flower(run_superexec, flwr.__version__, runner.SUPEREXEC_SOURCES)
+    runner.check_flower(loop, flwr.__version__, runner.SUPERNODE_PULLERS)
     assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)
     assert inspect.getsource(loop._push_messages).count("time.sleep(0.5)") == 2
     source = inspect.getsource(run_superexec.run_superexec)
@@ -26,7 +28,7 @@ def test_the_installed_flower_is_the_verified_one():
 
 
 def test_another_flower_version_is_refused():
-    with pytest.raises(runner.UnverifiedFlower, match=r"flwr 1\.43\.0 is installed"):
+    with pytest.raises(UnverifiedFlower, match=r"flwr 1\.43\.0 is installed"):
         runner.check_flower(loop, "1.43.0", runner.SUPERNODE_SOURCES)
 
 
@@ -34,8 +36,8 @@ def test_a_changed_loop_is_refused():
     changed = types.ModuleType("changed")
     changed.start_client_internal = lambda: None
     changed._push_messages = loop._push_messages
-    with pytest.raises(runner.UnverifiedFlower, match="start_client_internal is not the verified"):
-        runner.check_flower(changed, runner.VERIFIED_FLOWER, runner.SUPERNODE_SOURCES)
+    with pytest.raises(UnverifiedFlower, match="start_client_internal is not the verified"):
+        runner.check_flower(changed, VERIFIED_FLOWER, runner.SUPERNODE_SOURCES)
 
 
 class FakeClock:
@@ -52,6 +54,7 @@ class FakeClock:
 
 def test_supernode_waits_are_short_while_a_run_is_active_and_flowers_when_idle(monkeypatch):
     monkeypatch.setattr(loop, "time", loop.time)
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
     waits = runner.patch_supernode()
     assert loop.time is waits
     clock = FakeClock()
