@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SOURCES := pyproject.toml README.md $(shell find server client shared_models -name __pycache__ \
 	-prune -o \( -type d -o -name '*.py' \) -print 2>/dev/null)
 
-.PHONY: install tools demo test lint clean
+.PHONY: install tools demo test test-all lint clean
 
 # Without an NVIDIA GPU, pin the CPU wheel of torch first: letting pip resolve
 # plain `torch` pulls a multi-GB CUDA build. With a GPU, take the CUDA build.
@@ -53,7 +53,13 @@ tools:
 demo: $(STAMP)
 	$(BIN)/medfed simulate --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# The default run: every unit test and every drill (deployment, stop and resume, the
+# front door, a lost or late hospital). `make test-all` adds the whole-run federations
+# marked slow (each task family, bundles, cross-site, the quality and scale tables).
 test: $(STAMP) tools
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

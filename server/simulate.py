@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -295,6 +296,7 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
                 log_file=out / "logs" / "flower-run.log",
                 on_line=view.line,
                 ended=partial(completed, out),
+                gone=partial(run_status.is_orphaned, out),
             )
         if ended:  # everything the run writes is written: Flower's and Ray's own shutdown
             processes.stop_started(grace=COMPLETED_GRACE)  # (~3 s after SIGTERM) gains nothing
@@ -352,11 +354,14 @@ def flwr_run(
     log_file: Path,
     on_line: Callable[[str], None] = lambda line: None,
     ended: Callable[[str], bool] = lambda line: False,
+    gone: Callable[[], bool] = lambda: False,
 ) -> bool:
     """`flwr run` this app and stream its log until the run ends, or until a line is
     `ended`: the ServerApp has written everything, and waiting for Flower to wind
     down its simulation (about 3 s) gains nothing; the caller stops it by pid.
-    Returns whether it stopped at such a line.
+    Returns whether it stopped at such a line. The stream also ends once `gone()`
+    (checked every second): the ServerApp died, which Flower notices only about a
+    minute later, streaming nothing meanwhile.
 
     `run_config` is a TOML file or a Flower `key=value ...` override string;
     `env` comes from `simulation_superlink` (its FLWR_HOME holds the app).
@@ -374,6 +379,8 @@ def flwr_run(
         flwr = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
+        watch = threading.Thread(target=_end_when, args=(gone, flwr), daemon=True)
+        watch.start()
         try:
             assert flwr.stdout is not None
             code, stopped = 0, False
@@ -387,9 +394,18 @@ def flwr_run(
                 code = flwr.wait()
         finally:
             _end(flwr)  # on a stop, before the SuperLink it streams from
-    if code != 0:
+    if code != 0 and not gone():
         raise RuntimeError(f"`flwr run` exited with code {code}; see {log_file}")
     return stopped
+
+
+def _end_when(gone: Callable[[], bool], flwr: subprocess.Popen) -> None:
+    """End the `flwr run` stream once `gone()`, checked every second while it runs."""
+    while flwr.poll() is None:
+        if gone():
+            _end(flwr)
+            return
+        time.sleep(1.0)
 
 
 def completed(out: Path, line: str) -> bool:

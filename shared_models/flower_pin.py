@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 VERIFIED_FLOWER = "1.42.0"
-PULL_FIRST_RETRY = 0.02
+PULL_FIRST_RETRY = 0.1
 PULL_RETRY_CAP = 1.0
 FLOWER_PULLS_ENV = "MEDFED_FLOWER_PULLS"
 

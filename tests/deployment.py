@@ -196,7 +196,9 @@ def start_node(
 
     `env`: the node's environment (default: the operator's); `stamped`: its log
     lines carry the time they were written (see `spawn`); `options`: more
-    `medfed node start` options.
+    `medfed node start` options. Its torch uses one thread unless `env` says
+    otherwise: the hospitals share this machine's cores (a simulated site gets
+    one CPU from Ray, which sets OMP_NUM_THREADS likewise).
     """
     keys = c["tmp"] / "keys" / name
     approved = medfed("node", "approve", c["app_sha256"], "--state", str(c["tmp"] / name))
@@ -207,7 +209,7 @@ def start_node(
          "--key", str(keys / f"{name}.key"), "--data", str(data),
          "--runtime-port", str(free_port()), "--state", str(c["tmp"] / name), *options],
         c["tmp"] / f"{name}.log",
-        env or c["env"],
+        {"OMP_NUM_THREADS": "1", **(env or c["env"])},
         stamped,
     )  # fmt: skip
     c["processes"].append(node)

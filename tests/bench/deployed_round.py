@@ -26,7 +26,9 @@ epoch), so a round is the federation's own latency. Cases:
   these variables private: an internal setting, not a supported option).
 
 `--simulated` also runs the same sites and settings in `medfed simulate`, in
-the same invocation, for the deployed / simulated ratio.
+the same invocation, for the deployed / simulated ratio. `--demo` takes the
+demo's model and data (64² images, U-Net width 16, 2 local epochs) instead
+of the smallest: a round that is mostly training.
 
 Per round (rounds 2..N, steady state) the breakdown comes
 from the coordinator's metrics.json `exchanges` (when each message went out,
@@ -84,6 +86,9 @@ TINY = (
     "image-size=32 model-width=4 model-depth=2 batch-size=8 local-epochs=1 "
     "federated-stats=false min-nodes=3 node-wait-seconds=60.0 stats-min-count=1"
 )
+# `--demo`: the demo's model and data (medfed simulate's defaults: 64² images, U-Net
+# width 16, 2 local epochs), so that a round is mostly training.
+DEMO = "federated-stats=false min-nodes=3 node-wait-seconds=60.0 stats-min-count=1"
 SHOWN_SITES = ("--min-count", "1")
 SEEDS = itertools.count(1)
 MODES = {"plain": "", "secure": "secure-aggregation=true"}
@@ -249,11 +254,14 @@ def run_quietly(c: Consortium, config: str) -> tuple[str, dict[str, Any]]:
     return run_id, closed_record(c, run_id) or {}
 
 
-def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, Any]:
+def run_case(c: Consortium, label: str, case: Case, rounds: int, threads: int) -> dict[str, Any]:
     """Start the nodes with the case's environment and options, run each mode, stop the
-    nodes; their logs are kept as SITE-LABEL.log."""
+    nodes; their logs are kept as SITE-LABEL.log. Each node's torch uses `threads` threads,
+    as each simulated site gets one CPU from Ray (which sets OMP_NUM_THREADS to it): three
+    nodes of two threads each on two cores spent most of their training waiting on each
+    other's threads."""
     settings, options, _ = case
-    env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1"}
+    env = {**c["env"], **settings, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     nodes = [
         start_node(c, s, c["sites"] / s, env=env, stamped=True, options=(*SHOWN_SITES, *options))
         for s in SITES
@@ -266,7 +274,7 @@ def run_case(c: Consortium, label: str, case: Case, rounds: int) -> dict[str, An
             # across runs (its node-wide ledger), and the nodes keep their state between cases
             seed = next(SEEDS)
             run_id, metrics = run_quietly(
-                c, f"num-server-rounds={rounds} seed={seed} {TINY} {extra}"
+                c, f"num-server-rounds={rounds} seed={seed} {c['run-settings']} {extra}"
             )
             if metrics["status"] != "completed":
                 raise SystemExit(f"{label} {mode}: run {metrics['status']}: {metrics.get('error')}")
@@ -336,12 +344,12 @@ def _rss_mib(pid: int) -> float:
     return int(found.group(1)) / 1024 if found else 0.0
 
 
-def simulated(sites: Path, work: Path, rounds: int) -> dict[str, Any]:
+def simulated(sites: Path, work: Path, rounds: int, run_settings: str) -> dict[str, Any]:
     """The same sites and settings in `medfed simulate`: steady seconds per round per mode."""
     results = {}
     for mode, extra in MODES.items():
         out = work / f"simulated-{mode}"
-        overrides = [f"-c{kv}" for kv in f"{TINY} {extra}".split()]
+        overrides = [f"-c{kv}" for kv in f"{run_settings} {extra}".split()]
         command = [sys.executable, "-m", "medfed.server.cli", "simulate", "--data", str(sites),
                    "--rounds", str(rounds), "--out", str(out), *overrides]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
@@ -352,27 +360,33 @@ def simulated(sites: Path, work: Path, rounds: int) -> dict[str, Any]:
     return results
 
 
-def measure(
-    work: Path, rounds: int, repeats: int, settings: dict[str, Case], with_simulation: bool
-) -> dict:
+def measure(work: Path, rounds: int, settings: dict[str, Case], args: argparse.Namespace) -> dict:
     """Every case, `repeats` times in turn, on one coordinator (and the simulated rounds)."""
     sites = work / "sites"
-    generate_federation("segmentation", 3, sites, seed=1, images_per_site=20, image_size=32)
-    results: dict[str, Any] = {"cases": defaultdict(list)}
+    run_settings = DEMO if args.demo else TINY
+    size = {} if args.demo else {"images_per_site": 20, "image_size": 32}
+    generate_federation("segmentation", 3, sites, seed=1, **size)
+    results: dict[str, Any] = {
+        "cases": defaultdict(list),
+        "node-threads": args.node_threads,
+        "run-settings": run_settings,
+    }
     for pulls in sorted({shortened for _, _, shortened in settings.values()}):
         # a coordinator per pull setting: its ServerApp pulls every reply
         folder = work / ("medfed-pulls" if pulls else "flower-pulls")
         with consortium(folder, sites, SITES, {} if pulls else FLOWER_PULLS) as c:
             c["app_sha256"] = package_sha256(REPO, folder / "build")
+            c["run-settings"] = run_settings
             for site in SITES:
                 admit(c, site)
-            for repeat in range(1, repeats + 1):
+            for repeat in range(1, args.repeats + 1):
                 for case, setting in settings.items():
                     if setting[2] == pulls:
                         label = f"{case}-{repeat}"
-                        results["cases"][case].append(run_case(c, label, setting, rounds))
-    if with_simulation and rounds:
-        results["simulated"] = simulated(sites, work, rounds)
+                        result = run_case(c, label, setting, rounds, args.node_threads)
+                        results["cases"][case].append(result)
+    if args.simulated and rounds:
+        results["simulated"] = simulated(sites, work, rounds, run_settings)
     results["clientapp-import-seconds"] = import_seconds()
     return results
 
@@ -447,17 +461,26 @@ def main() -> None:
     parser.add_argument(
         "--simulated", action="store_true", help="also the same rounds in medfed simulate"
     )
+    parser.add_argument(
+        "--node-threads",
+        type=int,
+        default=1,
+        help="torch threads per node (Ray gives a simulated site 1 CPU)",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="the demo's model and data instead of the smallest: a round that is mostly training",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-deployed-round"))
     parser.add_argument("--keep", action="store_true", help="keep the logs and runs in OUT/work")
     args = parser.parse_args()
     settings = {k: v for k, v in cases(args.task_poll, args.transfers).items() if k in args.cases}
     if args.keep:
-        results = measure(
-            (args.out / "work").resolve(), args.rounds, args.repeats, settings, args.simulated
-        )
+        results = measure((args.out / "work").resolve(), args.rounds, settings, args)
     else:
         with tempfile.TemporaryDirectory(prefix="medfed-round-") as work:
-            results = measure(Path(work), args.rounds, args.repeats, settings, args.simulated)
+            results = measure(Path(work), args.rounds, settings, args)
     report(results)
     print(f"results: {save_results(args.out, 'deployed_round.json', results)}")
 

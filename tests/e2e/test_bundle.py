@@ -16,7 +16,7 @@ from medfed.shared_models.protocol import Metric
 from tests.bundles import write_bundle
 from tests.conftest import SHOWN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # Foreground Dice as the loss: on these tiny lesions it moves the evaluator's Dice within
 # two rounds, where Dice + cross-entropy first learns to predict background everywhere.

@@ -14,7 +14,7 @@ import pytest
 from medfed.shared_models.audit import AUDIT_ENV, read_audit
 from tests.e2e.test_simulation import TINY_RUN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SITES = ["site-0", "site-1", "site-2"]
 

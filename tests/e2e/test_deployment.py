@@ -226,8 +226,9 @@ def _a_killed_warm_worker_is_restarted_and_its_hospital_still_trains(c, tiny: st
 def _a_lost_hospital_is_named_once_and_rejoins(c, tiny: str) -> None:
     """SIGKILL of a whole hospital node in round 2: the round finishes with the others and
     names the lost hospital once, by site, as unavailable; restarted, it trains again."""
-    # six rounds: enough for the restarted node (its start takes a few rounds' time)
-    _, folder = _start_run(c, f"num-server-rounds=6 min-nodes=2 federated-stats=false {tiny}")
+    # twelve rounds: the node's restart takes a dozen seconds, and a round of this run
+    # about four, so six rounds had ended before the restarted node was back
+    _, folder = _start_run(c, f"num-server-rounds=12 min-nodes=2 federated-stats=false {tiny}")
     wait(lambda: len(_metrics(folder)["rounds"]) >= 2, 120, "round 1")  # round 2 is sent
     node = c["nodes"]["site-2"]
     for pid in tree(node.pid):  # the hospital's machine goes down
@@ -244,7 +245,7 @@ def _a_lost_hospital_is_named_once_and_rejoins(c, tiny: str) -> None:
     assert lost["failures"]["site-2"].startswith("node unavailable: its heartbeats stopped")
     assert lost["replied"] == ["site-0", "site-1"]
     assert "node-1" not in json.dumps(metrics), "never the SuperLink's own id"
-    assert "round 2/6 | sites 2/3" in progress.read_text()
+    assert "round 2/12 | sites 2/3" in progress.read_text()
     rejoined = [r["round"] for r in metrics["rounds"][3:] if "site-2" in r["replied"]]
     assert rejoined, "the restarted hospital trains again in a later round"
 
@@ -329,12 +330,16 @@ def _refuses_plain_and_foreign_connections(c, admitted: set[str]) -> None:
         what: spawn(command, c["tmp"] / f"{what}.log", c["env"])
         for what, command in attempts.items()
     }
+
+    def refused(what: str) -> bool:
+        log = (c["tmp"] / f"{what}.log").read_text()
+        return "Connection attempt failed" in log or "Exit Code" in log
+
     try:
-        time.sleep(15)  # several connection attempts, each refused
+        for what in tried:  # each node's connection attempts are refused
+            wait(lambda what=what: refused(what), 60, f"{what}: a refused connection")
         assert set(online(c)) == admitted, "no further node got in"
         for what, process in tried.items():
             assert process.poll() in (None, *range(1, 256)), what  # retrying, or gave up
-            log = (c["tmp"] / f"{what}.log").read_text()
-            assert "Connection attempt failed" in log or "Exit Code" in log, what
     finally:
         stop_all(list(tried.values()))

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import SHOWN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CASES = {
     # task: (extra run-config, synthetic images per site, metric, higher is better)

@@ -35,6 +35,7 @@ def _query(port: int, promql: str) -> list[dict]:
     return response.json()["data"]["result"]
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_a_running_simulation(tmp_path):
     metrics_port, prom_port = free_port(), free_port()
     config = {"global": {"scrape_interval": "1s"},

@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.test_simulation import TINY_RUN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_the_quality_command_writes_a_complete_table(tmp_path):

@@ -158,6 +158,7 @@ def _assert_intact(cluster: Cluster, out: Path) -> None:
     assert found.stdout.strip() == b""
 
 
+@pytest.mark.slow
 def test_hospitals_run_on_both_nodes_of_a_cluster_that_outlives_the_run(tmp_path, cluster):
     cluster.forget_audit()
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ import pytest
 
 from tests.bench.scale import measure, table
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_the_scale_table_is_complete_and_finite(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import SHOWN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = ["--task", "classification", "--sites", "3", "--images-per-site", "24",
         "-c", "image-size=32", "-c", "model-width=4", "-c", "batch-size=8",

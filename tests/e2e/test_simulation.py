@@ -75,6 +75,7 @@ def test_simulated_federation_learns_and_leaves_a_complete_run_folder(tmp_path):
     assert flower_log[-1].endswith(f"[medfed-end] {out}")
 
 
+@pytest.mark.slow
 def test_classes_from_the_sites_are_the_runs_own(tmp_path, seg_sites):
     """Sites labelled background/brain and no class-names: the run takes the sites' two
     classes, records them and trains a network with two outputs."""
@@ -95,6 +96,7 @@ def test_classes_from_the_sites_are_the_runs_own(tmp_path, seg_sites):
     assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
 
 
+@pytest.mark.slow
 def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_sites):
     import shutil
 
@@ -152,6 +154,7 @@ def test_too_few_hospitals_fail_within_the_wait_and_name_the_count(tmp_path, seg
     assert waited < 90
 
 
+@pytest.mark.slow
 def test_plain_flwr_run_with_embedded_defaults_and_fedprox(tmp_path, monkeypatch):
     """`flwr run .` needs no data root: simulated nodes synthesise their own site."""
     monkeypatch.setenv("MEDFED_CACHE", str(tmp_path / "cache"))
@@ -173,6 +176,7 @@ def test_plain_flwr_run_with_embedded_defaults_and_fedprox(tmp_path, monkeypatch
     ]
 
 
+@pytest.mark.slow
 def test_fedbn_with_secure_aggregation_keeps_each_sites_norm_layers(tmp_path, cls_sites):
     """FedBN under SecAgg+: the run completes, the masked vector leaves the normalisation
     layers out, each hospital ends with statistics of its own on its disk, and the
