@@ -88,7 +88,7 @@ PULLERS = {"pull_task_input": "5607a23e1673ee876930c1b35685b8dfdfd8b3776a436560b
 
 def shorten_message_pull() -> None:
     """A ClientApp forked warm asks for its message while the SuperNode is still
-    downloading it: retry after milliseconds, not Flower's 1 s (shared_models/flower_pin.py)."""
+    downloading it: retry after 0.1 s, not Flower's 1 s (shared_models/flower_pin.py)."""
     from flwr.supernode.runtime import run_clientapp as flower_process
 
     from medfed.shared_models.flower_pin import UnverifiedFlower, shorten_object_pulls

@@ -16,7 +16,7 @@ Here each process's module-level `time` is replaced by `ActiveWaits`, whose
 handled a message (the SuperNode: 0.25 s instead of 3 s, 0.05 s instead of
 0.5 s; the SuperExec: ACTIVE_TASK_POLL_SECONDS instead of its interval), and
 keeps them otherwise: an idle node polls as Flower does. The SuperNode's pulls
-of a message's objects retry after 20 ms, not 1 s (shared_models/flower_pin.py).
+of a message's objects retry after 0.1 s, not 1 s (shared_models/flower_pin.py).
 
 Written by hand because Flower offers no setting for it (its issue #3670
 asks for a resident ClientApp). It changes Flower's code inside medfed's own

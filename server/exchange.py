@@ -120,7 +120,7 @@ REPLY_PULLERS = {
 
 def quicken_reply_pulls(grid: Grid) -> None:
     """The coordinator asks for a reply as soon as the SuperLink lists it, while the
-    hospital's SuperNode is still uploading its objects: retry after milliseconds, not
+    hospital's SuperNode is still uploading its objects: retry after 0.1 s, not
     Flower's 1 s (shared_models/flower_pin.py). Only the deployed grid pulls objects."""
     from flwr.superlink.grid import http_grid
 

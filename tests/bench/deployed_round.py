@@ -20,7 +20,7 @@ epoch), so a round is the federation's own latency. Cases:
 - `warm+waits`: and the SuperNode's and SuperExec's waits shortened while a run
   is active, Flower's when idle (client/supernode_runner.py);
 - `warm+waits+pulls`: and a message object not there yet asked for again after
-  20 ms, not 1 s, by every process (shared_models/flower_pin.py): medfed's
+  0.1 s, not 1 s, by every process (shared_models/flower_pin.py): medfed's
   default. The cases before it run on a coordinator that keeps Flower's 1 s;
 - `warm+waits+pulls+transfers`: and `--transfers` objects at a time (Flower marks
   these variables private: an internal setting, not a supported option).
