@@ -22,8 +22,8 @@ Guards, because a fork copies the parent:
 
 Why not a process per run that keeps the installed package, the opened site
 and torch's first-use state (as NVIDIA FLARE's job process does): measured
-(tests/bench/clientapp_shapes.py, docs/benchmarks.md) it saves about 0.17 s of
-a training message's 0.3 s on a CPU, a few per cent of a deployed round whose
+(tests/bench/clientapp_shapes.py, docs/benchmarks.md) it saves about 0.2 s of
+a training message's 0.4 s on a CPU, a few per cent of a deployed round whose
 time is Flower's transfers, and it would replace Flower's ClientApp process
 logic (task pull, heartbeat, context push, exit on a stopped task) with
 medfed's own and let one run's messages share a process. Forking keeps
