@@ -70,10 +70,10 @@ def shorten_object_pulls(module: Any, name: str, callers: Mapping[str, str]) -> 
     `callers` are the digests of the functions in `module` that call it."""
     from flwr import __version__
 
-    check_flower(module, __version__, callers)
     pull = getattr(module, name)
     if isinstance(pull, functools.partial) or os.environ.get(FLOWER_PULLS_ENV) == "1":
         return  # already shortened in this process, or Flower's retries asked for
+    check_flower(module, __version__, callers)
     setattr(
         module,
         name,
