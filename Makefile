@@ -56,11 +56,13 @@ demo: $(STAMP)
 # The default run: every unit test and every drill (deployment, stop and resume, the
 # front door, a lost or late hospital). `make test-all` adds the whole-run federations
 # marked slow (each task family, bundles, cross-site, the quality and scale tables).
+# ARGS picks what to run: make test ARGS=tests/server/test_cli.py (or ARGS="-k resume").
+ARGS ?=
 test: $(STAMP) tools
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP) tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

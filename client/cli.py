@@ -52,8 +52,8 @@ def add_data_commands(commands: Commands) -> None:
     check.add_argument(
         "--out",
         type=Path,
-        help="where to write data_report.json and "
-        "samples.png (default: ./data-check-<site folder name>)",
+        help="write data_report.json and samples.png (a grid of images and masks) there "
+        "(default: print the report only)",
     )
     check.set_defaults(handler=_check)
 
@@ -246,8 +246,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from medfed.client.data.check import run_check
 
-    out = args.out or Path(f"data-check-{args.site.expanduser().resolve().name}")
-    return run_check(args.site, args.task, out)
+    return run_check(args.site, args.task, args.out)
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import argparse
 import gc
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from medfed.client.cli import (
 )
 from medfed.server.proxy import Limits
 from medfed.shared_models.runtime import add_metrics_arguments
+
+STARTED = time.monotonic()  # the command's start: `done in` times the whole command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +62,9 @@ def _add_simulate(commands: Commands) -> None:
         help="number of hospitals (default 3, or all site folders under --data)",
     )
     sim.add_argument("--rounds", type=int, help="federated rounds (num-server-rounds)")
-    sim.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedmedian, krum, ... (README)")
+    sim.add_argument(
+        "--strategy", help="fedavg, fedprox, fedadam, fedmedian, krum, ... (docs/researcher.md)"
+    )
     sim.add_argument("--data", type=Path, help="folder of site folders; default: synthetic")
     sim.add_argument("--out", type=Path, help="output folder (default runs/<time>-<task>)")
     sim.add_argument("--seed", type=int)
@@ -80,6 +85,12 @@ def _add_simulate(commands: Commands) -> None:
         help="run the hospitals as actors on this existing Ray cluster ('auto': RAY_ADDRESS, "
         "else the last `ray start` here; default 'local': a private Ray, stopped with the run)",
     )
+    _add_simulate_settings(sim)
+    sim.set_defaults(handler=_simulate)
+
+
+def _add_simulate_settings(sim: argparse.ArgumentParser) -> None:
+    """Where a simulation's settings come from, and what it shows while it runs."""
     sim.add_argument(
         "--run-config",
         "-c",
@@ -87,6 +98,13 @@ def _add_simulate(commands: Commands) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="any [tool.flwr.app.config] key, e.g. -c lr=0.001 (repeatable)",
+    )
+    sim.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="run settings: a pyproject.toml ([tool.flwr.app.config]) or a TOML of keys "
+        "(default: ./pyproject.toml when it is medfed's; -c and flags win over it)",
     )
     sim.add_argument(
         "--resume",
@@ -104,7 +122,6 @@ def _add_simulate(commands: Commands) -> None:
         metavar="SECONDS",
         help="keep serving metrics this long after the run (a last scrape)",
     )
-    sim.set_defaults(handler=_simulate)
 
 
 def _add_bench(commands: Commands) -> None:
@@ -230,7 +247,8 @@ def _add_coordinator_commands(commands: Commands) -> None:
     admit.add_argument("--state", type=Path, default=Path("coordinator-state"))
     admit.add_argument(
         "--connection",
-        help="Flower SuperLink connection name (default: the default in your Flower config)",
+        default="consortium",
+        help="Flower connection name (default consortium, as `medfed operator connect` makes)",
     )
     admit.set_defaults(handler=_coordinator_admit)
     pull = coordinator_commands.add_parser(
@@ -345,26 +363,55 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume is not None:
         from medfed.server.simulate import resumed
 
-        fixed = [f"--{name}" for name in ("out", "data", "sites") if getattr(args, name)]
+        fixed = [f"--{name}" for name in ("out", "data", "sites", "config") if getattr(args, name)]
         if fixed:
             raise ConfigError(f"--resume carries a run on with its own {', '.join(fixed)}")
 
         sim = resumed(args.resume.expanduser().resolve(), overrides)
         extras = ("verbose", "metrics_port", "metrics_host", "metrics_linger")
-        changed = {name: getattr(args, name) for name in extras}
+        changed = {name: getattr(args, name) for name in extras} | {"started": STARTED}
         if args.ray_address is not None:  # the cluster moved, or `local` to run here
             changed["ray_address"] = args.ray_address
         return run(replace(sim, **changed))
+    overrides, data, out = _with_settings_file(args, overrides)
     sites = args.sites
     if sites is None:
-        sites = len(site_folders(args.data.expanduser())) if args.data else 3
-    out = args.out or default_out(overrides, args.data, sites)
+        sites = len(site_folders(data.expanduser())) if data else 3
+    out = out or default_out(overrides, data, sites)
     ray_address = args.ray_address or LOCAL
     return run(
         options_from(
-            Simulation, args, overrides=overrides, sites=sites, out=out, ray_address=ray_address
+            Simulation,
+            args,
+            overrides=overrides,
+            sites=sites,
+            out=out,
+            data=data,
+            ray_address=ray_address,
+            started=STARTED,
         )
     )
+
+
+def _with_settings_file(
+    args: argparse.Namespace, overrides: dict[str, object]
+) -> tuple[dict[str, object], Path | None, Path | None]:
+    """The run's settings with those of its settings file under them (--config, else the
+    current folder's pyproject.toml when it is medfed's), and its --data and --out (a
+    file's `data-root` and `out-dir` where the command names none)."""
+    from medfed.server.settings_file import default_settings_file, file_settings
+
+    path = args.config or default_settings_file(Path.cwd())
+    if path is None:
+        return overrides, args.data, args.out
+    from_file = file_settings(path)
+    if from_file:
+        listed = ", ".join(f"{key} = {value!r}" for key, value in from_file.items())
+        print(f"settings from {path}: {listed}")
+    data_root, out_dir = from_file.pop("data-root", ""), from_file.pop("out-dir", "")
+    data = args.data or (Path(str(data_root)) if data_root else None)
+    out = args.out or (Path(str(out_dir)) if out_dir else None)
+    return {**from_file, **overrides}, data, out
 
 
 def default_out(overrides: dict[str, object], data: Path | None, sites: int) -> Path:

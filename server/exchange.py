@@ -414,6 +414,16 @@ def masked_upload_problems(arrays: ArrayRecord | None, size: int) -> list[str]:
     return []
 
 
+UNNAMED = "node-"  # a hospital's label until it names itself in a reply
+
+
+def described(site: str) -> str:
+    """A site label as a person reads it: a node that never replied has no name yet."""
+    if site.startswith(UNNAMED):
+        return f"a hospital not yet named (node {site[len(UNNAMED) :]}, it never replied)"
+    return site
+
+
 class SiteNames:
     """Hospitals' site names by node id, learnt from the `site` record of their replies."""
 
@@ -446,7 +456,7 @@ class SiteNames:
             self.by_node[reply.metadata.src_node_id] = str(site[SiteKey.NAME])
 
     def __call__(self, node: int) -> str:
-        return self.by_node.get(node, f"node-{node}")
+        return self.by_node.get(node, f"{UNNAMED}{node}")
 
     def in_text(self, text: str) -> str:
         """`text` with every 'node <id>' of a known hospital replaced by its site name."""

@@ -176,6 +176,10 @@ def _run(
         outputs.progress(
             f"global model sha256 {digest[:16]}… saved to {outputs.record.out / GLOBAL_MODEL}"
         )
+        rounds = outputs.record.data["rounds"]
+        outcome = TASKS[cfg.task].outcome(rounds[-1]["global"] if rounds else {}, cfg)
+        if outcome is not None:
+            outputs.progress(outcome)
     except RunAbandoned as err:  # closed by whoever stopped it: their record stands
         log(ERROR, "%s %s", PROGRESS_TAG, err)
         raise

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
+from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
 from medfed.shared_models import runtime
 
@@ -46,13 +47,19 @@ def write_connection(home: Path, name: str, port: int) -> Path:
     """Add (or replace) connection `name` -> 127.0.0.1:`port` in Flower's config.toml.
 
     The hop to the local proxy stays on this machine; the proxy speaks TLS with
-    the operator's certificate to the coordinator.
+    the operator's certificate to the coordinator. Flower's default connection is
+    left as it is, and a config written here for the first time starts from the one
+    Flower itself writes (default `local`): making the coordinator the default once
+    sent a newcomer's later `flwr run .` there ("Connection to the SuperLink is
+    unavailable"). Name the connection: `flwr ls consortium`.
     """
     path = home / "config.toml"
-    config = tomllib.loads(path.read_text()) if path.is_file() else {}
-    links = config.setdefault("superlink", {})
-    links[name] = {"address": f"127.0.0.1:{port}", "insecure": True}
-    links.setdefault("default", name)
+    text = path.read_text() if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML
+    config = tomllib.loads(text)
+    config.setdefault("superlink", {})[name] = {
+        "address": f"127.0.0.1:{port}",
+        "insecure": True,
+    }
     home.mkdir(parents=True, exist_ok=True)
     runtime.atomic_write(path, tomli_w.dumps(config).encode())
     return path

@@ -26,6 +26,7 @@ from medfed.server.exchange import (
     QuorumError,
     RoundReplies,
     SiteNames,
+    described,
     validation_replies,
 )
 from medfed.server.hidden_counts import TRAIN_EXAMPLES, recorded
@@ -33,7 +34,7 @@ from medfed.server.resume import ResumeError, ResumePoint
 from medfed.server.run_record import RoundSummary, RunOutputs, resumed_summary
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.server.site_summary import request_summaries
-from medfed.server.strategies import RunStrategy
+from medfed.server.strategies import RunStrategy, dp_noise_ratio
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Metric, Record
 
@@ -120,6 +121,7 @@ class RoundLoop:
         self.request = dict(request or {})
         self.make_strategy = make_strategy
         self.strategy: RunStrategy  # built in run(), once the connected hospitals are known
+        self.dp_values = 0  # float values in the model (run() counts them)
         self.names = SiteNames()
         self.exchange = Exchange(
             grid, cfg.round_timeout_seconds, self.names, outputs.traffic, cfg.update_norm_factor
@@ -143,7 +145,10 @@ class RoundLoop:
         # a resumed run's privacy accountant keeps the population it was built for
         recorded = strategy_state.population(resume.state) if resume else None
         self.strategy = self.make_strategy(recorded or len(nodes))
-        self.outputs.privacy_settings(self.strategy)
+        self.dp_values = sum(
+            array.numpy().size for array in arrays.values() if array.numpy().dtype.kind == "f"
+        )  # the values a round's mean carries, and DP noises
+        self.outputs.privacy_settings(self.strategy, self._dp_noise_ratio(len(nodes)))
         if resume is not None:
             self._restore(resume)
             arrays, first = resume.arrays, resume.server_round + 1
@@ -262,7 +267,7 @@ class RoundLoop:
         """QuorumError naming the missing hospitals and why each is missing."""
         if len(replies.ok) < self.cfg.min_nodes:
             missing = "; ".join(
-                f"{site} ({reason})" for site, reason in sorted(replies.failed.items())
+                f"{described(site)} ({reason})" for site, reason in sorted(replies.failed.items())
             )
             missing = missing or "none sampled"
             raise QuorumError(
@@ -316,6 +321,12 @@ class RoundLoop:
         )  # fmt: skip
         self.outputs.round_validated(validated)
 
+    def _dp_noise_ratio(self, hospitals: int) -> float | None:
+        """The DP noise's norm over the largest update's, for a mean of `hospitals`."""
+        if self.cfg.dp_mode == "off" or self.cfg.dp_noise_multiplier <= 0:
+            return None
+        return dp_noise_ratio(self.cfg.dp_noise_multiplier, self.dp_values, hospitals)
+
     def _summarise(self, outcome: RoundOutcome) -> RoundSummary:
         """The round's global and per-site metrics, who replied, who failed and why (its
         validation too, unless it comes later: `_validated`)."""
@@ -352,5 +363,6 @@ class RoundLoop:
             connected=len(list(self.grid.get_node_ids())),
             secure=trained.secure if trained else None,
             epsilon=epsilon,
+            dp_noise_ratio=self._dp_noise_ratio(len(trained.ok)) if trained else None,
             exchanges=[timing.to_json(self.names) for timing in self.exchange.timings],
         )

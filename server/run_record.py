@@ -206,6 +206,7 @@ class RoundSummary:
     connected: int
     secure: SecureStats | None = None
     epsilon: float | None = None
+    dp_noise_ratio: float | None = None  # DP noise norm / the largest update (strategies)
     # when each exchange went out and each hospital's reply arrived (ExchangeTiming)
     exchanges: list[dict[str, Any]] = field(default_factory=list)
     # the sites whose validation of the round's model is in it (None: not validated yet)
@@ -227,6 +228,8 @@ class RoundSummary:
             entry["secure-aggregation"] = self.secure.to_json() if self.secure else None
         if self.validated_by is not None:
             entry["validated-by"] = self.validated_by
+        if self.dp_noise_ratio is not None:
+            entry["dp-noise-ratio"] = round(self.dp_noise_ratio, 3)
         return entry
 
 
@@ -290,8 +293,9 @@ class RunOutputs:
         """How long the strategy took to aggregate a round (Prometheus)."""
         self.telemetry.aggregated(seconds)
 
-    def privacy_settings(self, strategy: RunStrategy) -> None:
-        """Say which privacy protections this run uses, and whether epsilon is accounted."""
+    def privacy_settings(self, strategy: RunStrategy, noise_ratio: float | None) -> None:
+        """Say which privacy protections this run uses, whether epsilon is accounted, and
+        whether its DP noise swamps any update (`noise_ratio`, strategies.dp_noise_ratio)."""
         cfg = self.cfg
         if cfg.secure_aggregation:
             self.progress(
@@ -311,6 +315,14 @@ class RunOutputs:
                 f"{'adaptive' if cfg.dp_adaptive else 'fixed'} clipping, norm "
                 f"{cfg.dp_clipping_norm:g}, noise multiplier {cfg.dp_noise_multiplier:g}; "
                 + accounting
+            )
+        if noise_ratio is not None and noise_ratio > 1:
+            self.progress(
+                f"WARNING: the DP noise added to each round's mean is {noise_ratio:.0f}x the "
+                "largest update it can carry (noise multiplier x sqrt(model values) / "
+                "hospitals): expect the model not to learn. Fewer values (a smaller network), "
+                "more hospitals or a lower dp.noise-multiplier (a larger epsilon) reduce it "
+                "(docs/security.md, 'Choosing the DP settings')"
             )
 
     def site_summaries(self, summaries: dict[str, dict[str, Any]]) -> None:
@@ -427,4 +439,9 @@ class RunOutputs:
             + f" | val {self.headline_metric} {metrics.get(self.headline_metric, float('nan')):.4f}"
             + f" | val loss {metrics.get(Metric.LOSS, float('nan')):.4f} | {summary.seconds:.1f}s"
             + (f" | ε {summary.epsilon:.2f}" if summary.epsilon is not None else "")
+            + (
+                f" | DP noise {summary.dp_noise_ratio:.0f}x the largest update"
+                if summary.dp_noise_ratio is not None and summary.dp_noise_ratio > 1
+                else ""
+            )
         )

@@ -22,14 +22,14 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from medfed.server import ray_cluster, run_status
+from medfed.server import failed_start, ray_cluster, run_status
 from medfed.server.flower_app import app_dir
 from medfed.server.progress import RoundView, run_ended
 from medfed.server.report import write_report
@@ -61,6 +61,7 @@ class Simulation:
     metrics_linger: float = 0.0
     resume: bool = False  # carry on the run in `out` from its last completed round
     ray_address: str = ray_cluster.LOCAL  # or an existing cluster: HOST:PORT, auto
+    started: float = field(default_factory=time.monotonic)  # the command's start
 
 
 MAX_SITES = 1000  # simulated hospitals (one Ray actor slot each)
@@ -214,6 +215,13 @@ def prepare_resume(sim: Simulation) -> tuple[RunConfig, Path]:
         raise ConfigError(f"--resume {out}: no {RUN_CONFIG}: not a folder `medfed simulate` wrote")
     run_status.close(out, "failed", run_status.DIED)  # its ServerApp is gone
     recorded = tomllib.loads(settings.read_text())
+    if failed_start.nothing_completed(out):
+        kept = failed_start.set_aside(out)
+        print(f"no round of {out} completed: starting it again with its own settings "
+              f"(the failed attempt's record: {kept})")  # fmt: skip
+        again = {**recorded, **sim.overrides, "out-dir": str(out), "resume-from": ""}
+        cfg = RunConfig.from_mapping(again)
+        return cfg, Path(cfg.data_root)
     cfg = RunConfig.from_mapping(
         {**recorded, **sim.overrides, "out-dir": str(out), "resume-from": str(out)}
     )
@@ -262,7 +270,14 @@ def run(sim: Simulation) -> int:
     (out / FEDERATION).write_text(tomli_w.dumps(federation))
     try:
         with processes.stop_signals_raise():
-            return _run(sim, cfg, data, ray_address)
+            code = _run(sim, cfg, data, ray_address)
+            failure = failed_start.ray_failure(out) if code else None
+            if failure is not None:
+                kept = failed_start.set_aside(out)
+                print(f"Ray failed while the federation started ({failure}; the record: "
+                      f"{kept}): starting it once more", file=sys.stderr)  # fmt: skip
+                code = _run(sim, cfg, data, ray_address)
+            return code
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         reason = f"stopped by {signal.Signals(signum).name}; carry it on with --resume {out}"
@@ -275,7 +290,6 @@ def run(sim: Simulation) -> int:
 def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
     out = cfg.out_path
     run_config = out / RUN_CONFIG
-    started = time.monotonic()
     extra_env: dict[str, str] = {}
     if sim.metrics_port is not None:
         metrics_dir = out / "logs" / "prometheus"
@@ -301,7 +315,7 @@ def _run(sim: Simulation, cfg: RunConfig, data: Path, ray_address: str) -> int:
         if ended:  # everything the run writes is written: Flower's and Ray's own shutdown
             processes.stop_started(grace=COMPLETED_GRACE)  # (~3 s after SIGTERM) gains nothing
     run_status.close(out, "failed", run_status.DIED)  # `flwr run` exits 0 even then
-    code = _conclude(cfg, data, time.monotonic() - started)
+    code = _conclude(cfg, data, time.monotonic() - sim.started)
     if sim.metrics_port is not None and sim.metrics_linger > 0:
         print(f"serving final metrics for {sim.metrics_linger:.0f}s more")
         time.sleep(sim.metrics_linger)
@@ -441,6 +455,10 @@ def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:
     if result["status"] != "completed":
         reason = result.get("error", "the ServerApp stopped early; see logs/flower-run.log")
         print(f"run {result['status']}: {reason}", file=sys.stderr)
+        if failed_start.nothing_completed(out):
+            print(f"no round completed, so there is nothing to carry on: "
+                  f"`medfed simulate --resume {out}` starts the run again with its own "
+                  "settings", file=sys.stderr)  # fmt: skip
         return 1
     if cfg.task != "bundle":  # a bundle's own transforms and outputs are not medfed's to draw
         from medfed.client.preview import save_predictions
@@ -450,7 +468,7 @@ def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:
     last = result["rounds"][-1]["global"]
     headline = _headline(cfg)
     print(
-        f"done in {seconds:.0f}s: final global validation {headline} "
+        f"done in {seconds:.0f}s (the whole command): final global validation {headline} "
         f"{last.get(headline, float('nan')):.4f}"
     )
     print(f"report: {report}")

@@ -15,6 +15,7 @@ under `dp.noise` at the hospitals they add none (it is in the unmasked sum).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO
@@ -81,6 +82,18 @@ class RunStrategy:
             return None
         spent = self.flower.privacy_spent()  # type: ignore[attr-defined]
         return float(spent.epsilon) if spent and spent.num_releases else None
+
+
+def dp_noise_ratio(noise_multiplier: float, values: int, hospitals: int) -> float:
+    """How many times the norm of the DP noise added to a round's mean exceeds the largest
+    update that mean can carry.
+
+    Flower adds noise of standard deviation noise_multiplier x clipping-norm / hospitals to
+    each of the mean's `values` values, whose norm is at most the clipping norm: the norm
+    ratio is noise_multiplier x sqrt(values) / hospitals, whatever the clipping norm.
+    Above 1 every round adds more noise than any round's training can move the model.
+    """
+    return noise_multiplier * math.sqrt(values) / max(hospitals, 1)
 
 
 class GivenMean(Strategy):

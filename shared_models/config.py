@@ -180,10 +180,12 @@ class RunConfig:
         for key, value in values.items():
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(
-                    f"unknown config key '{key}' ({hint}known keys: {', '.join(sorted(known))})"
+                hint = (
+                    f"did you mean '{close[0]}'?"
+                    if close
+                    else f"known keys: {', '.join(sorted(known))}"
                 )
+                raise ConfigError(f"unknown config key '{key}' ({hint})")
             field = known[key]
             kwargs[field.name] = _coerce(key, value, _field_type(field.type))
         config = cls(**kwargs)

@@ -158,6 +158,9 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # Ray merges log lines that differ only in numbers across its workers: site-1's
+            # "skipped case_0004" showed only as "[repeated 6x across cluster]" under site-0's.
+            "RAY_DEDUP_LOGS": "0",
             "PYTHONWARNINGS": "ignore",
         }
     )

@@ -246,10 +246,14 @@ def middle_slice(volume):
     return volume if volume.dim() == 2 else volume[..., volume.shape[-1] // 2]
 
 
-def run_check(root: Path, task: str | None, out: Path) -> int:
-    """Print, write the report and samples; 0 when a node can train on this folder."""
+def run_check(root: Path, task: str | None, out: Path | None) -> int:
+    """Print, and with `out` write the report and samples (nothing is written where the
+    command was run unless asked); 0 when a node can train on this folder."""
     report = check_site(root, task)
     print_report(report)
+    if out is None:
+        print("(--out DIR writes this report as data_report.json, with samples.png)")
+        return 0 if report["usable"] else 1
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).write_text(json.dumps(report, indent=2))
     if report["usable"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ class Scanner:
         try:
             image = self._load(entry["image"])
         except Exception as err:  # any reader failure makes this one file unusable
-            return {"problem": f"unreadable image: {_reason(err, entry['image'])}"}
+            return {"problem": f"unreadable image: {unreadable(err, entry['image'])}"}
         spec = self.spec
         shape = spatial_shape(tuple(image.shape), spec.spatial_dims)
         if shape is None:
@@ -159,7 +160,7 @@ class Scanner:
         try:
             label = self._load(entry["label"])
         except Exception as err:  # a broken mask makes its pair unusable
-            return {"problem": f"unreadable label: {_reason(err, entry['label'])}"}
+            return {"problem": f"unreadable label: {unreadable(err, entry['label'])}"}
         label_shape = spatial_shape(tuple(label.shape), spec.spatial_dims)
         if label_shape != shape:
             return {
@@ -215,10 +216,14 @@ KNOWN_FORMATS = {
 }
 
 
-def _reason(err: Exception, source: Any) -> str:
+def unreadable(err: Exception, source: Any) -> str:
+    """Why a reader could not take `source`, in the words a hospital acts on (a file
+    every MONAI reader refused is corrupt or truncated, or not an image at all)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "suitable reader" in text:  # every reader refused the file
-        suffix = Path(str(source)).suffix.lower()
+    suffix = Path(str(source)).suffix.lower()
+    # a compressed file cut short: the reader took it, its decompression ran out of bytes
+    cut_short = isinstance(err, EOFError | zlib.error) and suffix in KNOWN_FORMATS
+    if "suitable reader" in text or cut_short:  # every reader refused the file
         if suffix in KNOWN_FORMATS:
             return f"corrupt or truncated {KNOWN_FORMATS[suffix]} file"
         return f"not an image file ({suffix or 'no suffix'}; NIfTI, DICOM, PNG/JPEG expected)"

@@ -21,6 +21,7 @@ from monai.transforms import Compose, Invertd
 from torch import nn
 
 from medfed.client.data.header import size_problem
+from medfed.client.data.scan import unreadable
 from medfed.client.data.transforms import preprocessing
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
@@ -69,7 +70,7 @@ class Predictor:
                     item = self.transform(case)
                     problem = self.unfit(item["image"])
                 except Exception as err:  # any reader or transform failure: this study only
-                    problem = reason(err)
+                    problem = reason(err, case["image"])
             if problem:
                 skipped[case["input"]] = problem
                 continue
@@ -112,9 +113,12 @@ class Predictor:
         return results
 
 
-def reason(err: Exception) -> str:
-    """The first line of what went wrong, without MONAI's transform-chain preamble."""
+def reason(err: Exception, source: Any = None) -> str:
+    """The first line of what went wrong, without MONAI's transform-chain preamble; for a
+    study's `source` file, in `medfed data check`'s words ("corrupt or truncated NIfTI")."""
     while err.__cause__ is not None:
         err = err.__cause__  # MONAI wraps a reader's error in "applying transform ..."
+    if source is not None:
+        return unreadable(err, source)
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"

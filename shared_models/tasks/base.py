@@ -62,6 +62,11 @@ class Task(ABC):
         """The histogram column of one image-level label."""
         return int(label)
 
+    def outcome(self, metrics: dict[str, float], cfg: RunConfig) -> str | None:
+        """What the final model's global `metrics` mean for its use, where the headline
+        number alone would mislead a newcomer (None: it speaks for itself)."""
+        return None
+
     def head(self, cfg: RunConfig) -> str:
         """State-dict prefix of the output head (what `freeze = "backbone"` trains)."""
         raise ValueError(f"task '{self.name}' has no separable head to train alone")

@@ -66,6 +66,8 @@ def test_mask_has_the_input_geometry_and_finds_the_lesion(brain3d, tmp_path):
     for image, _, name in cases:
         nib.save(nib.Nifti1Image(image, OBLIQUE), inputs / name)
     (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
+    whole = (inputs / cases[0][2]).read_bytes()
+    (inputs / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
     out = tmp_path / "out"
     argv = ["predict", "--model", str(brain3d / "run"), "--input", str(inputs),
             str(tmp_path / "missing.nii.gz"), "--out", str(out), "--batch-size", "2"]  # fmt: skip
@@ -79,8 +81,11 @@ def test_mask_has_the_input_geometry_and_finds_the_lesion(brain3d, tmp_path):
     summary = json.loads((out / "predictions.json").read_text())
     assert len(summary["written"]) == len(cases)
     skipped = {Path(s["input"]).name: s["reason"] for s in summary["skipped"]}
-    assert set(skipped) == {"broken.nii.gz", "missing.nii.gz"}
+    assert set(skipped) == {"broken.nii.gz", "truncated.nii.gz", "missing.nii.gz"}
     assert skipped["missing.nii.gz"] == "no such file or folder"
+    # in `medfed data check`'s words, not MONAI's "cannot find a suitable reader" (issue 25)
+    assert skipped["broken.nii.gz"] == "corrupt or truncated NIfTI file"
+    assert skipped["truncated.nii.gz"] == "corrupt or truncated NIfTI file"
 
 
 def test_dicom_series_gets_a_seg_referencing_its_instances(tmp_path):

@@ -89,6 +89,8 @@ def test_gan_federates_and_fid_improves(gan_run):
     assert last["fid"] < first["fid"]
     assert 0.0 <= last["tstr-accuracy"] <= 1.0
     assert (gan_run / "plots" / "predictions.png").is_file()
+    said = f"TSTR accuracy {last['tstr-accuracy']:.2f}, chance 0.33: a classifier trained only"
+    assert said in (gan_run / "progress.log").read_text(), "what the number means, said"
 
 
 def test_gan_sample_writes_the_requested_images(gan_run, tmp_path):

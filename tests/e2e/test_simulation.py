@@ -102,7 +102,8 @@ def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_si
 
     data = tmp_path / "data"
     shutil.copytree(seg_sites, data)
-    (data / "site-1" / "imagesTr" / "case_0002.nii.gz").write_bytes(b"not a nifti")
+    for site in ("site-1", "site-2"):  # alike but for their numbers: Ray merged them
+        (data / site / "imagesTr" / "case_0002.nii.gz").write_bytes(b"not a nifti")
     out = tmp_path / "run"
     overrides = (
         f"num-server-rounds=1 data-root='{data}' out-dir='{out}' image-size=32 "
@@ -116,7 +117,10 @@ def test_broken_files_are_skipped_counted_and_statistics_shared(tmp_path, seg_si
     assert last["replied"] == ["site-0", "site-1", "site-2"]
     # one skipped file is below the sites' floor (5): the coordinator learns only that
     skipped = [last["sites"][s]["skipped-files"] for s in ("site-0", "site-1", "site-2")]
-    assert skipped == [0, HIDDEN, 0]
+    assert skipped == [0, HIDDEN, HIDDEN]
+    log = (tmp_path / "run.log").read_text()
+    for site in ("site-1", "site-2"):  # each hospital's own line, none merged away
+        assert f"[medfed] {site}: skipped" in log, site
     stats = metrics["site-statistics"]
     assert set(stats) == {"site-0", "site-1", "site-2"}
     for site, summary in stats.items():

@@ -1,9 +1,11 @@
 import ipaddress
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from medfed.server.cli import build_parser, main
 from medfed.shared_models import runtime
@@ -151,3 +153,58 @@ def test_every_service_serves_its_metrics_on_this_host_only_by_default(tmp_path,
     env: dict[str, str] = {}
     runtime.export_metrics(tmp_path / "metrics", args.metrics_port, args.metrics_host, env)
     assert _listening(port) == {"127.0.0.1"}
+
+
+def _checkout_with(folder: Path, **settings: object) -> Path:
+    """`folder` holding the repository's pyproject.toml with `settings` in its run config
+    table: a checkout whose settings were edited."""
+    document = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    document["tool"]["flwr"]["app"]["config"].update(settings)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(document))
+    return folder
+
+
+def _simulation_of(monkeypatch, *args: str):
+    """The Simulation `medfed simulate ARGS` would run (nothing is started)."""
+    import medfed.server.simulate as simulate
+
+    started = []
+    monkeypatch.setattr(simulate, "run", lambda sim: started.append(sim) or 0)
+    assert main(["simulate", *args]) == 0
+    return started[0]
+
+
+def test_simulate_takes_the_settings_of_the_current_folders_pyproject(tmp_path, monkeypatch):
+    """Issue 25: an edit of the checkout's pyproject.toml changed nothing."""
+    monkeypatch.chdir(_checkout_with(tmp_path, **{"num-server-rounds": 1, "strategy": "fedprox"}))
+    sim = _simulation_of(monkeypatch, "--out", "run")
+    assert sim.overrides["num-server-rounds"] == 1
+    assert sim.overrides["strategy"] == "fedprox"
+    assert "local-epochs" not in sim.overrides, "a key left at its default is not a choice"
+    assert _simulation_of(monkeypatch, "--rounds", "5").overrides["num-server-rounds"] == 5
+
+
+def test_simulate_config_names_a_file_of_keys(tmp_path, monkeypatch):
+    out = tmp_path / "elsewhere"
+    settings = {"lr": 0.001, "out-dir": str(out), "dp": {"mode": "client"}}
+    (tmp_path / "mine.toml").write_text(tomli_w.dumps(settings))
+    sim = _simulation_of(monkeypatch, "--config", str(tmp_path / "mine.toml"), "--sites", "2")
+    assert sim.overrides["lr"] == 0.001 and sim.overrides["dp.mode"] == "client"
+    assert sim.out == out, "the file's out-dir is the run's --out"
+
+
+def test_an_unknown_key_in_pyproject_stops_simulate_naming_file_and_key(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(_checkout_with(tmp_path, **{"local-epoch": 2}))
+    code, error = _in_process(capsys, "simulate", "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert "pyproject.toml [tool.flwr.app.config]: unknown config key 'local-epoch'" in error
+    assert "did you mean 'local-epochs'?" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_someone_elses_pyproject_is_not_read(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app.config]\nlocal-epoch = 2\n")
+    monkeypatch.chdir(tmp_path)
+    assert "local-epoch" not in _simulation_of(monkeypatch, "--out", "run").overrides

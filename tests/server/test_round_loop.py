@@ -435,3 +435,33 @@ def test_every_training_and_evaluation_request_carries_the_runs_request_keys(tmp
         for m in work
     )
     assert {int(m.content[Record.CONFIG][Config.SERVER_ROUND]) for m in work} == {0, 1, 2, 3}
+
+
+def test_a_hospital_lost_before_its_first_reply_is_said_to_be_unnamed(tmp_path):
+    """Issue 25: such a hospital was named `node-12255…`, which no one could place."""
+    grid, cfg = grid_of({101: 1.0, 202: 1.0}, **{"min-nodes": 2})
+    grid.unavailable_from[202] = 0
+    error, _, _ = run(tmp_path, grid, cfg)
+    assert isinstance(error, QuorumError)
+    assert "missing: a hospital not yet named (node 202, it never replied) (node unavailable" in (
+        str(error)
+    )
+
+
+@pytest.mark.parametrize(("noise", "swamped"), [(3.0, True), (0.5, False)])
+def test_dp_noise_that_swamps_every_update_is_said_at_the_start_and_every_round(
+    tmp_path, noise, swamped
+):
+    """Issue 25: the README's example ran 20 rounds of noise (val loss 1555) in silence.
+    Three hospitals, six values: the noise's norm is noise x sqrt(6) / 3 the largest mean."""
+    grid, cfg = grid_of(
+        {101: 1.0, 202: 2.0, 303: 4.0},
+        **{"dp.mode": "server", "dp.noise-multiplier": noise, "dp.clipping-norm": 1.0},
+    )
+    _, metrics, progress = run(tmp_path, grid, cfg)
+    ratio = noise * 6**0.5 / 3
+    assert [r.get("dp-noise-ratio") for r in metrics["rounds"]] == [None] + [round(ratio, 3)] * 3
+    warned = "WARNING: the DP noise added to each round's mean is 2x the largest update"
+    assert (warned in progress) is swamped
+    marked = [line for line in progress.splitlines() if "| DP noise 2x the largest update" in line]
+    assert len(marked) == (3 if swamped else 0), progress

@@ -112,3 +112,20 @@ def test_macro_auc_perfect_and_reversed_and_missing_class():
     perfect = labels_1h.float()
     assert macro_auc(perfect, labels_1h) == pytest.approx(1.0)  # class 2 absent: skipped
     assert macro_auc(1 - perfect, labels_1h) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("tstr", "said"),
+    [(0.22, "does no better than guessing"), (0.40, "does no better than guessing"),
+     (0.81, "tells the real classes apart better than guessing")],
+)  # fmt: skip
+def test_a_gan_run_says_whether_its_samples_teach_a_classifier(tstr, said):
+    """Issue 25: TSTR 0.22 for three classes (chance 0.33) was printed as a bare number."""
+    cfg = tiny_config(task="gan")
+    outcome = TASKS["gan"].outcome({"tstr-accuracy": tstr, "fid": 0.3}, cfg)
+    assert f"TSTR accuracy {tstr:.2f}, chance 0.33" in outcome and said in outcome
+
+
+def test_a_headline_that_speaks_for_itself_gets_no_outcome_line():
+    cfg = tiny_config(task="classification")
+    assert TASKS["classification"].outcome({"auc": 0.9}, cfg) is None

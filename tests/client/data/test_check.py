@@ -123,3 +123,16 @@ def test_check_still_names_labels_it_cannot_infer_a_task_from(tmp_path):
         "numbers: 'covid'); pass --task segmentation|segmentation3d|classification|regression|gan"
     ]
     assert check_site(site, "classification")["counts"]["skipped"] == 1  # --task still decides
+
+
+def test_check_without_out_writes_nothing_where_it_runs(tmp_path, monkeypatch, capsys):
+    """Issue 25: `data check` without --out wrote data-check-<site>/ into the current folder."""
+    from medfed.server.cli import main
+
+    site = _csv_site(tmp_path / "site", [0, 1, 2, 1, 0, 2, 1, 0])
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["data", "check", str(site)]) == 0
+    assert list(here.iterdir()) == []
+    assert "--out DIR writes this report" in capsys.readouterr().out

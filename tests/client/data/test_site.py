@@ -131,6 +131,16 @@ def test_truncated_nifti_keeps_its_header_but_is_skipped(site):
     assert reasons["imagesTr/case_0002.nii"].startswith("unreadable image")
 
 
+def test_a_compressed_nifti_cut_short_is_said_to_be_truncated(site):
+    """Its header reads; the decompression runs out of bytes (EOFError), as a copy cut off
+    by a full disk or an interrupted transfer leaves it."""
+    whole = (site / "imagesTr" / "case_0002.nii.gz").read_bytes()
+    (site / "imagesTr" / "case_0002.nii.gz").write_bytes(whole[: len(whole) // 2])
+    assert _skipped(load_site(site, tiny_config()))["imagesTr/case_0002.nii.gz"] == (
+        "unreadable image: corrupt or truncated NIfTI file"
+    )
+
+
 def test_corrupt_png_is_skipped(cls_site):
     (cls_site / "imagesTr" / "case_0004.png").write_bytes(b"\x89PNG\r\n\x1a\n-garbage-")
     _edit(cls_site, lambda m: m["training"][4].update(image="imagesTr/case_0004.png"))
