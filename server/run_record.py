@@ -275,6 +275,7 @@ class RunOutputs:
         self.record, self.telemetry, self.progress_log = record, telemetry, progress_log
         self.run_id, self.cfg = run_id, cfg
         self.headline_metric = TASKS[cfg.task].headline_metric
+        self.hidden_said = False  # the note on rounds whose every site hid its metrics
 
     def progress(self, line: str) -> None:
         """One human-readable line, to the ServerApp's log and progress.log."""
@@ -379,6 +380,16 @@ class RunOutputs:
         self._telemetry(summary)
         self._round_event(summary)
         self.progress(self._round_line(summary))
+        hidden = summary.replied and self.headline_metric not in summary.global_metrics
+        if hidden and not self.hidden_said:
+            self.hidden_said = True
+            self.progress(
+                f"  no validation {self.headline_metric} reached the coordinator: every site "
+                "that replied holds fewer validation images than its floor (stats-min-count "
+                f"{self.cfg.stats_min_count} in simulation; a node's --min-count), so it sends "
+                "no metric (docs/hospital.md, 'Federated statistics'); synthetic sites are "
+                "not patients: -c stats-min-count=1 shows theirs"
+            )
 
     def cross_site(self, matrix: CrossSiteMatrix) -> None:
         """The cross-site matrix everywhere a run's results go; the audit names the models
@@ -436,8 +447,8 @@ class RunOutputs:
             f"round {summary.server_round}/{summary.rounds} | sites {len(summary.replied)}"
             f"/{len(set(summary.replied) | set(summary.failures))} | train-loss "
             + (f"{loss:.4f}" if loss is not None else "   -  ")
-            + f" | val {self.headline_metric} {metrics.get(self.headline_metric, float('nan')):.4f}"
-            + f" | val loss {metrics.get(Metric.LOSS, float('nan')):.4f} | {summary.seconds:.1f}s"
+            + f" | val {self.headline_metric} {_shown(metrics.get(self.headline_metric))}"
+            + f" | val loss {_shown(metrics.get(Metric.LOSS))} | {summary.seconds:.1f}s"
             + (f" | ε {summary.epsilon:.2f}" if summary.epsilon is not None else "")
             + (
                 f" | DP noise {summary.dp_noise_ratio:.0f}x the largest update"
@@ -445,3 +456,8 @@ class RunOutputs:
                 else ""
             )
         )
+
+
+def _shown(value: float | None) -> str:
+    """A round line's metric: absent where no site sent one (below their floors)."""
+    return "hidden" if value is None else f"{value:.4f}"

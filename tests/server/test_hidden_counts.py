@@ -40,14 +40,15 @@ VOLATILE = {"seconds", "exchanges", "started", "finished", "process", "writer", 
             "checkpoint-sha256"}  # fmt: skip
 
 
-def run_with(tmp_path, site_2: SiteCounts, run_id: int):
-    """Three rounds and the statistics, site-2 holding `site_2`; every node's floor is 10."""
+def run_with(tmp_path, site_2: SiteCounts, run_id: int, others=SHOWN):
+    """Three rounds and the statistics, site-2 holding `site_2` (site-0 and site-1
+    `others`); every node's floor is 10."""
     updates = {n: {"w": np.full(4, 0.1 * (i + 1), np.float32)} for i, n in enumerate(NODES)}
     cfg = RunConfig.from_mapping(
         {"task": "segmentation", "num-server-rounds": 2, "min-nodes": 3,
          "round-timeout-seconds": 1.0, "node-wait-seconds": 1.0, "federated-stats": True}
     )  # fmt: skip
-    counts = {**SHOWN, 303: site_2}
+    counts = {**others, 303: site_2}
     grid = InProcessGrid(updates, {n: float(c.train) for n, c in counts.items()}, cfg)
     grid.site_counts.update(counts)
     for context in grid.contexts.values():
@@ -140,3 +141,15 @@ def test_nothing_the_coordinator_records_depends_on_a_hidden_count(tmp_path, mon
     assert views[0]["audit"], "the coordinator and the sites audited the run"
     for view in views[0]:
         assert views[0][view] == views[1][view], view
+
+
+def test_rounds_whose_every_site_hides_say_hidden_and_why_once(tmp_path):
+    """Issue 25: `medfed simulate --task segmentation3d` (24 volumes a site, 5 to validate)
+    printed `val dice nan` for 20 rounds: every site was below its floor."""
+    small = {101: DEMO_SITE_2, 202: OTHER_SITE_2}
+    metrics, progress = run_with(tmp_path, DEMO_SITE_2, 7, others=small)
+    assert all("dice" not in entry["global"] for entry in metrics["rounds"])
+    lines = [line for line in progress.splitlines() if line.startswith("round ")]
+    assert len(lines) == 3 and all("| val dice hidden | val loss hidden |" in x for x in lines)
+    assert "nan" not in progress
+    assert progress.count("no validation dice reached the coordinator") == 1
