@@ -10,9 +10,7 @@ from flwr.cli.flower_config import read_superlink_connection
 from medfed.server.operator_link import write_connection
 
 
-def test_a_first_config_keeps_flowers_local_default_beside_the_coordinator(
-    tmp_path, monkeypatch
-):
+def test_a_first_config_keeps_flowers_local_default_beside_the_coordinator(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     write_connection(tmp_path, "consortium", 9093)
     config = tomllib.loads((tmp_path / "config.toml").read_text())
