@@ -17,11 +17,15 @@ from pathlib import Path
 from medfed.shared_models.run_folder import METRICS_JSON, RunFolderError, read_metrics
 
 # Ray's failures of its own processes (a worker, an actor, a raylet or a node lost), as a
-# hospital's failure reason names them: not the hospital's code or data.
+# hospital's failure reason or Ray's own lines in the run's Flower log name them: not the
+# hospital's code or data. Seen with a raylet killed at start: "The actor never ran - it
+# was cancelled before it started running." and "(raylet) Raylet is terminated".
 RAY_FAILURE = re.compile(
-    r"\b(ActorDiedError|ActorUnavailableError|LocalRayletDiedError|NodeDiedError|"
-    r"RayActorError|RaySystemError|WorkerCrashedError|OwnerDiedError|raylet)\b"
+    r"Raylet is terminated|The actor never ran|The actor died|missed too many heartbeats|"
+    r"\b(?:ActorDiedError|ActorUnavailableError|LocalRayletDiedError|NodeDiedError|"
+    r"RayActorError|RaySystemError|WorkerCrashedError|OwnerDiedError)\b"
 )
+FLOWER_LOG = Path("logs") / "flower-run.log"
 
 
 def nothing_completed(out: Path) -> bool:
@@ -35,12 +39,16 @@ def nothing_completed(out: Path) -> bool:
 
 def ray_failure(out: Path) -> str | None:
     """The Ray failure that ended the run in `out` before any round completed, if that is
-    what ended it: worth one more try."""
+    what ended it (worth one more try): in its record's error, else in its Flower log."""
     if not nothing_completed(out):
         return None
     record = read_metrics(out) or {}
-    found = RAY_FAILURE.search(str(record.get("error", "")))
-    return found.group(1) if found else None
+    log = out / FLOWER_LOG
+    for text in (str(record.get("error", "")), log.read_text() if log.is_file() else ""):
+        found = RAY_FAILURE.search(text)
+        if found:
+            return found.group(0)
+    return None
 
 
 def set_aside(out: Path) -> Path:

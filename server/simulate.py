@@ -465,12 +465,10 @@ def _conclude(cfg: RunConfig, data: Path, seconds: float) -> int:
 
         save_predictions(out, data)
     report = write_report(out)
-    last = result["rounds"][-1]["global"]
-    headline = _headline(cfg)
-    print(
-        f"done in {seconds:.0f}s (the whole command): final global validation {headline} "
-        f"{last.get(headline, float('nan')):.4f}"
-    )
+    last = result["rounds"][-1]["global"].get(_headline(cfg))
+    shown = "hidden (every site below its floor)" if last is None else f"{last:.4f}"
+    print(f"done in {seconds:.0f}s (the whole command): final global validation "
+          f"{_headline(cfg)} {shown}")  # fmt: skip
     print(f"report: {report}")
     return 0
 

@@ -145,3 +145,42 @@ def test_a_killed_serverapp_is_recorded_failed_and_the_resumed_run_ends_like_an_
     final = torch.load(out / "global_model.pt", weights_only=True)
     for name, tensor in expected.items():
         assert torch.allclose(final[name].float(), tensor.float(), atol=1e-6, rtol=0), name
+
+
+def _raylet_below(root: int) -> int | None:
+    """The pid of the Ray raylet among `root`'s descendants, if it has started."""
+    for pid in sorted(_tree(root)[0]):
+        try:
+            if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_raylet_lost_before_the_first_round_is_retried_once_and_the_run_completes(tmp_path):
+    """Issue 25: a newcomer's run died at start when Ray's raylet missed its heartbeats on
+    a loaded machine, and was told to resume a run that had no round to resume from. Here
+    the raylet is killed once the run has started, before any round completed."""
+    out = tmp_path / "run"
+    process = _simulate(out, "--rounds", "2")
+    try:
+        deadline, raylet = time.monotonic() + 180, None
+        while raylet is None and time.monotonic() < deadline:
+            raylet = _raylet_below(process.pid) if (out / "metrics.json").exists() else None
+            time.sleep(0.05)
+        assert raylet is not None, "no raylet below medfed simulate"
+        assert not _metrics(out)["rounds"], "killed before the first round completed"
+        os.kill(raylet, signal.SIGKILL)
+        code = process.wait(timeout=480)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    said = next(out.parent.glob(f"{out.name}-*.log")).read_text()
+    assert code == 0, said[-2000:]
+    assert "Ray failed while the federation started" in said and "starting it once more" in said
+    assert _metrics(out)["status"] == "completed"
+    assert [r["round"] for r in _metrics(out)["rounds"]] == [0, 1, 2]
+    first = json.loads((out / "logs" / "attempt-1-metrics.json").read_text())
+    assert first["status"] == "failed" and not first["rounds"], "the failed attempt is kept"

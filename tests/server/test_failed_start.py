@@ -59,3 +59,19 @@ def test_resume_starts_a_run_with_no_completed_round_again_keeping_its_record(
     kept = json.loads((out / "logs" / f"attempt-1-{METRICS_JSON}").read_text())
     assert kept["error"] == RAY_DIED, "the failed attempt's record is kept"
     assert "starting it again with its own settings" in capsys.readouterr().out
+
+
+def test_a_raylet_lost_at_start_is_found_in_the_flower_log(tmp_path):
+    """What a raylet killed at start left (a drill): the hospitals' reasons name no Ray
+    class, Ray's own line in the run's Flower log does."""
+    out = _record(tmp_path / "a", error="round 0 evaluation: 0 hospitals replied; missing: "
+                  "a hospital not yet named (node 1, it never replied) (error: The actor never "
+                  "ran - it was cancelled before it started running.)")  # fmt: skip
+    assert failed_start.ray_failure(out) == "The actor never ran"
+    plain = _record(tmp_path / "b", error="round 0 evaluation: 0 hospitals replied")
+    assert failed_start.ray_failure(plain) is None
+    (plain / "logs").mkdir()
+    (plain / "logs" / "flower-run.log").write_text(
+        "(raylet) Raylet is terminated. Termination is unexpected. Possible reasons include"
+    )
+    assert failed_start.ray_failure(plain) == "Raylet is terminated"
