@@ -34,12 +34,16 @@ install: $(STAMP)
 
 # The observability tests start a real Prometheus server and run promtool (the
 # Debian package `prometheus`); the coordinator's proxy is nginx (the Debian package
-# `nginx`, in /usr/sbin), which the proxy and deployment tests start for real.
+# `nginx`, in /usr/sbin), which the proxy and deployment tests start for real; the PACS
+# tests start a real Orthanc with its DICOMweb plugin (`orthanc`, `orthanc-dicomweb`).
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v nginx >/dev/null 2>&1 \
 		|| missing="$$missing nginx"; \
+	PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v Orthanc >/dev/null 2>&1 \
+		|| missing="$$missing orthanc"; \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

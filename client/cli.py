@@ -56,6 +56,23 @@ def add_data_commands(commands: Commands) -> None:
         "(default: print the report only)",
     )
     check.set_defaults(handler=_check)
+    _add_pull(data_commands)
+
+
+def _add_pull(data_commands: Commands) -> None:
+    pull = data_commands.add_parser(
+        "pull", help="retrieve a cohort from the hospital's PACS into a site folder"
+    )
+    pull.add_argument("cohort", type=Path, help="the cohort file (TOML: [pacs] [query] [labels])")
+    pull.add_argument("--out", type=Path, help="the site folder (created; reruns add to it)")
+    pull.add_argument(
+        "--echo", action="store_true", help="only check that the PACS answers (C-ECHO / QIDO-RS)"
+    )
+    pull.add_argument(
+        "--min-count", type=int, default=10,
+        help="counts below this are not written to the audit log (default 10)",
+    )  # fmt: skip
+    pull.set_defaults(handler=_pull)
 
 
 def add_predict_command(commands: Commands) -> None:
@@ -247,6 +264,22 @@ def _check(args: argparse.Namespace) -> int:
     from medfed.client.data.check import run_check
 
     return run_check(args.site, args.task, args.out)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from medfed.client.pacs.cohort import load_cohort
+    from medfed.client.pacs.pull import connect, describe_report, pull
+
+    cohort = load_cohort(args.cohort)
+    if args.echo:
+        print(connect(cohort.pacs).echo())
+        return 0
+    if args.out is None:
+        raise ValueError("--out: the site folder to pull the cohort into")
+    report = pull(cohort, args.out, min_count=args.min_count)
+    for line in describe_report(report, args.out):
+        print(line)
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

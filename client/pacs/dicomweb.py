@@ -1,0 +1,80 @@
+"""A PACS over DICOMweb (QIDO-RS to query, WADO-RS to retrieve), with `dicomweb-client`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+from medfed.client.pacs.remote import PacsError, Series, Study, save_instance, series_of, study_of
+
+USER_ENV, PASSWORD_ENV, CA_ENV = "MEDFED_PACS_USER", "MEDFED_PACS_PASSWORD", "MEDFED_PACS_CA"
+STUDY_FIELDS = ["StudyInstanceUID", "AccessionNumber", "StudyDate", "ModalitiesInStudy"]
+SERIES_FIELDS = ["SeriesInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
+                 "SeriesNumber", "NumberOfSeriesRelatedInstances"]  # fmt: skip
+
+
+def _session() -> requests.Session:
+    """Basic auth and a CA bundle from the environment, where the PACS needs them."""
+    session = requests.Session()
+    if os.environ.get(USER_ENV):
+        session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
+    if os.environ.get(CA_ENV):
+        session.verify = os.environ[CA_ENV]
+    return session
+
+
+class DicomWebPacs:
+    """Studies, series and instances over DICOMweb."""
+
+    def __init__(self, url: str, timeout: float = 60) -> None:
+        self.url = url.rstrip("/")
+        self.client = DICOMwebClient(self.url, session=_session(), timeout=timeout)
+
+    def _call(self, what: str, call, *args, **kwargs):
+        """`call`, with the PACS's failures said in a line naming the URL."""
+        try:
+            return call(*args, **kwargs)
+        except requests.exceptions.ConnectionError as error:
+            raise PacsError(
+                f"PACS unreachable at {self.url} ({what}): {error.__class__.__name__}"
+            ) from error
+        except requests.exceptions.HTTPError as error:
+            status = error.response.status_code if error.response is not None else "?"
+            hint = (
+                " (check MEDFED_PACS_USER / MEDFED_PACS_PASSWORD)" if status in (401, 403) else ""
+            )
+            raise PacsError(f"PACS at {self.url} refused {what}: HTTP {status}{hint}") from error
+
+    def echo(self) -> str:
+        """A cheap QIDO-RS request: the PACS answers and lets this node query."""
+        self._call("a study query", self.client.search_for_studies, limit=1)
+        return f"DICOMweb at {self.url} answers"
+
+    def studies(self, filters: dict[str, str]) -> list[Study]:
+        found = self._call(
+            "a study query", self.client.search_for_studies, fields=STUDY_FIELDS,
+            search_filters=filters, get_remaining=True,
+        )  # fmt: skip
+        return [study_of(Dataset.from_json(item)) for item in found]
+
+    def series(self, study: str) -> list[Series]:
+        found = self._call(
+            "a series query", self.client.search_for_series, study_instance_uid=study,
+            fields=SERIES_FIELDS, get_remaining=True,
+        )  # fmt: skip
+        return [series_of(Dataset.from_json(item)) for item in found]
+
+    def retrieve(self, study: str, series: str, into: Path) -> int:
+        """Every instance of the series into `into`, streamed: one instance in memory."""
+        return self._call("a series retrieval", self._save_series, study, series, into)
+
+    def _save_series(self, study: str, series: str, into: Path) -> int:
+        count = 0
+        for instance in self.client.iter_series(study, series):
+            save_instance(instance, into)
+            count += 1
+        return count

@@ -1,0 +1,242 @@
+"""`medfed data pull`: a cohort from the hospital's PACS into a site folder.
+
+The folder is the one `data check`, simulation and `node start` read
+(dataset.json, imagesTr/<study key>/); nothing downstream knows a PACS was
+involved. A study's key is a hash of its StudyInstanceUID, so no identifier
+names a file; which study is which stays in `.pull/index.json`, at the site.
+
+Safe to rerun and to interrupt: each series is retrieved into
+`.pull/partial/`, checked, then renamed into imagesTr/ (nothing half-written is
+ever read as a study), the index is written after every study, and a rerun
+retrieves only studies the index does not hold. dataset.json is rewritten
+(atomically) from the index at the end of every pull.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from medfed.client.pacs.cohort import Cohort, Pacs, Query
+from medfed.client.pacs.labels import LabelTable, read_labels
+from medfed.client.pacs.remote import Remote, Series, Study
+from medfed.client.pacs.series_check import NOT_IMAGES, image_entry, series_problem
+from medfed.shared_models.audit import audit
+from medfed.shared_models.runtime import atomic_write
+
+INDEX = Path(".pull") / "index.json"
+PARTIAL = Path(".pull") / "partial"
+IMAGES = "imagesTr"
+
+
+def connect(pacs: Pacs) -> Remote:
+    """The PACS the cohort names, over its protocol."""
+    if pacs.protocol == "dicomweb":
+        from medfed.client.pacs.dicomweb import DicomWebPacs
+
+        return DicomWebPacs(pacs.url)
+    from medfed.client.pacs.dimse import DimsePacs
+
+    return DimsePacs(pacs)
+
+
+@dataclass
+class PullReport:
+    """What a pull did, for the terminal (at the site) and, as counts, the audit log."""
+
+    found: int = 0
+    retrieved: int = 0
+    already: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # study -> why
+    unlabelled: list[str] = field(default_factory=list)  # studies without a label row
+    labels_unmatched: list[str] = field(default_factory=list)  # label rows without a study
+
+
+def study_key(uid: str) -> str:
+    """A study's folder name: no identifier, the same on every rerun."""
+    return "s" + hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+def pull(
+    cohort: Cohort, site: Path, remote: Remote | None = None, min_count: int = 10
+) -> PullReport:
+    """Retrieve the cohort's new studies into `site` and write its dataset.json."""
+    remote = remote or connect(cohort.pacs)
+    table = read_labels(cohort.labels) if cohort.labels else None
+    studies = find_studies(remote, cohort.query)
+    index = _load_index(site)
+    report = PullReport(found=len(studies))
+    if table is not None:
+        known = {_label_key(study, cohort) for study in studies}
+        report.labels_unmatched = sorted(set(table.by_key) - known)
+    for study in tqdm(studies, desc="pull", unit="study", disable=None):
+        _pull_study(remote, cohort, site, study, table, index, report)
+    _write_dataset(site, cohort, table, index)
+    audit(
+        "data-pulled",
+        protocol=cohort.pacs.protocol,
+        query=cohort.query.to_audit(),
+        **{name: _floored(value, min_count) for name, value in _counts(report, index).items()},
+    )
+    return report
+
+
+def find_studies(remote: Remote, query: Query) -> list[Study]:
+    """The studies the query matches, each once, in a stable order."""
+    base: dict[str, str] = {}
+    if query.study_date:
+        base["StudyDate"] = query.study_date
+    if query.modality:
+        base["ModalitiesInStudy"] = query.modality
+    listed = [{"AccessionNumber": a} for a in query.accession_numbers]
+    listed += [{"StudyInstanceUID": u} for u in query.study_uids]
+    found: dict[str, Study] = {}
+    for extra in listed or [{}]:
+        for study in remote.studies({**base, **extra}):
+            found.setdefault(study.uid, study)
+    return [found[uid] for uid in sorted(found)]
+
+
+def choose_series(series: list[Series], query: Query) -> tuple[Series | None, str]:
+    """The study's image series as the query describes it, or None and why not."""
+    images = [
+        s for s in series
+        if s.modality not in NOT_IMAGES
+        and (not query.modality or s.modality == query.modality)
+        and (not query.body_part or s.body_part.upper() == query.body_part.upper())
+        and fnmatch.fnmatch(s.description.lower(), query.series_description.lower())
+    ]  # fmt: skip
+    if not images:
+        kinds = ", ".join(sorted({s.modality or "?" for s in series})) or "none"
+        return None, f"no image series matches the query ({len(series)} series: {kinds})"
+    return min(images, key=lambda s: (s.number, s.uid)), ""
+
+
+def _pull_study(
+    remote: Remote, cohort: Cohort, site: Path, study: Study, table: LabelTable | None,
+    index: dict[str, Any], report: PullReport,
+) -> None:  # fmt: skip
+    """One study: retrieved, checked and moved into place, or skipped with the reason."""
+    key = study_key(study.uid)
+    if key in index["studies"] or key in index["skipped"]:
+        report.already += 1
+        return
+    label = table.by_key.get(_label_key(study, cohort)) if table is not None else None
+    if table is not None and label is None:
+        report.unlabelled.append(describe(study))
+        return  # not recorded: a label row added later brings it in on the next pull
+    chosen, why = choose_series(remote.series(study.uid), cohort.query)
+    partial = site / PARTIAL / key
+    if chosen is not None:
+        shutil.rmtree(partial, ignore_errors=True)  # what an interrupted pull left
+        partial.mkdir(parents=True)
+        remote.retrieve(study.uid, chosen.uid, partial)
+        why = series_problem(partial) or ""
+    if chosen is None or why:
+        shutil.rmtree(partial, ignore_errors=True)
+        report.skipped[describe(study)] = why
+        index["skipped"][key] = why
+        _save_index(site, index)
+        return
+    final = site / IMAGES / key
+    shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(final)
+    entry = {"study": study.uid, "series": chosen.uid, "modality": chosen.modality,
+             "image": str(image_entry(final).relative_to(site))}  # fmt: skip
+    if label is not None:
+        entry["label"] = label
+    index["studies"][key] = entry
+    _save_index(site, index)
+    report.retrieved += 1
+
+
+def _label_key(study: Study, cohort: Cohort) -> str:
+    assert cohort.labels is not None
+    return study.accession if cohort.labels.key == "AccessionNumber" else study.uid
+
+
+def _load_index(site: Path) -> dict[str, Any]:
+    path = site / INDEX
+    return json.loads(path.read_text()) if path.is_file() else {"studies": {}, "skipped": {}}
+
+
+def _save_index(site: Path, index: dict[str, Any]) -> None:
+    (site / INDEX).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(site / INDEX, json.dumps(index, indent=1).encode())
+
+
+def _floored(value: int, floor: int) -> int | str:
+    """A count the audit log may hold: below the site's floor, only that it is."""
+    return value if value == 0 or value >= floor else f"below {floor}"
+
+
+def _counts(report: PullReport, index: dict[str, Any]) -> dict[str, int]:
+    return {
+        "studies-found": report.found,
+        "retrieved": report.retrieved,
+        "already-held": report.already,
+        "skipped": len(report.skipped),
+        "unlabelled": len(report.unlabelled),
+        "label-rows-without-study": len(report.labels_unmatched),
+        "site-studies": len(index["studies"]),
+    }
+
+
+def _write_dataset(
+    site: Path, cohort: Cohort, table: LabelTable | None, index: dict[str, Any]
+) -> None:
+    """dataset.json from every study the index holds (this pull's and earlier ones')."""
+    entries = index["studies"]
+    training = [
+        {"image": entry["image"], **({"label": entry["label"]} if "label" in entry else {})}
+        for _, entry in sorted(entries.items())
+    ]
+    modalities = sorted({entry["modality"] for entry in entries.values()}) or ["OT"]
+    dataset: dict[str, Any] = {
+        "name": site.name,
+        "task": cohort.labels.task if cohort.labels else "",
+        "modality": {str(i): m for i, m in enumerate(modalities)},
+        "numTraining": len(training),
+        "training": training,
+        "test": [],
+        "pulled-from": {"protocol": cohort.pacs.protocol, "query": cohort.query.to_audit()},
+    }
+    if table is not None and table.classes:
+        dataset["labels"] = {str(i): name for i, name in enumerate(table.classes)}
+    atomic_write(site / "dataset.json", json.dumps(dataset, indent=2).encode())
+
+
+def describe(study: Study) -> str:
+    """A study as the site's own terminal names it (never written to the audit log)."""
+    return f"accession {study.accession}" if study.accession else f"study {study.uid}"
+
+
+def describe_report(report: PullReport, site: Path) -> list[str]:
+    """What the pull did, line by line, for the site's own terminal."""
+    lines = [
+        f"{report.found} studies match; {report.retrieved} retrieved, {report.already} already "
+        f"held or skipped before, {len(report.skipped)} skipped now"
+    ]
+    lines += [f"  skipped {study}: {why}" for study, why in sorted(report.skipped.items())]
+    if report.unlabelled:
+        lines.append(
+            f"{len(report.unlabelled)} studies have no label row, left out: "
+            + ", ".join(report.unlabelled[:10])
+            + (" ..." if len(report.unlabelled) > 10 else "")
+        )
+    if report.labels_unmatched:
+        lines.append(
+            f"{len(report.labels_unmatched)} label rows name no study of the cohort: "
+            + ", ".join(report.labels_unmatched[:10])
+            + (" ..." if len(report.labels_unmatched) > 10 else "")
+        )
+    lines.append(f"site folder: {site} (next: medfed data check {site})")
+    return lines

@@ -1,0 +1,163 @@
+"""`medfed data pull` against a real Orthanc (tests/pacs.py): a cohort over DICOMweb and
+over DIMSE (C-GET and C-MOVE) into a site folder the data layer reads unchanged;
+incremental, safe when cut off, and clear about what it left out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tomli_w
+
+from medfed.client.data.site import load_site
+from medfed.client.pacs.cohort import load_cohort
+from medfed.client.pacs.pull import connect, pull
+from medfed.client.pacs.remote import PacsError
+from medfed.server.cli import main
+from tests.conftest import tiny_config
+from tests.pacs import NODE_AE, PACS_AE, chest_study, ct_study, orthanc
+
+pytestmark = pytest.mark.e2e
+LABELLED = 11  # ACC000..ACC010 have a label row; ACC011 has none
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    with orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        for i in range(12):
+            for data in chest_study(f"ACC{i:03d}", i % 2, seed=i):
+                server.upload(data)
+        for data in ct_study("ACC100", rows=(16, 16, 8)):  # one slice of another grid
+            server.upload(data)
+        for data in ct_study("ACC101", rows=(16, 16), positions=False):
+            server.upload(data)
+        for data in chest_study("ACC102", 0, seed=99)[1:]:  # the report alone
+            server.upload(data)
+        yield server
+
+
+def _cohort(tmp_path, pacs, protocol: str, retrieve: str = "get", **pacs_keys):
+    rows = [f"ACC{i:03d},{'pneumonia' if i % 2 else 'normal'}" for i in range(LABELLED)]
+    rows += ["ACC100,normal", "ACC101,normal", "ACC102,normal", "ACC999,normal"]
+    (tmp_path / "labels.csv").write_text("accession,finding\n" + "\n".join(rows) + "\n")
+    where = (
+        {"url": pacs.dicomweb}
+        if protocol == "dicomweb"
+        else {"host": "127.0.0.1", "port": pacs.dicom_port, "ae-title": PACS_AE,
+              "node-ae-title": NODE_AE, "node-port": pacs.node_port, "retrieve": retrieve}
+    )  # fmt: skip
+    cohort = {
+        "pacs": {"protocol": protocol, **where, **pacs_keys},
+        "query": {"study-date": "20240101-20241231", "series-description": "PA"},
+        "labels": {"task": "classification", "csv": "labels.csv", "key": "AccessionNumber",
+                   "key-column": "accession", "column": "finding", "classes": ["normal", "pneumonia"]},
+    }  # fmt: skip
+    path = tmp_path / "cohort.toml"
+    path.write_text(tomli_w.dumps(cohort))
+    return path
+
+
+@pytest.mark.parametrize(("protocol", "retrieve"), [("dicomweb", ""), ("dimse", "get"),
+                                                    ("dimse", "move")])  # fmt: skip
+def test_a_cohort_is_pulled_into_a_site_the_data_layer_reads(tmp_path, pacs, protocol, retrieve):
+    cohort = load_cohort(_cohort(tmp_path, pacs, protocol, retrieve or "get"))
+    site = tmp_path / "site"
+    report = pull(cohort, site)
+    assert report.found == 15 and report.retrieved == LABELLED
+    assert report.skipped == {
+        "accession ACC100": "mixes geometries: Rows takes 2 values (16, 8)",
+        "accession ACC101": "lacks geometry: ImagePositionPatient is missing, needed to stack "
+        "2 slices",
+        "accession ACC102": "no image series matches the query (1 series: SR)",
+    }
+    assert report.unlabelled == ["accession ACC011"]
+    assert report.labels_unmatched == ["ACC999"]
+    dataset = json.loads((site / "dataset.json").read_text())
+    assert dataset["labels"] == {"0": "normal", "1": "pneumonia"}
+    assert sorted(e["label"] for e in dataset["training"]) == [0] * 6 + [1] * 5
+    assert not any("ACC" in e["image"] for e in dataset["training"]), "no identifier in a path"
+    cfg = tiny_config(task="classification", image_size=32, class_names="normal,pneumonia")
+    loaded = load_site(site, cfg)
+    assert len(loaded.train) + len(loaded.val) == LABELLED and not loaded.problems
+    assert loaded.modality == "CR"
+
+
+def test_a_rerun_retrieves_only_what_is_new(tmp_path, pacs):
+    cohort = load_cohort(_cohort(tmp_path, pacs, "dicomweb"))
+    pull(cohort, tmp_path / "site")
+    again = pull(cohort, tmp_path / "site")
+    assert again.retrieved == 0 and again.already == LABELLED + 3
+    with (tmp_path / "labels.csv").open("a") as labels:  # ACC011 gets its label row
+        labels.write("ACC011,pneumonia\n")
+    newly = pull(cohort, tmp_path / "site")
+    assert newly.retrieved == 1 and newly.already == LABELLED + 3 and not newly.unlabelled
+    training = json.loads((tmp_path / "site" / "dataset.json").read_text())["training"]
+    assert len(training) == LABELLED + 1
+
+
+class _CutOff:
+    """A PACS whose transfer breaks after one instance of the `nth` series retrieved."""
+
+    def __init__(self, remote, nth: int) -> None:
+        self.remote, self.nth, self.calls = remote, nth, 0
+
+    def __getattr__(self, name):
+        return getattr(self.remote, name)
+
+    def retrieve(self, study, series, into):
+        self.calls += 1
+        count = self.remote.retrieve(study, series, into)
+        if self.calls == self.nth:
+            raise PacsError("connection reset during the transfer")
+        return count
+
+
+def test_a_transfer_cut_off_half_way_resumes_and_nothing_half_written_is_read(tmp_path, pacs):
+    cohort = load_cohort(_cohort(tmp_path, pacs, "dicomweb"))
+    site = tmp_path / "site"
+    with pytest.raises(PacsError, match="connection reset"):
+        pull(cohort, site, remote=_CutOff(connect(cohort.pacs), nth=4))
+    index = json.loads((site / ".pull" / "index.json").read_text())
+    held, skipped = len(index["studies"]), len(index["skipped"])
+    assert 3 <= held + skipped, "the studies before the cut one are recorded"
+    assert len(list((site / "imagesTr").iterdir())) == held, "the cut one is not in place"
+    resumed = pull(cohort, site)
+    assert resumed.retrieved == LABELLED - held and resumed.already == held + skipped
+    dataset = json.loads((site / "dataset.json").read_text())
+    assert len(dataset["training"]) == LABELLED
+    assert not list((site / ".pull" / "partial").iterdir()), "no partial series is left"
+
+
+def test_the_audit_line_holds_counts_and_the_query_never_an_identifier(
+    tmp_path, pacs, monkeypatch
+):
+    monkeypatch.setenv("MEDFED_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    cohort = load_cohort(_cohort(tmp_path, pacs, "dicomweb"))
+    pull(cohort, tmp_path / "site", min_count=5)
+    line = (tmp_path / "audit.jsonl").read_text()
+    entry = json.loads(line)
+    assert entry["event"] == "data-pulled" and entry["retrieved"] == LABELLED
+    assert entry["skipped"] == "below 5" and entry["unlabelled"] == "below 5"
+    assert "ACC" not in line and "Test^Patient" not in line and "P-" not in line
+
+
+def test_echo_and_the_refusals_say_what_to_do(tmp_path, pacs, capsys):
+    ok = _cohort(tmp_path, pacs, "dimse")
+    assert main(["data", "pull", str(ok), "--echo"]) == 0
+    assert "C-ECHO" in capsys.readouterr().out
+    wrong_ae = _cohort(tmp_path, pacs, "dimse", **{"ae-title": "NOTORTHANC"})
+    assert main(["data", "pull", str(wrong_ae), "--out", str(tmp_path / "s")]) == 2
+    assert "refused the association" in capsys.readouterr().err
+    gone = _cohort(tmp_path, pacs, "dicomweb", url="http://127.0.0.1:9/dicom-web")
+    assert main(["data", "pull", str(gone), "--echo"]) == 2
+    assert "PACS unreachable at http://127.0.0.1:9/dicom-web" in capsys.readouterr().err
+
+
+def test_a_move_to_a_node_the_pacs_does_not_know_explains_the_registration(tmp_path):
+    with orthanc(tmp_path / "orthanc", register_node=False) as server:
+        for data in chest_study("ACC000", 0, seed=0):
+            server.upload(data)
+        cohort = load_cohort(_cohort(tmp_path, server, "dimse", "move"))
+        with pytest.raises(PacsError, match=r"C-MOVE \(status 0x.{4}\): if the PACS does not know "
+                           r"this node, register it there .* AE title 'MEDFED'"):
+            pull(cohort, tmp_path / "site")
