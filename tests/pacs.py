@@ -23,7 +23,8 @@ from medfed.shared_models.runtime import free_port
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PACS_AE, NODE_AE = "ORTHANC", "MEDFED"
-CR, CT, SR = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.11"
+CR, CT = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.2"
+SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a report series beside the image
 
 
 def orthanc_binary() -> str:

@@ -76,8 +76,9 @@ def pull(
     if table is not None:
         known = {_label_key(study, cohort) for study in studies}
         report.labels_unmatched = sorted(set(table.by_key) - known)
+    state = _Pull(remote, cohort, site, table=table, index=index, report=report)
     for study in tqdm(studies, desc="pull", unit="study", disable=None):
-        _pull_study(remote, cohort, site, study, table, index, report)
+        state.study(study)
     _write_dataset(site, cohort, table, index)
     audit(
         "data-pulled",
@@ -119,43 +120,55 @@ def choose_series(series: list[Series], query: Query) -> tuple[Series | None, st
     return min(images, key=lambda s: (s.number, s.uid)), ""
 
 
-def _pull_study(
-    remote: Remote, cohort: Cohort, site: Path, study: Study, table: LabelTable | None,
-    index: dict[str, Any], report: PullReport,
-) -> None:  # fmt: skip
-    """One study: retrieved, checked and moved into place, or skipped with the reason."""
-    key = study_key(study.uid)
-    if key in index["studies"] or key in index["skipped"]:
-        report.already += 1
-        return
-    label = table.by_key.get(_label_key(study, cohort)) if table is not None else None
-    if table is not None and label is None:
-        report.unlabelled.append(describe(study))
-        return  # not recorded: a label row added later brings it in on the next pull
-    chosen, why = choose_series(remote.series(study.uid), cohort.query)
-    partial = site / PARTIAL / key
-    if chosen is not None:
-        shutil.rmtree(partial, ignore_errors=True)  # what an interrupted pull left
-        partial.mkdir(parents=True)
-        remote.retrieve(study.uid, chosen.uid, partial)
-        why = series_problem(partial) or ""
-    if chosen is None or why:
-        shutil.rmtree(partial, ignore_errors=True)
-        report.skipped[describe(study)] = why
-        index["skipped"][key] = why
-        _save_index(site, index)
-        return
-    final = site / IMAGES / key
-    shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial.rename(final)
-    entry = {"study": study.uid, "series": chosen.uid, "modality": chosen.modality,
-             "image": str(image_entry(final).relative_to(site))}  # fmt: skip
-    if label is not None:
-        entry["label"] = label
-    index["studies"][key] = entry
-    _save_index(site, index)
-    report.retrieved += 1
+@dataclass
+class _Pull:
+    """One pull's state: what every study is pulled with, and what it has done so far."""
+
+    remote: Remote
+    cohort: Cohort
+    site: Path
+    table: LabelTable | None
+    index: dict[str, Any]
+    report: PullReport
+
+    def study(self, study: Study) -> None:
+        """One study: retrieved, checked and moved into place, or skipped with the reason."""
+        key, report, index = study_key(study.uid), self.report, self.index
+        if key in index["studies"] or key in index["skipped"]:
+            report.already += 1
+            return
+        label = self.table.by_key.get(_label_key(study, self.cohort)) if self.table else None
+        if self.table is not None and label is None:
+            report.unlabelled.append(describe(study))
+            return  # not recorded: a label row added later brings it in on the next pull
+        chosen, why = choose_series(self.remote.series(study.uid), self.cohort.query)
+        partial = self.site / PARTIAL / key
+        if chosen is not None:
+            shutil.rmtree(partial, ignore_errors=True)  # what an interrupted pull left
+            partial.mkdir(parents=True)
+            self.remote.retrieve(study.uid, chosen.uid, partial)
+            why = series_problem(partial) or ""
+        if chosen is None or why:
+            shutil.rmtree(partial, ignore_errors=True)
+            report.skipped[describe(study)] = why
+            index["skipped"][key] = why
+            _save_index(self.site, index)
+            return
+        index["studies"][key] = self._place(study, chosen, partial, label)
+        _save_index(self.site, index)
+        report.retrieved += 1
+
+    def _place(
+        self, study: Study, chosen: Series, partial: Path, label: float | int | None
+    ) -> dict[str, Any]:
+        """Rename the checked series into imagesTr/; its index entry."""
+        final = self.site / IMAGES / study_key(study.uid)
+        shutil.rmtree(final, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(final)
+        entry = {"study": study.uid, "series": chosen.uid, "modality": chosen.modality,
+                 "image": str(image_entry(final).relative_to(self.site))}  # fmt: skip
+        return entry if label is None else {**entry, "label": label}
 
 
 def _label_key(study: Study, cohort: Cohort) -> str:
