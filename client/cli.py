@@ -85,7 +85,7 @@ def add_predict_command(commands: Commands) -> None:
         "--input",
         type=Path,
         nargs="+",
-        required=True,
+        default=[],
         metavar="PATH",
         help="NIfTI, DICOM (file or series folder), PNG/JPEG files, folders of them, "
         "or site folders (dataset.json / manifest.csv)",
@@ -100,6 +100,15 @@ def add_predict_command(commands: Commands) -> None:
         help="strategy = fedbn: this hospital's kept normalisation layers "
         "(<cache-dir>/fedbn/run-<run id>.pt on its node), making the model the hospital's own",
     )
+    predict.add_argument(
+        "--cohort", type=Path, metavar="FILE",
+        help="a cohort file (medfed data pull): its studies are retrieved from the PACS and "
+        "predicted too",
+    )  # fmt: skip
+    predict.add_argument(
+        "--push", action="store_true",
+        help="store the results in the cohort's PACS: DICOM SEG (segmentation), SR (class, value)",
+    )  # fmt: skip
     predict.set_defaults(handler=_predict)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
@@ -78,3 +79,9 @@ class DicomWebPacs:
             save_instance(instance, into)
             count += 1
         return count
+
+    def store(self, paths: list[Path]) -> int:
+        """STOW-RS of the files in `paths` into the PACS; how many it stored."""
+        datasets = [pydicom.dcmread(path) for path in paths]
+        self._call("storing results (STOW-RS)", self.client.store_instances, datasets=datasets)
+        return len(datasets)

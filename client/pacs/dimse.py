@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
@@ -163,6 +165,20 @@ class DimsePacs:
         finally:
             server.shutdown()
 
+    def store(self, paths: list[Path]) -> int:
+        """C-STORE of the files in `paths` into the PACS; how many it stored."""
+        datasets = [pydicom.dcmread(path) for path in paths]
+        ae = self._ae()
+        for sop_class, syntax in sorted({_context(ds) for ds in datasets}):
+            ae.add_requested_context(sop_class, syntax)
+        with self._association(ae) as assoc:
+            for path, ds in zip(paths, datasets, strict=True):
+                status = assoc.send_c_store(ds)
+                if not status or int(status.Status) not in (0x0000, 0xB000, 0xB006, 0xB007):
+                    raise PacsError(f"PACS {self.where} refused C-STORE of {path.name}: "
+                                    f"{_status(status)}")  # fmt: skip
+        return len(datasets)
+
 
 class _Keeper:
     """Writes the instances of one series that arrive by C-STORE; refuses any other."""
@@ -180,6 +196,12 @@ class _Keeper:
             save_instance(ds, self.into)
             self.count += 1
         return 0x0000
+
+
+def _context(ds: Dataset) -> tuple[str, str]:
+    """The presentation context a file is sent in: its SOP class, its own transfer syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+    return str(ds.SOPClassUID), str(syntax)
 
 
 def _status(status: Dataset | None) -> str:

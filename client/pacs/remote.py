@@ -48,6 +48,8 @@ class Remote(Protocol):
 
     def retrieve(self, study: str, series: str, into: Path) -> int: ...
 
+    def store(self, paths: list[Path]) -> int: ...
+
 
 def study_of(ds: Dataset) -> Study:
     """A study-level query result as a Study."""

@@ -20,9 +20,11 @@ from tqdm import tqdm
 from medfed.client.data.transforms import resolve_modality
 from medfed.client.handlers import pick_device
 from medfed.client.local_layers import site_model
+from medfed.client.pacs.cohort import Cohort, load_cohort
 from medfed.client.predict.dicom_seg import write_dicom_seg
 from medfed.client.predict.inputs import collect_cases
 from medfed.client.predict.pipeline import Prediction, Predictor, reason
+from medfed.client.predict.push import pull_inputs, push_results
 from medfed.client.predict.writers import (
     SaveNiftiMaskd,
     mask_in_input_shape,
@@ -50,6 +52,8 @@ class PredictOptions:
     device: str = "auto"
     batch_size: int = 4
     site_layers: Path | None = None  # FedBN: a hospital's kept normalisation layers
+    cohort: Path | None = None  # a cohort file: its studies from the PACS are inputs too
+    push: bool = False  # store the results in the cohort's PACS (SEG, SR)
 
 
 def run_predict(options: PredictOptions) -> int:
@@ -59,6 +63,7 @@ def run_predict(options: PredictOptions) -> int:
     would pass for them (a study skipped now keeps its old mask)."""
     if options.batch_size < 1:
         raise ValueError(f"--batch-size {options.batch_size}: expected a positive number")
+    cohort = _cohort(options)  # first: a bad cohort file writes nothing
     run_dir = options.model.expanduser()
     if read_model_config(run_dir).task == "bundle":  # refused before any of a bundle is read
         raise ValueError(
@@ -76,8 +81,9 @@ def run_predict(options: PredictOptions) -> int:
     if caveat:
         print(f"medfed: warning: {caveat}", file=sys.stderr)
     skipped: dict[str, str] = {}
-    cases = collect_cases(options.input, cfg, skipped)
     options.out.mkdir(parents=True, exist_ok=True)
+    inputs = list(options.input) + ([pull_inputs(cohort, options.out)] if cohort else [])
+    cases = collect_cases(inputs, cfg, skipped)
     written: list[dict[str, Any]] = []
     by_modality: dict[str, list[dict[str, Any]]] = {}
     for case in cases:
@@ -94,8 +100,20 @@ def run_predict(options: PredictOptions) -> int:
             progress.update(len(group) - done)  # the skipped ones
     if written and TASKS[cfg.task].label_kind != "mask":
         write_table([w["row"] for w in written], options.out / TABLE)
+    if cohort is not None and options.push:
+        stored = push_results(cohort, written, options.out, run_dir.name)
+        print(f"pushed {stored} results (DICOM SEG / SR) to the PACS of {options.cohort}")
     _summarise(options, cfg, written, skipped, caveat)
     return 0 if written else 1
+
+
+def _cohort(options: PredictOptions) -> Cohort | None:
+    """The cohort --cohort names; --push without one, or no input at all, is refused."""
+    if options.push and options.cohort is None:
+        raise ValueError("--push stores results in the PACS a --cohort file names: give one")
+    if not options.input and options.cohort is None:
+        raise ValueError("--input or --cohort: the studies to predict")
+    return load_cohort(options.cohort) if options.cohort else None
 
 
 def _write(prediction: Prediction, cfg: RunConfig, out: Path) -> dict[str, Any]:
@@ -105,6 +123,7 @@ def _write(prediction: Prediction, cfg: RunConfig, out: Path) -> dict[str, Any]:
     kind = TASKS[cfg.task].label_kind
     if kind != "mask":
         record["row"] = _row(prediction, cfg, kind)
+        record["sources"] = case["sources"]  # what an SR of it references (--push)
         return record
     output = prediction.output
     mask = output.argmax(dim=0).numpy().astype(np.uint8)
