@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from medfed.shared_models.config import SITE_DATA_TASKS
@@ -288,6 +289,11 @@ def _pull(args: argparse.Namespace) -> int:
     report = pull(cohort, args.out, min_count=args.min_count)
     for line in describe_report(report, args.out):
         print(line)
+    if not report.found:
+        print(f"medfed: the query of {args.cohort} matches no study: check [query] (dates are "
+              "YYYYMMDD-YYYYMMDD; series-description is a pattern such as '*AX*')",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -150,3 +150,51 @@ def ct_study(accession: str, rows: tuple[int, ...], positions: bool = True) -> l
                  position=float(k) if positions else None)
         for k, r in enumerate(rows)
     ]  # fmt: skip
+
+
+def ct_with_seg(accession: str, seg_of_other: bool = False, with_seg: bool = True) -> list[bytes]:
+    """A CT volume (4 slices of 16x16) bright where its lesion is (slices 1-2 only), and a
+    DICOM SEG of the lesion (highdicom). `seg_of_other`: the SEG is drawn on another
+    series' instances, so it does not fit this image."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    study = generate_uid()
+    shift = sum(map(ord, accession)) % 5  # each study's own lesion (a site refuses duplicates)
+    lesion = np.zeros((4, 16, 16), bool)
+    lesion[1:3, 4 + shift : 9 + shift, 6:12] = True
+    volume = np.where(lesion, 1500, 100)
+    images = [instance(study, (series := generate_uid()) if k == 0 else series, sop_class=CT,
+                       modality="CT", accession=accession, description="AX", pixels=volume[k],
+                       number=k + 1, position=float(k) * 2.0)
+              for k in range(4)]  # fmt: skip
+    sources = [pydicom.dcmread(io.BytesIO(data)) for data in images]
+    for ds in sources:
+        ds.FrameOfReferenceUID = sources[0].get("FrameOfReferenceUID", generate_uid())
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "O", ""
+        ds.StudyID, ds.SliceThickness = "1", 2.0
+    if seg_of_other:
+        sources = [pydicom.dcmread(io.BytesIO(d)) for d in ct_with_seg(accession, with_seg=False)]
+        for ds in sources:
+            ds.StudyInstanceUID = study
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )  # fmt: skip
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=lesion, segmentation_type="BINARY",
+        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=50,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    rewritten = []
+    for ds in sources if not seg_of_other else [pydicom.dcmread(io.BytesIO(d)) for d in images]:
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        rewritten.append(out.getvalue())
+    return rewritten + ([buffer.getvalue()] if with_seg else [])

@@ -19,13 +19,17 @@ One TOML file a hospital's IT writes once and reruns (`medfed data pull`):
     series-description = "*PA*"                # fnmatch pattern of the image series
     accession-numbers = ["A1", "A2"]           # or study-uids = [...]
 
-    [labels]
+    [labels]                                   # a CSV (classification, regression) ...
     task = "classification"                    # classification | regression
     csv = "labels.csv"                         # relative to the cohort file
     key = "AccessionNumber"                    # or "StudyInstanceUID": what the CSV's keys are
     key-column = "accession"                   # the CSV column holding them (default: key)
     column = "label"                           # the CSV column holding the label
     classes = ["normal", "pneumonia"]          # classification: names, index = class
+
+    [labels]                                   # ... or DICOM SEG series in each study
+    task = "segmentation3d"                    # segmentation | segmentation3d
+    source = "seg"
 
 Credentials never live in the file: MEDFED_PACS_USER / MEDFED_PACS_PASSWORD
 (DICOMweb basic auth) and MEDFED_PACS_CA (a CA bundle for HTTPS or DIMSE TLS).
@@ -43,6 +47,7 @@ PROTOCOLS = ("dicomweb", "dimse")
 RETRIEVALS = ("get", "move")
 LABEL_KEYS = ("AccessionNumber", "StudyInstanceUID")
 LABEL_TASKS = ("classification", "regression")
+SEG_TASKS = ("segmentation", "segmentation3d")
 AE_TITLE = re.compile(r"[ -~]{1,16}")
 DATE_RANGE = re.compile(r"(\d{8})?-?(\d{8})?")
 
@@ -94,7 +99,8 @@ class Labels:
     """Where each study's label comes from: a CSV keyed by accession or study UID."""
 
     task: str
-    csv: Path
+    csv: Path | None = None  # source = "csv"
+    source: str = "csv"  # csv | seg (a DICOM SEG series in the study)
     key: str = "AccessionNumber"
     key_column: str = ""  # the CSV's column of keys; empty: named as `key`
     column: str = "label"
@@ -177,12 +183,20 @@ def _query(path: Path, values: dict[str, Any]) -> Query:
 
 
 def _labels(path: Path, values: dict[str, Any]) -> Labels:
-    allowed = {"task", "csv", "key", "key-column", "column", "classes"}
+    allowed = {"task", "csv", "source", "key", "key-column", "column", "classes"}
     fields_ = _fields(path, "labels", values, allowed)
+    fields_["classes"] = tuple(str(name) for name in fields_.get("classes", ()))
+    if fields_.get("source", "csv") == "seg":
+        labels = Labels(**{"task": "", **fields_})
+        if labels.task not in SEG_TASKS:
+            raise CohortError(f"{path}: [labels] task = {labels.task!r}: a SEG labels "
+                              "segmentation or segmentation3d")  # fmt: skip
+        return labels
+    if fields_.get("source", "csv") != "csv":
+        raise CohortError(f"{path}: [labels] source = {fields_['source']!r}: csv or seg")
     if "csv" not in fields_:
         raise CohortError(f"{path}: [labels] csv: the label file is needed")
     fields_["csv"] = (path.parent / str(fields_["csv"])).resolve()
-    fields_["classes"] = tuple(str(name) for name in fields_.get("classes", ()))
     labels = Labels(**{"task": "", **fields_})
     if labels.task not in LABEL_TASKS:
         raise CohortError(f"{path}: [labels] task = {labels.task!r}: classification or regression")

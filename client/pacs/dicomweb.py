@@ -14,6 +14,7 @@ from medfed.client.pacs.remote import PacsError, Series, Study, save_instance, s
 
 USER_ENV, PASSWORD_ENV, CA_ENV = "MEDFED_PACS_USER", "MEDFED_PACS_PASSWORD", "MEDFED_PACS_CA"
 STUDY_FIELDS = ["StudyInstanceUID", "AccessionNumber", "StudyDate", "ModalitiesInStudy"]
+PAGE = 500  # QIDO-RS results asked for at a time
 SERIES_FIELDS = ["SeriesInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
                  "SeriesNumber", "NumberOfSeriesRelatedInstances"]  # fmt: skip
 
@@ -55,19 +56,29 @@ class DicomWebPacs:
         self._call("a study query", self.client.search_for_studies, limit=1)
         return f"DICOMweb at {self.url} answers"
 
+    def _search(self, what: str, search, **kwargs) -> list[Dataset]:
+        """Every result of a QIDO-RS search, a page at a time. dicomweb-client's own paging
+        asks until a page comes back empty, which never happens where a PACS ignores
+        `offset` (Orthanc 1.10 for some searches answered 30,000 requests): a page that
+        repeats what was found, or a short one, is the last."""
+        found: dict[str, Dataset] = {}
+        while True:
+            page = self._call(what, search, limit=PAGE, offset=len(found), **kwargs)
+            fresh = {uid: ds for ds in map(Dataset.from_json, page)
+                     if (uid := _uid(ds)) not in found}  # fmt: skip
+            found.update(fresh)
+            if len(page) < PAGE or not fresh:
+                return list(found.values())
+
     def studies(self, filters: dict[str, str]) -> list[Study]:
-        found = self._call(
-            "a study query", self.client.search_for_studies, fields=STUDY_FIELDS,
-            search_filters=filters, get_remaining=True,
-        )  # fmt: skip
-        return [study_of(Dataset.from_json(item)) for item in found]
+        search = self.client.search_for_studies
+        found = self._search("a study query", search, fields=STUDY_FIELDS, search_filters=filters)
+        return [study_of(ds) for ds in found]
 
     def series(self, study: str) -> list[Series]:
-        found = self._call(
-            "a series query", self.client.search_for_series, study_instance_uid=study,
-            fields=SERIES_FIELDS, get_remaining=True,
-        )  # fmt: skip
-        return [series_of(Dataset.from_json(item)) for item in found]
+        found = self._search("a series query", self.client.search_for_series,
+                             study_instance_uid=study, fields=SERIES_FIELDS)  # fmt: skip
+        return [series_of(ds) for ds in found]
 
     def retrieve(self, study: str, series: str, into: Path) -> int:
         """Every instance of the series into `into`, streamed: one instance in memory."""
@@ -85,3 +96,8 @@ class DicomWebPacs:
         datasets = [pydicom.dcmread(path) for path in paths]
         self._call("storing results (STOW-RS)", self.client.store_instances, datasets=datasets)
         return len(datasets)
+
+
+def _uid(ds: Dataset) -> str:
+    """What tells one result from another: its series UID, else its study UID."""
+    return str(ds.get("SeriesInstanceUID") or ds.get("StudyInstanceUID", ""))

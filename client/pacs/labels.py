@@ -19,6 +19,8 @@ class LabelTable:
 
 def read_labels(labels: Labels) -> LabelTable:
     """The label of every row; CohortError naming the file, row and value on a bad one."""
+    if labels.csv is None:
+        raise CohortError("[labels] csv: the label file is needed")
     try:
         with labels.csv.open(newline="") as handle:
             rows = list(csv.DictReader(handle))

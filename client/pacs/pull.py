@@ -27,13 +27,14 @@ from tqdm import tqdm
 from medfed.client.pacs.cohort import Cohort, Pacs, Query
 from medfed.client.pacs.labels import LabelTable, read_labels
 from medfed.client.pacs.remote import Remote, Series, Study
+from medfed.client.pacs.seg_labels import SegMismatch, segment_names, write_pair
 from medfed.client.pacs.series_check import NOT_IMAGES, image_entry, series_problem
 from medfed.shared_models.audit import audit
 from medfed.shared_models.runtime import atomic_write
 
 INDEX = Path(".pull") / "index.json"
 PARTIAL = Path(".pull") / "partial"
-IMAGES = "imagesTr"
+IMAGES, LABELS = "imagesTr", "labelsTr"
 
 
 def connect(pacs: Pacs) -> Remote:
@@ -69,7 +70,8 @@ def pull(
 ) -> PullReport:
     """Retrieve the cohort's new studies into `site` and write its dataset.json."""
     remote = remote or connect(cohort.pacs)
-    table = read_labels(cohort.labels) if cohort.labels else None
+    csv_labels = cohort.labels is not None and cohort.labels.source == "csv"
+    table = read_labels(cohort.labels) if cohort.labels and csv_labels else None
     studies = find_studies(remote, cohort.query)
     index = _load_index(site)
     report = PullReport(found=len(studies))
@@ -79,7 +81,8 @@ def pull(
     state = _Pull(remote, cohort, site, table=table, index=index, report=report)
     for study in tqdm(studies, desc="pull", unit="study", disable=None):
         state.study(study)
-    _write_dataset(site, cohort, table, index)
+    if index["studies"]:  # a query that matched nothing leaves no site behind
+        _write_dataset(site, cohort, table, index)
     audit(
         "data-pulled",
         protocol=cohort.pacs.protocol,
@@ -141,22 +144,46 @@ class _Pull:
         if self.table is not None and label is None:
             report.unlabelled.append(describe(study))
             return  # not recorded: a label row added later brings it in on the next pull
-        chosen, why = choose_series(self.remote.series(study.uid), self.cohort.query)
+        series = self.remote.series(study.uid)
+        chosen, why = choose_series(series, self.cohort.query)
         partial = self.site / PARTIAL / key
-        if chosen is not None:
-            shutil.rmtree(partial, ignore_errors=True)  # what an interrupted pull left
-            partial.mkdir(parents=True)
-            self.remote.retrieve(study.uid, chosen.uid, partial)
-            why = series_problem(partial) or ""
-        if chosen is None or why:
-            shutil.rmtree(partial, ignore_errors=True)
+        entry: dict[str, Any] | None = None
+        try:
+            if chosen is not None:
+                why = self._retrieve(study, chosen, partial)
+            if chosen is not None and not why:
+                segs = self._segs(series)
+                entry = self._pair(study, chosen, segs, partial) if segs is not None else (
+                    self._place(study, chosen, partial, label))  # fmt: skip
+        except SegMismatch as mismatch:
+            why = str(mismatch)
+        finally:
+            for leftover in (partial, partial.with_suffix(".seg")):
+                shutil.rmtree(leftover, ignore_errors=True)
+        if entry is None:
             report.skipped[describe(study)] = why
             index["skipped"][key] = why
-            _save_index(self.site, index)
-            return
-        index["studies"][key] = self._place(study, chosen, partial, label)
+        else:
+            index["studies"][key] = entry
+            report.retrieved += 1
         _save_index(self.site, index)
-        report.retrieved += 1
+
+    def _retrieve(self, study: Study, chosen: Series, partial: Path) -> str:
+        """The chosen series into `partial`; why it cannot be the study's image, or ""."""
+        shutil.rmtree(partial, ignore_errors=True)  # what an interrupted pull left
+        partial.mkdir(parents=True)
+        self.remote.retrieve(study.uid, chosen.uid, partial)
+        return series_problem(partial) or ""
+
+    def _segs(self, series: list[Series]) -> list[Series] | None:
+        """The study's SEG series, where the cohort's labels are SEGs (None otherwise);
+        SegMismatch when it has none."""
+        if self.cohort.labels is None or self.cohort.labels.source != "seg":
+            return None
+        segs = [s for s in series if s.modality == "SEG"]
+        if not segs:
+            raise SegMismatch("no SEG series (the labels of a segmentation cohort)")
+        return segs
 
     def _place(
         self, study: Study, chosen: Series, partial: Path, label: float | int | None
@@ -169,6 +196,28 @@ class _Pull:
         entry = {"study": study.uid, "series": chosen.uid, "modality": chosen.modality,
                  "image": str(image_entry(final).relative_to(self.site))}  # fmt: skip
         return entry if label is None else {**entry, "label": label}
+
+    def _pair(
+        self, study: Study, chosen: Series, segs: list[Series], partial: Path
+    ) -> dict[str, Any]:
+        """The image and its SEG as a NIfTI pair in imagesTr/ and labelsTr/; its index
+        entry. The first SEG of the cohort names its classes; a SEG naming others is
+        refused (SegMismatch), as is one that does not fit its image."""
+        key, seg_folder = study_key(study.uid), partial.with_suffix(".seg")
+        seg_folder.mkdir(parents=True, exist_ok=True)
+        self.remote.retrieve(study.uid, min(segs, key=lambda s: (s.number, s.uid)).uid, seg_folder)
+        seg_file = next(iter(sorted(seg_folder.glob("*.dcm"))), None)
+        if seg_file is None:
+            raise SegMismatch("its SEG series sent no instance")
+        names = ("background", *segment_names(seg_file))
+        known = tuple(self.index.setdefault("classes", list(names)))
+        if names != known:
+            raise SegMismatch(f"its SEG's segments {', '.join(names[1:])} differ from the "
+                              f"cohort's {', '.join(known[1:])}")  # fmt: skip
+        image, label = f"{IMAGES}/{key}.nii.gz", f"{LABELS}/{key}.nii.gz"
+        write_pair(partial, seg_file, self.site / image, self.site / label)
+        return {"study": study.uid, "series": chosen.uid, "modality": chosen.modality,
+                "image": image, "label": label}  # fmt: skip
 
 
 def _label_key(study: Study, cohort: Cohort) -> str:
@@ -222,8 +271,11 @@ def _write_dataset(
         "test": [],
         "pulled-from": {"protocol": cohort.pacs.protocol, "query": cohort.query.to_audit()},
     }
-    if table is not None and table.classes:
-        dataset["labels"] = {str(i): name for i, name in enumerate(table.classes)}
+    classes = table.classes if table is not None else tuple(index.get("classes", ()))
+    if classes:
+        dataset["labels"] = {str(i): name for i, name in enumerate(classes)}
+    if cohort.labels is not None and cohort.labels.source == "seg":
+        dataset["spatial_dims"] = 3 if cohort.labels.task == "segmentation3d" else 2
     atomic_write(site / "dataset.json", json.dumps(dataset, indent=2).encode())
 
 

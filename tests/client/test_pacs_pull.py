@@ -163,3 +163,54 @@ def test_a_move_to_a_node_the_pacs_does_not_know_explains_the_registration(tmp_p
             r"this node, register it there .* AE title 'MEDFED'",
         ):
             pull(cohort, tmp_path / "site")
+
+
+def test_a_segmentation_cohort_pairs_each_volume_with_its_seg_on_one_grid(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from tests.pacs import ct_with_seg
+
+    with orthanc(tmp_path / "orthanc") as server:
+        for name in ("SEG1", "SEG2", "SEG3"):
+            for data in ct_with_seg(name):
+                server.upload(data)
+        for data in ct_with_seg("OTHER", seg_of_other=True):
+            server.upload(data)
+        for data in ct_with_seg("NOSEG", with_seg=False):
+            server.upload(data)
+        cohort = {"pacs": {"protocol": "dicomweb", "url": server.dicomweb},
+                  "query": {"modality": "CT"},
+                  "labels": {"task": "segmentation3d", "source": "seg"}}  # fmt: skip
+        (tmp_path / "cohort.toml").write_text(tomli_w.dumps(cohort))
+        report = pull(load_cohort(tmp_path / "cohort.toml"), tmp_path / "site")
+    assert report.retrieved == 3
+    assert report.skipped == {
+        "accession NOSEG": "no SEG series (the labels of a segmentation cohort)",
+        "accession OTHER": "its SEG references 4 instances that are not in the image series",
+    }
+    dataset = json.loads((tmp_path / "site" / "dataset.json").read_text())
+    assert dataset["labels"] == {"0": "background", "1": "lesion"}
+    assert dataset["task"] == "segmentation3d" and dataset["spatial_dims"] == 3
+    for entry in dataset["training"]:
+        image = nib.load(tmp_path / "site" / entry["image"])
+        mask = np.asarray(nib.load(tmp_path / "site" / entry["label"]).dataobj)
+        assert image.shape == mask.shape == (16, 16, 4)
+        values = image.get_fdata()
+        # the mask lies on the image's bright lesion, slice by slice: not shifted nor flipped
+        assert values[mask > 0].min() == 1500 and values[mask == 0].max() == 100
+    cfg = tiny_config(task="segmentation3d", image_size=16, class_names="background,lesion",
+                      in_channels=1)  # fmt: skip
+    loaded = load_site(tmp_path / "site", cfg)
+    assert len(loaded.train) + len(loaded.val) == 3 and not loaded.problems
+
+
+def test_a_query_that_matches_nothing_says_so_and_fails(tmp_path, pacs, capsys):
+    path = _cohort(tmp_path, pacs, "dicomweb")
+    text = path.read_text().replace("20240101-20241231", "19900101-19901231")
+    path.write_text(text)
+    assert main(["data", "pull", str(path), "--out", str(tmp_path / "site")]) == 1
+    captured = capsys.readouterr()
+    assert "0 studies match" in captured.out
+    assert "matches no study: check [query]" in captured.err
+    assert not (tmp_path / "site").exists(), "no empty site is left to train on"
