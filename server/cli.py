@@ -365,7 +365,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
         fixed = [f"--{name}" for name in ("out", "data", "sites", "config") if getattr(args, name)]
         if fixed:
-            raise ConfigError(f"--resume carries a run on with its own {', '.join(fixed)}")
+            raise ConfigError(
+                f"--resume carries a run on with its own settings, data and folder: "
+                f"{', '.join(fixed)} cannot be given with it (only --rounds, -c for the rounds "
+                "and waits, and where it runs)"
+            )
 
         sim = resumed(args.resume.expanduser().resolve(), overrides)
         extras = ("verbose", "metrics_port", "metrics_host", "metrics_linger")

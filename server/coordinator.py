@@ -94,6 +94,9 @@ def start_coordinator(options: CoordinatorOptions) -> int:
         node_authentication=certs is not None,
         control="operators' client certificates" if certs is not None else "open",
     )
+    scheme = "https" if certs is not None else "http (insecure)"
+    print(f"coordinator: hospitals and operators reach {scheme} {options.host}:{options.port}; "
+          f"audit log {log}; Ctrl-C stops it", flush=True)  # fmt: skip
     runs = state / "runs"
     run_status.close_orphaned(_run_dirs(runs), "failed", run_status.DIED, log)
 

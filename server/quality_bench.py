@@ -170,6 +170,9 @@ def _base(bench: QualityBench, sites: list[Path]) -> dict[str, Any]:
         "num-server-rounds": bench.rounds,
         "min-nodes": bench.sites,  # every hospital in every round: the same budget as pooled
         "federated-stats": False,
+        # synthetic hospitals are not patients: every site's metric is compared, none hidden
+        # below the floor (with --data the sites' floor stands unless -c sets it)
+        **({"stats-min-count": 1} if bench.data is None else {}),
         **bench.overrides,
         "task": bench.task,
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,14 @@ class QualityResults:
     def _row(self, method: str, by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         done = [o for o in by_seed.values() if o.get("status") == "completed"]
         per_site = {
-            site: _spread([o["sites"][site][self.metric] for o in done if site in o["sites"]])
+            site: _spread(v for o in done for v in _site_values(o, self.metric, [site]))
             for site in self.sites
         }
-        averages = [statistics.fmean(_site_values(o, self.metric, self.sites)) for o in done]
+        averages = [
+            statistics.fmean(values)
+            for o in done
+            if (values := _site_values(o, self.metric, self.sites))
+        ]
         seconds = [o.get("seconds", math.nan) for o in done]
         return {
             "method": method,
@@ -119,8 +124,11 @@ def write_outputs(results: QualityResults, out: Path) -> list[Path]:
 
 
 def _site_values(outcome: dict[str, Any], metric: str, sites: list[str]) -> list[float]:
+    """The sites' values of `metric`; a site that hid it (below its floor: "hidden") has
+    none, as a site that did not report it."""
     found = outcome.get("sites", {})
-    return [float(found[s][metric]) for s in sites if s in found and metric in found[s]]
+    values = [found[s].get(metric) for s in sites if s in found]
+    return [float(v) for v in values if isinstance(v, int | float)]
 
 
 def _elsewhere(outcome: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -135,7 +143,8 @@ def _elsewhere(outcome: dict[str, Any], metric: str) -> dict[str, Any]:
     return {"status": "completed", "sites": sites, "seconds": outcome.get("seconds", math.nan)}
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def _spread(values: Iterable[float]) -> dict[str, float]:
+    values = list(values)
     if not values:
         return {"mean": math.nan, "sd": math.nan, "n": 0}
     sd = statistics.stdev(values) if len(values) > 1 else math.nan

@@ -199,7 +199,8 @@ class RoundLoop:
             streams += f"; {resume.lost_releases} noisy model(s) released after that round{counted}"
         self.outputs.progress(
             f"resumed after round {resume.server_round} of {resume.folder}: strategy state "
-            f"restored, {streams}; secure aggregation starts fresh keys"
+            f"restored, {streams}"
+            + ("; secure aggregation starts fresh keys" if self.cfg.secure_aggregation else "")
         )
 
     def _train_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:

@@ -14,7 +14,7 @@ from medfed.server.cli import build_parser
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMAND = re.compile(r"^(?:\.venv/bin/)?medfed\s")
+COMMAND = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?medfed\s")
 PLACEHOLDER = re.compile(r"<[^<>]+>")
 
 
@@ -54,7 +54,7 @@ COMMANDS = _medfed_commands()
 
 
 def test_the_docs_show_commands_for_every_role():
-    shown = {text.split()[1] for _, text in COMMANDS}
+    shown = {text.split("medfed ", 1)[1].split()[0] for _, text in COMMANDS}
     assert {"simulate", "node", "coordinator", "certs", "operator", "data", "predict"} <= shown
 
 
@@ -64,6 +64,8 @@ def test_a_documented_command_parses(where, text):
     words = shlex.split(line, comments=True)
     words = words[: words.index(";")] if ";" in words else words
     words = [w.replace("$(date +%Y%m%d-%H%M%S)", "now") for w in words]
+    while "=" in words[0]:  # OMP_NUM_THREADS=1 medfed ...: the environment, not an argument
+        words = words[1:]
     try:
         build_parser().parse_args(words[1:])
     except SystemExit as refused:
@@ -75,7 +77,8 @@ WALK_THROUGH_LEFTOVERS = [
     "state/coordinator/audit.jsonl", "data/site-0/dataset.json",
     "medfed.medfed.0-1-0.0123abcd.fab", "coordinator-state/audit.jsonl",
     "operator-state/link.json", "node-state/audit.jsonl", "node-keys/hospital-a.key",
-    "runs/demo-20261207-101010/metrics.json",
+    "runs/demo-20261207-101010/metrics.json", "my-bundle/configs/inference.json",
+    "predictions/predictions.json", "new-studies/x.nii.gz",
 ]  # fmt: skip
 
 
@@ -94,3 +97,26 @@ def test_what_the_walk_throughs_leave_in_a_checkout_is_ignored_by_git():
         ["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True, text=True
     )
     assert kept.stdout == "", "a source file would be ignored"
+
+
+def test_the_app_package_holds_the_checkouts_readme_not_one_made_below_it(tmp_path):
+    """Issue 25: after `medfed export ... --out my-bundle/` (docs/researcher.md), `flwr build
+    --app .` packed my-bundle/docs/README.md too, and the hash hospitals approve changed."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from medfed.shared_models.runtime import executable
+
+    app = tmp_path / "app"
+    app.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, app / name)
+    (app / "my-bundle" / "docs").mkdir(parents=True)
+    (app / "my-bundle" / "docs" / "README.md").write_text("an exported bundle's own docs")
+    built = subprocess.run([executable("flwr"), "build", "--app", str(app)], cwd=tmp_path,
+                           capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    (package,) = tmp_path.glob("*.fab")
+    names = set(zipfile.ZipFile(package).namelist()) - {".info/CONTENT"}
+    assert names == {"pyproject.toml", "README.md"}

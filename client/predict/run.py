@@ -113,6 +113,10 @@ def _cohort(options: PredictOptions) -> Cohort | None:
         raise ValueError("--push stores results in the PACS a --cohort file names: give one")
     if not options.input and options.cohort is None:
         raise ValueError("--input or --cohort: the studies to predict")
+    missing = [str(p) for p in options.input if not p.expanduser().exists()]
+    if missing and len(missing) == len(options.input) and options.cohort is None:
+        # nothing to predict: refused before --out is made, so the same command can be rerun
+        raise ValueError(f"--input {' '.join(missing)}: no such file or folder")
     return load_cohort(options.cohort) if options.cohort else None
 
 
@@ -188,7 +192,8 @@ def _summarise(
         "skipped": [{"input": path, "reason": why} for path, why in skipped.items()],
     }
     (options.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"predicted {len(written)} studies into {options.out}", end="")
+    print(f"predicted {len(written)} {'study' if len(written) == 1 else 'studies'} into "
+          f"{options.out}", end="")  # fmt: skip
     print(f" ({TABLE})" if written and TASKS[cfg.task].label_kind != "mask" else "")
     if skipped:
         print(f"skipped {len(skipped)} unreadable inputs (listed in {SUMMARY}):")

@@ -416,3 +416,15 @@ def test_a_hospitals_fedbn_layers_make_the_model_its_own(tmp_path, capsys):
     assert main(["predict", "--model", str(run), "--input", str(images), "--out",
                  str(tmp_path / "bad"), "--site-layers", str(layers)]) == 2  # fmt: skip
     assert f"{layers}: its normalisation layers do not fit" in capsys.readouterr().err
+
+
+def test_inputs_that_do_not_exist_leave_no_output_folder_behind(tmp_path, capsys):
+    """Issue 25: such a call wrote predictions.json, and the corrected retry was refused
+    ("a folder that is not empty")."""
+    _, run = untrained_run(tmp_path / "run", task="classification", **{"image-size": 32})
+    out = tmp_path / "predictions"
+    args = ["predict", "--model", str(run), "--input", str(tmp_path / "new-studies"),
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    assert "new-studies: no such file or folder" in capsys.readouterr().err
+    assert not out.exists()

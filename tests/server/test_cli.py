@@ -39,7 +39,11 @@ def _in_process(capsys, *args: str) -> tuple[int, str]:
         (["--images-per-site", "0"], "--images-per-site 0: expected 8..100000"),
         (["--sites", "0"], "--sites 0: expected 1..1000 hospitals"),
         (["-c", "image-size=100000"], "'image-size' = 100000"),
-        (["--resume", "nowhere"], "--resume carries a run on with its own --out"),
+        (
+            ["--resume", "nowhere"],
+            "--resume carries a run on with its own settings, data and "
+            "folder: --out cannot be given with it",
+        ),
     ],
 )
 def test_bad_simulate_arguments_fail_cleanly(tmp_path, capsys, args, named):

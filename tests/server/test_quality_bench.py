@@ -5,6 +5,7 @@ what the first finished instead of training again."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -115,3 +116,16 @@ def test_sites_that_name_no_task_need_one(cls_sites, tmp_path):
     data = redeclared_sites(cls_sites, tmp_path / "data", [{"task": None}] * 3)
     with pytest.raises(ConfigError, match=r"--task: the sites' dataset.json under .* name none"):
         run_bench(_bench(tmp_path, data, task=None), hospitals)
+
+
+def test_synthetic_hospitals_show_every_sites_metric_real_ones_keep_their_floor(
+    cls_sites, tmp_path
+):
+    """Issue 25: on the default synthetic hospitals a site below the floor hid its metrics,
+    and the per-site table had nothing to compare for it."""
+    folders = site_folders(cls_sites)
+    synthetic = replace(_bench(tmp_path, cls_sites), data=None, task="classification")
+    assert _base(synthetic, folders)["stats-min-count"] == 1
+    assert "stats-min-count" not in _base(_bench(tmp_path, cls_sites), folders)
+    floor = replace(synthetic, overrides={"stats-min-count": 7})
+    assert _base(floor, folders)["stats-min-count"] == 7, "-c wins"

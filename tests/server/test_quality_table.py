@@ -78,3 +78,16 @@ def test_outputs_are_strict_json_markdown_and_png(tmp_path):
     table = paths[1].read_text()
     assert "| fedavg | 0.750 | 0.750 | 0.750 | +0.0 % | 1/2 |" in table
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_site_that_hid_its_metric_is_missing_not_a_crash(tmp_path):
+    """Issue 25: the README's `medfed bench quality` crashed writing its table ("must be real
+    number, not str"): a site below its floor records its metrics as "hidden"."""
+    results = QualityResults(task="classification", sites=SITES, config={})
+    results.add("fedavg", 0, _done({"site-0": 0.8, "site-1": "hidden"}))
+    fedavg = _row(results, "fedavg")
+    assert fedavg["sites"]["site-1"]["n"] == 0 and math.isnan(fedavg["sites"]["site-1"]["mean"])
+    assert fedavg["average"]["mean"] == pytest.approx(0.8)
+    assert not results.complete()
+    write_outputs(results, tmp_path)
+    assert "site-1" in (tmp_path / "quality.md").read_text()

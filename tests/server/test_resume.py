@@ -49,13 +49,15 @@ def federation(cfg: RunConfig) -> InProcessGrid:
     return InProcessGrid(updates, dict.fromkeys(NODES, 1.0), cfg)
 
 
-def run(cfg: RunConfig, grid: InProcessGrid, resume=None):
-    """What app.main does around the loop: seeded streams, the record, the outputs."""
+def run(cfg: RunConfig, grid: InProcessGrid, resume=None, progress=None):
+    """What app.main does around the loop: seeded streams, the record, the outputs (its
+    progress lines into `progress`)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     record = RunRecord(cfg, cfg.out_path, resume.history if resume else None)
-    outputs = RunOutputs(record, RoundTelemetry(RUN_ID, cfg.task), io.StringIO(), RUN_ID, cfg)
+    progress = progress if progress is not None else io.StringIO()
+    outputs = RunOutputs(record, RoundTelemetry(RUN_ID, cfg.task), progress, RUN_ID, cfg)
     loop = RoundLoop(grid, cfg, outputs, partial(build_strategy, cfg), RUN_ID)
     try:
         arrays = loop.run(ArrayRecord({k: Array(v) for k, v in START.items()}), resume)
@@ -98,7 +100,10 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, s
     resumed_cfg = config(tmp_path / "broken", **settings, **{"resume-from": str(cfg.out_path)})
     point = load_resume_point(resumed_cfg, None)
     assert point.server_round == 2
-    final, metrics = run(resumed_cfg, federation(resumed_cfg), point)
+    said = io.StringIO()
+    final, metrics = run(resumed_cfg, federation(resumed_cfg), point, said)
+    secure = "secure-aggregation" in settings  # fresh keys are news only where there are keys
+    assert ("secure aggregation starts fresh keys" in said.getvalue()) is secure
 
     noisy = "dp.mode" in settings
     assert np.allclose(final, expected, atol=1e-6, rtol=0) != noisy
