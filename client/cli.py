@@ -282,7 +282,11 @@ def _pull(args: argparse.Namespace) -> int:
 
     cohort = load_cohort(args.cohort)
     if args.echo:
-        print(connect(cohort.pacs).echo())
+        pacs = connect(cohort.pacs)
+        try:
+            print(pacs.echo())
+        finally:
+            pacs.close()
         return 0
     if args.out is None:
         raise ValueError("--out: the site folder to pull the cohort into")

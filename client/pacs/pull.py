@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from medfed.client.pacs.cohort import Cohort, Pacs, Query
 from medfed.client.pacs.labels import LabelTable, read_labels
-from medfed.client.pacs.remote import Remote, Series, Study
+from medfed.client.pacs.remote import PacsError, Remote, Series, Study
 from medfed.client.pacs.seg_labels import SegMismatch, segment_names, write_pair
 from medfed.client.pacs.series_check import NOT_IMAGES, image_entry, series_problem
 from medfed.shared_models.audit import audit
@@ -70,6 +70,24 @@ def pull(
 ) -> PullReport:
     """Retrieve the cohort's new studies into `site` and write its dataset.json."""
     remote = remote or connect(cohort.pacs)
+    try:
+        state = _pull_all(remote, cohort, site)
+    finally:
+        remote.close()
+    report, index = state.report, state.index
+    if index["studies"]:  # a query that matched nothing leaves no site behind
+        _write_dataset(site, cohort, state.table, index)
+    audit(
+        "data-pulled",
+        protocol=cohort.pacs.protocol,
+        query=cohort.query.to_audit(),
+        **{name: _floored(value, min_count) for name, value in _counts(report, index).items()},
+    )
+    return report
+
+
+def _pull_all(remote: Remote, cohort: Cohort, site: Path) -> _Pull:
+    """Every study the cohort's query matches, through `remote`; what the pull did."""
     csv_labels = cohort.labels is not None and cohort.labels.source == "csv"
     table = read_labels(cohort.labels) if cohort.labels and csv_labels else None
     studies = find_studies(remote, cohort.query)
@@ -79,17 +97,12 @@ def pull(
         known = {_label_key(study, cohort) for study in studies}
         report.labels_unmatched = sorted(set(table.by_key) - known)
     state = _Pull(remote, cohort, site, table=table, index=index, report=report)
+    new = [s.uid for s in studies if study_key(s.uid) not in index["studies"]
+           and study_key(s.uid) not in index["skipped"]]  # fmt: skip
+    state.series = remote.series_of_studies(new)
     for study in tqdm(studies, desc="pull", unit="study", disable=None):
         state.study(study)
-    if index["studies"]:  # a query that matched nothing leaves no site behind
-        _write_dataset(site, cohort, table, index)
-    audit(
-        "data-pulled",
-        protocol=cohort.pacs.protocol,
-        query=cohort.query.to_audit(),
-        **{name: _floored(value, min_count) for name, value in _counts(report, index).items()},
-    )
-    return report
+    return state
 
 
 def find_studies(remote: Remote, query: Query) -> list[Study]:
@@ -133,6 +146,7 @@ class _Pull:
     table: LabelTable | None
     index: dict[str, Any]
     report: PullReport
+    series: dict[str, list[Series]] = field(default_factory=dict)  # of the new studies
 
     def study(self, study: Study) -> None:
         """One study: retrieved, checked and moved into place, or skipped with the reason."""
@@ -144,7 +158,7 @@ class _Pull:
         if self.table is not None and label is None:
             report.unlabelled.append(describe(study))
             return  # not recorded: a label row added later brings it in on the next pull
-        series = self.remote.series(study.uid)
+        series = self.series.get(study.uid) or self.remote.series(study.uid)
         chosen, why = choose_series(series, self.cohort.query)
         partial = self.site / PARTIAL / key
         entry: dict[str, Any] | None = None
@@ -157,6 +171,10 @@ class _Pull:
                     self._place(study, chosen, partial, label))  # fmt: skip
         except SegMismatch as mismatch:
             why = str(mismatch)
+        except PacsError:
+            raise  # the PACS itself failed: stop, and the next pull resumes here
+        except Exception as error:  # a malformed object: this study only, named by its type
+            entry, why = None, f"unusable ({type(error).__name__})"
         finally:
             for leftover in (partial, partial.with_suffix(".seg")):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -171,9 +189,10 @@ class _Pull:
     def _retrieve(self, study: Study, chosen: Series, partial: Path) -> str:
         """The chosen series into `partial`; why it cannot be the study's image, or ""."""
         shutil.rmtree(partial, ignore_errors=True)  # what an interrupted pull left
+        (self.site / INDEX).parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # UIDs
         partial.mkdir(parents=True)
-        self.remote.retrieve(study.uid, chosen.uid, partial)
-        return series_problem(partial) or ""
+        headers = self.remote.retrieve(study.uid, chosen.uid, partial)
+        return series_problem(headers, study.uid, chosen.uid, chosen.instances) or ""
 
     def _segs(self, series: list[Series]) -> list[Series] | None:
         """The study's SEG series, where the cohort's labels are SEGs (None otherwise);
@@ -215,7 +234,11 @@ class _Pull:
             raise SegMismatch(f"its SEG's segments {', '.join(names[1:])} differ from the "
                               f"cohort's {', '.join(known[1:])}")  # fmt: skip
         image, label = f"{IMAGES}/{key}.nii.gz", f"{LABELS}/{key}.nii.gz"
-        write_pair(partial, seg_file, self.site / image, self.site / label)
+        written = (seg_folder / "image.nii.gz", seg_folder / "label.nii.gz")
+        write_pair(partial, seg_file, *written)  # both whole before either is in place
+        for done, final in zip(written, (image, label), strict=True):
+            (self.site / final).parent.mkdir(parents=True, exist_ok=True)
+            done.replace(self.site / final)
         return {"study": study.uid, "series": chosen.uid, "modality": chosen.modality,
                 "image": image, "label": label}  # fmt: skip
 
@@ -231,7 +254,7 @@ def _load_index(site: Path) -> dict[str, Any]:
 
 
 def _save_index(site: Path, index: dict[str, Any]) -> None:
-    (site / INDEX).parent.mkdir(parents=True, exist_ok=True)
+    (site / INDEX).parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # study UIDs inside
     atomic_write(site / INDEX, json.dumps(index, indent=1).encode())
 
 

@@ -46,9 +46,13 @@ class Remote(Protocol):
 
     def series(self, study: str) -> list[Series]: ...
 
-    def retrieve(self, study: str, series: str, into: Path) -> int: ...
+    def series_of_studies(self, studies: list[str]) -> dict[str, list[Series]]: ...
+
+    def retrieve(self, study: str, series: str, into: Path) -> list[Dataset]: ...
 
     def store(self, paths: list[Path]) -> int: ...
+
+    def close(self) -> None: ...
 
 
 def study_of(ds: Dataset) -> Study:
@@ -78,10 +82,14 @@ def series_of(ds: Dataset) -> Series:
     )
 
 
+def instance_name(ds: Dataset) -> str:
+    """A retrieved instance's file name: a hash of its SOP Instance UID (no identifier in a
+    file name; a retried transfer overwrites rather than duplicates)."""
+    return hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:20] + ".dcm"
+
+
 def save_instance(ds: Dataset, into: Path) -> Path:
-    """Write one retrieved instance into `into`, named by a hash of its SOP Instance UID (no
-    identifier in a file name; a retried transfer overwrites rather than duplicates)."""
-    name = hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:20]
-    path = into / f"{name}.dcm"
+    """Write one retrieved instance into `into` (C-STORE hands it decoded)."""
+    path = into / instance_name(ds)
     ds.save_as(path, enforce_file_format=True)
     return path

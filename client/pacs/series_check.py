@@ -19,21 +19,49 @@ VOLUME_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpac
 NOT_IMAGES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "REG", "DOC"}
 
 
-def series_problem(folder: Path) -> str | None:
-    """Why the series in `folder` cannot be a site's image (None when it can)."""
-    files = sorted(folder.glob("*.dcm"))
-    if not files:
+def series_problem(
+    headers: list[pydicom.Dataset], study: str, series: str, expected: int = 0,
+    max_megabytes: int = 1024,
+) -> str | None:  # fmt: skip
+    """Why a retrieved series (its instances' `headers`) cannot be a site's image (None
+    when it can). Every instance must belong to the study and series asked for, and to one
+    patient (a PACS, or whoever stands between, must not slip another patient's slices
+    into a volume); `expected` instances (the PACS's own count, where it gave one) must all
+    have come; no instance may declare more than `max_megabytes` of pixels (read from its
+    header, never decoded: a compressed slice can declare gigabytes)."""
+    foreign = _foreign(headers, study, series)
+    if foreign:
+        return foreign
+    if expected and len(headers) != expected:
+        return f"received {len(headers)} of the series' {expected} instances (cut off?)"
+    if not headers:
         return "no instances were retrieved"
-    headers = []
-    for path in files:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except Exception as error:  # any unreadable header: the whole series is unusable
-            return f"an unreadable instance ({type(error).__name__})"
+    return _image_problem(headers, max_megabytes)
+
+
+def _foreign(headers: list[pydicom.Dataset], study: str, series: str) -> str | None:
+    """Instances of another study, series or patient, by count (never by identifier)."""
+    strays = sum(
+        str(ds.get("StudyInstanceUID", "")) != study
+        or str(ds.get("SeriesInstanceUID", "")) != series
+        for ds in headers
+    )
+    if strays:
+        return f"{strays} instances belong to another study or series than the one asked for"
+    if len({str(ds.get("PatientID", "")) for ds in headers}) > 1:
+        return "its instances name more than one patient"
+    return None
+
+
+def _image_problem(headers: list[pydicom.Dataset], max_megabytes: int) -> str | None:
     for ds in headers:
         modality = str(ds.get("Modality", ""))
         if "Rows" not in ds or modality in NOT_IMAGES:
             return f"not an image series (modality {modality or '?'})"
+        declared = int(ds.Rows) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1)
+        megabytes = declared * int(ds.get("BitsAllocated", 16)) / 8 / 2**20
+        if megabytes > max_megabytes:
+            return f"an instance declares {megabytes:.0f} MB of pixels (limit {max_megabytes})"
     if len(headers) == 1:
         return None
     for key in VOLUME_GEOMETRY:

@@ -42,7 +42,13 @@ def push_results(cohort: Cohort, written: list[dict[str, Any]], out: Path, model
             files.append(sr)
         else:
             record["not-pushed"] = "no DICOM source to reference"
-    stored = connect(cohort.pacs).store(files) if files else 0
+    stored = 0
+    if files:
+        pacs = connect(cohort.pacs)
+        try:
+            stored = pacs.store(files)
+        finally:
+            pacs.close()
     for record in written:
         if "dicom-seg" in record or "dicom-sr" in record:
             record["pushed"] = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pydicom
 import pytest
 import tomli_w
 
@@ -77,6 +78,7 @@ def test_a_cohort_is_pulled_into_a_site_the_data_layer_reads(tmp_path, pacs, pro
     assert dataset["labels"] == {"0": "normal", "1": "pneumonia"}
     assert sorted(e["label"] for e in dataset["training"]) == [0] * 6 + [1] * 5
     assert not any("ACC" in e["image"] for e in dataset["training"]), "no identifier in a path"
+    assert (site / ".pull").stat().st_mode & 0o077 == 0, "the study index is the site's alone"
     cfg = tiny_config(task="classification", image_size=32, class_names="normal,pneumonia")
     loaded = load_site(site, cfg)
     assert len(loaded.train) + len(loaded.val) == LABELLED and not loaded.problems
@@ -107,10 +109,10 @@ class _CutOff:
 
     def retrieve(self, study, series, into):
         self.calls += 1
-        count = self.remote.retrieve(study, series, into)
+        headers = self.remote.retrieve(study, series, into)
         if self.calls == self.nth:
             raise PacsError("connection reset during the transfer")
-        return count
+        return headers
 
 
 def test_a_transfer_cut_off_half_way_resumes_and_nothing_half_written_is_read(tmp_path, pacs):
@@ -214,3 +216,95 @@ def test_a_query_that_matches_nothing_says_so_and_fails(tmp_path, pacs, capsys):
     assert "0 studies match" in captured.out
     assert "matches no study: check [query]" in captured.err
     assert not (tmp_path / "site").exists(), "no empty site is left to train on"
+
+
+class _Hostile:
+    """The real PACS, with `meddle(into)` run on what each retrieval left."""
+
+    def __init__(self, remote, meddle) -> None:
+        self.remote, self.meddle = remote, meddle
+
+    def __getattr__(self, name):
+        return getattr(self.remote, name)
+
+    def retrieve(self, study, series, into):
+        return self.meddle(into, self.remote.retrieve(study, series, into))
+
+
+def _foreign_slice(into, headers):
+    """Another patient's image, of another study, slipped into the series."""
+    import io
+
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from tests.pacs import instance
+
+    data = instance(generate_uid(), generate_uid(), accession="VICTIM", pixels=np.zeros((32, 32)))
+    (into / "slipped.dcm").write_bytes(data)
+    return [*headers, pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)]
+
+
+def _lose_one(into, headers):
+    sorted(into.glob("*.dcm"))[-1].unlink()
+    return headers[:-1]
+
+
+def _malformed(into, headers):
+    raise ValueError("a malformed object")
+
+
+@pytest.mark.parametrize(
+    ("meddle", "why"),
+    [(_foreign_slice, "belong to another study or series than the one asked for"),
+     (_lose_one, "received 0 of the series' 1 instances (cut off?)"),
+     (_malformed, "unusable (ValueError)")],
+)  # fmt: skip
+def test_what_a_hostile_or_broken_pacs_sends_is_skipped_and_the_pull_goes_on(
+    tmp_path, pacs, meddle, why
+):
+    """The attack review of issue 26: another patient's slices accepted into a study, a
+    short series placed as whole, one malformed object stopping every pull."""
+    cohort = load_cohort(_cohort(tmp_path, pacs, "dicomweb"))
+    report = pull(cohort, tmp_path / "site", remote=_Hostile(connect(cohort.pacs), meddle))
+    chest = {study: reason for study, reason in report.skipped.items() if "ACC0" in study}
+    assert len(chest) == LABELLED and all(why in reason for reason in chest.values()), chest
+    assert report.retrieved == 0 and not (tmp_path / "site" / "imagesTr").exists()
+    assert "VICTIM" not in json.dumps(chest)
+
+
+def test_the_move_receiver_keeps_only_what_the_pacs_sends_for_the_retrieval_under_way(tmp_path):
+    from types import SimpleNamespace
+
+    from medfed.client.pacs.dimse import _Keeper, _Receiver
+
+    receiver = _Receiver("127.0.0.1")
+
+    def event(address, study="1.2", series="1.2.3"):
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, "1.2.3.4"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        meta = pydicom.dataset.FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        assoc = SimpleNamespace(is_acceptor=True, requestor=SimpleNamespace(address=address))
+        return SimpleNamespace(dataset=ds, file_meta=meta, assoc=assoc)
+
+    assert receiver.store(event("127.0.0.1")) == 0xA700, "no retrieval under way: refused"
+    receiver.keeper = _Keeper("1.2", "1.2.3", tmp_path)
+    assert receiver.store(event("10.9.8.7")) == 0xA700, "not the PACS's address"
+    assert receiver.store(event("127.0.0.1", study="6.6")) == 0xA700, "another study"
+    assert receiver.store(event("127.0.0.1")) == 0x0000
+    assert len(list(tmp_path.glob("*.dcm"))) == 1
+
+
+def test_a_password_is_never_sent_in_the_clear_nor_shown(monkeypatch):
+    from medfed.client.pacs.dicomweb import DicomWebPacs
+
+    monkeypatch.setenv("MEDFED_PACS_USER", "pacsuser")
+    with pytest.raises(PacsError, match="not https: the password would cross the network"):
+        DicomWebPacs("http://127.0.0.1:9/dicom-web")
+    monkeypatch.delenv("MEDFED_PACS_USER")
+    with pytest.raises(PacsError) as refused:
+        DicomWebPacs("http://admin:TopSecret@127.0.0.1:9/dicom-web").echo()
+    assert "TopSecret" not in str(refused.value) and "admin" not in str(refused.value)
