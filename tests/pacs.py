@@ -47,6 +47,14 @@ class Orthanc:
     def dicomweb(self) -> str:
         return f"{self.http}/dicom-web"
 
+    def pacs_table(self, protocol: str, retrieve: str = "get") -> dict[str, object]:
+        """A cohort file's [pacs] table reaching this Orthanc over `protocol`."""
+        if protocol == "dicomweb":
+            return {"protocol": protocol, "url": self.dicomweb}
+        return {"protocol": protocol, "host": "127.0.0.1", "port": self.dicom_port,
+                "ae-title": PACS_AE, "node-ae-title": NODE_AE, "node-port": self.node_port,
+                "retrieve": retrieve}  # fmt: skip
+
     def upload(self, data: bytes) -> None:
         httpx.post(f"{self.http}/instances", content=data, timeout=30).raise_for_status()
 

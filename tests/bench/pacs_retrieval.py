@@ -96,14 +96,8 @@ def dimse_baseline(pacs: Orthanc, uids: list[tuple[str, str]], into: Path) -> No
 
 
 def medfed_pull(pacs: Orthanc, work: Path, protocol: str, retrieve: str) -> Callable:
-    where = (
-        {"url": pacs.dicomweb}
-        if protocol == "dicomweb"
-        else {"host": "127.0.0.1", "port": pacs.dicom_port, "ae-title": PACS_AE,
-              "node-ae-title": NODE_AE, "node-port": pacs.node_port, "retrieve": retrieve}
-    )  # fmt: skip
     path = work / f"cohort-{protocol}-{retrieve}.toml"
-    path.write_text(tomli_w.dumps({"pacs": {"protocol": protocol, **where},
+    path.write_text(tomli_w.dumps({"pacs": pacs.pacs_table(protocol, retrieve),
                                    "query": {"modality": "CT"}}))  # fmt: skip
     cohort = load_cohort(path)
 

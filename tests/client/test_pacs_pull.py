@@ -16,7 +16,7 @@ from medfed.client.pacs.pull import connect, pull
 from medfed.client.pacs.remote import PacsError
 from medfed.server.cli import main
 from tests.conftest import tiny_config
-from tests.pacs import NODE_AE, PACS_AE, chest_study, ct_study, orthanc
+from tests.pacs import chest_study, ct_study, orthanc
 
 pytestmark = pytest.mark.e2e
 LABELLED = 11  # ACC000..ACC010 have a label row; ACC011 has none
@@ -41,14 +41,8 @@ def _cohort(tmp_path, pacs, protocol: str, retrieve: str = "get", **pacs_keys):
     rows = [f"ACC{i:03d},{'pneumonia' if i % 2 else 'normal'}" for i in range(LABELLED)]
     rows += ["ACC100,normal", "ACC101,normal", "ACC102,normal", "ACC999,normal"]
     (tmp_path / "labels.csv").write_text("accession,finding\n" + "\n".join(rows) + "\n")
-    where = (
-        {"url": pacs.dicomweb}
-        if protocol == "dicomweb"
-        else {"host": "127.0.0.1", "port": pacs.dicom_port, "ae-title": PACS_AE,
-              "node-ae-title": NODE_AE, "node-port": pacs.node_port, "retrieve": retrieve}
-    )  # fmt: skip
     cohort = {
-        "pacs": {"protocol": protocol, **where, **pacs_keys},
+        "pacs": {**pacs.pacs_table(protocol, retrieve), **pacs_keys},
         "query": {"study-date": "20240101-20241231", "series-description": "PA"},
         "labels": {"task": "classification", "csv": "labels.csv", "key": "AccessionNumber",
                    "key-column": "accession", "column": "finding",

@@ -17,7 +17,7 @@ from dicomweb_client.api import DICOMwebClient
 from medfed.client.synthetic.dicom import write_series
 from medfed.server.cli import main
 from tests.client.test_predict import brain3d_run, held_out_cases
-from tests.pacs import NODE_AE, PACS_AE, chest_study, orthanc
+from tests.pacs import chest_study, orthanc
 
 pytestmark = pytest.mark.e2e
 TINY = ["-c", "image-size=32", "-c", "model-width=4", "-c", "model-depth=2",
@@ -25,14 +25,8 @@ TINY = ["-c", "image-size=32", "-c", "model-width=4", "-c", "model-depth=2",
 
 
 def _write_cohort(path, pacs, protocol, accessions=(), study_uids=(), labels=True):
-    where = (
-        {"url": pacs.dicomweb}
-        if protocol == "dicomweb"
-        else {"host": "127.0.0.1", "port": pacs.dicom_port, "ae-title": PACS_AE,
-              "node-ae-title": NODE_AE, "node-port": pacs.node_port}
-    )  # fmt: skip
     cohort = {
-        "pacs": {"protocol": protocol, **where},
+        "pacs": pacs.pacs_table(protocol),
         "query": {"accession-numbers": list(accessions), "study-uids": list(study_uids)},
     }
     if labels:
