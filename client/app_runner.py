@@ -23,11 +23,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from medfed.client.warm_worker import SOCKET_ENV, STATUS
+# Where the relay finds the warm worker (set by `medfed node start` in the node's
+# environment), and the worker's reply: the child's wait status, once it has ended.
+SOCKET_ENV = "MEDFED_WORKER_SOCKET"
+STATUS = struct.Struct("!i")
 
 CHECKED: set[str] = set()  # hashes of the packages approved in this process
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfed.shared_models.atomic_files import atomic_write
 from medfed.shared_models.audit import audit
-from medfed.shared_models.runtime import atomic_write
 
 APPROVED_FILE = "approved-apps.json"
 REFUSED_DIR = "refused-apps"

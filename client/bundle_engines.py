@@ -34,7 +34,7 @@ from torch import nn
 
 from medfed.client.bundle_data import BundleData
 from medfed.client.round_request import MalformedRequest
-from medfed.shared_models.bundle import LOSS, MAX_EPOCHS, Bundle
+from medfed.shared_models.monai_bundle import LOSS, MAX_EPOCHS, Bundle
 from medfed.shared_models.protocol import Metric
 from medfed.shared_models.weights import (
     exchanged_keys,

@@ -14,25 +14,25 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 
-from medfed.client import telemetry
+from medfed.client import node_metrics
 from medfed.client.approval import check_bundle
 from medfed.client.bundle_data import bundle_datalist
 from medfed.client.bundle_engines import BundleSite, evaluate_round, train_round
-from medfed.client.data.locate import resolve_site_path, site_name
+from medfed.client.data.site_paths import resolve_site_path, site_name
 from medfed.client.handlers import TrainingClock, pick_device, site_reply
-from medfed.client.node_settings import NodeSettings
 from medfed.client.privacy.disclosure import SiteCounts, remember
 from medfed.client.round_request import MalformedRequest, request_config, round_settings
-from medfed.shared_models.bundle import Bundle
+from medfed.client.settings import node_settings, run_config
 from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.protocol import Config, Metric, Record, Statistic
 
 
 def open_site(context: Context, msg: Message | None) -> tuple[RunConfig, BundleSite]:
     """The run's config and this node's bundle site; with a training or evaluation `msg`,
     the bundle's configs are checked against the coordinator's hash first."""
-    cfg = RunConfig.from_mapping(context.run_config)
-    node = NodeSettings.from_mapping(context.node_config)
+    cfg = run_config(context)
+    node = node_settings(context)
     if node.data_path is None and node.partition is not None and not cfg.data_root:
         raise ConfigError(
             "config key 'data-root' is empty: task = bundle trains on site folders "
@@ -75,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = train_round(site, received(msg), cfg.local_epochs, request.proximal_mu)
     examples = len(site.data.train)
     report = clock.stop(site.name, cfg, request.server_round, examples, trained.loss)
-    telemetry.record_training(report)
+    node_metrics.record_training(report)
     weight = 1.0 if cfg.dp_mode != "off" else float(examples)
     metrics = {
         Metric.TRAIN_LOSS: trained.loss,

@@ -26,16 +26,16 @@ from monai.data import DataLoader
 from torch import nn
 from tqdm import tqdm
 
-from medfed.client import local_layers, node_models, telemetry
+from medfed.client import local_layers, node_metrics, node_models
 from medfed.client.data.loader import make_loader
-from medfed.client.data.locate import resolve_site_path, site_cache_dir, site_name
 from medfed.client.data.site import SiteDataset, load_site
-from medfed.client.data.site_summary import site_summary
-from medfed.client.gan import generated_items
-from medfed.client.node_settings import NodeSettings
+from medfed.client.data.site_paths import resolve_site_path, site_cache_dir, site_name
+from medfed.client.data.site_statistics import site_summary
+from medfed.client.gan_samples import generated_items
 from medfed.client.privacy.disclosure import SiteCounts, decide, largest_hidden_train, remember
 from medfed.client.privacy.filters import site_floor
 from medfed.client.round_request import MalformedRequest, cross_site_model, round_settings
+from medfed.client.settings import node_settings, run_config
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Metric, Record, SiteKey, Statistic
 from medfed.shared_models.tasks import TASKS
@@ -61,9 +61,9 @@ class NodeSite:
     """The run's config, this site's usable data, its cache folder, device and task."""
 
     def __init__(self, context: Context) -> None:
-        self.cfg = node_models.resolve(RunConfig.from_mapping(context.run_config))
+        self.cfg = node_models.resolve(run_config(context))
         self.context = context
-        node = NodeSettings.from_mapping(context.node_config)
+        node = node_settings(context)
         self.floor = site_floor(context)  # the floor every reply of the run obeys
         path = resolve_site_path(node, self.cfg)
         self.cache = site_cache_dir(node, path)
@@ -186,10 +186,10 @@ class TrainingClock:
 
     def stop(
         self, site: str, cfg: RunConfig, server_round: int, examples: int, loss: float
-    ) -> telemetry.TrainingReport:
+    ) -> node_metrics.TrainingReport:
         """The report of the training that ran since this clock started."""
         cuda = self.device.type == "cuda"
-        return telemetry.TrainingReport(
+        return node_metrics.TrainingReport(
             site=site,
             task=cfg.task,
             server_round=server_round,
@@ -234,7 +234,7 @@ def train(msg: Message, context: Context) -> Message:
     with batch_progress(site.name, server_round, len(loader) * site.cfg.local_epochs) as step:
         loss = site.task.train(net, loader, site.cfg, site.device, proximal_mu=mu, on_batch=step)
     report = clock.stop(site.name, site.cfg, server_round, len(site.data.train), loss)
-    telemetry.record_training(report)
+    node_metrics.record_training(report)
     metrics = {
         Metric.TRAIN_LOSS: loss,
         Metric.TRAIN_SECONDS: report.seconds,

@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from medfed.shared_models.runtime import CredentialsError, write_new_file
+from medfed.shared_models.credentials import CredentialsError, write_new_file
 
 HOSPITAL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 

@@ -20,9 +20,9 @@ from flwr.app import ArrayRecord, Context
 from flwr.supercore import log
 from torch import nn
 
+from medfed.shared_models.atomic_files import atomic_write
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.run_folder import local_layers_caveat
-from medfed.shared_models.runtime import atomic_write
 from medfed.shared_models.weights import norm_keys
 
 STATE_KEY = "medfed.fedbn-local-layers"

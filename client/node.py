@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.client import approval, warm_worker
+from medfed.client import app_runner, approval, warm_worker
 from medfed.client.data.check import check_site, print_report
-from medfed.client.node_settings import NodeConfigError, NodeSettings
-from medfed.shared_models import runtime
+from medfed.client.settings import NodeConfigError, NodeSettings
+from medfed.shared_models import credentials, supervision
 from medfed.shared_models.audit import audit
 from medfed.shared_models.flower_pin import FLOWER_PULLS_ENV
 from medfed.shared_models.protocol import NodeConfig
@@ -97,7 +97,7 @@ def supernode_command(
     """The flower-supernode command line (TLS with the CA; authenticated with the key), run
     by medfed's SuperNode process (client/supernode_runner.py: its waits shortened) unless
     Flower's own waits are asked for."""
-    program = [runtime.executable("flower-supernode")]
+    program = [supervision.executable("flower-supernode")]
     if not flower_waits:
         program = [sys.executable, "-m", "medfed.client.supernode_runner"]
     command = [
@@ -161,26 +161,26 @@ def _start_app_processes_promptly(env: dict[str, str], state: Path) -> None:
     )
 
 
-def _worker_service(env: dict[str, str], state: Path, log: Path, site: str) -> runtime.Service:
+def _worker_service(env: dict[str, str], state: Path, log: Path, site: str) -> supervision.Service:
     """The warm worker ClientApp processes are forked from; restarted if it ends (meanwhile
     a message runs cold, in a process of its own, as Flower starts it)."""
-    env[warm_worker.SOCKET_ENV] = str(warm_worker.socket_path(state.resolve()))
+    env[app_runner.SOCKET_ENV] = str(warm_worker.socket_path(state.resolve()))
 
     def restarted(code: int) -> None:
         print(f"medfed: the warm worker ended (exit code {code}); restarting it", file=sys.stderr)
         audit("worker-restarted", log=log, site=site, exit_code=code)
 
     command = [sys.executable, "-m", "medfed.client.warm_worker", str(state.resolve())]
-    return runtime.Service(command, dict(env), restart=restarted)
+    return supervision.Service(command, dict(env), restart=restarted)
 
 
 def start_node(options: NodeOptions) -> int:
     """Check the site, then run the SuperNode in the foreground until it stops."""
     if options.ca is None and not options.insecure:
-        raise runtime.CredentialsError(
+        raise credentials.CredentialsError(
             "no --ca given: a node only connects over TLS (or pass --insecure for a local test)"
         )
-    runtime.require_files([(options.ca, "--ca"), (options.key, "--key")])
+    credentials.require_files([(options.ca, "--ca"), (options.key, "--key")])
     config = node_config(options, options.state / "cache")
     if not 1 <= options.runtime_port <= MAX_PORT:
         raise NodeConfigError(f"--runtime-port {options.runtime_port}: expected 1..{MAX_PORT}")
@@ -197,7 +197,7 @@ def start_node(options: NodeOptions) -> int:
             file=sys.stderr,
         )
     state, log = options.state, options.state / "audit.jsonl"
-    env = runtime.service_env(state, log, (options.metrics_port, options.metrics_host))
+    env = supervision.service_env(state, log, (options.metrics_port, options.metrics_host))
     _run_only_approved_apps(env, state, options.name)
     if options.flower_waits:
         env[FLOWER_PULLS_ENV] = "1"  # the ClientApp's object pulls too
@@ -222,7 +222,7 @@ def start_node(options: NodeOptions) -> int:
         options.runtime_port,
         flower_waits=options.flower_waits,
     )
-    services.append(runtime.Service(command, env))
-    code = runtime.supervise(services)
+    services.append(supervision.Service(command, env))
+    code = supervision.supervise(services)
     audit("node-stopped", log=log, site=options.name, exit_code=code)
     return code

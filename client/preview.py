@@ -16,19 +16,18 @@ import torch
 
 from medfed.client.data.check import middle_slice
 from medfed.client.data.loader import make_loader
-from medfed.client.data.locate import site_folders
 from medfed.client.data.site import load_site
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.run_folder import PLOTS, PREDICTIONS_PNG, load_global_model
 from medfed.shared_models.tasks import TASKS
 
 
-def save_predictions(run_dir: Path, data_root: Path, count: int = 6) -> Path:
-    """Overlay predictions on `count` validation images of the first site."""
+def save_predictions(run_dir: Path, site_folder: Path, count: int = 6) -> Path:
+    """Overlay predictions on `count` validation images of one site (the run's first)."""
     cfg, net = load_global_model(run_dir)
     if cfg.task == "gan":
         return _save_gan_grid(run_dir, cfg, net)
-    site = load_site(site_folders(data_root)[0], cfg)
+    site = load_site(site_folder, cfg)
     cpu = torch.device("cpu")
     batch = next(iter(make_loader(site, site.val[:count], cfg, train=False, device=cpu)))
     with torch.no_grad():

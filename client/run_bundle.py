@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medfed.client.approval import AppNotApproved, approved
 from medfed.shared_models.audit import audit
-from medfed.shared_models.bundle import HASHED_FOLDERS, bundle_sha256, hashed_files
+from medfed.shared_models.monai_bundle import HASHED_FOLDERS, bundle_sha256, hashed_files
 from medfed.shared_models.run_folder import RUN_BUNDLE, RunFolderError, recorded_bundle_sha256
 
 

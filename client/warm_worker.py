@@ -47,14 +47,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# Where the relay finds the worker (set by `medfed node start` in the node's environment).
-SOCKET_ENV = "MEDFED_WORKER_SOCKET"
+from medfed.client.app_runner import STATUS, run_approved
+
 SOCKET_NAME = "worker.sock"
 # A request: JSON {argv, env, cwd} with the relay's stdin, stdout and stderr attached.
 MAX_REQUEST = 1 << 20
 STREAMS = 3
-# The reply: the child's wait status, once it has ended.
-STATUS = struct.Struct("!i")
 # What the children need, imported once here (none of it starts a thread or touches CUDA).
 PRELOADED = (
     "torch",
@@ -262,8 +260,6 @@ def main() -> None:
     preload()
     if threading.active_count() != 1:  # a fork would copy a thread's locks, not the thread
         sys.exit(f"medfed worker: {threading.active_count()} threads after imports: not forking")
-    from medfed.client.app_runner import run_approved
-
     worker = Worker(socket_path(Path(sys.argv[1])), run_approved)
     print(f"medfed worker ready ({os.getpid()}): {worker.path}", flush=True)
     worker.serve()

@@ -1,6 +1,6 @@
 """The coordinator side: a Flower ServerApp running medfed's round loop.
 
-Only the ServerApp object lives here; the run itself (server/federated_run.py,
+Only the ServerApp object lives here; the run itself (server/run/federated_run.py,
 with torch, MONAI and matplotlib: about 3 s to import) is imported when a run
 starts. Flower loads the ServerApp and the ClientApp under one lock, and a
 simulation starts its hospitals' workers only once both are loaded: a light
@@ -18,6 +18,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """One federated run; its folder tells the outcome however the run ends."""
-    from medfed.server.federated_run import run
+    from medfed.server.run.federated_run import run
 
     run(grid, context)

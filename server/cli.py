@@ -15,8 +15,9 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from medfed.client.cli import (
+from medfed.client.hospital_commands import (
     Commands,
     add_data_commands,
     add_export_command,
@@ -25,8 +26,11 @@ from medfed.client.cli import (
     add_predict_command,
     command_group,
 )
-from medfed.server.proxy import Limits
-from medfed.shared_models.runtime import add_metrics_arguments
+from medfed.server.coordinator.proxy import Limits
+from medfed.shared_models.command_options import add_metrics_arguments
+
+if TYPE_CHECKING:
+    from medfed.client.data.site_declarations import SiteDeclarations
 
 STARTED = time.monotonic()  # the command's start: `done in` times the whole command
 
@@ -146,10 +150,10 @@ def _add_bench(commands: Commands) -> None:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from medfed.client.data.locate import site_folders
+    from medfed.client.data.site_paths import site_folders
     from medfed.client.local_training import train_and_evaluate
     from medfed.client.synthetic import generate_federation
-    from medfed.server.quality_bench import METHODS, Hospitals, QualityBench, run_bench
+    from medfed.server.bench.quality import METHODS, Hospitals, QualityBench, run_bench
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     bench = QualityBench(
@@ -261,7 +265,7 @@ def _add_coordinator_commands(commands: Commands) -> None:
 
 
 def _add_limit_arguments(start: argparse.ArgumentParser) -> None:
-    """The proxy's request bounds (server/proxy.py, docs/operator.md "Limits")."""
+    """The proxy's request bounds (server/coordinator/proxy.py, docs/operator.md "Limits")."""
     limits = start.add_argument_group("request limits at the proxy")
     defaults = Limits()
     for flag, what in (
@@ -284,7 +288,7 @@ def _positive(text: str) -> int:
 
 
 def _certs_init(args: argparse.Namespace) -> int:
-    from medfed.server.certs import init_consortium
+    from medfed.server.coordinator.certificates import init_consortium
 
     for path in init_consortium(args.out, args.host):
         print(f"wrote {path}")
@@ -296,7 +300,7 @@ def _certs_init(args: argparse.Namespace) -> int:
 
 
 def _certs_add_operator(args: argparse.Namespace) -> int:
-    from medfed.server.certs import add_operator
+    from medfed.server.coordinator.certificates import add_operator
 
     folder = add_operator(args.out, args.name)
     print(
@@ -307,29 +311,29 @@ def _certs_add_operator(args: argparse.Namespace) -> int:
 
 
 def _operator_connect(args: argparse.Namespace) -> int:
-    from medfed.server.operator_link import OperatorOptions, connect
-    from medfed.shared_models.runtime import options_from
+    from medfed.server.coordinator.operator_link import OperatorOptions, connect
+    from medfed.shared_models.command_options import options_from
 
     return connect(options_from(OperatorOptions, args))
 
 
 def _operator_run(args: argparse.Namespace) -> int:
-    from medfed.server.operator_run import RunOptions, run
-    from medfed.shared_models.runtime import options_from
+    from medfed.server.coordinator.operator_run import RunOptions, run
+    from medfed.shared_models.command_options import options_from
 
     return run(options_from(RunOptions, args))
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
-    from medfed.server.coordinator import CoordinatorOptions, start_coordinator
-    from medfed.shared_models.runtime import options_from
+    from medfed.server.coordinator.start import CoordinatorOptions, start_coordinator
+    from medfed.shared_models.command_options import options_from
 
     limits = options_from(Limits, args)
     return start_coordinator(options_from(CoordinatorOptions, args, limits=limits))
 
 
 def _coordinator_admit(args: argparse.Namespace) -> int:
-    from medfed.server.coordinator import admit_hospital
+    from medfed.server.coordinator.start import admit_hospital
 
     node_id = admit_hospital(args.public_key, args.name, args.state, args.connection)
     print(f"admitted {args.name} as node {node_id}")
@@ -337,18 +341,17 @@ def _coordinator_admit(args: argparse.Namespace) -> int:
 
 
 def _coordinator_pull(args: argparse.Namespace) -> int:
-    from medfed.server.coordinator import pull_run
+    from medfed.server.coordinator.start import pull_run
 
     print(f"copied run {args.run_id} to {pull_run(args.state, args.run_id, args.to)}")
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from medfed.client.data.locate import site_folders
-    from medfed.server.ray_cluster import LOCAL
-    from medfed.server.simulate import Simulation, run
+    from medfed.server.simulation.ray_cluster import LOCAL
+    from medfed.server.simulation.simulate import Simulation, find_sites, run
+    from medfed.shared_models.command_options import options_from
     from medfed.shared_models.config import ConfigError
-    from medfed.shared_models.runtime import options_from
 
     overrides = _overrides(args.run_config)
     for flag, key in (
@@ -361,7 +364,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     if args.resume is not None:
-        from medfed.server.simulate import resumed
+        from medfed.server.simulation.simulate import resumed
 
         fixed = [f"--{name}" for name in ("out", "data", "sites", "config") if getattr(args, name)]
         if fixed:
@@ -378,10 +381,11 @@ def _simulate(args: argparse.Namespace) -> int:
             changed["ray_address"] = args.ray_address
         return run(replace(sim, **changed))
     overrides, data, out = _with_settings_file(args, overrides)
+    found = find_sites(data.expanduser().resolve()) if data else None  # listed when needed
     sites = args.sites
     if sites is None:
-        sites = len(site_folders(data.expanduser())) if data else 3
-    out = out or default_out(overrides, data, sites)
+        sites = len(found.folders) if found else 3
+    out = out or default_out(overrides, found, sites)
     ray_address = args.ray_address or LOCAL
     return run(
         options_from(
@@ -393,6 +397,7 @@ def _simulate(args: argparse.Namespace) -> int:
             data=data,
             ray_address=ray_address,
             started=STARTED,
+            found=found,
         )
     )
 
@@ -403,7 +408,7 @@ def _with_settings_file(
     """The run's settings with those of its settings file under them (--config, else the
     current folder's pyproject.toml when it is medfed's), and its --data and --out (a
     file's `data-root` and `out-dir` where the command names none)."""
-    from medfed.server.settings_file import default_settings_file, file_settings
+    from medfed.server.simulation.settings_file import default_settings_file, file_settings
 
     path = args.config or default_settings_file(Path.cwd())
     if path is None:
@@ -418,17 +423,15 @@ def _with_settings_file(
     return {**from_file, **overrides}, data, out
 
 
-def default_out(overrides: dict[str, object], data: Path | None, sites: int) -> Path:
+def default_out(overrides: dict[str, object], found: SiteDeclarations | None, sites: int) -> Path:
     """A `medfed simulate` run's folder without --out: runs/<time>-<task>, the task the run
-    was given, else the one its sites declare (as server/simulate.task_from_sites takes it)."""
+    was given, else the one its first `sites` sites declare (as simulate.task_from_sites
+    takes it)."""
     import time
 
-    from medfed.client.data.declared import sites_task
-    from medfed.client.data.locate import site_folders
-
     task = overrides.get("task")
-    if not task and data is not None:
-        task = sites_task(site_folders(data.expanduser().resolve())[:sites])
+    if not task and found is not None:
+        task = found.first(sites).task()
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task or 'segmentation'}"
 
 

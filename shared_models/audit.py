@@ -33,7 +33,3 @@ def audit(event: str, *, log: Path | None = None, **fields: Any) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
-
-
-def read_audit(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -18,19 +18,25 @@ from typing import Any
 
 from medfed.shared_models.protocol import SECAGG_MAX_PARTICIPANTS
 from medfed.shared_models.secagg.quantize import MAX_BITS, MIN_BITS, Encoding
+from medfed.shared_models.task_descriptions import DESCRIPTIONS, TASK_NAMES
 
-# Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step; FedBN
-# averages all but the normalisation layers, which stay at each hospital).
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedbn")
+# The strategies by run-config name, each with the flwr.serverapp.strategy class that
+# runs it (server/run/strategies.py builds it from this name: the one list of strategies).
+# FedBN (Li et al., 2021) is FedAvg at the coordinator: the normalisation layers are never
+# sent (shared_models.weights, local_norms), so what it averages is the rest.
+FLOWER_STRATEGY_CLASSES = {
+    "fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad", "fedavgm": "FedAvgM", "fedbn": "FedAvg",
+    "fedmedian": "FedMedian", "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum",
+}  # fmt: skip
+STRATEGIES = tuple(FLOWER_STRATEGY_CLASSES)
 # Robust strategies look at every update one by one: no secure aggregation.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
-STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
+# Weighted-mean strategies (FedOpt variants and FedAvgM average first, then step; FedBN
+# averages all but the normalisation layers, which stay at each hospital).
+MEAN_STRATEGIES = tuple(s for s in STRATEGIES if s not in ROBUST_STRATEGIES)
 # Strategies that take a step of their own after the mean (Flower's eta; FedAvgM's rate).
 SERVER_STEP_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
-# The imaging tasks (shared_models.tasks.TASKS, which imports torch, has one of each).
-TASK_NAMES = ("segmentation", "segmentation3d", "classification", "regression", "gan", "bundle")
-# The tasks whose site images medfed itself reads (a bundle's own transforms read its data).
-SITE_DATA_TASKS = tuple(t for t in TASK_NAMES if t != "bundle")
 DP_MODES = ("off", "client", "server")
 # Where the DP noise is added: by the coordinator to the mean (Flower's central DP), or by
 # each hospital inside its masked update; auto: the hospitals wherever they can.
@@ -171,9 +177,9 @@ class RunConfig:
     def from_mapping(cls, values: Mapping[str, Any], validate: bool = True) -> RunConfig:
         """Build from Flower-style kebab-case keys; unknown keys are errors.
 
-        `validate=False` skips the checks that need the imaging tasks (and so
-        torch): the hospital's light SecAgg+ steps read their settings that way
-        and check what they use themselves.
+        `validate=False` skips the checks of values against the task and each
+        other: the hospital's SecAgg+ steps read their settings that way and
+        check what they use themselves.
         """
         known = {config_key(f.name): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -227,11 +233,9 @@ class RunConfig:
 
     def _resolve_task_defaults(self) -> None:
         """Fill the settings left at 0 or empty with the task's defaults."""
-        from medfed.shared_models.tasks import TASKS  # late: tasks import torch
-
-        if self.task not in TASKS:
+        if self.task not in DESCRIPTIONS:
             _bad("task", self.task, f"one of {', '.join(TASK_NAMES)}")
-        task = TASKS[self.task]
+        task = DESCRIPTIONS[self.task]
         defaults = {
             "model": task.models[0],
             "image_size": task.default_image_size,
@@ -245,9 +249,7 @@ class RunConfig:
 
     def _validate_choices(self) -> None:
         """Names chosen from a fixed list: model, strategy, device, freeze, precision."""
-        from medfed.shared_models.tasks import TASKS
-
-        task = TASKS[self.task]
+        task = DESCRIPTIONS[self.task]
         if self.model not in task.models:
             _bad("model", self.model, f"for task '{self.task}' one of {', '.join(task.models)}")
         for attr, allowed in (
@@ -300,8 +302,6 @@ class RunConfig:
 
     def _validate_preprocessing(self) -> None:
         """The modality code, the CT window and the resampling spacing."""
-        from medfed.shared_models.tasks import TASKS
-
         if self.modality != "auto" and not MODALITY.fullmatch(self.modality):
             _bad("modality", self.modality, "auto, or a DICOM modality code such as CT or MR")
         try:
@@ -315,7 +315,7 @@ class RunConfig:
                 spacing = self.pixel_spacing
             except ValueError:
                 spacing = ()
-            if len(spacing) != TASKS[self.task].spatial_dims or not all(
+            if len(spacing) != DESCRIPTIONS[self.task].spatial_dims or not all(
                 0 < v <= MAX_SPACING_MM for v in spacing
             ):
                 _bad(
@@ -326,10 +326,8 @@ class RunConfig:
 
     def _validate_sizes(self) -> None:
         """Image and patch sizes against the network's depth, the number of classes."""
-        from medfed.shared_models.tasks import TASKS
-
         divisor = 2**self.model_depth
-        largest = MAX_IMAGE_SIZE[TASKS[self.task].spatial_dims]
+        largest = MAX_IMAGE_SIZE[DESCRIPTIONS[self.task].spatial_dims]
         if not 16 <= self.image_size <= largest or self.image_size % divisor:
             _bad(
                 "image_size",

@@ -5,9 +5,9 @@ array object and its data chunks, and a 26-array model travelled as ~46
 objects each way, each a request through the proxy and the SuperNode's
 store (docs/benchmarks.md, "Deployed round latency"). Secure rounds already
 upload one masked vector; here every model message does: the coordinator's
-exchange (server/exchange.py) packs a message's arrays into one byte array
+exchange (server/run/exchange.py) packs a message's arrays into one byte array
 plus a layout (names, dtypes, shapes) before sending, and the hospital's
-`flat_arrays_mod` (client/app.py) unpacks it before any handler or mod sees
+`packed_arrays_mod` (client/packed_arrays.py) unpacks it before any handler or mod sees
 it, and packs the reply. Bytes are carried exactly (any numeric dtype), so
 handlers, strategies, digests and audits see the same named arrays as
 before; only the packaging on the wire changed.

@@ -5,7 +5,7 @@ Flower 1.42 has fixed waits on the deployed message path that no flag or
 variable sets (docs/benchmarks.md, "Deployed round latency"). medfed shortens
 some of them inside its own processes only: the SuperNode and SuperExec
 (client/supernode_runner.py), the ClientApp process (client/app_runner.py) and
-the deployed ServerApp (server/federated_run.py). Each change replaces a name
+the deployed ServerApp (server/run/federated_run.py). Each change replaces a name
 in one of Flower's modules, so it is pinned: on any other Flower version, or
 when a function that uses the replaced name changed, the process refuses to
 start rather than run Flower code medfed has not read.

@@ -13,7 +13,6 @@ from torch import nn
 
 from medfed.shared_models.config import RunConfig
 
-BACKBONES = ("smallcnn", "densenet121", "resnet18", "resnet34", "resnet50", "efficientnet-b0")
 HEADS = {
     "smallcnn": "final.",
     "densenet121": "class_layers.",

@@ -38,7 +38,7 @@ PROGRESS_LOG = "progress.log"
 RUN_BUNDLE = "bundle"
 # metrics.json keys of a run's continuity: how many noisy (DP) aggregates left the
 # coordinator since the last checkpoint (whose privacy ledger lacks them), and the folder
-# where the run was carried on (server.resume).
+# where the run was carried on (server.run.resume).
 UNCHECKPOINTED_RELEASES = "releases-since-checkpoint"
 CONTINUED_IN = "continued-in"
 

@@ -111,15 +111,15 @@ def cls_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def supervised(monkeypatch: pytest.MonkeyPatch) -> list:
     """The services a `start` command would supervise, captured instead of started, in an
     environment that sets Flower's internal API switches (which no service may inherit)."""
-    from medfed.shared_models import runtime
+    from medfed.shared_models import supervision
 
-    launched: list[runtime.Service] = []
+    launched: list[supervision.Service] = []
 
-    def supervise(services: list[runtime.Service], *args: object, **kwargs: object) -> int:
+    def supervise(services: list[supervision.Service], *args: object, **kwargs: object) -> int:
         launched.extend(services)
         return 0
 
-    monkeypatch.setattr(runtime, "supervise", supervise)
+    monkeypatch.setattr(supervision, "supervise", supervise)
     monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
     monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
     return launched

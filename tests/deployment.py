@@ -24,7 +24,7 @@ from typing import IO, Any
 import httpx
 import tomli_w
 
-from medfed.shared_models.runtime import executable, flower_env, free_port
+from medfed.shared_models.supervision import executable, flower_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,10 @@ Consortium = dict[str, Any]  # what `consortium` yields; tests add their own ent
 def medfed(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     """One `medfed` command, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "medfed.server.cli", *args], capture_output=True, text=True, **kwargs
+        [sys.executable, "-m", "medfed.server.cli", *args],
+        capture_output=True,
+        text=True,
+        **kwargs,
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medfed.shared_models.runtime import free_port
+from medfed.shared_models.supervision import free_port
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PACS_AE, NODE_AE = "ORTHANC", "MEDFED"

@@ -92,7 +92,11 @@ def test_what_the_walk_throughs_leave_in_a_checkout_is_ignored_by_git():
         cwd=ROOT, capture_output=True, text=True, check=False,
     ).stdout.split()  # fmt: skip
     assert ignored == WALK_THROUGH_LEFTOVERS
-    sources = ["tests/client/data/test_check.py", "docs/hospital.md", "server/certs.py"]
+    sources = [
+        "tests/client/data/test_check.py",
+        "docs/hospital.md",
+        "server/coordinator/certificates.py",
+    ]
     kept = subprocess.run(
         ["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True, text=True
     )
@@ -106,7 +110,7 @@ def test_the_app_package_holds_the_checkouts_readme_not_one_made_below_it(tmp_pa
     import subprocess
     import zipfile
 
-    from medfed.shared_models.runtime import executable
+    from medfed.shared_models.supervision import executable
 
     app = tmp_path / "app"
     app.mkdir()

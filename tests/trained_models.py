@@ -15,9 +15,9 @@ import torch
 from medfed.client.data.loader import make_loader
 from medfed.client.data.site import load_site
 from medfed.client.synthetic import generate_federation
-from medfed.server.run_record import RunRecord
-from medfed.shared_models.bundle import Bundle
+from medfed.server.run.run_record import RunRecord
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.run_folder import GLOBAL_MODEL, MODEL_JSON, RUN_BUNDLE
 from medfed.shared_models.tasks import TASKS
 
@@ -54,7 +54,7 @@ def trained_run(root: Path, task: str, epochs: int, images: int, **config: objec
 
 def bundle_run(out: Path, bundle: Path, net: torch.nn.Module) -> Path:
     """A finished task = bundle run of `bundle` holding `net`, written as the coordinator
-    writes one (server/federated_run.py `_request`, RunRecord): the bundle's hashed files
+    writes one (server/run/federated_run.py `_request`, RunRecord): the bundle's hashed files
     copied into the folder, its identity in metrics.json and model.json. Reading the
     bundle here runs none of it (`net` is built by the caller, from a harmless twin)."""
     cfg = RunConfig.from_mapping({"task": "bundle", "bundle": str(bundle)})

@@ -27,7 +27,8 @@ from medfed.client.data.manifest import (
 )
 from medfed.client.data.site import SiteDataset, scan_site
 from medfed.client.data.transforms import intensity_mode, site_transforms
-from medfed.shared_models.config import SITE_DATA_TASKS, ConfigError, RunConfig
+from medfed.shared_models.config import ConfigError, RunConfig
+from medfed.shared_models.task_descriptions import SITE_DATA_TASKS
 from medfed.shared_models.tasks import TASKS
 
 REPORT = "data_report.json"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.data.header import Declared, npz_headers
+from medfed.client.data.image_headers import Declared, npz_headers
 
 MANIFEST_JSON = "dataset.json"
 MANIFEST_CSV = "manifest.csv"

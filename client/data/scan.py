@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from monai.transforms import EnsureChannelFirst, LoadImage
 
-from medfed.client.data.header import size_problem
+from medfed.client.data.image_headers import size_problem
 from medfed.client.data.manifest import Problem
 from medfed.client.data.transforms import READERS
+from medfed.shared_models.atomic_files import atomic_write
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.runtime import atomic_write
 
 SCAN_VERSION = 1
 

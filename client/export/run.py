@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.data.transforms import resolve_modality
-from medfed.client.export.bundle import Origin, write_bundle, write_federated_bundle
+from medfed.client.export.bundle_writer import Origin, write_bundle, write_federated_bundle
 from medfed.client.export.torchscript import write_torchscript
 from medfed.client.local_layers import site_model
 from medfed.client.predict.writers import new_output_folder

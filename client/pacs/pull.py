@@ -29,8 +29,8 @@ from medfed.client.pacs.labels import LabelTable, read_labels
 from medfed.client.pacs.remote import PacsError, Remote, Series, Study
 from medfed.client.pacs.seg_labels import SegMismatch, segment_names, write_pair
 from medfed.client.pacs.series_check import NOT_IMAGES, image_entry, series_problem
+from medfed.shared_models.atomic_files import atomic_write
 from medfed.shared_models.audit import audit
-from medfed.shared_models.runtime import atomic_write
 
 INDEX = Path(".pull") / "index.json"
 PARTIAL = Path(".pull") / "partial"

@@ -20,7 +20,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd
 from torch import nn
 
-from medfed.client.data.header import size_problem
+from medfed.client.data.image_headers import size_problem
 from medfed.client.data.scan import unreadable
 from medfed.client.data.transforms import preprocessing
 from medfed.shared_models.config import RunConfig

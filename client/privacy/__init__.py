@@ -1,11 +1,9 @@
-"""What a hospital does to a reply before it leaves: privacy mods around the handlers.
+"""What a hospital does to a message and its reply before anything leaves: the privacy mods.
 
-On the train handler (client/app.py's TRAIN_MODS, outermost first):
-`secagg_mod` (masks the update; the hospital's SecAgg+ state is
-`secagg_hospital`), the site's counts (`filters.count_floor_mod`),
-`filters.dp_clipping_mod` (clips it with Flower's own mods). Flower applies the
-list outside-in on the way in and inside-out on the way out, so the update is
-clipped, then masked. On every route the counts a reply carries are written
-from the site's one decision (`disclosure`): `count_floor_mod` for training
-and evaluation, `small_count_mod` for the statistics query.
+`round_guard` (a round, a model and the run's settings taken once), `secagg_mod`
+(the update masked; the hospital's SecAgg+ state is `secagg_hospital`),
+`filters` (the counts a reply shows, from the site's one decision in
+`disclosure`; Flower's DP clipping mods) and `hospital_noise` (DP noise the
+hospital adds itself). Which mod runs around which handler, and in what
+order, is listed once: client/app.py.
 """

@@ -25,10 +25,10 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from medfed.client.node_settings import NodeSettings
 from medfed.client.privacy.disclosure import Disclosure, SiteCounts, decide, recall, small
 from medfed.client.round_request import integer, request_config
-from medfed.shared_models.config import INT_RANGES, RunConfig
+from medfed.client.settings import node_settings, run_config
+from medfed.shared_models.config import INT_RANGES
 from medfed.shared_models.protocol import (
     SUPPRESSED,
     Config,
@@ -43,8 +43,8 @@ MAX_STATS_MIN_COUNT = INT_RANGES["stats_min_count"][1]
 def site_floor(context: Context) -> int:
     """The smallest count this node reveals in any reply of the run: its `min-count`, or
     the run's `stats-min-count` where that is larger."""
-    node = NodeSettings.from_mapping(context.node_config).min_count
-    return max(node, RunConfig.from_mapping(context.run_config, validate=False).stats_min_count)
+    node = node_settings(context).min_count
+    return max(node, run_config(context, validate=False).stats_min_count)
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -56,7 +56,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
         or KEY_CLIPPING_NORM not in config
     ):
         return call_next(msg, context)
-    adaptive = RunConfig.from_mapping(context.run_config).dp_adaptive
+    adaptive = run_config(context).dp_adaptive
     flower_mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
     return flower_mod(msg, context, call_next)
 
@@ -136,7 +136,7 @@ def count_floor_mod(msg: Message, context: Context, call_next: ClientAppCallable
     shown = decide(counts, floor) if counts is not None else Disclosure.hiding_everything(floor)
     training = msg.metadata.message_type == MessageType.TRAIN
     # a training weight under DP is 1 for everyone, not a count; an evaluation weight is
-    dp = RunConfig.from_mapping(context.run_config, validate=False).dp_mode != "off"
+    dp = run_config(context, validate=False).dp_mode != "off"
     metrics = reply.content[Record.METRICS]
     disclose_reply(metrics, shown, training, weight_is_count=not training or not dp)
     validation = reply.content.metric_records.get(Record.VALIDATION)

@@ -29,16 +29,16 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.supercore import log
 
-from medfed.client.node_settings import NodeSettings
 from medfed.client.privacy.round_guard import RoundRefused
-from medfed.shared_models.runtime import durable_write
+from medfed.client.settings import node_settings
+from medfed.shared_models.atomic_files import durable_write
 
 STATE_KEY = "medfed-node-ledger"  # a simulated node's ledger, in its node state
 
 
 def node_ledger_file(context: Context) -> Path | None:
     """The node-wide ledger of a deployed node (None in a simulation)."""
-    cache = NodeSettings.from_mapping(context.node_config).cache_dir
+    cache = node_settings(context).cache_dir
     return None if cache is None else cache / "ledger" / "node.json"
 
 

@@ -39,12 +39,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from medfed.client.node_settings import NodeSettings
 from medfed.client.round_request import MalformedRequest, request_config, server_round
-from medfed.shared_models.config import FLOAT_RANGES, RunConfig
+from medfed.client.settings import node_settings, run_config
+from medfed.shared_models.atomic_files import durable_write
+from medfed.shared_models.config import FLOAT_RANGES, ConfigError, RunConfig
 from medfed.shared_models.protocol import Config, NodeConfig, Record
 from medfed.shared_models.round_terms import model_digest, round_digest, run_config_digest
-from medfed.shared_models.runtime import durable_write
 
 LEDGER_KEY = "medfed-ledger"  # context.state: this run's ledger
 TERMS_KEY = "medfed-round-terms"  # context.state: the digest of the round being trained
@@ -60,7 +60,7 @@ class RoundRefused(ValueError):
 def ledger_file(context: Context) -> Path | None:
     """Where a deployed node keeps the run's ledger (under its cache folder); None in a
     simulation, whose nodes have no folder of their own and live as long as the run."""
-    cache = NodeSettings.from_mapping(context.node_config).cache_dir
+    cache = node_settings(context).cache_dir
     return None if cache is None else cache / "ledger" / f"run-{context.run_id}.json"
 
 
@@ -166,8 +166,11 @@ def round_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable
     """Refuse a plain round where the hospital requires secure aggregation, a repeated round,
     a model trained on before and settings that are not the run's; record the round in the
     ledger and its terms for the masking mod."""
-    cfg = RunConfig.from_mapping(context.run_config, validate=False)
-    required = NodeSettings.from_mapping(context.node_config).require_secure_aggregation
+    try:
+        cfg = run_config(context)  # the handler runs under it too: parsed and checked once
+    except ConfigError:  # the handler names it, after this hospital's own refusals below
+        cfg = run_config(context, validate=False)
+    required = node_settings(context).require_secure_aggregation
     if required and not cfg.secure_aggregation:
         raise RoundRefused(
             "this hospital trains only in runs with secure aggregation (its node setting "

@@ -45,6 +45,7 @@ from medfed.client.round_request import (
     request_config,
     server_round,
 )
+from medfed.client.settings import run_config
 from medfed.shared_models.arrays import readable
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import Key, Metric, Record, SiteKey
@@ -68,7 +69,7 @@ def _round(msg: Message) -> int:
 
 def _config(context: Context) -> RunConfig:
     """The run's own settings, read from its config without the tasks (no torch needed)."""
-    return RunConfig.from_mapping(context.run_config, validate=False)
+    return run_config(context, validate=False)
 
 
 def _start(context: Context, server_round: int, slot: str) -> dict[str, bytes]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.transforms import GaussianSmooth
 
-from medfed.shared_models.runtime import atomic_write
+from medfed.shared_models.atomic_files import atomic_write
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ is what makes the same ServerApp and ClientApp work for every task.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from torch import nn
 
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.networks import build
+from medfed.shared_models.task_descriptions import TaskDescription
 
 Batch = dict[str, Any]
 
@@ -24,16 +26,25 @@ Batch = dict[str, Any]
 class Task(ABC):
     """One imaging problem: its networks, loss, metrics and batch layout."""
 
+    # What the run config knows of the task without torch (shared_models/task_descriptions.py);
+    # its fields are the task's own attributes (task.name, task.models, ...).
+    description: ClassVar[TaskDescription]
     name: ClassVar[str]
-    models: ClassVar[tuple[str, ...]]  # the first is the default
+    models: ClassVar[tuple[str, ...]]
     default_classes: ClassVar[tuple[str, ...]]
-    headline_metric: ClassVar[str]  # shown in progress lines and reports
-    label_kind: ClassVar[str]  # "mask" (a file), "class" (an int) or "value" (a float)
+    headline_metric: ClassVar[str]
+    label_kind: ClassVar[str]
     spatial_dims: ClassVar[int]
-    default_in_channels: ClassVar[int] = 1
-    default_width: ClassVar[int] = 16  # base channels of the CPU-sized networks
-    default_image_size: ClassVar[int] = 64  # pixels (voxels) per side fed to the network
-    default_modality: ClassVar[str]  # DICOM modality code assumed when a site declares none
+    default_in_channels: ClassVar[int]
+    default_width: ClassVar[int]
+    default_image_size: ClassVar[int]
+    default_modality: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "description" in cls.__dict__:
+            for field in dataclasses.fields(cls.description):
+                setattr(cls, field.name, getattr(cls.description, field.name))
 
     def build_network(self, cfg: RunConfig) -> nn.Module:
         """The network named by `cfg.model`, sized by the config."""

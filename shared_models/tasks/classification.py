@@ -12,7 +12,8 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import BACKBONES, backbone_spec, head_prefix
+from medfed.shared_models.networks import backbone_spec, head_prefix
+from medfed.shared_models.task_descriptions import DESCRIPTIONS
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
@@ -20,13 +21,7 @@ class ClassificationTask(Task):
     """Image classification (chest X-ray: normal / pneumonia / COVID-19, brain-tumour MRI):
     a backbone with one logit per class, cross-entropy, macro AUC and per-class metrics."""
 
-    name = "classification"
-    models = BACKBONES
-    default_classes = ("normal", "pneumonia", "covid")
-    headline_metric = "auc"
-    label_kind = "class"
-    spatial_dims = 2
-    default_modality = "CR"
+    description = DESCRIPTIONS["classification"]
 
     def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
         return backbone_spec(cfg, outputs=len(cfg.classes))

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.task_descriptions import DESCRIPTIONS
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
@@ -118,13 +119,7 @@ class GANTask(Task):
     """A conditional GAN that learns to generate each class's images across hospitals;
     its quality is FID and the accuracy of a classifier trained on generated images."""
 
-    name = "gan"
-    models = ("dcgan",)
-    default_classes = ("normal", "pneumonia", "covid")
-    headline_metric = "tstr-accuracy"
-    label_kind = "class"
-    spatial_dims = 2
-    default_modality = "CR"
+    description = DESCRIPTIONS["gan"]
 
     def outcome(self, metrics: dict[str, float], cfg: RunConfig) -> str | None:
         """TSTR accuracy against guessing: the default generator on the synthetic hospitals

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import BACKBONES, backbone_spec, head_prefix
+from medfed.shared_models.networks import backbone_spec, head_prefix
+from medfed.shared_models.task_descriptions import DESCRIPTIONS
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
@@ -30,13 +31,7 @@ class RegressionTask(Task):
     """One value per image (bone age in months on hand X-rays): a backbone with one
     output, a scaled smooth-L1 loss, MAE and RMSE."""
 
-    name = "regression"
-    models = BACKBONES
-    default_classes = ("bone-age-months",)  # the name of the regressed value
-    headline_metric = "mae"
-    label_kind = "value"
-    spatial_dims = 2
-    default_modality = "DX"
+    description = DESCRIPTIONS["regression"]
 
     def label_bins(self, cfg: RunConfig) -> list[str]:
         width = cfg.target_scale / 2

@@ -12,17 +12,14 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from medfed.shared_models.config import RunConfig
-from medfed.shared_models.networks import build, spec
+from medfed.shared_models.networks import spec
+from medfed.shared_models.task_descriptions import DESCRIPTIONS
 from medfed.shared_models.tasks.base import Batch, Task, autocast
 
 
-def build_unet(cfg: RunConfig, spatial_dims: int) -> nn.Module:
-    """MONAI's residual UNet, `model-depth` levels from `model-width` channels (2D or 3D)."""
-    return build(unet_spec(cfg, spatial_dims))
-
-
 def unet_spec(cfg: RunConfig, spatial_dims: int) -> dict[str, Any]:
-    """`build_unet`'s network as a MONAI bundle config item."""
+    """MONAI's residual UNet, `model-depth` levels from `model-width` channels (2D or 3D),
+    as a MONAI bundle config item (what Task.build_network builds)."""
     return spec(
         "UNet",
         spatial_dims=spatial_dims,
@@ -39,13 +36,7 @@ class SegmentationTask(Task):
     """2D segmentation (brain tumour, breast, heart): MONAI UNet, Dice + cross-entropy,
     mean and per-class Dice."""
 
-    name = "segmentation"
-    models = ("unet",)
-    default_classes = ("background", "edema", "tumour")
-    headline_metric = "dice"
-    label_kind = "mask"
-    spatial_dims = 2
-    default_modality = "MR"
+    description = DESCRIPTIONS["segmentation"]
 
     def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
         return unet_spec(cfg, spatial_dims=self.spatial_dims)

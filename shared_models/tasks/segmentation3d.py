@@ -19,6 +19,7 @@ from torch import nn
 
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.networks import spec
+from medfed.shared_models.task_descriptions import DESCRIPTIONS
 from medfed.shared_models.tasks.base import Batch, autocast
 from medfed.shared_models.tasks.segmentation import SegmentationTask
 
@@ -27,13 +28,7 @@ class Segmentation3DTask(SegmentationTask):
     """3D segmentation of multi-channel MRI volumes (BraTS-like): the 2D task's loss and
     metrics on volumes, a 3D UNet or SegResNet, sliding-window evaluation."""
 
-    name = "segmentation3d"
-    models = ("unet", "segresnet")
-    default_classes = ("background", "necrotic-core", "edema", "enhancing")
-    default_in_channels = 4  # T1, T1ce, T2, FLAIR
-    default_width = 8  # volumes cost the cube of their size; keeps a CPU round in seconds
-    default_image_size = 32
-    spatial_dims = 3
+    description = DESCRIPTIONS["segmentation3d"]
 
     def network_spec(self, cfg: RunConfig) -> dict[str, Any]:
         if cfg.model == "segresnet":

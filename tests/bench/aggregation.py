@@ -4,7 +4,7 @@
 
 Ten hospitals' updates of a ~77 MB float32 model (layer-sized arrays) go
 through what the coordinator does with a training round's replies: every
-reply checked (`Exchange.collect`: readable arrays, names, shapes, dtypes,
+reply checked (`ReplyCollector.collect`: readable arrays, names, shapes, dtypes,
 finite values, metrics, the update-norm check against the cohort's median)
 and averaged by Flower's FedAvg. The baselines, in the same run: NumPy's
 stack-and-average, and the best plain loop (an in-place weighted sum, no
@@ -116,7 +116,8 @@ def medfed_path(norm_factor: float):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.serverapp.strategy import FedAvg
 
-    from medfed.server.exchange import Exchange, SiteNames
+    from medfed.server.run.exchange import Exchange
+    from medfed.server.run.replies import ReplyCollector, SiteNames
     from medfed.shared_models.protocol import Metric, Record
     from tests.in_process_grid import act_as_coordinator
 
@@ -133,8 +134,8 @@ def medfed_path(norm_factor: float):
         content = RecordDict({Record.ARRAYS: sent_record, Record.CONFIG: ConfigRecord()})
         messages = [Message(content=content, dst_node_id=n, message_type="train")
                     for n in grid.get_node_ids()]  # fmt: skip
-        exchange = Exchange(grid, 60.0, SiteNames(), norm_factor=norm_factor)
-        result = exchange.collect(messages, sent_record)
+        replies = ReplyCollector(Exchange(grid, 60.0), SiteNames(), norm_factor=norm_factor)
+        result = replies.collect(messages, sent_record)
         assert len(result.ok) == len(replies), result.failed
         arrays, _ = FedAvg(weighted_by_key=Metric.WEIGHT).aggregate_train(1, result.ok)
         return {k: arrays[k].numpy() for k in arrays}

@@ -27,7 +27,7 @@ from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.proto.node_pb2 import Node
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from medfed.server.proxy import Limits
+from medfed.server.coordinator.proxy import Limits
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.tasks import TASKS
 from medfed.shared_models.weights import to_record

@@ -38,8 +38,8 @@ def apps(data: Path, task: str, rounds: int, result: Path) -> tuple:
     from flwr.serverapp.strategy import FedAvg
     from monai.data import CacheDataset, DataLoader
 
-    from medfed.client.data.locate import site_folders
     from medfed.client.data.site import load_site
+    from medfed.client.data.site_paths import site_folders
     from medfed.client.data.transforms import site_transforms
     from medfed.shared_models.config import RunConfig
     from medfed.shared_models.tasks import TASKS

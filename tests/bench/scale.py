@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from medfed.client.data.locate import site_folders
 from medfed.client.data.site import load_site
+from medfed.client.data.site_paths import site_folders
 from medfed.shared_models.config import RunConfig
 from tests.bench.memory import GIB, PeakTreeMemory
 

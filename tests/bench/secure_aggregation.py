@@ -100,9 +100,10 @@ def _message_api_apps(
     from flwr.serverapp.strategy import FedAvg
 
     from medfed.client.privacy import secagg_mod
-    from medfed.server.exchange import Exchange, SiteNames, send_and_receive
-    from medfed.server.secure_aggregation import SecureAggregation
-    from medfed.server.strategies import GivenMean
+    from medfed.server.run.exchange import Exchange, send_and_receive
+    from medfed.server.run.replies import ReplyCollector, SiteNames
+    from medfed.server.run.strategies import GivenMean
+    from medfed.server.secagg.workflow import SecureAggregation
     from medfed.shared_models.config import RunConfig
     from medfed.shared_models.protocol import SecAggAction
 
@@ -121,7 +122,9 @@ def _message_api_apps(
         arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
         _wait(grid, clients)
         seconds, stages = [], []
-        secagg = SecureAggregation(Exchange(grid, 3600.0, SiteNames()), cfg, context.run_id)
+        secagg = SecureAggregation(
+            ReplyCollector(Exchange(grid, 3600.0), SiteNames()), cfg, context.run_id
+        )
         for server_round in range(1, rounds + 1):
             began = time.perf_counter()
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))

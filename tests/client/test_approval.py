@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from medfed.client import app_runner, approval
-from medfed.shared_models.audit import read_audit
+from tests.audit_log import read_audit
 
 
 def package(files: dict[str, str]) -> bytes:

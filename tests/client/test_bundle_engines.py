@@ -13,7 +13,7 @@ import torch
 from medfed.client.bundle_data import bundle_datalist
 from medfed.client.bundle_engines import BundleSite, evaluate_round, reported_metrics, train_round
 from medfed.client.round_request import MalformedRequest
-from medfed.shared_models.bundle import Bundle
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.protocol import Metric
 from medfed.shared_models.weights import to_record
 from tests.bundles import write_bundle

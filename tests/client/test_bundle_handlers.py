@@ -15,8 +15,8 @@ from medfed.client.approval import STATE_ENV
 from medfed.client.bundle_data import bundle_datalist
 from medfed.server.cli import main
 from medfed.shared_models.audit import AUDIT_ENV
-from medfed.shared_models.bundle import Bundle
 from medfed.shared_models.config import RunConfig
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.protocol import Config, ErrorCode, Metric, NodeConfig, Record, Statistic
 from medfed.shared_models.weights import exchanged_arrays
 from tests.bundles import write_bundle

@@ -8,7 +8,7 @@ import pytest
 from monai.transforms import LoadImage
 
 from medfed.client.predict.dicom_seg import frames_for_instances
-from medfed.client.synthetic.dicom import write_series
+from tests.dicom_series import write_series
 
 
 def test_frames_follow_the_tags_or_refuse_a_geometry_the_reader_did_not_use(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from medfed.server.cli import main
-from medfed.shared_models.bundle import Bundle
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.run_folder import load_global_model
 from medfed.shared_models.weights import norm_keys
 from tests.bundles import write_bundle

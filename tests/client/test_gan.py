@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from medfed.client.data.site import load_site
-from medfed.client.gan import apportion, generated_items, load_generator, sample_images
-from medfed.server.run_record import RunRecord
+from medfed.client.gan_samples import apportion, generated_items, load_generator, sample_images
+from medfed.server.run.run_record import RunRecord
 from medfed.shared_models.run_folder import RunFolderError
 from medfed.shared_models.tasks import TASKS
 from tests.conftest import tiny_config

@@ -15,7 +15,7 @@ from medfed.client.app import app
 from medfed.client.handlers import NodeSite
 from medfed.client.privacy.disclosure import largest_hidden_train
 from medfed.client.synthetic import generate_site
-from medfed.shared_models.audit import AUDIT_ENV, read_audit
+from medfed.shared_models.audit import AUDIT_ENV
 from medfed.shared_models.protocol import (
     SUPPRESSED,
     Config,
@@ -26,6 +26,7 @@ from medfed.shared_models.protocol import (
     Statistic,
 )
 from medfed.shared_models.tasks import TASKS
+from tests.audit_log import read_audit
 from tests.client.test_privacy_mods import RUN_ID, incoming
 from tests.conftest import tiny_config
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from medfed.client.keys import generate_key_pair
-from medfed.shared_models.runtime import CredentialsError
+from medfed.shared_models.credentials import CredentialsError
 
 
 def test_keygen_writes_a_0600_private_key_and_its_public_half(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.client import approval, node, warm_worker
+from medfed.client import app_runner, approval, node, warm_worker
 
 
 @pytest.fixture
@@ -56,14 +56,14 @@ def test_the_node_supervises_a_warm_worker_it_restarts(started, tmp_path):
     assert worker.command[-2:] == ["medfed.client.warm_worker", str((tmp_path / "state").resolve())]
     assert worker.restart is not None and supernode.restart is None
     socket = str(warm_worker.socket_path((tmp_path / "state").resolve()))
-    assert supernode.env[warm_worker.SOCKET_ENV] == socket
+    assert supernode.env[app_runner.SOCKET_ENV] == socket
     assert supernode.command[1:3] == ["-m", "medfed.client.supernode_runner"]
 
 
 def test_cold_and_flower_waits_give_flowers_own_node_back(tmp_path, seg_sites, supervised):
     assert node.start_node(_options(tmp_path, seg_sites, warm=False, flower_waits=True)) == 0
     (supernode,) = supervised
-    assert warm_worker.SOCKET_ENV not in supernode.env
+    assert app_runner.SOCKET_ENV not in supernode.env
     assert Path(supernode.command[0]).name == "flower-supernode"
 
 

@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from medfed.client.synthetic.dicom import write_dicom, write_series
+from medfed.client.synthetic.dicom import write_dicom
 from medfed.server.cli import main
 from medfed.shared_models.run_folder import load_global_model
 from medfed.shared_models.weights import norm_keys
 from tests.client.data.test_hostile_images import _nifti_header_only
+from tests.dicom_series import write_series
 from tests.trained_models import trained_run, untrained_run, write_run
 
 # Voxel axes permuted and flipped, anisotropic spacing (0.8, 1.5, 2.5 mm), an offset.

@@ -13,13 +13,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from medfed.client.app import TRAIN_MODS
 from medfed.client.data.site import load_site
-from medfed.client.data.site_summary import HISTOGRAM_BINS, site_summary
+from medfed.client.data.site_statistics import HISTOGRAM_BINS, site_summary
 from medfed.client.privacy.disclosure import SiteCounts, decide, remember
 from medfed.client.privacy.filters import disclose_reply, dp_clipping_mod, small_count_mod
 from medfed.client.privacy.secagg_hospital import SecAggRefused
-from medfed.server.exchange import Exchange, SiteNames
-from medfed.server.secure_aggregation import SecureAggregation
-from medfed.shared_models.audit import AUDIT_ENV, read_audit
+from medfed.server.run.exchange import Exchange
+from medfed.server.run.replies import ReplyCollector, SiteNames
+from medfed.server.secagg.workflow import SecureAggregation
+from medfed.shared_models.audit import AUDIT_ENV
 from medfed.shared_models.config import RunConfig
 from medfed.shared_models.protocol import (
     SUPPRESSED,
@@ -31,6 +32,7 @@ from medfed.shared_models.protocol import (
     SiteKey,
     Statistic,
 )
+from tests.audit_log import read_audit
 from tests.conftest import tiny_config
 from tests.in_process_grid import (
     RUN_ID,
@@ -123,7 +125,7 @@ def test_hospitals_clip_before_they_mask():
     grid = InProcessGrid(updates, dict.fromkeys(nodes, 1.0), cfg)
     start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     messages = train_messages(nodes, start, 1, cfg)  # the clipping norm, as Flower's DP wrapper
-    secure = SecureAggregation(Exchange(grid, 0.2, SiteNames()), cfg, RUN_ID)
+    secure = SecureAggregation(ReplyCollector(Exchange(grid, 0.2), SiteNames()), cfg, RUN_ID)
     outcome = secure.train_round(1, messages, SHAPES)
     assert not outcome.failed
     clipped = [{k: u[k] * min(1.0, 0.5 / norm(u)) for k in u} for u in updates.values()]
@@ -142,7 +144,7 @@ def test_the_audit_line_is_what_left_the_site(tmp_path, monkeypatch):
     cfg = secure_config()
     grid = InProcessGrid(updates, dict.fromkeys(nodes, 2.0), cfg)
     start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    secure = SecureAggregation(Exchange(grid, 0.2, SiteNames()), cfg, RUN_ID)
+    secure = SecureAggregation(ReplyCollector(Exchange(grid, 0.2), SiteNames()), cfg, RUN_ID)
     secure.train_round(1, train_messages(nodes, start), SHAPES)
     trained = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "round-trained"]
     assert sorted(e["site"] for e in trained) == ["site-0", "site-1", "site-2"]

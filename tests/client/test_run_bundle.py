@@ -15,9 +15,9 @@ import torch
 
 from medfed.client import approval
 from medfed.server.cli import main
-from medfed.shared_models.audit import read_audit
-from medfed.shared_models.bundle import Bundle
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.run_folder import RunFolderError, load_global_model
+from tests.audit_log import read_audit
 from tests.bundles import train_config, write_bundle
 from tests.trained_models import bundle_run, untrained_run
 

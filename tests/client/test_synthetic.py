@@ -131,6 +131,6 @@ def test_generated_dicom_reads_back_with_its_pixel_data(tmp_path, task):
 
 def test_every_task_with_site_data_has_a_synthetic_generator():
     from medfed.client.synthetic import GENERATORS
-    from medfed.shared_models.config import SITE_DATA_TASKS
+    from medfed.shared_models.task_descriptions import SITE_DATA_TASKS
 
     assert set(GENERATORS) == set(SITE_DATA_TASKS)  # `medfed synth --task` offers these

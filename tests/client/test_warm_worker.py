@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from medfed.client.warm_worker import SOCKET_ENV, socket_path
+from medfed.client.app_runner import SOCKET_ENV
+from medfed.client.warm_worker import socket_path
 
 # A worker whose forked processes run `_target` below instead of Flower's ClientApp process.
 WORKER = """

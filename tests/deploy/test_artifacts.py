@@ -18,8 +18,8 @@ import yaml
 
 from medfed.client.node import supernode_command
 from medfed.server.cli import build_parser
-from medfed.server.coordinator import superlink_command
-from medfed.shared_models.runtime import executable
+from medfed.server.coordinator.start import superlink_command
+from medfed.shared_models.supervision import executable
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROOT = DEPLOY.parent

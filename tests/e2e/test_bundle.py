@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medfed.client.synthetic import generate_federation
-from medfed.shared_models.bundle import Bundle
+from medfed.shared_models.monai_bundle import Bundle
 from medfed.shared_models.protocol import Metric
 from tests.bundles import write_bundle
 from tests.conftest import SHOWN

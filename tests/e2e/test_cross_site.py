@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from medfed.shared_models.audit import AUDIT_ENV, read_audit
+from medfed.shared_models.audit import AUDIT_ENV
+from tests.audit_log import read_audit
 from tests.e2e.test_simulation import TINY_RUN
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

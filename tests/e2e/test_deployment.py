@@ -20,10 +20,10 @@ import httpx
 import pytest
 import tomli_w
 
-from medfed.shared_models.audit import read_audit
 from medfed.shared_models.run_folder import load_global_model
-from medfed.shared_models.runtime import executable, free_port
+from medfed.shared_models.supervision import executable, free_port
 from tests import deployment
+from tests.audit_log import read_audit
 from tests.deployment import (
     REPO,
     admit,

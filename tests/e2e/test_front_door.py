@@ -21,8 +21,8 @@ import httpx
 import pytest
 from flwr.proto.control_pb2 import ListRunsRequest, ListRunsResponse
 
-from medfed.server.proxy import Limits
-from medfed.shared_models.runtime import flower_env, free_port
+from medfed.server.coordinator.proxy import Limits
+from medfed.shared_models.supervision import flower_env, free_port
 from tests.deployment import answers, medfed, spawn, stop_all, tree, wait
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from medfed.shared_models.runtime import free_port, serve_metrics
+from medfed.shared_models.metrics_exporter import serve_metrics
+from medfed.shared_models.supervision import free_port
 from tests.conftest import SHOWN
 
 pytestmark = pytest.mark.e2e
@@ -108,18 +109,18 @@ def test_prometheus_scrapes_a_running_simulation(tmp_path):
 
 RECORD = """
 import sys
-from medfed.client import telemetry
-from medfed.server.telemetry import RoundTelemetry
+from medfed.client import node_metrics
+from medfed.server.run.coordinator_metrics import RoundTelemetry
 round_ = int(sys.argv[1])
-report = telemetry.TrainingReport(
+report = node_metrics.TrainingReport(
     site="site-0", task="segmentation", server_round=round_, seconds=2.0, images=40,
     loss=0.5 / round_, examples=40, device="cpu", gpu_peak_bytes=0,
 )
-telemetry.record_training(report)
+node_metrics.record_training(report)
 # the counts as sent: round 3's reply hid its example count
 sent = {"num-examples": 40 if round_ < 3 else -1, "train-loss": 0.5 / round_}
-telemetry.record_sent("site-0", "segmentation", True, sent)
-telemetry.model_bytes_sent("site-0", 1000)
+node_metrics.record_sent("site-0", "segmentation", True, sent)
+node_metrics.model_bytes_sent("site-0", 1000)
 RoundTelemetry(7, "segmentation").round_finished(
     round_, 3.0, {"replied": 1}, {"dice": 0.1 * round_}, {})
 """
@@ -154,8 +155,8 @@ def test_counters_survive_app_process_restarts(tmp_path):
 def _defined_metrics() -> set[str]:
     from prometheus_client import REGISTRY
 
-    import medfed.client.telemetry
-    import medfed.server.telemetry  # noqa: F401
+    import medfed.client.node_metrics
+    import medfed.server.run.coordinator_metrics  # noqa: F401
 
     names = set()
     for family in REGISTRY.collect():

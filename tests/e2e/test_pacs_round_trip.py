@@ -14,9 +14,9 @@ import pytest
 import tomli_w
 from dicomweb_client.api import DICOMwebClient
 
-from medfed.client.synthetic.dicom import write_series
 from medfed.server.cli import main
 from tests.client.test_predict import brain3d_run, held_out_cases
+from tests.dicom_series import write_series
 from tests.pacs import chest_study, orthanc
 
 pytestmark = pytest.mark.e2e

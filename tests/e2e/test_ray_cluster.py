@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 
 from medfed.shared_models import processes
-from medfed.shared_models.audit import AUDIT_ENV, read_audit
-from medfed.shared_models.runtime import free_port
+from medfed.shared_models.audit import AUDIT_ENV
+from medfed.shared_models.supervision import free_port
+from tests.audit_log import read_audit
 from tests.conftest import SHOWN
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from medfed.server.hidden_counts import HIDDEN
-from medfed.server.simulate import flwr_run, simulation_superlink
+from medfed.server.run.hidden_counts import HIDDEN
+from medfed.server.simulation.simulate import flwr_run, simulation_superlink
 from medfed.shared_models.run_folder import load_global_model
 from tests.conftest import BRAIN, SHOWN, relabelled_sites
 
@@ -62,6 +62,10 @@ def test_simulated_federation_learns_and_leaves_a_complete_run_folder(tmp_path):
         "progress.log",
     ):
         assert (out / name).is_file(), name
+    # report.md written once, by this command, with the predictions it drew (the ServerApp
+    # left a completed run's report to it)
+    assert "wrote report.md" not in (out / "progress.log").read_text()
+    assert "![predictions](plots/predictions.png)" in (out / "report.md").read_text()
     cfg, net = load_global_model(out)
     assert cfg.image_size == 32
     assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)

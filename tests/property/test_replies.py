@@ -8,15 +8,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medfed.server.exchange import (
+from medfed.server.run.replies import SiteNames, metrics_problems, update_problems
+from medfed.server.secagg.stage_replies import (
     MalformedReply,
-    SiteNames,
     advertised_keys,
     masked_upload_problems,
-    metrics_problems,
     returned_shares,
     sealed_shares,
-    update_problems,
 )
 from medfed.shared_models.protocol import Key, Record
 from tests.in_process_grid import act_as_coordinator

@@ -8,8 +8,8 @@ import pytest
 import tomli_w
 
 from medfed.server.cli import build_parser, main
-from medfed.shared_models import runtime
-from medfed.shared_models.runtime import free_port
+from medfed.shared_models import metrics_exporter
+from medfed.shared_models.supervision import free_port
 
 
 def _medfed(*args):
@@ -112,11 +112,24 @@ def test_an_empty_site_folder_under_data_is_named(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_the_sites_are_listed_only_once_the_checks_before_them_pass(tmp_path, capsys):
+    """The sites of --data are found once per run, when a step first needs them: a run whose
+    --sites or output folder is wrong says so, not that its data root is missing."""
+    missing = str(tmp_path / "nowhere")
+    assert main(["simulate", "--data", missing, "--sites", "0", "--out", str(tmp_path)]) == 2
+    assert "--sites 0: expected" in capsys.readouterr().err
+    assert main(["simulate", "--data", missing, "--sites", "2", "--out", str(tmp_path)]) == 2
+    assert f"data root {missing} does not exist" in capsys.readouterr().err
+
+
 def test_a_run_without_out_is_named_after_its_sites_task(cls_sites):
     from medfed.server.cli import default_out
+    from medfed.server.simulation.simulate import find_sites
 
-    assert default_out({}, cls_sites, 3).name.endswith("-classification")
-    assert default_out({"task": "regression"}, cls_sites, 3).name.endswith("-regression")
+    assert default_out({}, find_sites(cls_sites), 3).name.endswith("-classification")
+    assert default_out({"task": "regression"}, find_sites(cls_sites), 3).name.endswith(
+        "-regression"
+    )
     assert default_out({}, None, 3).name.endswith("-segmentation")
 
 
@@ -155,7 +168,7 @@ def test_every_service_serves_its_metrics_on_this_host_only_by_default(tmp_path,
     port = free_port()
     args = build_parser().parse_args([*command, "--metrics-port", str(port)])
     env: dict[str, str] = {}
-    runtime.export_metrics(tmp_path / "metrics", args.metrics_port, args.metrics_host, env)
+    metrics_exporter.export_metrics(tmp_path / "metrics", args.metrics_port, args.metrics_host, env)
     assert _listening(port) == {"127.0.0.1"}
 
 
@@ -170,7 +183,7 @@ def _checkout_with(folder: Path, **settings: object) -> Path:
 
 def _simulation_of(monkeypatch, *args: str):
     """The Simulation `medfed simulate ARGS` would run (nothing is started)."""
-    import medfed.server.simulate as simulate
+    import medfed.server.simulation.simulate as simulate
 
     started = []
     monkeypatch.setattr(simulate, "run", lambda sim: started.append(sim) or 0)

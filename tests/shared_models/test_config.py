@@ -6,14 +6,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict
 
-from medfed.shared_models.config import (
-    FLOAT_RANGES,
-    INT_RANGES,
-    TASK_NAMES,
-    ConfigError,
-    RunConfig,
-    config_key,
-)
+from medfed.shared_models.config import FLOAT_RANGES, INT_RANGES, ConfigError, RunConfig, config_key
+from medfed.shared_models.task_descriptions import TASK_NAMES
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

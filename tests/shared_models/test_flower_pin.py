@@ -13,7 +13,7 @@ from flwr.supernode import start_client_internal
 from flwr.supernode.runtime import run_clientapp
 
 from medfed.client import app_runner, supernode_runner
-from medfed.server import exchange
+from medfed.server.run import exchange
 from medfed.shared_models import flower_pin
 from medfed.shared_models.flower_pin import (
     PULL_FIRST_RETRY,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from medfed.shared_models.networks import BACKBONES
 from medfed.shared_models.pretrained import PretrainedError, load_pretrained
+from medfed.shared_models.task_descriptions import BACKBONES
 from medfed.shared_models.tasks import TASKS
 from tests.conftest import tiny_config
 

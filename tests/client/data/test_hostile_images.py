@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medfed.client.data.header import declared, size_problem
+from medfed.client.data.image_headers import declared, size_problem
 from medfed.client.data.manifest import SiteDataError
 from medfed.client.data.site import scan_site
 from medfed.client.synthetic.dicom import write_dicom

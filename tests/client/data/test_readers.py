@@ -14,8 +14,9 @@ from medfed.client.data.loader import make_loader
 from medfed.client.data.scan import Scanner, ScanSpec
 from medfed.client.data.site import load_site
 from medfed.client.data.transforms import site_transforms
-from medfed.client.synthetic.dicom import write_dicom, write_series
+from medfed.client.synthetic.dicom import write_dicom
 from tests.conftest import tiny_config
+from tests.dicom_series import write_series
 
 CPU = torch.device("cpu")
 
