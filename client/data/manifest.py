@@ -284,11 +284,16 @@ def _inside(root: Path, where: str, relative: Any, problems: list[Problem]) -> s
     if not isinstance(relative, str) or not relative.strip():
         problems.append(Problem(where, f"file path {relative!r} is not a string"))
         return None
-    path = (root / relative.strip()).resolve()
-    if not path.is_relative_to(root):
+    try:  # a NUL byte or an over-long name is refused by the OS: named, never a crash
+        path = (root / relative.strip()).resolve()
+        inside, found = path.is_relative_to(root), path.exists()
+    except (ValueError, OSError) as err:
+        problems.append(Problem(where, f"file path {relative!r} is not usable: {err}"))
+        return None
+    if not inside:
         problems.append(Problem(where, f"{relative} points outside the site folder"))
         return None
-    if not path.exists():
+    if not found:
         problems.append(Problem(where, f"{relative} does not exist"))
         return None
     return str(path)

@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -97,6 +98,19 @@ def test_any_manifest_csv_is_read_or_refused(tmp_path_factory, data, kind):
     site = _site(tmp_path_factory)
     (site / "manifest.csv").write_bytes(data)
     _read(site, kind)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"image,image,label\r\n,\x00\r\n",  # found by Hypothesis: a NUL byte in a path
+        b"image,label\r\n" + b"a" * 300 + b".png,0\r\n",  # a name longer than the OS allows
+    ],
+)
+def test_a_path_the_os_refuses_is_a_named_problem_not_a_crash(tmp_path, data):
+    (tmp_path / "manifest.csv").write_bytes(data)
+    for kind in (("mask", 3), ("class", 3)):
+        _read(tmp_path, kind)
 
 
 arrays = hnp.arrays(
