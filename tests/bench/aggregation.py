@@ -134,8 +134,8 @@ def medfed_path(norm_factor: float):
         content = RecordDict({Record.ARRAYS: sent_record, Record.CONFIG: ConfigRecord()})
         messages = [Message(content=content, dst_node_id=n, message_type="train")
                     for n in grid.get_node_ids()]  # fmt: skip
-        replies = ReplyCollector(Exchange(grid, 60.0), SiteNames(), norm_factor=norm_factor)
-        result = replies.collect(messages, sent_record)
+        collector = ReplyCollector(Exchange(grid, 60.0), SiteNames(), norm_factor=norm_factor)
+        result = collector.collect(messages, sent_record)
         assert len(result.ok) == len(replies), result.failed
         arrays, _ = FedAvg(weighted_by_key=Metric.WEIGHT).aggregate_train(1, result.ok)
         return {k: arrays[k].numpy() for k in arrays}
